@@ -1,0 +1,7 @@
+//! kflash: build, flash and verify Klipper/Kalico MCU firmware per registered board,
+//! driven by udev hotplug events instead of polling.
+//!
+//! The library holds all logic; the `kflash` binary only parses arguments, calls into
+//! this crate and draws what it returns.
+
+pub mod protocol;

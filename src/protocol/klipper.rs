@@ -1,0 +1,1 @@
+//! Klipper message blocks, VLQ encoding and the identify exchange.
