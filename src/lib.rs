@@ -4,4 +4,11 @@
 //! The library holds all logic; the `kflash` binary only parses arguments, calls into
 //! this crate and draws what it returns.
 
+pub mod error;
+pub mod hotplug;
+pub mod identity;
+pub mod kconfig;
 pub mod protocol;
+pub mod registry;
+
+pub use error::{Error, Result};

@@ -1,0 +1,103 @@
+//! Errors a user can meet. Each says what happened; [`Error::help`] says what to do next,
+//! and [`Error::exit_code`] maps it to the documented process exit status.
+
+use std::path::PathBuf;
+
+/// Documented exit codes (see README, "Exit codes").
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// A runtime failure not covered below.
+    pub const FAILURE: i32 = 1;
+    /// Bad command line or invalid argument value.
+    pub const USAGE: i32 = 2;
+    /// A kflash file (boards.toml, settings.toml, a board config) is unreadable or invalid.
+    pub const CONFIG: i32 = 3;
+    /// The board is not registered, not connected, or ambiguous.
+    pub const BOARD: i32 = 4;
+    /// An external tool (make, menuconfig, git) failed.
+    pub const TOOL: i32 = 5;
+    /// USB/udev trouble: no udev, a device did not appear before its deadline.
+    pub const DEVICE: i32 = 6;
+    /// Interrupted by Ctrl-C / SIGTERM.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    FileParse { path: PathBuf, line: usize, column: usize, message: String },
+
+    #[error("{}: {message}", path.display())]
+    FileInvalid { path: PathBuf, message: String },
+
+    #[error("could not {action} {}: {source}", path.display())]
+    Io { action: &'static str, path: PathBuf, #[source] source: std::io::Error },
+
+    #[error("no board with key '{0}' is registered")]
+    UnknownBoard(String),
+
+    #[error("{0}")]
+    BoardConflict(String),
+
+    #[error("{0}")]
+    InvalidInput(String),
+
+    #[error("board '{key}' is an {board_mcu} but its firmware config {} is for {config_mcu}", path.display())]
+    McuMismatch { key: String, board_mcu: String, config_mcu: String, path: PathBuf },
+
+    #[error("{0}")]
+    DeviceNotFound(String),
+
+    #[error("udev is not available: {0}")]
+    Udev(String),
+
+    #[error("timed out after {secs:.1} s waiting for {what}")]
+    Timeout { what: String, secs: f64 },
+
+    #[error("{program} failed: {message}")]
+    Tool { program: String, message: String },
+
+    #[error("interrupted")]
+    Interrupted,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io { action, path: path.into(), source }
+    }
+
+    /// One line telling the user what to do about it.
+    pub fn help(&self) -> Option<String> {
+        Some(match self {
+            Error::FileParse { path, .. } | Error::FileInvalid { path, .. } => format!(
+                "fix {} by hand (kflash will not rewrite a file it cannot read), or move it aside to start fresh",
+                path.display()
+            ),
+            Error::Io { .. } => "check that the path exists and that you may read and write it".into(),
+            Error::UnknownBoard(_) => "run `kflash devices` to see registered boards, or `kflash add` to register one".into(),
+            Error::BoardConflict(_) => "choose another name or key, or change the existing board with `kflash set`".into(),
+            Error::McuMismatch { key, .. } => format!(
+                "run `kflash config {key}` and pick the board's MCU, or fix the board's MCU with `kflash set {key} --mcu …`"
+            ),
+            Error::DeviceNotFound(_) => "check the USB cable and run `kflash devices` to see what is connected".into(),
+            Error::Udev(_) => "kflash needs udev (systemd-udevd running, /run/udev present); on a container host run it on the machine itself".into(),
+            Error::Timeout { .. } => "check the board's USB connection; `kflash watch` shows what the board does".into(),
+            Error::Tool { .. } => "read the output above; run the same command by hand to investigate".into(),
+            Error::InvalidInput(_) | Error::Interrupted => return None,
+        })
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::FileParse { .. } | Error::FileInvalid { .. } | Error::McuMismatch { .. } => exit::CONFIG,
+            Error::Io { .. } => exit::FAILURE,
+            Error::UnknownBoard(_) | Error::BoardConflict(_) | Error::DeviceNotFound(_) => exit::BOARD,
+            Error::InvalidInput(_) => exit::USAGE,
+            Error::Udev(_) | Error::Timeout { .. } => exit::DEVICE,
+            Error::Tool { .. } => exit::TOOL,
+            Error::Interrupted => exit::INTERRUPTED,
+        }
+    }
+}

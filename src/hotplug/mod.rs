@@ -1,0 +1,176 @@
+//! Device discovery, owned by one module: a source (udev, or a script in tests) feeds a
+//! [`Snapshot`]; [`Hotplug`] offers the current boards, a stream of board events, and
+//! [`Hotplug::wait_for`] — a future that resolves the moment a matching board is present.
+//! Nothing here sleeps or polls: every wait is an event or a deadline.
+
+mod snapshot;
+mod source;
+mod udev_source;
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use snapshot::{Action, Board, BoardEvent, KeyResolver, Snapshot};
+pub use source::{DeviceSource, RescanRequest, Script, ScriptedSource, SourceHandle, SourceMessage};
+pub use udev_source::UdevSource;
+
+use crate::error::{Error, Result};
+
+/// Events buffered per subscriber before it is told it lagged.
+const EVENT_BUFFER: usize = 1024;
+
+struct Shared {
+    snapshot: Snapshot,
+    /// `None` once the source has ended; subscribers then see the stream close.
+    events: Option<broadcast::Sender<BoardEvent>>,
+    failure: Option<String>,
+}
+
+/// A running discovery service. Dropping it stops the source.
+pub struct Hotplug {
+    shared: Arc<Mutex<Shared>>,
+    rescan: tokio::sync::mpsc::UnboundedSender<RescanRequest>,
+    pump: JoinHandle<()>,
+}
+
+impl Drop for Hotplug {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+impl Hotplug {
+    /// Start `source`, wait for its initial enumeration and keep applying its events.
+    pub async fn start(source: impl DeviceSource, resolve: KeyResolver) -> Result<Hotplug> {
+        let SourceHandle { mut messages, rescan } = source.start()?;
+        let mut snapshot = Snapshot::new(resolve);
+        match messages.recv().await {
+            Some(SourceMessage::Enumerated { devices, ack }) => {
+                snapshot.reconcile(&devices);
+                if let Some(a) = ack {
+                    let _ = a.send(());
+                }
+            }
+            Some(SourceMessage::Failed(why)) => return Err(Error::Udev(why)),
+            Some(other) => return Err(Error::Udev(format!("device source began with {other:?} instead of an enumeration"))),
+            None => return Err(Error::Udev("device source ended before enumerating".into())),
+        }
+        let (tx, _) = broadcast::channel(EVENT_BUFFER);
+        let shared = Arc::new(Mutex::new(Shared { snapshot, events: Some(tx), failure: None }));
+        let pump = tokio::spawn(pump(messages, shared.clone()));
+        Ok(Hotplug { shared, rescan, pump })
+    }
+
+    /// Start on the real udev monitor.
+    pub async fn start_udev(resolve: KeyResolver) -> Result<Hotplug> {
+        Hotplug::start(UdevSource::new(), resolve).await
+    }
+
+    /// The boards present now.
+    pub fn snapshot(&self) -> Vec<Board> {
+        self.shared.lock().unwrap().snapshot.boards().cloned().collect()
+    }
+
+    /// Every board event from now on. The stream ends if the source dies.
+    pub fn subscribe(&self) -> broadcast::Receiver<BoardEvent> {
+        let s = self.shared.lock().unwrap();
+        match &s.events {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1, // closed at once
+        }
+    }
+
+    /// Why the source stopped, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.lock().unwrap().failure.clone()
+    }
+
+    /// Re-resolve registry keys after the registry changed.
+    pub fn set_resolver(&self, resolve: KeyResolver) {
+        self.shared.lock().unwrap().snapshot.set_resolver(resolve);
+    }
+
+    /// Resolve with the first board matching `matcher`: at once if one is present, else on
+    /// the event that brings one. At `deadline` the source re-enumerates once (uevents can
+    /// be dropped silently under load) before giving up with [`Error::Timeout`].
+    pub async fn wait_for(&self, what: &str, matcher: impl Fn(&Board) -> bool, deadline: Instant) -> Result<Board> {
+        let started = Instant::now();
+        // Look and subscribe under one lock: the pump applies and broadcasts under the
+        // same lock, so no event can slip between the look and the subscription.
+        let mut rx = {
+            let s = self.shared.lock().unwrap();
+            if let Some(b) = s.snapshot.find(&matcher) {
+                return Ok(b);
+            }
+            match &s.events {
+                Some(tx) => tx.subscribe(),
+                None => return Err(self.ended()),
+            }
+        };
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Ok(ev)) if ev.action != Action::Removed && matcher(&ev.board) => return Ok(ev.board),
+                Ok(Ok(_)) => {}
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    if let Some(b) = self.shared.lock().unwrap().snapshot.find(&matcher) {
+                        return Ok(b);
+                    }
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => return Err(self.ended()),
+                Err(_) => {
+                    self.rescan_now().await;
+                    if let Some(b) = self.shared.lock().unwrap().snapshot.find(&matcher) {
+                        tracing::warn!("{what} was found only by re-enumerating; a udev event was lost");
+                        return Ok(b);
+                    }
+                    return Err(Error::Timeout { what: what.to_string(), secs: (Instant::now() - started).as_secs_f64() });
+                }
+            }
+        }
+    }
+
+    /// Ask the source for a fresh enumeration and wait until it is applied (bounded, in
+    /// case the source is gone).
+    pub async fn rescan_now(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.rescan.send(tx).is_ok() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await;
+        }
+    }
+
+    fn ended(&self) -> Error {
+        Error::Udev(self.failure().unwrap_or_else(|| "the device event stream ended".into()))
+    }
+}
+
+async fn pump(mut messages: tokio::sync::mpsc::UnboundedReceiver<SourceMessage>, shared: Arc<Mutex<Shared>>) {
+    while let Some(msg) = messages.recv().await {
+        let mut s = shared.lock().unwrap();
+        let (events, ack) = match msg {
+            SourceMessage::Enumerated { devices, ack } => (s.snapshot.reconcile(&devices), ack),
+            SourceMessage::Added(rec) | SourceMessage::Changed(rec) => (s.snapshot.upsert(&rec).into_iter().collect(), None),
+            SourceMessage::Removed { syspath } => (s.snapshot.remove(&syspath).into_iter().collect(), None),
+            SourceMessage::Failed(why) => {
+                tracing::error!("device source failed: {why}");
+                s.failure = Some(why);
+                break;
+            }
+        };
+        if let Some(tx) = &s.events {
+            for ev in events {
+                tracing::debug!(action = ev.action.as_str(), syspath = %ev.board.identity.syspath, "board event");
+                let _ = tx.send(ev);
+            }
+        }
+        if let Some(a) = ack {
+            let _ = a.send(());
+        }
+    }
+    shared.lock().unwrap().events = None;
+}
+
+#[cfg(test)]
+mod tests;

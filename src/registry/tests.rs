@@ -1,0 +1,244 @@
+use super::*;
+use crate::identity::{BoardIdentity, DeviceRecord};
+
+fn entry(key: &str, name: &str, serial: &str) -> BoardEntry {
+    BoardEntry {
+        key: key.into(),
+        name: name.into(),
+        mcu: "stm32h723xx".into(),
+        serial: Some(serial.into()),
+        serial_pattern: None,
+        flash_method: FlashMethod::Default,
+        flashable: true,
+    }
+}
+
+fn identity(vendor: &str, pid: &str, mcu: &str, serial: &str) -> BoardIdentity {
+    let props = [
+        ("ID_BUS", "usb".to_string()),
+        ("ID_USB_VENDOR", vendor.to_string()),
+        ("ID_USB_VENDOR_ID", "1d50".to_string()),
+        ("ID_USB_MODEL_ID", pid.to_string()),
+        ("ID_USB_MODEL", mcu.to_string()),
+        ("ID_USB_SERIAL_SHORT", serial.to_string()),
+        ("DEVLINKS", format!("/dev/serial/by-id/usb-{vendor}_{mcu}_{serial}-if00")),
+    ];
+    BoardIdentity::from_record(&DeviceRecord {
+        syspath: "/sys/devices/platform/dummy_hcd.0/usb1/1-1/1-1:1.0/tty/ttyACM0".into(),
+        subsystem: "tty".into(),
+        devnode: Some("/dev/ttyACM0".into()),
+        properties: props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+    })
+    .unwrap()
+}
+
+#[test]
+fn round_trip_boards_and_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(dir.path()).unwrap();
+    assert_eq!(reg.boards().count(), 0);
+    assert_eq!(reg.settings, Settings::default());
+
+    let mut b = entry("octopus", "Octopus Pro", "29001A001151313531383332");
+    b.flash_method = FlashMethod::MakeFlash;
+    b.flashable = false;
+    reg.add(b.clone()).unwrap();
+    let mut p = entry("nhk", "Nitehawk", "x");
+    p.serial = None;
+    p.mcu = "rp2040".into();
+    p.serial_pattern = Some("usb-Klipper_rp2040_E661640843545B2E*".into());
+    reg.add(p.clone()).unwrap();
+    reg.settings = reg.settings.with_value("timeouts.build_secs", "900").unwrap();
+    reg.settings = reg.settings.with_value("moonraker_api_key", "abc123").unwrap();
+    reg.save_boards().unwrap();
+    reg.save_settings().unwrap();
+
+    let again = Registry::open(dir.path()).unwrap();
+    assert_eq!(again.get("octopus").unwrap(), &b);
+    assert_eq!(again.get("nhk").unwrap(), &p);
+    assert_eq!(again.settings.timeouts.build_secs, 900);
+    assert_eq!(again.settings.moonraker_api_key.as_deref(), Some("abc123"));
+    assert_eq!(again.settings, reg.settings);
+}
+
+#[test]
+fn corrupt_file_names_line_and_column_and_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(BOARDS_FILE);
+    let text = "[boards.octopus]\nname = \"Octopus\"\nmcu = stm32h723xx\n";
+    std::fs::write(&path, text).unwrap();
+    let err = Registry::open(dir.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.starts_with(&format!("{}:3:7:", path.display())), "{msg}");
+    assert!(err.help().unwrap().contains("will not rewrite"));
+    assert_eq!(err.exit_code(), crate::error::exit::CONFIG);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+}
+
+#[test]
+fn unknown_key_is_refused_with_expected_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(BOARDS_FILE);
+    let text = "[boards.octopus]\nname = \"Octopus\"\nmcu = \"stm32h723xx\"\nserial = \"1\"\ncolour = \"red\"\n";
+    std::fs::write(&path, text).unwrap();
+    let msg = Registry::open(dir.path()).unwrap_err().to_string();
+    assert!(msg.contains(":5:1:"), "{msg}");
+    assert!(msg.contains("unknown field `colour`"), "{msg}");
+    assert!(msg.contains("serial_pattern"), "lists what is expected: {msg}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+
+    let spath = dir.path().join(SETTINGS_FILE);
+    std::fs::write(&path, "").unwrap();
+    std::fs::write(&spath, "klipper_dri = \"/x\"\n").unwrap();
+    let msg = Registry::open(dir.path()).unwrap_err().to_string();
+    assert!(msg.contains("settings.toml:1:1: unknown field `klipper_dri`"), "{msg}");
+}
+
+#[test]
+fn invalid_entries_are_refused_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(BOARDS_FILE);
+    std::fs::write(&path, "[boards.Bad]\nname = \"x\"\nmcu = \"rp2040\"\nserial = \"1\"\n").unwrap();
+    let msg = Registry::open(dir.path()).unwrap_err().to_string();
+    assert!(msg.contains("board key 'Bad'"), "{msg}");
+    std::fs::write(&path, "[boards.a]\nname = \"x\"\nmcu = \"rp2040\"\n").unwrap();
+    let msg = Registry::open(dir.path()).unwrap_err().to_string();
+    assert!(msg.contains("needs `serial` or `serial_pattern`"), "{msg}");
+    std::fs::write(&path, "[boards.a]\nname = \"X\"\nmcu = \"rp2040\"\nserial=\"1\"\n[boards.b]\nname = \"x\"\nmcu = \"rp2040\"\nserial=\"2\"\n").unwrap();
+    let msg = Registry::open(dir.path()).unwrap_err().to_string();
+    assert!(msg.contains("same name"), "{msg}");
+}
+
+#[test]
+fn settings_values_are_validated() {
+    let s = Settings::default();
+    assert!(s.with_value("timeouts.build_secs", "abc").is_err());
+    assert!(s.with_value("nonsense", "1").is_err());
+    assert!(s.with_value("moonraker_url", "localhost:7125").is_err());
+    assert!(s.with_value("default_flash_method", "default").is_err());
+    let s2 = s.with_value("default_flash_method", "make-flash").unwrap();
+    assert_eq!(s2.default_flash_method, FlashMethod::MakeFlash);
+    let s3 = s.with_value("klipper_dir", "/home/pi/kalico").unwrap();
+    assert_eq!(s3.klipper_dir(), PathBuf::from("/home/pi/kalico"));
+}
+
+#[test]
+fn add_refuses_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(dir.path()).unwrap();
+    reg.add(entry("a", "Octopus", "1")).unwrap();
+    assert!(matches!(reg.add(entry("a", "Other", "2")), Err(Error::BoardConflict(_))));
+    assert!(matches!(reg.add(entry("b", "octopus", "2")), Err(Error::BoardConflict(_))));
+    assert!(matches!(reg.add(entry("c", "Third", "1")), Err(Error::BoardConflict(_))));
+    assert_eq!(reg.key_for_name("A").unwrap(), "a-2");
+}
+
+#[test]
+fn entries_match_in_every_mode() {
+    let by_serial = entry("octopus", "Octopus", "29001A001151313531383332");
+    assert!(by_serial.matches(&identity("Klipper", "614e", "stm32h723xx", "29001A001151313531383332")));
+    assert!(by_serial.matches(&identity("katapult", "6177", "stm32h723xx", "29001A001151313531383332")));
+    assert!(!by_serial.matches(&identity("Klipper", "614e", "stm32h723xx", "0D0031000A51333234383230")));
+    assert!(!by_serial.matches(&identity("Klipper", "614e", "rp2040", "29001A001151313531383332")));
+
+    let mut by_pattern = entry("nhk", "Nitehawk", "");
+    by_pattern.serial = None;
+    by_pattern.mcu = "rp2040".into();
+    by_pattern.serial_pattern = Some("usb-Klipper_rp2040_E661640843545B2E*".into());
+    assert!(by_pattern.matches(&identity("Klipper", "614e", "rp2040", "E661640843545B2E")));
+    assert!(by_pattern.matches(&identity("katapult", "6177", "rp2040", "E661640843545B2E")));
+    assert!(by_pattern.matches(&identity("CanBoot", "6177", "rp2040", "E661640843545B2E")));
+    assert!(!by_pattern.matches(&identity("Klipper", "614e", "rp2040", "AAAA")));
+}
+
+#[test]
+fn mcu_prefix_match_is_bidirectional() {
+    assert!(mcu_compatible("stm32h723", "stm32h723xx"));
+    assert!(mcu_compatible("STM32H723XX", "stm32h723"));
+    assert!(!mcu_compatible("stm32h723xx", "stm32f446xx"));
+    assert!(!mcu_compatible("", "rp2040"));
+}
+
+#[test]
+fn serial_pattern_like_the_original() {
+    assert_eq!(
+        serial_pattern_for("usb-Klipper_stm32h723xx_29001A001151313531383332-if00"),
+        "usb-Klipper_stm32h723xx_29001A001151313531383332*"
+    );
+}
+
+#[test]
+fn blocked_devices() {
+    let mut s = Settings::default();
+    assert!(s.blocked_reason("usb-Beacon_Beacon_RevH_FC2690EC5157355854202020FF0A1A3B-if00").is_some());
+    assert!(s.blocked_reason("usb-Klipper_rp2040_X-if00").is_none());
+    s.blocked.push(BlockedPattern { pattern: "usb-Klipper_rp2040_*".into(), reason: Some("toolhead".into()) });
+    assert_eq!(s.blocked_reason("usb-Klipper_rp2040_X-if00").as_deref(), Some("toolhead"));
+}
+
+const DEVICES_JSON: &str = r#"{
+  "blocked_devices": ["usb-foo_*", {"pattern": "usb-bar_*", "reason": "a bar"}],
+  "devices": {
+    "octopus-pro-v1-1": {"flash_method": null, "flashable": true, "mcu": "stm32h723",
+      "name": "Octopus Pro v1.1", "serial_pattern": "usb-Klipper_stm32h723xx_29001A001151313531383332*"},
+    "nitehawk": {"flash_method": "make_flash", "flashable": false, "mcu": "rp2040",
+      "name": "Nitehawk", "serial_pattern": "usb-Klipper_rp2040_E661640843545B2E*"},
+    "broken": {"mcu": "rp2040", "serial_pattern": "usb-Klipper_rp2040_1*"}
+  },
+  "global": {"allow_flash_fallback": false, "default_flash_method": "katapult",
+    "katapult_dir": "~/katapult", "klipper_dir": "~/kalico", "return_delay": 5.0,
+    "skip_menuconfig": false, "stagger_delay": 2.0}
+}"#;
+
+#[test]
+fn import_from_kalico_flash() {
+    let src = tempfile::tempdir().unwrap();
+    let json = src.path().join("kflash").join("devices.json");
+    std::fs::create_dir_all(json.parent().unwrap()).unwrap();
+    std::fs::write(&json, DEVICES_JSON).unwrap();
+    let configs = src.path().join("configs");
+    std::fs::create_dir_all(configs.join("octopus-pro-v1-1")).unwrap();
+    std::fs::write(configs.join("octopus-pro-v1-1/.config"), "CONFIG_MCU=\"stm32h723xx\"\n").unwrap();
+
+    assert_eq!(import::resolve_source(src.path()).as_deref(), Some(json.as_path()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(dir.path()).unwrap();
+    let report = import::import_kalico_flash(&mut reg, &json, &configs, false).unwrap();
+    assert_eq!(report.boards, vec!["nitehawk".to_string(), "octopus-pro-v1-1".to_string()]);
+    assert!(report.skipped.iter().any(|s| s.starts_with("board 'broken': no name")), "{:?}", report.skipped);
+    assert!(report.skipped.iter().any(|s| s.contains("stagger_delay")), "{:?}", report.skipped);
+    assert_eq!(report.configs.len(), 1);
+
+    let reg = Registry::open(dir.path()).unwrap();
+    let o = reg.get("octopus-pro-v1-1").unwrap();
+    assert_eq!(o.mcu, "stm32h723xx", "full MCU recovered from the pattern");
+    assert_eq!(o.serial.as_deref(), Some("29001A001151313531383332"));
+    let n = reg.get("nitehawk").unwrap();
+    assert_eq!((n.flash_method, n.flashable), (FlashMethod::MakeFlash, false));
+    assert_eq!(reg.settings.klipper_dir, "~/kalico");
+    assert!(!reg.settings.allow_flash_fallback);
+    assert_eq!(reg.settings.blocked.len(), 2);
+    assert_eq!(
+        std::fs::read_to_string(reg.config_path("octopus-pro-v1-1")).unwrap(),
+        "CONFIG_MCU=\"stm32h723xx\"\n"
+    );
+
+    // A second import takes nothing twice.
+    let mut reg = reg;
+    let again = import::import_kalico_flash(&mut reg, &json, &configs, false).unwrap();
+    assert!(again.boards.is_empty());
+    assert!(again.skipped.iter().any(|s| s.contains("already registered")));
+}
+
+#[test]
+fn import_of_corrupt_json_writes_nothing() {
+    let src = tempfile::tempdir().unwrap();
+    let json = src.path().join("devices.json");
+    std::fs::write(&json, "{\"devices\": {").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(dir.path()).unwrap();
+    let err = import::import_kalico_flash(&mut reg, &json, src.path(), false).unwrap_err();
+    assert!(err.to_string().contains("devices.json:1:"), "{err}");
+    assert!(!dir.path().join(BOARDS_FILE).exists());
+}
