@@ -4,6 +4,7 @@
 //! The library holds all logic; the `kflash` binary only parses arguments, calls into
 //! this crate and draws what it returns.
 
+pub mod app;
 pub mod error;
 pub mod hotplug;
 pub mod identity;

@@ -1,3 +1,609 @@
+//! The `kflash` command: parse arguments, call the library, print what it returns.
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use kflash::app::boards::{self, AddRequest};
+use kflash::app::watch::WatchRecord;
+use kflash::error::{exit, Error, Result};
+use kflash::hotplug::{Board, Hotplug};
+use kflash::kconfig::{self, KConfig};
+use kflash::registry::{self, import, store, FlashMethod, Registry};
+
+#[derive(Parser)]
+#[command(name = "kflash", version, about = "Build, flash and verify Klipper/Kalico firmware on every board, driven by udev events")]
+struct Cli {
+    /// Config directory (boards.toml, settings.toml, configs/). Default: $XDG_CONFIG_HOME/kflash.
+    #[arg(long, global = true, env = "KFLASH_CONFIG_DIR", value_name = "DIR")]
+    config_dir: Option<PathBuf>,
+    /// More log output (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List registered boards (connected or absent), unregistered boards and other serial devices.
+    Devices(JsonFlag),
+    /// Register a connected board: interactive, or fully by flags.
+    Add(AddArgs),
+    /// Unregister a board.
+    Remove(RemoveArgs),
+    /// Change a registered board (name, flash method, include/exclude, identity).
+    Set(SetArgs),
+    /// Show or change global settings.
+    Settings(SettingsArgs),
+    /// Edit a board's cached firmware config with `make menuconfig`.
+    Config(ConfigArgs),
+    /// Take over a kalico-flash installation (devices.json and cached configs).
+    Import(ImportArgs),
+    /// Show USB serial hotplug changes live until Ctrl-C.
+    Watch(JsonFlag),
+}
+
+#[derive(Args)]
+struct JsonFlag {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct AddArgs {
+    /// The device: devnode, /dev/serial/by-id path or name, USB serial, or syspath.
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Registry key (default: made from the name).
+    #[arg(long)]
+    key: Option<String>,
+    /// MCU (default: what the device reports).
+    #[arg(long)]
+    mcu: Option<String>,
+    /// katapult, make-flash or default.
+    #[arg(long, value_parser = parse_method, default_value = "default")]
+    method: FlashMethod,
+    /// Exclude the board from flash-all.
+    #[arg(long)]
+    exclude: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RemoveArgs {
+    key: String,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Also delete the board's cached firmware config (kept by default).
+    #[arg(long)]
+    delete_config: bool,
+}
+
+#[derive(Args)]
+struct SetArgs {
+    key: String,
+    #[arg(long)]
+    name: Option<String>,
+    /// katapult, make-flash or default.
+    #[arg(long, value_parser = parse_method)]
+    method: Option<FlashMethod>,
+    /// Exclude from flash-all.
+    #[arg(long, conflicts_with = "include")]
+    exclude: bool,
+    /// Include in flash-all again.
+    #[arg(long)]
+    include: bool,
+    #[arg(long)]
+    mcu: Option<String>,
+    /// USB serial (chip id); an empty string removes it.
+    #[arg(long)]
+    serial: Option<String>,
+    /// by-id glob; an empty string removes it.
+    #[arg(long)]
+    serial_pattern: Option<String>,
+}
+
+#[derive(Args)]
+struct SettingsArgs {
+    #[command(subcommand)]
+    action: Option<SettingsAction>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum SettingsAction {
+    /// Show all settings (the default).
+    Show,
+    /// Set one setting, e.g. `klipper_dir ~/kalico` or `timeouts.build_secs 900`.
+    Set { key: String, value: String },
+    /// Remove an optional setting (moonraker_api_key).
+    Unset { key: String },
+    /// Print the config directory.
+    Path,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    key: String,
+    /// Print the config file's path and MCU instead of running menuconfig.
+    #[arg(long)]
+    show: bool,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// kalico-flash's devices.json or its checkout (default: ~/kalico_flash).
+    path: Option<PathBuf>,
+    /// kalico-flash's config cache (default: $XDG_CONFIG_HOME/kalico-flash/configs).
+    #[arg(long, value_name = "DIR")]
+    configs: Option<PathBuf>,
+    /// Report what would be imported, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_method(s: &str) -> std::result::Result<FlashMethod, String> {
+    FlashMethod::parse(s).map_err(|e| e.to_string())
+}
+
 fn main() {
-    println!("kflash");
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(exit::FAILURE);
+        }
+    };
+    let code = match rt.block_on(run(cli)) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if let Some(help) = e.help() {
+                eprintln!("  help: {help}");
+            }
+            e.exit_code()
+        }
+    };
+    drop(rt);
+    std::process::exit(code);
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("kflash={level}")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let dir = cli.config_dir.clone().unwrap_or_else(registry::default_config_dir);
+    match cli.command {
+        Command::Devices(a) => devices(&dir, a.json).await,
+        Command::Add(a) => add(&dir, a).await,
+        Command::Remove(a) => remove(&dir, a),
+        Command::Set(a) => set(&dir, a),
+        Command::Settings(a) => settings(&dir, a),
+        Command::Config(a) => config(&dir, a),
+        Command::Import(a) => import_cmd(&dir, a),
+        Command::Watch(a) => watch(&dir, a.json).await,
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("kflash's reports always serialize"));
+}
+
+async fn connected(reg: &Registry) -> Result<Vec<Board>> {
+    Ok(Hotplug::start_udev(boards::resolver(reg)).await?.snapshot())
+}
+
+async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
+    let reg = Registry::open(dir)?;
+    let view = boards::devices_view(&reg, &connected(&reg).await?);
+    if json {
+        print_json(&view);
+        return Ok(());
+    }
+    println!("Registered boards:");
+    if view.registered.is_empty() {
+        println!("  (none; register one with `kflash add`)");
+    }
+    for r in &view.registered {
+        let state = match (r.connected, r.ambiguous, r.mode) {
+            (true, true, _) => "AMBIGUOUS (several devices match)".to_string(),
+            (true, false, Some(m)) => format!("connected, {m}"),
+            _ => "absent".to_string(),
+        };
+        let flags = if r.flashable { "" } else { "  [excluded]" };
+        println!("  {:<20} {:<24} {:<12} {:<28} {}{flags}", r.key, r.name, r.mcu, state, r.devnode.as_deref().unwrap_or("-"));
+    }
+    if !view.unregistered.is_empty() {
+        println!("\nUnregistered boards (register with `kflash add`):");
+        for b in &view.unregistered {
+            let id = &b.identity;
+            println!(
+                "  {:<9} {:<12} {:<26} {}",
+                id.mode.to_string(),
+                id.mcu.as_deref().unwrap_or("-"),
+                id.serial.as_deref().unwrap_or("-"),
+                id.devnode.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    if !view.other.is_empty() {
+        println!("\nOther serial devices (not eligible):");
+        for o in &view.other {
+            let id = &o.board.identity;
+            let name = id.by_id_name().map(str::to_string).or_else(|| id.devnode.clone()).unwrap_or_else(|| id.syspath.clone());
+            println!("  {name:<50} {}", o.reason);
+        }
+    }
+    Ok(())
+}
+
+async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
+    let mut reg = Registry::open(dir)?;
+    let connected = connected(&reg).await?;
+    let interactive = a.device.is_none() || a.name.is_none();
+    let (board, req) = if interactive {
+        if !std::io::stdin().is_terminal() {
+            return Err(Error::InvalidInput(
+                "not a terminal: give --device and --name (and optionally --key, --mcu, --method, --exclude)".into(),
+            ));
+        }
+        add_wizard(&reg, &connected, &a)?
+    } else {
+        let board = boards::select_device(&connected, a.device.as_deref().unwrap_or_default())?.clone();
+        let req = AddRequest { name: a.name.clone().unwrap_or_default(), key: a.key, mcu: a.mcu, flash_method: a.method, exclude: a.exclude };
+        (board, req)
+    };
+    let entry = boards::add_board(&mut reg, &board, &req)?;
+    reg.save_boards()?;
+    if a.json {
+        print_json(&entry);
+    } else {
+        println!("Registered '{}' as {} ({}, serial {}).", entry.name, entry.key, entry.mcu, entry.serial.as_deref().unwrap_or("-"));
+        println!("Next: `kflash config {}` to set up its firmware.", entry.key);
+    }
+    Ok(())
+}
+
+fn add_wizard(reg: &Registry, connected: &[Board], a: &AddArgs) -> Result<(Board, AddRequest)> {
+    let candidates = boards::add_candidates(reg, connected);
+    let board = match &a.device {
+        Some(sel) => boards::select_device(connected, sel)?.clone(),
+        None => {
+            if candidates.is_empty() {
+                return Err(Error::DeviceNotFound("no unregistered Klipper or Katapult board is connected".into()));
+            }
+            println!("Connected boards that are not registered:");
+            for (i, b) in candidates.iter().enumerate() {
+                let id = &b.identity;
+                println!("  {}) {} {} serial {} at {}", i + 1, id.mode, id.mcu.as_deref().unwrap_or("?"), id.serial.as_deref().unwrap_or("-"), id.devnode.as_deref().unwrap_or("-"));
+            }
+            let pick = if candidates.len() == 1 {
+                0
+            } else {
+                ask_until(&format!("Board number [1-{}]", candidates.len()), None, |s| match s.parse::<usize>() {
+                    Ok(n) if (1..=candidates.len()).contains(&n) => Ok(n - 1),
+                    _ => Err(format!("enter a number from 1 to {}", candidates.len())),
+                })?
+            };
+            candidates[pick].clone()
+        }
+    };
+    let reported = board.identity.mcu.clone().unwrap_or_default();
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => ask_until("Display name", None, |s| {
+            if s.is_empty() {
+                return Err("a name is required".into());
+            }
+            if reg.boards().any(|b| b.name.eq_ignore_ascii_case(s)) {
+                return Err(format!("'{s}' is already used"));
+            }
+            Ok(s.to_string())
+        })?,
+    };
+    let mcu = match &a.mcu {
+        Some(m) => m.clone(),
+        None => ask_until("MCU", Some(&reported), |s| if s.is_empty() { Err("an MCU is required".into()) } else { Ok(s.to_string()) })?,
+    };
+    let method = ask_until("Flash method (katapult, make-flash, default)", Some(a.method.as_str()), |s| {
+        FlashMethod::parse(s).map_err(|e| e.to_string())
+    })?;
+    let exclude = ask_until("Exclude from flash-all? [y/N]", Some("n"), |s| match s.to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(true),
+        "n" | "no" => Ok(false),
+        _ => Err("answer y or n".into()),
+    })?;
+    Ok((board, AddRequest { name, key: a.key.clone(), mcu: Some(mcu), flash_method: method, exclude }))
+}
+
+/// Prompt until `parse` accepts the answer (three tries); an empty answer takes `default`.
+fn ask_until<T>(question: &str, default: Option<&str>, parse: impl Fn(&str) -> std::result::Result<T, String>) -> Result<T> {
+    let stdin = std::io::stdin();
+    for _ in 0..3 {
+        match default {
+            Some(d) => print!("{question} [{d}]: "),
+            None => print!("{question}: "),
+        }
+        let _ = std::io::stdout().flush();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).map_err(|e| Error::io("read", "standard input", e))? == 0 {
+            return Err(Error::Interrupted);
+        }
+        let answer = match line.trim() {
+            "" => default.unwrap_or(""),
+            s => s,
+        };
+        match parse(answer) {
+            Ok(v) => return Ok(v),
+            Err(why) => println!("  {why}"),
+        }
+    }
+    Err(Error::InvalidInput(format!("no valid answer to '{question}'")))
+}
+
+fn confirm(question: &str) -> Result<bool> {
+    ask_until(&format!("{question} [y/N]"), Some("n"), |s| match s.to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(true),
+        "n" | "no" => Ok(false),
+        _ => Err("answer y or n".into()),
+    })
+}
+
+fn remove(dir: &std::path::Path, a: RemoveArgs) -> Result<()> {
+    let mut reg = Registry::open(dir)?;
+    let entry = reg.get(&a.key)?.clone();
+    if !a.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(Error::InvalidInput(format!("not a terminal: add --yes to remove '{}'", a.key)));
+        }
+        if !confirm(&format!("Remove '{}' ({})?", entry.name, entry.key))? {
+            println!("Nothing removed.");
+            return Ok(());
+        }
+    }
+    reg.remove(&a.key)?;
+    reg.save_boards()?;
+    let cfg = reg.config_path(&a.key);
+    println!("Removed '{}'.", entry.name);
+    if cfg.exists() {
+        if a.delete_config {
+            std::fs::remove_file(&cfg).map_err(|e| Error::io("delete", &cfg, e))?;
+            println!("Deleted its firmware config {}.", cfg.display());
+        } else {
+            println!("Its firmware config is kept at {} (use --delete-config to delete it).", cfg.display());
+        }
+    }
+    Ok(())
+}
+
+fn set(dir: &std::path::Path, a: SetArgs) -> Result<()> {
+    let mut reg = Registry::open(dir)?;
+    let opt = |s: Option<String>| s.map(|v| if v.is_empty() { None } else { Some(v) });
+    let (serial, pattern) = (opt(a.serial), opt(a.serial_pattern));
+    let entry = reg
+        .update(&a.key, |b| {
+            if let Some(n) = a.name {
+                b.name = n;
+            }
+            if let Some(m) = a.method {
+                b.flash_method = m;
+            }
+            if a.exclude {
+                b.flashable = false;
+            }
+            if a.include {
+                b.flashable = true;
+            }
+            if let Some(m) = a.mcu {
+                b.mcu = m;
+            }
+            if let Some(s) = serial {
+                b.serial = s;
+            }
+            if let Some(p) = pattern {
+                b.serial_pattern = p;
+            }
+        })?
+        .clone();
+    reg.save_boards()?;
+    println!(
+        "{}: name '{}', mcu {}, method {}, {}",
+        entry.key,
+        entry.name,
+        entry.mcu,
+        entry.flash_method.as_str(),
+        if entry.flashable { "included in flash-all" } else { "excluded from flash-all" }
+    );
+    let cfg_path = reg.config_path(&entry.key);
+    if cfg_path.exists() {
+        if let Err(e) = kconfig::check_mcu(&entry, &cfg_path, &KConfig::load(&cfg_path)?) {
+            eprintln!("warning: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn settings(dir: &std::path::Path, a: SettingsArgs) -> Result<()> {
+    let mut reg = Registry::open(dir)?;
+    match a.action.unwrap_or(SettingsAction::Show) {
+        SettingsAction::Show => {
+            if a.json {
+                print_json(&reg.settings);
+            } else {
+                print!("{}", toml::to_string_pretty(&reg.settings).unwrap_or_default());
+            }
+        }
+        SettingsAction::Set { key, value } => {
+            reg.settings = reg.settings.with_value(&key, &value)?;
+            reg.save_settings()?;
+            println!("{key} = {value}");
+        }
+        SettingsAction::Unset { key } => {
+            reg.settings = reg.settings.without_value(&key)?;
+            reg.save_settings()?;
+            println!("{key} unset");
+        }
+        SettingsAction::Path => println!("{}", reg.dir().display()),
+    }
+    Ok(())
+}
+
+fn config(dir: &std::path::Path, a: ConfigArgs) -> Result<()> {
+    let reg = Registry::open(dir)?;
+    let board = reg.get(&a.key)?.clone();
+    let path = reg.config_path(&a.key);
+    let before = match std::fs::read(&path) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io("read", &path, e)),
+    };
+    // A config for another MCU is refused before anything else happens.
+    if before.is_some() {
+        kconfig::check_mcu(&board, &path, &KConfig::load(&path)?)?;
+    }
+    if a.show {
+        match before {
+            Some(_) => {
+                let cfg = KConfig::load(&path)?;
+                println!("{}", path.display());
+                println!("  CONFIG_MCU={}", cfg.mcu().unwrap_or("-"));
+                if let Some(addr) = cfg.application_address() {
+                    println!("  CONFIG_FLASH_APPLICATION_ADDRESS={addr:#x}");
+                }
+            }
+            None => println!("{} (not created yet; run `kflash config {}`)", path.display(), a.key),
+        }
+        return Ok(());
+    }
+    let klipper = reg.settings.klipper_dir();
+    kconfig::check_klipper_dir(&klipper)?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+    }
+    let status = kconfig::menuconfig_command(&klipper, &path)
+        .status()
+        .map_err(|e| Error::Tool { program: "make".into(), message: format!("cannot run make: {e}") })?;
+    if !status.success() {
+        return Err(Error::Tool { program: "make menuconfig".into(), message: format!("exited with {status}") });
+    }
+    if !path.exists() {
+        println!("menuconfig saved nothing; {} was not created.", path.display());
+        return Ok(());
+    }
+    let cfg = KConfig::load(&path)?;
+    if let Err(e) = kconfig::check_mcu(&board, &path, &cfg) {
+        // Keep what the user made, but put the board's working config back.
+        let rejected = path.with_extension("config.rejected");
+        let _ = std::fs::copy(&path, &rejected);
+        match &before {
+            Some(b) => store::write_atomic(&path, b)?,
+            None => std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?,
+        }
+        eprintln!("The new config was kept at {} and the previous one restored.", rejected.display());
+        return Err(e);
+    }
+    println!("Saved {} (MCU {}).", path.display(), cfg.mcu().unwrap_or("?"));
+    Ok(())
+}
+
+fn import_cmd(dir: &std::path::Path, a: ImportArgs) -> Result<()> {
+    let mut reg = Registry::open(dir)?;
+    let source = match &a.path {
+        Some(p) => import::resolve_source(p)
+            .ok_or_else(|| Error::InvalidInput(format!("no kalico-flash devices.json at {}", p.display())))?,
+        None => import::default_sources().into_iter().find(|p| p.is_file()).ok_or_else(|| {
+            Error::InvalidInput("no kalico-flash installation found in ~/kalico_flash; give its path: `kflash import PATH`".into())
+        })?,
+    };
+    let configs = a.configs.clone().unwrap_or_else(import::default_configs_root);
+    let report = import::import_kalico_flash(&mut reg, &source, &configs, a.dry_run)?;
+    if a.json {
+        print_json(&report);
+        return Ok(());
+    }
+    let verb = if a.dry_run { "Would import" } else { "Imported" };
+    println!("{verb} from {}:", report.source.display());
+    println!("  boards: {}", if report.boards.is_empty() { "none".into() } else { report.boards.join(", ") });
+    for (k, p) in &report.configs {
+        println!("  config of {k} → {}", p.display());
+    }
+    for s in &report.settings {
+        println!("  setting {s}");
+    }
+    if !report.skipped.is_empty() {
+        println!("Skipped:");
+        for s in &report.skipped {
+            println!("  {s}");
+        }
+    }
+    Ok(())
+}
+
+async fn watch(dir: &std::path::Path, json: bool) -> Result<()> {
+    let reg = Registry::open(dir)?;
+    let names: HashMap<String, String> = reg.boards().map(|b| (b.key.clone(), b.name.clone())).collect();
+    let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
+    let (present, mut events) = hp.subscribe_with_snapshot();
+    let emit = |r: WatchRecord| {
+        let line = if json { r.json_line() } else { r.text_line() };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    };
+    if !json {
+        eprintln!("Watching USB serial devices; Ctrl-C to stop.");
+    }
+    for b in &present {
+        emit(WatchRecord::present(b, &names, chrono::Local::now()));
+    }
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(ev) => emit(WatchRecord::from_event(&ev, &names, chrono::Local::now())),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("{n} events were dropped because output was too slow");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return Err(Error::Udev(hp.failure().unwrap_or_else(|| "the event stream ended".into())));
+                }
+            },
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+/// Ctrl-C, SIGTERM or SIGHUP: the ways a watch is asked to stop.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut hup = signal(SignalKind::hangup()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+        _ = async { match hup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+    }
 }

@@ -83,6 +83,18 @@ impl Hotplug {
         }
     }
 
+    /// The boards present now and every event after that moment, taken atomically: a board
+    /// is either in the list or arrives as an event, never neither nor both.
+    pub fn subscribe_with_snapshot(&self) -> (Vec<Board>, broadcast::Receiver<BoardEvent>) {
+        let s = self.shared.lock().unwrap();
+        let boards = s.snapshot.boards().cloned().collect();
+        let rx = match &s.events {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        };
+        (boards, rx)
+    }
+
     /// Why the source stopped, if it did.
     pub fn failure(&self) -> Option<String> {
         self.shared.lock().unwrap().failure.clone()

@@ -24,7 +24,7 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
     toml::from_str(text).map_err(|e| {
         let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-        Error::FileParse { path: path.to_path_buf(), line, column, message: e.message().trim().to_string() }
+        Error::FileParse { path: path.to_path_buf(), line, column, message: e.message().trim().replace('\n', "; ") }
     })
 }
 

@@ -1,0 +1,178 @@
+//! Registry operations as the commands need them: the `devices` view (registered boards
+//! joined with what is connected), picking a connected board, and adding one.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::hotplug::{Board, KeyResolver};
+use crate::identity::Mode;
+use crate::registry::{serial_pattern_for, BoardEntry, FlashMethod, Registry};
+
+/// Resolve connected devices to registry keys.
+pub fn resolver(reg: &Registry) -> KeyResolver {
+    let boards: Vec<BoardEntry> = reg.boards().cloned().collect();
+    Arc::new(move |id| boards.iter().find(|b| b.matches(id)).map(|b| b.key.clone()))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegisteredRow {
+    pub key: String,
+    pub name: String,
+    pub mcu: String,
+    pub flash_method: FlashMethod,
+    pub flashable: bool,
+    pub connected: bool,
+    /// More than one connected device matches this entry: kflash will not pick one.
+    pub ambiguous: bool,
+    pub mode: Option<Mode>,
+    pub devnode: Option<String>,
+    pub by_id: Option<String>,
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OtherRow {
+    #[serde(flatten)]
+    pub board: Board,
+    /// Why it cannot be registered.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DevicesView {
+    pub registered: Vec<RegisteredRow>,
+    /// Klipper/Katapult boards that are connected but not registered.
+    pub unregistered: Vec<Board>,
+    /// Serial devices kflash will not flash.
+    pub other: Vec<OtherRow>,
+}
+
+pub fn devices_view(reg: &Registry, connected: &[Board]) -> DevicesView {
+    let registered = reg
+        .boards()
+        .map(|e| {
+            let matches: Vec<&Board> = connected.iter().filter(|b| e.matches(&b.identity)).collect();
+            let first = matches.first();
+            RegisteredRow {
+                key: e.key.clone(),
+                name: e.name.clone(),
+                mcu: e.mcu.clone(),
+                flash_method: e.flash_method,
+                flashable: e.flashable,
+                connected: !matches.is_empty(),
+                ambiguous: matches.len() > 1,
+                mode: first.map(|b| b.identity.mode),
+                devnode: first.and_then(|b| b.identity.devnode.clone()),
+                by_id: first.and_then(|b| b.identity.by_id.clone()),
+                serial: e.serial.clone().or_else(|| first.and_then(|b| b.identity.serial.clone())),
+            }
+        })
+        .collect();
+    let mut unregistered = Vec::new();
+    let mut other = Vec::new();
+    for b in connected.iter().filter(|b| b.key.is_none()) {
+        match ineligible_reason(reg, b) {
+            None => unregistered.push(b.clone()),
+            Some(reason) => other.push(OtherRow { board: b.clone(), reason }),
+        }
+    }
+    DevicesView { registered, unregistered, other }
+}
+
+/// Why a connected device cannot be registered, or `None` if it can.
+pub fn ineligible_reason(reg: &Registry, b: &Board) -> Option<String> {
+    if let Some(reason) = b.identity.by_id_name().and_then(|n| reg.settings.blocked_reason(n)) {
+        return Some(format!("blocked: {reason}"));
+    }
+    match b.identity.mode {
+        Mode::Klipper | Mode::Katapult if b.identity.mcu.is_none() => Some("reports no MCU".into()),
+        Mode::Klipper | Mode::Katapult => None,
+        Mode::RomBootloader => Some(format!(
+            "{} (mask-ROM bootloader; flash Katapult or Klipper onto it first)",
+            b.identity.rom_bootloader.unwrap_or("ROM bootloader")
+        )),
+        Mode::Other => Some("not a Klipper or Katapult device".into()),
+    }
+}
+
+/// Connected boards that `kflash add` may register.
+pub fn add_candidates(reg: &Registry, connected: &[Board]) -> Vec<Board> {
+    connected.iter().filter(|b| b.key.is_none() && ineligible_reason(reg, b).is_none()).cloned().collect()
+}
+
+/// Find a connected device by devnode, by-id/by-path link or name, USB serial, or syspath.
+pub fn select_device<'a>(connected: &'a [Board], selector: &str) -> Result<&'a Board> {
+    let sel = selector.trim();
+    let resolved = std::fs::canonicalize(sel).ok().map(|p| p.to_string_lossy().into_owned());
+    let hits: Vec<&Board> = connected
+        .iter()
+        .filter(|b| {
+            let id = &b.identity;
+            let eq = |v: &Option<String>| v.as_deref() == Some(sel);
+            eq(&id.devnode)
+                || eq(&id.by_id)
+                || eq(&id.by_path)
+                || id.by_id_name() == Some(sel)
+                || eq(&id.serial)
+                || id.syspath == sel
+                || (resolved.is_some() && id.devnode == resolved)
+        })
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok(one),
+        [] => Err(Error::DeviceNotFound(format!("no connected USB serial device matches '{sel}'"))),
+        _ => Err(Error::DeviceNotFound(format!("'{sel}' matches {} devices; name the devnode instead", hits.len()))),
+    }
+}
+
+/// What the user chose when adding a board.
+#[derive(Debug, Clone, Default)]
+pub struct AddRequest {
+    pub name: String,
+    /// Defaults to the slug of the name.
+    pub key: Option<String>,
+    /// Defaults to the MCU the device reports.
+    pub mcu: Option<String>,
+    pub flash_method: FlashMethod,
+    pub exclude: bool,
+}
+
+/// Register `board` (in memory). Identity is the chip-id serial + MCU when the device has a
+/// serial, plus a by-id pattern kalico-flash would understand.
+pub fn add_board(reg: &mut Registry, board: &Board, req: &AddRequest) -> Result<BoardEntry> {
+    if let Some(why) = ineligible_reason(reg, board) {
+        return Err(Error::InvalidInput(format!(
+            "{} cannot be registered: {why}",
+            board.identity.devnode.as_deref().unwrap_or(&board.identity.syspath)
+        )));
+    }
+    if let Some(k) = &board.key {
+        return Err(Error::BoardConflict(format!("this device is already registered as '{k}'")));
+    }
+    let name = req.name.trim();
+    if name.is_empty() {
+        return Err(Error::InvalidInput("a board needs a name".into()));
+    }
+    let key = match &req.key {
+        Some(k) => k.clone(),
+        None => reg.key_for_name(name)?,
+    };
+    let reported = board.identity.mcu.clone().unwrap_or_default();
+    let mcu = req.mcu.clone().unwrap_or_else(|| reported.clone());
+    if !reported.is_empty() && !crate::registry::mcu_compatible(&mcu, &reported) {
+        return Err(Error::InvalidInput(format!("the device reports MCU {reported}, not {mcu}")));
+    }
+    let entry = BoardEntry {
+        key,
+        name: name.to_string(),
+        mcu,
+        serial: board.identity.serial.clone(),
+        serial_pattern: board.identity.by_id_name().map(serial_pattern_for),
+        flash_method: req.flash_method,
+        flashable: !req.exclude,
+    };
+    reg.add(entry.clone())?;
+    Ok(entry)
+}

@@ -1,0 +1,5 @@
+//! What the commands do, as library calls: the CLI parses arguments, calls these and prints
+//! what they return.
+
+pub mod boards;
+pub mod watch;
