@@ -573,9 +573,8 @@ async fn watch(dir: &std::path::Path, json: bool) -> Result<()> {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     };
-    if !json {
-        eprintln!("Watching USB serial devices; Ctrl-C to stop.");
-    }
+    // On stderr in both modes: scripts can wait for this line to know events are flowing.
+    eprintln!("kflash: watching USB serial devices ({} present); Ctrl-C to stop", present.len());
     for b in &present {
         emit(WatchRecord::present(b, &names, chrono::Local::now()));
     }
