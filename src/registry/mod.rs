@@ -197,6 +197,8 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moonraker_api_key: Option<String>,
     pub klipper_service: String,
+    /// How to run systemctl; the service name and `stop`/`start` are appended.
+    pub service_command: String,
     /// `make -jN`; 0 means one job per CPU.
     pub build_jobs: u32,
     pub default_flash_method: FlashMethod,
@@ -213,6 +215,7 @@ impl Default for Settings {
             moonraker_url: "http://localhost:7125".into(),
             moonraker_api_key: None,
             klipper_service: "klipper".into(),
+            service_command: "sudo -n systemctl".into(),
             build_jobs: 0,
             default_flash_method: FlashMethod::Katapult,
             allow_flash_fallback: true,
@@ -240,6 +243,9 @@ impl Settings {
         }
         if self.klipper_service.trim().is_empty() {
             return Err("klipper_service must not be empty".into());
+        }
+        if self.service_command.split_whitespace().next().is_none() {
+            return Err("service_command must not be empty".into());
         }
         for b in &self.blocked {
             glob::Pattern::new(&b.pattern).map_err(|e| format!("blocked pattern '{}' is not a valid glob: {e}", b.pattern))?;
