@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod error;
+pub mod firmware;
 pub mod hotplug;
 pub mod identity;
 pub mod kconfig;

@@ -336,6 +336,14 @@ pub fn default_state_dir() -> PathBuf {
     xdg_dir("XDG_STATE_HOME", ".local/state").join("kflash")
 }
 
+/// `$XDG_CACHE_HOME/kflash`, else `~/.cache/kflash`: build trees and the firmware cache.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KFLASH_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    xdg_dir("XDG_CACHE_HOME", ".cache").join("kflash")
+}
+
 fn xdg_dir(var: &str, fallback: &str) -> PathBuf {
     match std::env::var_os(var).map(PathBuf::from) {
         Some(p) if p.is_absolute() => p,

@@ -1,0 +1,195 @@
+//! Out-of-tree firmware builds: `make -C <klipper> KCONFIG_CONFIG=<board config> OUT=<dir>/ -jN`.
+//! The user's own `klipper/.config` and `klipper/out/` are never touched. Builds against
+//! one tree are serialised with a lock file, because Kalico's Makefile rewrites files in
+//! its tree on every run.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::error::{Error, Result};
+use crate::kconfig::{kconfig_arg, KConfig};
+use crate::protocol::klipper::DataDictionary;
+
+/// Lines of build output kept for the failure report.
+pub const KEPT_OUTPUT_LINES: usize = 200;
+
+/// What to build and where.
+#[derive(Debug, Clone)]
+pub struct BuildPlan {
+    pub klipper_dir: PathBuf,
+    /// The board's Kconfig file (absolute).
+    pub config: PathBuf,
+    /// Where make writes its output; must be private to this build.
+    pub out_dir: PathBuf,
+    pub jobs: u32,
+}
+
+impl BuildPlan {
+    /// The make arguments; `OUT` must end in `/` because Klipper's targets are `$(OUT)klipper.elf`.
+    pub fn make_args(&self) -> Vec<String> {
+        let mut out = self.out_dir.display().to_string();
+        if !out.ends_with('/') {
+            out.push('/');
+        }
+        vec![
+            "-C".into(),
+            self.klipper_dir.display().to_string(),
+            kconfig_arg(&self.config),
+            format!("OUT={out}"),
+            format!("-j{}", self.jobs.max(1)),
+        ]
+    }
+}
+
+/// A firmware image ready to flash.
+#[derive(Debug, Clone, Serialize)]
+pub struct Firmware {
+    /// `klipper.bin`, or `klipper.uf2` for boards without a bootloader.
+    pub image: PathBuf,
+    /// `version` from klipper.dict: what the board must report after flashing.
+    pub version: String,
+    /// `config.MCU` from klipper.dict.
+    pub mcu: String,
+    /// `app`: Klipper or Kalico.
+    pub app: Option<String>,
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl Firmware {
+    /// Read a build output directory: the image and its data dictionary.
+    pub fn from_out_dir(out: &Path) -> Result<Firmware> {
+        let image = ["klipper.bin", "klipper.uf2"]
+            .iter()
+            .map(|n| out.join(n))
+            .find(|p| p.is_file())
+            .ok_or_else(|| Error::Tool {
+                program: "make".into(),
+                message: format!("the build finished but {} has no klipper.bin or klipper.uf2", out.display()),
+            })?;
+        let dict_path = out.join("klipper.dict");
+        let text = std::fs::read_to_string(&dict_path).map_err(|e| Error::io("read", &dict_path, e))?;
+        let dict = DataDictionary::from_json(&text).map_err(|e| Error::FileInvalid {
+            path: dict_path.clone(),
+            message: format!("not a Klipper data dictionary: {e}"),
+        })?;
+        let bytes = std::fs::read(&image).map_err(|e| Error::io("read", &image, e))?;
+        Ok(Firmware {
+            version: dict.version.clone(),
+            mcu: dict.mcu.clone(),
+            app: dict.app.clone(),
+            size: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+            image,
+        })
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Progress of a build, for the caller to draw.
+pub trait BuildProgress: Send {
+    /// One line of compiler output (not printed by default; counts drive a spinner).
+    fn line(&mut self, _line: &str) {}
+}
+
+impl BuildProgress for () {}
+
+/// Run the build with a deadline. On failure the error carries the tail of the output.
+pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn BuildProgress) -> Result<Duration> {
+    std::fs::create_dir_all(&plan.out_dir).map_err(|e| Error::io("create directory", &plan.out_dir, e))?;
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new("make")
+        .args(plan.make_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Error::Tool { program: "make".into(), message: format!("cannot start make: {e}") })?;
+    let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut err = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut keep = |l: String, progress: &mut dyn BuildProgress| {
+        progress.line(&l);
+        if tail.len() == KEPT_OUTPUT_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(l);
+    };
+    let run = async {
+        let (mut out_open, mut err_open) = (true, true);
+        while out_open || err_open {
+            tokio::select! {
+                l = out.next_line(), if out_open => match l { Ok(Some(l)) => keep(l, progress), _ => out_open = false },
+                l = err.next_line(), if err_open => match l { Ok(Some(l)) => keep(l, progress), _ => err_open = false },
+            }
+        }
+        child.wait().await
+    };
+    let status = match tokio::time::timeout(timeout, run).await {
+        Ok(s) => s.map_err(|e| Error::Tool { program: "make".into(), message: e.to_string() })?,
+        Err(_) => {
+            return Err(Error::Tool {
+                program: "make".into(),
+                message: format!("the build did not finish within {} s (timeouts.build_secs)", timeout.as_secs()),
+            })
+        }
+    };
+    if !status.success() {
+        let shown: Vec<&String> = tail.iter().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+        return Err(Error::Tool {
+            program: "make".into(),
+            message: format!(
+                "the build failed ({status}); last lines:\n{}",
+                shown.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+            ),
+        });
+    }
+    Ok(started.elapsed())
+}
+
+/// MCU check between the board's config and what the build says it built.
+pub fn check_built_mcu(cfg: &KConfig, fw: &Firmware) -> Result<()> {
+    match cfg.mcu() {
+        Some(m) if m == fw.mcu => Ok(()),
+        other => Err(Error::Tool {
+            program: "make".into(),
+            message: format!("built firmware for {} but the config asks for {}", fw.mcu, other.unwrap_or("no MCU")),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn make_command_line_is_out_of_tree() {
+        let p = BuildPlan {
+            klipper_dir: "/home/pi/klipper".into(),
+            config: "/home/pi/.config/kflash/configs/octopus.config".into(),
+            out_dir: "/home/pi/.cache/kflash/build/octopus".into(),
+            jobs: 4,
+        };
+        assert_eq!(
+            p.make_args(),
+            [
+                "-C",
+                "/home/pi/klipper",
+                "KCONFIG_CONFIG=/home/pi/.config/kflash/configs/octopus.config",
+                "OUT=/home/pi/.cache/kflash/build/octopus/",
+                "-j4"
+            ]
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! The firmware cache: one entry per board, keyed by what goes into a build — the Klipper
+//! tree's `git describe --dirty` (plus a hash of the changes when dirty), the board's config
+//! and the compiler version. A hit skips make entirely.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::build::{sha256_hex, Firmware};
+use crate::error::{Error, Result};
+use crate::kconfig::KConfig;
+
+const ARTIFACTS: [&str; 3] = ["klipper.bin", "klipper.uf2", "klipper.dict"];
+
+/// The inputs of a build, and their digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheKey {
+    /// `git describe --always --tags --long --dirty` of the Klipper tree.
+    pub tree: String,
+    /// Hash of uncommitted changes when the tree is dirty.
+    pub tree_changes: Option<String>,
+    pub config_sha256: String,
+    /// First line of the cross compiler's `--version`.
+    pub toolchain: String,
+    pub digest: String,
+}
+
+impl CacheKey {
+    pub fn from_parts(tree: String, tree_changes: Option<String>, config_text: &[u8], toolchain: String) -> CacheKey {
+        let config_sha256 = sha256_hex(config_text);
+        let digest = sha256_hex(
+            format!("tree={tree}\nchanges={}\nconfig={config_sha256}\ntoolchain={toolchain}\n", tree_changes.as_deref().unwrap_or(""))
+                .as_bytes(),
+        )[..16]
+            .to_string();
+        CacheKey { tree, tree_changes, config_sha256, toolchain, digest }
+    }
+
+    pub async fn compute(klipper: &Path, config_path: &Path, config: &KConfig) -> Result<CacheKey> {
+        let tree = git(klipper, &["describe", "--always", "--tags", "--long", "--dirty"])
+            .await
+            .unwrap_or_else(|| "not-a-git-tree".to_string());
+        let tree_changes = tree_changes(klipper).await;
+        let text = std::fs::read(config_path).map_err(|e| Error::io("read", config_path, e))?;
+        Ok(CacheKey::from_parts(tree, tree_changes, &text, toolchain_version(config).await))
+    }
+}
+
+/// A hash of everything uncommitted that could change a build: the diff against HEAD and
+/// the names and contents of untracked (not ignored) files. `None` for a clean tree.
+/// `git describe --dirty` alone misses untracked files.
+async fn tree_changes(klipper: &Path) -> Option<String> {
+    let Some(status) = git(klipper, &["status", "--porcelain", "--untracked-files=all"]).await else {
+        return Some("not-a-git-tree".into());
+    };
+    if status.is_empty() {
+        return None;
+    }
+    let mut material = git(klipper, &["diff", "HEAD"]).await.unwrap_or_default();
+    let untracked = git(klipper, &["ls-files", "--others", "--exclude-standard"]).await.unwrap_or_default();
+    for name in untracked.lines() {
+        let content = std::fs::read(klipper.join(name)).unwrap_or_default();
+        material.push_str(&format!("\n{name}:{}", sha256_hex(&content)));
+    }
+    Some(sha256_hex(material.as_bytes())[..16].to_string())
+}
+
+async fn git(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = tokio::process::Command::new("git").arg("-C").arg(dir).args(args).output().await.ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The compiler Klipper's Makefile would use for this board.
+pub fn compiler_for(config: &KConfig) -> &'static str {
+    match config.get("CONFIG_BOARD_DIRECTORY") {
+        Some("avr") => "avr-gcc",
+        Some("linux") | Some("simulator") => "gcc",
+        Some("pru") => "pru-gcc",
+        Some("ar100") => "or1k-linux-musl-gcc",
+        _ => "arm-none-eabi-gcc",
+    }
+}
+
+async fn toolchain_version(config: &KConfig) -> String {
+    let cc = compiler_for(config);
+    match tokio::process::Command::new(cc).arg("--version").output().await {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or(cc).to_string(),
+        _ => format!("{cc}: not installed"),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    key: CacheKey,
+    image: String,
+}
+
+pub struct FirmwareCache {
+    dir: PathBuf,
+}
+
+impl FirmwareCache {
+    pub fn new(dir: PathBuf) -> FirmwareCache {
+        FirmwareCache { dir }
+    }
+
+    /// make's private OUT directory for a board.
+    pub fn build_dir(&self, board: &str) -> PathBuf {
+        self.dir.join("build").join(board)
+    }
+
+    fn entry_dir(&self, board: &str) -> PathBuf {
+        self.dir.join("firmware").join(board)
+    }
+
+    /// The cached firmware for these inputs, if it is there and intact.
+    pub fn lookup(&self, board: &str, key: &CacheKey) -> Result<Option<Firmware>> {
+        let dir = self.entry_dir(board);
+        let Ok(text) = std::fs::read_to_string(dir.join("meta.json")) else { return Ok(None) };
+        let Ok(meta) = serde_json::from_str::<Meta>(&text) else { return Ok(None) };
+        if meta.key != *key {
+            return Ok(None);
+        }
+        match Firmware::from_out_dir(&dir) {
+            Ok(fw) => Ok(Some(fw)),
+            Err(e) => {
+                tracing::warn!("ignoring damaged firmware cache {}: {e}", dir.display());
+                Ok(None)
+            }
+        }
+    }
+
+    /// Keep a fresh build as this board's cache entry (replacing the previous one whole).
+    pub fn store(&self, board: &str, key: &CacheKey, out_dir: &Path) -> Result<Firmware> {
+        let parent = self.dir.join("firmware");
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io("create directory", &parent, e))?;
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".{board}-"))
+            .tempdir_in(&parent)
+            .map_err(|e| Error::io("create a directory in", &parent, e))?;
+        for name in ARTIFACTS {
+            let from = out_dir.join(name);
+            if from.is_file() {
+                std::fs::copy(&from, staging.path().join(name)).map_err(|e| Error::io("copy", &from, e))?;
+            }
+        }
+        let fw = Firmware::from_out_dir(staging.path())?;
+        let meta = Meta { key: key.clone(), image: fw.image.file_name().unwrap().to_string_lossy().into_owned() };
+        std::fs::write(staging.path().join("meta.json"), serde_json::to_vec_pretty(&meta).unwrap())
+            .map_err(|e| Error::io("write", staging.path(), e))?;
+        let dest = self.entry_dir(board);
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).map_err(|e| Error::io("replace", &dest, e))?;
+        }
+        let staged = staging.keep();
+        std::fs::rename(&staged, &dest).map_err(|e| Error::io("rename", &staged, e))?;
+        Firmware::from_out_dir(&dest)
+    }
+}
+
+/// Serialises builds against one source tree across kflash processes.
+pub struct TreeLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl TreeLock {
+    pub async fn acquire(state_dir: &Path, tree: &Path) -> Result<TreeLock> {
+        std::fs::create_dir_all(state_dir).map_err(|e| Error::io("create directory", state_dir, e))?;
+        let path = state_dir.join(format!("build-{}.lock", &sha256_hex(tree.display().to_string().as_bytes())[..12]));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        // A blocking flock on a worker thread: the wait ends when the other build's lock is released.
+        let lock = tokio::task::spawn_blocking(move || nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive))
+            .await
+            .expect("flock thread")
+            .map_err(|(_, e)| Error::io("lock", &path, e.into()))?;
+        Ok(TreeLock { _lock: lock })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_changes_with_each_input() {
+        let base = CacheKey::from_parts("v0.13.0-3-gabc".into(), None, b"CONFIG_MCU=\"x\"", "gcc 12".into());
+        assert_eq!(base, CacheKey::from_parts("v0.13.0-3-gabc".into(), None, b"CONFIG_MCU=\"x\"", "gcc 12".into()));
+        let variants = [
+            CacheKey::from_parts("v0.13.0-4-gdef".into(), None, b"CONFIG_MCU=\"x\"", "gcc 12".into()),
+            CacheKey::from_parts("v0.13.0-3-gabc-dirty".into(), Some("1".into()), b"CONFIG_MCU=\"x\"", "gcc 12".into()),
+            CacheKey::from_parts("v0.13.0-3-gabc-dirty".into(), Some("2".into()), b"CONFIG_MCU=\"x\"", "gcc 12".into()),
+            CacheKey::from_parts("v0.13.0-3-gabc".into(), None, b"CONFIG_MCU=\"y\"", "gcc 12".into()),
+            CacheKey::from_parts("v0.13.0-3-gabc".into(), None, b"CONFIG_MCU=\"x\"", "gcc 13".into()),
+        ];
+        for v in &variants {
+            assert_ne!(v.digest, base.digest, "{v:?}");
+        }
+        assert_ne!(variants[1].digest, variants[2].digest, "different uncommitted changes");
+    }
+
+    #[test]
+    fn compiler_follows_board_directory() {
+        assert_eq!(compiler_for(&KConfig::parse("CONFIG_BOARD_DIRECTORY=\"stm32\"")), "arm-none-eabi-gcc");
+        assert_eq!(compiler_for(&KConfig::parse("CONFIG_BOARD_DIRECTORY=\"avr\"")), "avr-gcc");
+        assert_eq!(compiler_for(&KConfig::parse("CONFIG_BOARD_DIRECTORY=\"linux\"")), "gcc");
+    }
+}

@@ -1,0 +1,126 @@
+//! Real `make` runs against the stand-in Klipper tree (a git repo with a version tag whose
+//! Makefile honours OUT= and KCONFIG_CONFIG= like Klipper's): out-of-tree builds, versions
+//! from klipper.dict, and the firmware cache.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kflash::firmware::{self, BuildOptions};
+use kflash::registry::{BoardEntry, FlashMethod, Registry};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Setup {
+    _root: tempfile::TempDir,
+    tree: PathBuf,
+    reg: Registry,
+    opts: BuildOptions,
+}
+
+fn setup(mcu: &str) -> Setup {
+    let root = tempfile::tempdir().unwrap();
+    let tree = root.path().join("klipper");
+    let st = Command::new(repo().join("tests/rig/standins/make-klipper-tree")).arg(&tree).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let cfg_dir = root.path().join("cfg");
+    std::fs::create_dir_all(cfg_dir.join("configs")).unwrap();
+    std::fs::write(cfg_dir.join("settings.toml"), format!("klipper_dir = \"{}\"\nbuild_jobs = 2\n", tree.display())).unwrap();
+    let mut reg = Registry::open(&cfg_dir).unwrap();
+    reg.add(BoardEntry {
+        key: "nitehawk".into(),
+        name: "Nitehawk".into(),
+        mcu: mcu.into(),
+        serial: Some("E661640843545B2E".into()),
+        serial_pattern: None,
+        flash_method: FlashMethod::Default,
+        flashable: true,
+    })
+    .unwrap();
+    // The stand-in's menuconfig writes a realistic config for RIG_MENUCONFIG_MCU.
+    let st = Command::new("make")
+        .arg("-C")
+        .arg(&tree)
+        .arg(format!("KCONFIG_CONFIG={}", reg.config_path("nitehawk").display()))
+        .arg("menuconfig")
+        .env("RIG_MENUCONFIG_MCU", mcu)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let opts = BuildOptions {
+        rebuild: false,
+        cache_dir: Some(root.path().join("cache")),
+        state_dir: Some(root.path().join("state")),
+    };
+    Setup { _root: root, tree, reg, opts }
+}
+
+fn git_describe(tree: &Path) -> String {
+    let o = Command::new("git").arg("-C").arg(tree).args(["describe", "--always", "--tags", "--long", "--dirty"]).output().unwrap();
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn builds_out_of_tree_then_hits_the_cache() {
+    let s = setup("rp2040");
+    let board = s.reg.get("nitehawk").unwrap().clone();
+    let first = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
+    assert!(!first.cached);
+    assert_eq!(first.firmware.version, git_describe(&s.tree));
+    assert!(first.firmware.version.starts_with("v0.13.0-"), "{}", first.firmware.version);
+    assert_eq!(first.firmware.mcu, "rp2040");
+    assert_eq!(first.firmware.image.file_name().unwrap(), "klipper.bin");
+    let status = Command::new("git").arg("-C").arg(&s.tree).args(["status", "--porcelain"]).output().unwrap();
+    assert!(status.stdout.is_empty(), "the tree is untouched: {}", String::from_utf8_lossy(&status.stdout));
+
+    let second = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
+    assert!(second.cached, "same inputs: cache hit");
+    assert_eq!(second.firmware.sha256, first.firmware.sha256);
+
+    // A changed config is a different build.
+    let path = s.reg.config_path("nitehawk");
+    let text = std::fs::read_to_string(&path).unwrap().replace("CONFIG_WANT_SENSORS=y", "# CONFIG_WANT_SENSORS is not set");
+    std::fs::write(&path, text).unwrap();
+    let third = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
+    assert!(!third.cached);
+    assert_ne!(third.key.digest, first.key.digest);
+
+    // A new commit in the tree is a different build with a new version.
+    std::fs::write(s.tree.join("src/new.c"), "int x;\n").unwrap();
+    let dirty = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
+    assert!(!dirty.cached, "an untracked file makes the tree dirty");
+    assert!(dirty.key.tree_changes.is_some());
+    let forced = firmware::firmware_for(&s.reg, &board, &BuildOptions { rebuild: true, ..s.opts.clone() }, &mut ()).await.unwrap();
+    assert!(!forced.cached);
+}
+
+#[tokio::test]
+async fn a_board_without_config_is_refused() {
+    let s = setup("rp2040");
+    std::fs::remove_file(s.reg.config_path("nitehawk")).unwrap();
+    let board = s.reg.get("nitehawk").unwrap().clone();
+    let err = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap_err();
+    assert!(err.to_string().contains("run `kflash config nitehawk` first"), "{err}");
+}
+
+#[tokio::test]
+async fn config_for_another_mcu_is_refused_before_building() {
+    let s = setup("rp2040");
+    let mut board = s.reg.get("nitehawk").unwrap().clone();
+    board.mcu = "stm32h723xx".into();
+    let err = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap_err();
+    assert!(matches!(err, kflash::Error::McuMismatch { .. }), "{err}");
+    assert!(!s.opts.cache_dir.as_ref().unwrap().join("build").exists(), "make never ran");
+}
+
+#[tokio::test]
+async fn a_failing_build_reports_the_tail_of_its_output() {
+    let s = setup("rp2040");
+    std::fs::write(s.tree.join("Makefile"), "all:\n\t@echo compiling step one\n\t@echo 'src/foo.c:3: error: expected ;' >&2\n\t@false\n").unwrap();
+    let board = s.reg.get("nitehawk").unwrap().clone();
+    let err = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("the build failed") && msg.contains("src/foo.c:3: error: expected ;"), "{msg}");
+    assert_eq!(err.exit_code(), kflash::error::exit::TOOL);
+}
