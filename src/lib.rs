@@ -7,6 +7,7 @@
 pub mod app;
 pub mod error;
 pub mod firmware;
+pub mod history;
 pub mod hotplug;
 pub mod identity;
 pub mod kconfig;
