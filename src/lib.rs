@@ -7,11 +7,14 @@
 pub mod app;
 pub mod error;
 pub mod firmware;
+pub mod flash;
 pub mod history;
 pub mod hotplug;
 pub mod identity;
 pub mod kconfig;
+pub mod moonraker;
 pub mod protocol;
 pub mod registry;
+pub mod service;
 
 pub use error::{Error, Result};

@@ -1,0 +1,75 @@
+//! What can go wrong between "stop Klipper" and "the board runs the new firmware".
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlashError {
+    #[error("the bootloader on this board is for {bootloader}, but the firmware is built for {config}: refusing to write")]
+    WrongMcu { bootloader: String, config: String },
+
+    #[error("Katapult starts the application at {bootloader:#x}, but the firmware is built for {config:#x}: refusing to write")]
+    WrongAppStart { bootloader: u32, config: u32 },
+
+    #[error("the board's config has no CONFIG_FLASH_APPLICATION_ADDRESS, so the bootloader offset cannot be checked")]
+    NoAppAddress,
+
+    #[error("the image embeds a data dictionary for {image}, but the bootloader is for {bootloader}: refusing to write")]
+    ImageMcu { image: String, bootloader: String },
+
+    #[error("Katapult reports a block size of {0}, which is not a sane value")]
+    BadBlockSize(u32),
+
+    #[error("no valid answer to {command} after {tries} tries (last problem: {last})")]
+    NoResponse { command: &'static str, tries: u32, last: String },
+
+    #[error("Katapult acknowledged block {got:#x} while {sent:#x} was sent")]
+    AddressMismatch { sent: u32, got: u32 },
+
+    #[error("read-back of block {addr:#x} differs from what was written")]
+    ReadBack { addr: u32 },
+
+    #[error("the board went away during {0}")]
+    DeviceGone(&'static str),
+
+    #[error("serial I/O on {path} failed: {message}")]
+    Io { path: String, message: String },
+
+    #[error("the board did not enter its bootloader: {0}")]
+    NoBootloader(String),
+
+    #[error("the board did not come back running Klipper: {0}")]
+    NotBack(String),
+
+    #[error("the board runs {running}, not the flashed {expected}")]
+    VersionMismatch { expected: String, running: String },
+
+    #[error("could not read the running firmware's identify data: {0}")]
+    Identify(String),
+
+    #[error("{0}")]
+    Tool(String),
+}
+
+impl FlashError {
+    pub fn help(&self) -> String {
+        match self {
+            FlashError::WrongMcu { .. } | FlashError::ImageMcu { .. } => {
+                "nothing was written; check that the board's registration and `kflash config KEY` are for this board".into()
+            }
+            FlashError::WrongAppStart { bootloader, .. } => format!(
+                "nothing was written; in `kflash config KEY` set the bootloader offset so the application starts at {bootloader:#x}"
+            ),
+            FlashError::NoAppAddress => "run `kflash config KEY` and choose the bootloader offset your Katapult uses".into(),
+            FlashError::BadBlockSize(_) | FlashError::NoResponse { .. } | FlashError::AddressMismatch { .. } | FlashError::ReadBack { .. } => {
+                "the new image was not started: the board stays in Katapult, ready for `kflash flash KEY` to try again".into()
+            }
+            FlashError::DeviceGone(_) => "check the USB cable; if the board stays in Katapult, run `kflash flash KEY` again".into(),
+            FlashError::Io { .. } => "check that no other program (Klipper, a terminal) holds the port".into(),
+            FlashError::NoBootloader(_) => {
+                "the board may lack Katapult (`kflash katapult-check KEY`), or try method make-flash; power-cycle it if it is stuck".into()
+            }
+            FlashError::NotBack(_) => "`kflash watch` shows what the board does; power-cycle it, then `kflash flash KEY` again".into(),
+            FlashError::VersionMismatch { .. } => "flash again with `kflash flash KEY --force`; if it persists, the write did not take".into(),
+            FlashError::Identify(_) => "check that nothing else holds the board's tty, and that it runs Klipper".into(),
+            FlashError::Tool(_) => "read the tool's output above".into(),
+        }
+    }
+}

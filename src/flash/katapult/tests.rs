@@ -1,0 +1,206 @@
+//! The host side of Katapult against a small in-memory bootloader, on tokio's paused clock.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::*;
+use crate::protocol::katapult::{Command, FrameDecoder, Response, PROTO_VERSION_1_1_0};
+
+const START: u32 = 0x0802_0000;
+
+/// Just enough Katapult to exercise the host: a flash map, and faults.
+#[derive(Default)]
+struct FakeBootloader {
+    mcu: String,
+    app_start: u32,
+    flash: BTreeMap<u32, Vec<u8>>,
+    pages: u32,
+    decoder: FrameDecoder,
+    outbox: VecDeque<u8>,
+    /// Command codes received, in order.
+    log: Vec<u8>,
+    corrupt_next: u32,
+    busy_next: u32,
+    silent: bool,
+    corrupt_readback: bool,
+}
+
+impl FakeBootloader {
+    fn new(mcu: &str, app_start: u32) -> Self {
+        FakeBootloader { mcu: mcu.into(), app_start, ..Default::default() }
+    }
+
+    fn receive(&mut self, bytes: &[u8]) {
+        self.decoder.push(bytes);
+        while let Some(frame) = self.decoder.next_frame() {
+            let resp = match frame.map_err(|_| ()).and_then(|f| Command::from_frame(&f).map_err(|_| ())) {
+                Err(()) => Response::Nack,
+                Ok(cmd) => {
+                    self.log.push(cmd.code());
+                    self.answer(cmd)
+                }
+            };
+            if self.silent {
+                continue;
+            }
+            let mut out = resp.encode().unwrap();
+            if self.busy_next > 0 {
+                self.busy_next -= 1;
+                out = Response::Busy.encode().unwrap();
+            } else if self.corrupt_next > 0 {
+                self.corrupt_next -= 1;
+                let n = out.len();
+                out[n - 3] ^= 0xff; // break the CRC
+            }
+            self.outbox.extend(out);
+        }
+    }
+
+    fn answer(&mut self, cmd: Command) -> Response {
+        match cmd {
+            Command::Connect => Response::ack(&AckData::Connect(ConnectInfo {
+                proto_version: ((PROTO_VERSION_1_1_0 >> 16) as u8, (PROTO_VERSION_1_1_0 >> 8) as u8, PROTO_VERSION_1_1_0 as u8),
+                app_start: self.app_start,
+                block_size: 64,
+                mcu: self.mcu.clone(),
+                version: Some("v0.0.1-109-g902f335".into()),
+            })),
+            Command::SendBlock { addr, data } => {
+                if addr % 2048 == 0 {
+                    self.pages += 1;
+                }
+                self.flash.insert(addr, data);
+                Response::ack(&AckData::SendBlock { addr })
+            }
+            Command::SendEof => Response::ack(&AckData::SendEof { page_count: self.pages }),
+            Command::RequestBlock { addr } => {
+                let mut data = self.flash.get(&addr).cloned().unwrap_or_else(|| vec![0xff; 64]);
+                if self.corrupt_readback && addr == self.app_start + 64 {
+                    data[0] ^= 1;
+                }
+                Response::ack(&AckData::RequestBlock { addr, data })
+            }
+            Command::Complete => Response::ack(&AckData::Complete),
+            _ => Response::CommandError,
+        }
+    }
+}
+
+impl Link for &mut FakeBootloader {
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.receive(bytes);
+        Ok(())
+    }
+    async fn recv(&mut self, buf: &mut [u8], deadline: Instant) -> std::io::Result<usize> {
+        if self.outbox.is_empty() {
+            tokio::time::sleep_until(deadline).await;
+            return Ok(0);
+        }
+        let n = buf.len().min(self.outbox.len());
+        for b in buf.iter_mut().take(n) {
+            *b = self.outbox.pop_front().unwrap();
+        }
+        Ok(n)
+    }
+    fn discard_input(&mut self) {
+        self.outbox.clear();
+    }
+}
+
+fn image(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn expect(mcu: &str, start: u32) -> Expectation {
+    Expectation { mcu: mcu.into(), app_start: Some(start) }
+}
+
+async fn run(dev: &mut FakeBootloader, img: &[u8], exp: &Expectation) -> (Result<FlashReport, FlashError>, Vec<FlashEvent>) {
+    let mut events = Vec::new();
+    let mut session = KatapultSession::new(dev, Policy::default());
+    let r = session.flash(img, exp, &mut |e| events.push(e.clone())).await;
+    (r, events)
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_reads_back_then_completes() {
+    let mut dev = FakeBootloader::new("stm32h723xx", START);
+    let img = image(5000); // 79 blocks, the last padded
+    let (r, events) = run(&mut dev, &img, &expect("stm32h723xx", START)).await;
+    let report = r.unwrap();
+    assert_eq!(report.blocks, 79);
+    assert_eq!(report.pages, 3);
+    assert_eq!(dev.flash.len(), 79);
+    let last = &dev.flash[&(START + 78 * 64)];
+    assert_eq!(&last[..8], &img[78 * 64..78 * 64 + 8]);
+    assert!(last[8..].iter().all(|&b| b == 0xff), "last block padded with 0xff");
+    assert_eq!(*dev.log.last().unwrap(), 0x15, "COMPLETE last");
+    assert_eq!(events.first().map(|e| matches!(e, FlashEvent::Connected(_))), Some(true));
+    assert_eq!(events.last(), Some(&FlashEvent::Completed));
+    assert!(events.contains(&FlashEvent::Verified { done: 79, total: 79 }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_mcu_is_refused_before_any_write() {
+    let mut dev = FakeBootloader::new("stm32f446xx", START);
+    let (r, _) = run(&mut dev, &image(256), &expect("stm32h723xx", START)).await;
+    assert!(matches!(r, Err(FlashError::WrongMcu { .. })), "{r:?}");
+    assert_eq!(dev.log, vec![0x11], "only CONNECT was sent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_application_start_is_refused_before_any_write() {
+    let mut dev = FakeBootloader::new("stm32h723xx", 0x0800_8000);
+    let (r, _) = run(&mut dev, &image(256), &expect("stm32h723xx", START)).await;
+    let e = r.unwrap_err();
+    assert!(matches!(e, FlashError::WrongAppStart { bootloader: 0x0800_8000, config: START }), "{e}");
+    assert!(e.to_string().contains("0x8008000") && e.to_string().contains("0x8020000"));
+    assert_eq!(dev.log, vec![0x11]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn image_built_for_another_mcu_is_refused() {
+    let dict = r#"{"app":"Klipper","config":{"MCU":"rp2040"},"version":"v1"}"#;
+    let mut img = vec![0u8; 64];
+    img.extend(crate::protocol::klipper::compress_dictionary(dict));
+    let mut dev = FakeBootloader::new("stm32h723xx", START);
+    let (r, _) = run(&mut dev, &img, &expect("stm32h723xx", START)).await;
+    assert!(matches!(r, Err(FlashError::ImageMcu { .. })), "{r:?}");
+    assert_eq!(dev.log, vec![0x11]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn corrupt_and_busy_answers_are_retried() {
+    let mut dev = FakeBootloader::new("stm32h723xx", START);
+    dev.corrupt_next = 2;
+    dev.busy_next = 1;
+    let t0 = Instant::now();
+    let (r, _) = run(&mut dev, &image(640), &expect("stm32h723xx", START)).await;
+    assert_eq!(r.unwrap().blocks, 10);
+    assert!(Instant::now() - t0 >= Duration::from_millis(1500), "backed off once for busy");
+}
+
+#[tokio::test(start_paused = true)]
+async fn readback_mismatch_never_sends_complete() {
+    let mut dev = FakeBootloader::new("stm32h723xx", START);
+    dev.corrupt_readback = true;
+    let (r, _) = run(&mut dev, &image(640), &expect("stm32h723xx", START)).await;
+    assert!(matches!(r, Err(FlashError::ReadBack { addr }) if addr == START + 64), "{r:?}");
+    assert!(!dev.log.contains(&0x15), "no COMPLETE after a bad read-back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_bootloader_times_out_after_all_tries() {
+    let mut dev = FakeBootloader::new("stm32h723xx", START);
+    dev.silent = true;
+    let t0 = Instant::now();
+    let (r, _) = run(&mut dev, &image(64), &expect("stm32h723xx", START)).await;
+    assert!(matches!(r, Err(FlashError::NoResponse { command: "CONNECT", tries: 5, .. })), "{r:?}");
+    assert_eq!(Instant::now() - t0, Duration::from_secs(10), "5 tries of 2 s");
+}
+
+#[test]
+fn missing_app_address_is_refused() {
+    let info = ConnectInfo { proto_version: (1, 1, 0), app_start: START, block_size: 64, mcu: "rp2040".into(), version: None };
+    let r = check_target(&info, &Expectation { mcu: "rp2040".into(), app_start: None }, &[]);
+    assert!(matches!(r, Err(FlashError::NoAppAddress)));
+}

@@ -1,0 +1,9 @@
+//! Getting new firmware onto a board: bootloader entry, the flash methods, and proof that
+//! the board came back running it.
+
+pub mod error;
+pub mod identify;
+pub mod katapult;
+pub mod serial;
+
+pub use error::FlashError;
