@@ -109,39 +109,23 @@ impl Hotplug {
     /// the event that brings one. At `deadline` the source re-enumerates once (uevents can
     /// be dropped silently under load) before giving up with [`Error::Timeout`].
     pub async fn wait_for(&self, what: &str, matcher: impl Fn(&Board) -> bool, deadline: Instant) -> Result<Board> {
-        let started = Instant::now();
+        self.arm(what, matcher).until(deadline).await
+    }
+
+    /// Start waiting *now*: look at the snapshot and subscribe, before the caller does what
+    /// should make the board appear (a reboot request), so its event cannot be missed.
+    pub fn arm<M: Fn(&Board) -> bool>(&self, what: &str, matcher: M) -> Waiter<'_, M> {
         // Look and subscribe under one lock: the pump applies and broadcasts under the
         // same lock, so no event can slip between the look and the subscription.
-        let mut rx = {
-            let s = self.shared.lock().unwrap();
-            if let Some(b) = s.snapshot.find(&matcher) {
-                return Ok(b);
-            }
-            match &s.events {
-                Some(tx) => tx.subscribe(),
-                None => return Err(self.ended()),
-            }
+        let s = self.shared.lock().unwrap();
+        let state = match s.snapshot.find(&matcher) {
+            Some(b) => Armed::Found(b),
+            None => match &s.events {
+                Some(tx) => Armed::Listening(tx.subscribe()),
+                None => Armed::Ended,
+            },
         };
-        loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Ok(ev)) if ev.action != Action::Removed && matcher(&ev.board) => return Ok(ev.board),
-                Ok(Ok(_)) => {}
-                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
-                    if let Some(b) = self.shared.lock().unwrap().snapshot.find(&matcher) {
-                        return Ok(b);
-                    }
-                }
-                Ok(Err(broadcast::error::RecvError::Closed)) => return Err(self.ended()),
-                Err(_) => {
-                    self.rescan_now().await;
-                    if let Some(b) = self.shared.lock().unwrap().snapshot.find(&matcher) {
-                        tracing::warn!("{what} was found only by re-enumerating; a udev event was lost");
-                        return Ok(b);
-                    }
-                    return Err(Error::Timeout { what: what.to_string(), secs: (Instant::now() - started).as_secs_f64() });
-                }
-            }
-        }
+        Waiter { hotplug: self, what: what.to_string(), matcher, state, armed_at: Instant::now() }
     }
 
     /// Ask the source for a fresh enumeration and wait until it is applied (bounded, in
@@ -155,6 +139,53 @@ impl Hotplug {
 
     fn ended(&self) -> Error {
         Error::Udev(self.failure().unwrap_or_else(|| "the device event stream ended".into()))
+    }
+}
+
+enum Armed {
+    Found(Board),
+    Listening(broadcast::Receiver<BoardEvent>),
+    Ended,
+}
+
+/// A wait armed by [`Hotplug::arm`].
+pub struct Waiter<'a, M> {
+    hotplug: &'a Hotplug,
+    what: String,
+    matcher: M,
+    state: Armed,
+    armed_at: Instant,
+}
+
+impl<M: Fn(&Board) -> bool> Waiter<'_, M> {
+    /// The matching board, as soon as it is present; a timeout error at `deadline`.
+    pub async fn until(self, deadline: Instant) -> Result<Board> {
+        let Waiter { hotplug, what, matcher, state, armed_at } = self;
+        let mut rx = match state {
+            Armed::Found(b) => return Ok(b),
+            Armed::Ended => return Err(hotplug.ended()),
+            Armed::Listening(rx) => rx,
+        };
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Ok(ev)) if ev.action != Action::Removed && matcher(&ev.board) => return Ok(ev.board),
+                Ok(Ok(_)) => {}
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    if let Some(b) = hotplug.shared.lock().unwrap().snapshot.find(&matcher) {
+                        return Ok(b);
+                    }
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => return Err(hotplug.ended()),
+                Err(_) => {
+                    hotplug.rescan_now().await;
+                    if let Some(b) = hotplug.shared.lock().unwrap().snapshot.find(&matcher) {
+                        tracing::warn!("{what} was found only by re-enumerating; a udev event was lost");
+                        return Ok(b);
+                    }
+                    return Err(Error::Timeout { what, secs: (Instant::now() - armed_at).as_secs_f64() });
+                }
+            }
+        }
     }
 }
 

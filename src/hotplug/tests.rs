@@ -208,3 +208,18 @@ fn snapshot_ignores_unknown_removes_and_non_boards() {
     assert!(s.upsert(&ttys0).is_none());
     assert_eq!(s.boards().count(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn armed_wait_catches_a_board_that_arrives_before_it_is_awaited() {
+    let (hp, script) = start(vec![klipper("stm32h723xx", OCTOPUS, 0, 0)]).await;
+    let waiter = hp.arm("octopus in Katapult", is_octopus_in(Mode::Katapult));
+    // The reboot happens, and is fully processed, before anyone awaits the waiter.
+    script.remove(&klipper("stm32h723xx", OCTOPUS, 0, 0).syspath);
+    script.add(katapult("stm32h723xx", OCTOPUS, 0, 1));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(hp.snapshot()[0].identity.mode, Mode::Katapult, "the pump has applied it");
+    let t0 = Instant::now();
+    let b = waiter.until(t0 + Duration::from_secs(10)).await.unwrap();
+    assert_eq!(b.identity.devnode.as_deref(), Some("/dev/ttyACM1"));
+    assert_eq!(Instant::now(), t0);
+}
