@@ -5,5 +5,6 @@ pub mod error;
 pub mod identify;
 pub mod katapult;
 pub mod serial;
+pub mod usb;
 
 pub use error::FlashError;
