@@ -18,6 +18,8 @@ pub mod exit {
     pub const TOOL: i32 = 5;
     /// USB/udev trouble: no udev, a device did not appear before its deadline.
     pub const DEVICE: i32 = 6;
+    /// Flashing or post-flash verification failed.
+    pub const FLASH: i32 = 7;
     /// Interrupted by Ctrl-C / SIGTERM.
     pub const INTERRUPTED: i32 = 130;
 }
@@ -57,6 +59,9 @@ pub enum Error {
     #[error("{program} failed: {message}")]
     Tool { program: String, message: String },
 
+    #[error(transparent)]
+    Flash(#[from] crate::flash::FlashError),
+
     #[error("interrupted")]
     Interrupted,
 }
@@ -85,6 +90,7 @@ impl Error {
             Error::Udev(_) => "kflash needs udev (systemd-udevd running, /run/udev present); on a container host run it on the machine itself".into(),
             Error::Timeout { .. } => "check the board's USB connection; `kflash watch` shows what the board does".into(),
             Error::Tool { .. } => "read the output above; run the same command by hand to investigate".into(),
+            Error::Flash(e) => e.help(),
             Error::InvalidInput(_) | Error::Interrupted => return None,
         })
     }
@@ -97,6 +103,7 @@ impl Error {
             Error::InvalidInput(_) => exit::USAGE,
             Error::Udev(_) | Error::Timeout { .. } => exit::DEVICE,
             Error::Tool { .. } => exit::TOOL,
+            Error::Flash(_) => exit::FLASH,
             Error::Interrupted => exit::INTERRUPTED,
         }
     }
