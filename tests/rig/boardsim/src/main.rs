@@ -1,1 +1,368 @@
-fn main() {}
+//! kflash-boardsim: simulated Klipper / Katapult boards as real USB gadgets for the kflash
+//! test rig. See ../README.md.
+
+mod config;
+mod ctl;
+mod events;
+mod faults;
+mod firmware;
+mod flash;
+mod gadget;
+mod klipperdev;
+mod server;
+mod tty;
+mod usbmon;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use kflash::protocol::katapult::{
+    AckData, Command as KCommand, FrameDecoder, Response as KResponse,
+};
+use kflash::protocol::klipper::{IdentifyClient, IdentifyProgress};
+use serde_json::{json, Value};
+
+use crate::config::Mode;
+use crate::ctl::{ClientError, Request};
+
+#[derive(Parser)]
+#[command(
+    name = "kflash-boardsim",
+    about = "Simulated Klipper/Katapult USB boards for the kflash test rig"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create one USB gadget per board and simulate them until SIGTERM/SIGINT.
+    Serve {
+        /// Boards file (TOML).
+        #[arg(long)]
+        boards: PathBuf,
+        /// State directory (control socket, event log).
+        #[arg(long, env = "KFLASH_RIG_STATE", default_value = ctl::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Control a running simulator (the rig's `boardctl`).
+    Ctl {
+        #[arg(long, env = "KFLASH_RIG_STATE", default_value = ctl::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        cmd: CtlCmd,
+    },
+    /// Host side: read the data dictionary from a Klipper board's tty and print it as JSON.
+    ProbeIdentify {
+        /// e.g. /dev/serial/by-id/usb-Klipper_…-if00
+        device: PathBuf,
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        /// Print the whole dictionary, not just version/app/mcu/config.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Host side: send Katapult CONNECT to a tty and print the answer as JSON.
+    ProbeKatapult {
+        device: PathBuf,
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// Wait until every board's host side matches its state (enumerated with a tty and a
+    /// by-id link, or gone when unplugged).
+    WaitReady {
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+    /// Show the boards.
+    Status {
+        board: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Plug a board in (power-on boot: the application if valid, else Katapult).
+    Plug { board: String, mode: Option<String> },
+    /// Unplug a board.
+    Unplug { board: String },
+    /// Reboot a board (default: into its application; or klipper|katapult|dfu).
+    Reboot { board: String, mode: Option<String> },
+    /// Set faults (SPEC...) or `clear` them.
+    Fault {
+        board: String,
+        #[arg(required = true)]
+        specs: Vec<String>,
+    },
+    /// Restore every board to the boards file's initial state and wait until ready.
+    Reset {
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+    /// Change the version of the firmware installed on a board.
+    SetVersion { board: String, version: String },
+    /// Write a marker line into the event log.
+    Mark { text: String },
+}
+
+fn parse_mode(s: Option<String>) -> Result<Option<Mode>, String> {
+    s.map(|m| Mode::parse(&m).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+fn ctl_main(state_dir: &Path, cmd: CtlCmd) -> ExitCode {
+    let (req, wait_secs, human): (Request, Option<f64>, Option<bool>) = match cmd {
+        CtlCmd::WaitReady { timeout } => (
+            Request::WaitReady {
+                timeout_ms: (timeout * 1000.0) as u64,
+            },
+            Some(timeout),
+            None,
+        ),
+        CtlCmd::Status { board, json } => (Request::Status { board }, None, Some(!json)),
+        CtlCmd::Plug { board, mode } => match parse_mode(mode) {
+            Ok(mode) => (Request::Plug { board, mode }, None, None),
+            Err(e) => return usage(&e),
+        },
+        CtlCmd::Unplug { board } => (Request::Unplug { board }, None, None),
+        CtlCmd::Reboot { board, mode } => match parse_mode(mode) {
+            Ok(mode) => (Request::Reboot { board, mode }, None, None),
+            Err(e) => return usage(&e),
+        },
+        CtlCmd::Fault { board, specs } => (Request::Fault { board, specs }, None, None),
+        CtlCmd::Reset { no_wait, timeout } => (
+            Request::Reset {
+                wait: !no_wait,
+                timeout_ms: (timeout * 1000.0) as u64,
+            },
+            (!no_wait).then_some(timeout),
+            None,
+        ),
+        CtlCmd::SetVersion { board, version } => {
+            (Request::SetVersion { board, version }, None, None)
+        }
+        CtlCmd::Mark { text } => (Request::Mark { text }, None, None),
+    };
+    // wait-ready may run before `serve` has created its socket: retry until the deadline.
+    let is_wait_ready = matches!(req, Request::WaitReady { .. });
+    let start = Instant::now();
+    let connect_deadline =
+        is_wait_ready.then(|| start + Duration::from_secs_f64(wait_secs.unwrap_or(60.0)));
+    let read_timeout = Duration::from_secs_f64(wait_secs.unwrap_or(0.0) + 30.0);
+    let mut req = req;
+    if let (Request::WaitReady { timeout_ms }, Some(d)) = (&mut req, connect_deadline) {
+        // Whatever was spent waiting for the socket comes off the server-side wait.
+        let _ = d;
+        *timeout_ms = timeout_ms.saturating_sub(start.elapsed().as_millis() as u64);
+    }
+    let resp = match ctl::call(state_dir, &req, connect_deadline, read_timeout) {
+        Ok(r) => r,
+        Err(ClientError::Unreachable(e)) => {
+            eprintln!("boardctl: {e}");
+            return ExitCode::from(ctl::EXIT_UNREACHABLE as u8);
+        }
+        Err(ClientError::Timeout(e)) => {
+            eprintln!("boardctl: {e}");
+            return ExitCode::from(ctl::EXIT_TIMEOUT as u8);
+        }
+    };
+    if !resp.ok {
+        eprintln!("boardctl: {}", resp.error.as_deref().unwrap_or("failed"));
+        return ExitCode::from(if resp.timeout {
+            ctl::EXIT_TIMEOUT
+        } else {
+            ctl::EXIT_FAILED
+        } as u8);
+    }
+    match human {
+        Some(true) => print_status_table(&resp.result),
+        Some(false) => println!(
+            "{}",
+            serde_json::to_string_pretty(&resp.result).unwrap_or_default()
+        ),
+        None => {
+            if !resp.result.is_null() {
+                println!("{}", resp.result);
+            }
+        }
+    }
+    ExitCode::from(ctl::EXIT_OK as u8)
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("boardctl: {msg}");
+    ExitCode::from(ctl::EXIT_USAGE as u8)
+}
+
+fn print_status_table(v: &Value) {
+    let Some(list) = v.as_array() else { return };
+    let s = |b: &Value, k: &str| match &b[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    println!(
+        "{:<10} {:<9} {:<7} {:<12} {:<26} {:<24} {:<11} {:<6} {:<13} FAULTS",
+        "NAME", "MODE", "PLUGGED", "MCU", "SERIAL", "VERSION", "APP_START", "BLOCKS", "HOST_TTY"
+    );
+    for b in list {
+        let faults: Vec<String> = b["faults"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut mode = s(b, "mode");
+        if let Some(t) = b["rebooting_to"].as_str() {
+            mode = format!("{mode}->{t}");
+        }
+        println!(
+            "{:<10} {:<9} {:<7} {:<12} {:<26} {:<24} {:<11} {:<6} {:<13} {}",
+            s(b, "name"),
+            mode,
+            s(b, "plugged"),
+            s(b, "mcu"),
+            s(b, "serial"),
+            s(b, "version"),
+            s(b, "app_start"),
+            s(b, "blocks_written"),
+            s(b, "host_tty"),
+            faults.join(",")
+        );
+    }
+}
+
+async fn probe_identify(dev: &Path, timeout: f64, full: bool) -> anyhow::Result<Value> {
+    // 250000 baud: anything but 1200 (which would ask the board to reboot on close).
+    let tty = tty::Tty::new(tty::open_raw(dev, Some(libc::B230400))?)?;
+    let mut client = IdentifyClient::new();
+    tty.write_all(&client.start()).await?;
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            anyhow::bail!(
+                "no complete identify answer within {timeout} s ({} bytes received)",
+                client.received()
+            );
+        }
+        let step =
+            match tokio::time::timeout(left.min(Duration::from_millis(500)), tty.read(&mut buf))
+                .await
+            {
+                Ok(Ok(0)) => anyhow::bail!("{} closed (board disconnected?)", dev.display()),
+                Ok(Ok(n)) => client.feed(&buf[..n])?,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => IdentifyProgress::Send(client.on_timeout()?),
+            };
+        match step {
+            IdentifyProgress::Send(b) => tty.write_all(&b).await?,
+            IdentifyProgress::Pending => {}
+            IdentifyProgress::Done(d) => {
+                return Ok(if full {
+                    d.json()
+                } else {
+                    json!({"version": d.version, "app": d.app, "mcu": d.mcu,
+                           "build_versions": d.build_versions, "config": d.config})
+                });
+            }
+        }
+    }
+}
+
+async fn probe_katapult(dev: &Path, timeout: f64) -> anyhow::Result<Value> {
+    let tty = tty::Tty::new(tty::open_raw(dev, Some(libc::B230400))?)?;
+    let mut dec = FrameDecoder::new();
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+    let mut buf = vec![0u8; 1024];
+    tty.write_all(&KCommand::Connect.encode()?).await?;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = match tokio::time::timeout(left, tty.read(&mut buf)).await {
+            Err(_) => anyhow::bail!("no CONNECT answer within {timeout} s"),
+            Ok(r) => r?,
+        };
+        if n == 0 {
+            anyhow::bail!("{} closed", dev.display());
+        }
+        for item in dec.feed(&buf[..n]) {
+            let Ok(frame) = item else { continue };
+            let resp = KResponse::from_frame(&frame)?;
+            if let AckData::Connect(i) = resp.expect_ack(kflash::protocol::katapult::CMD_CONNECT)? {
+                return Ok(json!({
+                    "proto_version": format!("{}.{}.{}", i.proto_version.0, i.proto_version.1, i.proto_version.2),
+                    "app_start": format!("{:#x}", i.app_start),
+                    "block_size": i.block_size,
+                    "mcu": i.mcu,
+                    "version": i.version,
+                }));
+            }
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { ctl::EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
+    match cli.cmd {
+        Cmd::Serve { boards, state_dir } => {
+            match runtime().block_on(server::serve(&boards, &state_dir)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kflash-boardsim serve: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Ctl { state_dir, cmd } => ctl_main(&state_dir, cmd),
+        Cmd::ProbeIdentify {
+            device,
+            timeout,
+            full,
+        } => match runtime().block_on(probe_identify(&device, timeout, full)) {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("probe-identify {}: {e:#}", device.display());
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::ProbeKatapult { device, timeout } => {
+            match runtime().block_on(probe_katapult(&device, timeout)) {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("probe-katapult {}: {e:#}", device.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

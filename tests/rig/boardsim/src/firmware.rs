@@ -1,0 +1,284 @@
+//! MCU profiles (flash layout, Katapult app start) and stand-in firmware images: a vector
+//! table followed by a zlib level-9 JSON data dictionary, like a real klipper.bin has.
+
+use kflash::protocol::klipper::{
+    compress_dictionary, find_embedded_dictionary, DataDictionary, IDENTIFY_FORMAT,
+    IDENTIFY_RESPONSE_FORMAT,
+};
+use serde_json::{json, Map};
+
+/// How flash is divided into erase pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageLayout {
+    /// Every page has this size.
+    Uniform(u32),
+    /// stm32f2/f4 sectors: 16 KiB below 0x08010000, 64 KiB below 0x08020000, then 128 KiB
+    /// (katapult src/stm32/flash.c `flash_get_page_size`).
+    Stm32F4,
+}
+
+impl PageLayout {
+    /// Size of the page containing `addr`.
+    pub fn page_size(&self, addr: u32) -> u32 {
+        match *self {
+            PageLayout::Uniform(n) => n,
+            PageLayout::Stm32F4 => {
+                if addr < 0x0801_0000 {
+                    16 * 1024
+                } else if addr < 0x0802_0000 {
+                    64 * 1024
+                } else {
+                    128 * 1024
+                }
+            }
+        }
+    }
+
+    /// Start of the page containing `addr` (pages are aligned to their size in every layout
+    /// used here).
+    pub fn page_start(&self, addr: u32) -> u32 {
+        let size = self.page_size(addr);
+        addr - addr % size
+    }
+}
+
+/// What the simulator needs to know about an MCU family.
+#[derive(Debug, Clone, PartialEq)]
+pub struct McuProfile {
+    pub flash_base: u32,
+    pub flash_size: u32,
+    pub pages: PageLayout,
+    /// Katapult's `CONFIG_LAUNCH_APP_ADDRESS` default for this family.
+    pub app_start: u32,
+    /// Initial stack pointer written into stand-in images.
+    pub initial_sp: u32,
+    /// Klipper's CLOCK_FREQ for the dictionary.
+    pub clock_freq: u64,
+    /// USB identity of the ROM bootloader: (vid, pid, manufacturer, product).
+    pub rom_usb: (u16, u16, &'static str, &'static str),
+}
+
+const STM32_DFU: (u16, u16, &str, &str) = (0x0483, 0xdf11, "STMicroelectronics", "DFU in FS Mode");
+const RP2_BOOT: (u16, u16, &str, &str) = (0x2e8a, 0x0003, "Raspberry Pi", "RP2 Boot");
+
+/// The profile for a `CONFIG_MCU` name, or `None` for an unknown family.
+pub fn profile_for(mcu: &str) -> Option<McuProfile> {
+    let m = mcu.to_ascii_lowercase();
+    let stm32 = |size: u32, pages: PageLayout, app_start: u32, clock: u64| McuProfile {
+        flash_base: 0x0800_0000,
+        flash_size: size,
+        pages,
+        app_start,
+        initial_sp: 0x2002_0000,
+        clock_freq: clock,
+        rom_usb: STM32_DFU,
+    };
+    let p = if m.starts_with("stm32h7") {
+        let size = if m.starts_with("stm32h723") || m.starts_with("stm32h750") {
+            1024 * 1024
+        } else {
+            2 * 1024 * 1024
+        };
+        let clock = if m.starts_with("stm32h723") {
+            520_000_000
+        } else {
+            400_000_000
+        };
+        stm32(size, PageLayout::Uniform(128 * 1024), 0x0802_0000, clock)
+    } else if m.starts_with("stm32f4") || m.starts_with("stm32f2") {
+        let size = if m.starts_with("stm32f401") || m.starts_with("stm32f446") {
+            512 * 1024
+        } else {
+            1024 * 1024
+        };
+        let clock = if m.starts_with("stm32f446") {
+            180_000_000
+        } else {
+            168_000_000
+        };
+        stm32(size, PageLayout::Stm32F4, 0x0800_8000, clock)
+    } else if m.starts_with("stm32f0") {
+        let page = if m.starts_with("stm32f042") {
+            1024
+        } else {
+            2048
+        };
+        stm32(
+            128 * 1024,
+            PageLayout::Uniform(page),
+            0x0800_2000,
+            48_000_000,
+        )
+    } else if m.starts_with("stm32f1") {
+        stm32(
+            128 * 1024,
+            PageLayout::Uniform(1024),
+            0x0800_2000,
+            72_000_000,
+        )
+    } else if m.starts_with("stm32g0") {
+        stm32(
+            512 * 1024,
+            PageLayout::Uniform(2048),
+            0x0800_2000,
+            64_000_000,
+        )
+    } else if m.starts_with("stm32g4") {
+        stm32(
+            512 * 1024,
+            PageLayout::Uniform(2048),
+            0x0800_2000,
+            150_000_000,
+        )
+    } else if m.starts_with("rp2040") || m.starts_with("rp2350") {
+        let rom = if m.starts_with("rp2350") {
+            (0x2e8a, 0x000f, "Raspberry Pi", "RP2350 Boot")
+        } else {
+            RP2_BOOT
+        };
+        McuProfile {
+            flash_base: 0x1000_0000,
+            flash_size: 2 * 1024 * 1024,
+            pages: PageLayout::Uniform(4096),
+            app_start: 0x1000_4000,
+            initial_sp: 0x2004_2000,
+            clock_freq: 12_000_000,
+            rom_usb: rom,
+        }
+    } else {
+        return None;
+    };
+    Some(p)
+}
+
+/// The JSON data dictionary a stand-in firmware carries (compact, keys sorted like
+/// Klipper's buildcommands.py).
+pub fn dictionary_json(app: &str, version: &str, mcu: &str, clock_freq: u64) -> String {
+    let mut commands = Map::new();
+    commands.insert(IDENTIFY_FORMAT.into(), json!(1));
+    let mut responses = Map::new();
+    responses.insert(IDENTIFY_RESPONSE_FORMAT.into(), json!(0));
+    let dict = json!({
+        "app": app,
+        "build_versions": "gcc: (kflash-boardsim) binutils: (kflash-boardsim)",
+        "commands": commands,
+        "config": {
+            "CLOCK_FREQ": clock_freq,
+            "MCU": mcu,
+            "STATS_SUMTIME": 5000,
+        },
+        "enumerations": {},
+        "license": "GNU GPLv3",
+        "responses": responses,
+        "version": version,
+    });
+    // serde_json's Map is a BTreeMap (no preserve_order), so keys come out sorted.
+    serde_json::to_string(&dict).expect("a JSON value always serializes")
+}
+
+/// A stand-in firmware image: `[initial SP][reset vector][0 x 56][zlib dictionary]`.
+pub fn standin_image(app_start: u32, initial_sp: u32, dict_json: &str) -> Vec<u8> {
+    let mut img = Vec::new();
+    img.extend_from_slice(&initial_sp.to_le_bytes());
+    img.extend_from_slice(&(app_start + 0x101).to_le_bytes());
+    img.resize(64, 0);
+    img.extend(compress_dictionary(dict_json));
+    img
+}
+
+/// What is installed at the application address, as the bootloader sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppCheck {
+    /// Word 0 is 0 or 0xFFFFFFFF: Katapult does not jump.
+    NoApplication,
+    /// Katapult would jump, but no Klipper/Kalico dictionary was found: treated as bricked.
+    NoDictionary,
+    /// A Klipper/Kalico application.
+    Klipper {
+        dictionary: DataDictionary,
+        /// The exact zlib bytes from the image, served through identify.
+        compressed: Vec<u8>,
+    },
+}
+
+impl AppCheck {
+    /// Inspect the bytes found at the application start.
+    pub fn inspect(image: &[u8]) -> AppCheck {
+        if image.len() < 4 {
+            return AppCheck::NoApplication;
+        }
+        let w0 = u32::from_le_bytes([image[0], image[1], image[2], image[3]]);
+        if w0 == 0 || w0 == 0xffff_ffff {
+            return AppCheck::NoApplication;
+        }
+        match find_embedded_dictionary(image) {
+            Some(e) => AppCheck::Klipper {
+                compressed: image[e.offset..e.offset + e.compressed_len].to_vec(),
+                dictionary: e.dictionary,
+            },
+            None => AppCheck::NoDictionary,
+        }
+    }
+
+    pub fn is_klipper(&self) -> bool {
+        matches!(self, AppCheck::Klipper { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles() {
+        let h7 = profile_for("stm32h723xx").unwrap();
+        assert_eq!(h7.app_start, 0x0802_0000);
+        assert_eq!(h7.pages.page_size(0x0802_0040), 128 * 1024);
+        let f4 = profile_for("stm32f446xx").unwrap();
+        assert_eq!(f4.app_start, 0x0800_8000);
+        assert_eq!(f4.pages.page_size(f4.app_start), 16 * 1024);
+        assert_eq!(f4.pages.page_start(0x0801_2345), 0x0801_0000);
+        assert_eq!(f4.pages.page_start(0x0804_1000), 0x0804_0000);
+        assert_eq!(profile_for("stm32g0b1xx").unwrap().app_start, 0x0800_2000);
+        assert_eq!(profile_for("stm32f103xe").unwrap().app_start, 0x0800_2000);
+        assert_eq!(profile_for("stm32f072xb").unwrap().app_start, 0x0800_2000);
+        let rp = profile_for("rp2040").unwrap();
+        assert_eq!(rp.app_start, 0x1000_4000);
+        assert_eq!(rp.rom_usb.1, 0x0003);
+        assert!(profile_for("atmega2560").is_none());
+    }
+
+    #[test]
+    fn standin_image_boots() {
+        let json = dictionary_json(
+            "Klipper",
+            "v0.12.0-300-gdeadbeef",
+            "stm32h723xx",
+            520_000_000,
+        );
+        assert!(json.starts_with(r#"{"app":"Klipper","build_versions":"#));
+        let img = standin_image(0x0802_0000, 0x2002_0000, &json);
+        match AppCheck::inspect(&img) {
+            AppCheck::Klipper {
+                dictionary,
+                compressed,
+            } => {
+                assert_eq!(dictionary.version, "v0.12.0-300-gdeadbeef");
+                assert_eq!(dictionary.mcu, "stm32h723xx");
+                assert_eq!(compressed[..2], [0x78, 0xda]);
+                assert_eq!(
+                    DataDictionary::from_zlib(&compressed).unwrap().raw_json,
+                    json
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut blank = img.clone();
+        blank[..4].copy_from_slice(&[0xff; 4]);
+        assert_eq!(AppCheck::inspect(&blank), AppCheck::NoApplication);
+        assert_eq!(
+            AppCheck::inspect(&[0x00, 0x10, 0x00, 0x20, 1, 2, 3]),
+            AppCheck::NoDictionary
+        );
+    }
+}
