@@ -505,9 +505,15 @@ impl DataDictionary {
 
     /// Decompress (zlib) and parse. Bytes after the end of the zlib stream are ignored.
     pub fn from_zlib(compressed: &[u8]) -> Result<DataDictionary, KlipperError> {
-        let text = inflate_limited(compressed, MAX_DICT_SIZE)?;
+        Ok(Self::from_zlib_prefix(compressed)?.0)
+    }
+
+    /// Like [`from_zlib`](Self::from_zlib), also returning how many bytes the zlib stream
+    /// occupied at the start of `data`.
+    pub fn from_zlib_prefix(data: &[u8]) -> Result<(DataDictionary, usize), KlipperError> {
+        let (text, used) = inflate_limited(data, MAX_DICT_SIZE)?;
         let text = String::from_utf8(text).map_err(|e| KlipperError::Json(e.to_string()))?;
-        Self::from_json(&text)
+        Ok((Self::from_json(&text)?, used))
     }
 
     /// The parsed JSON.
@@ -532,13 +538,22 @@ impl DataDictionary {
 /// Upper bound on a decompressed dictionary (real ones are 10-60 KiB).
 const MAX_DICT_SIZE: u64 = 4 * 1024 * 1024;
 
-fn inflate_limited(compressed: &[u8], limit: u64) -> Result<Vec<u8>, KlipperError> {
+/// Inflate one zlib stream from the start of `compressed`; returns the output and the number
+/// of input bytes the stream used. Trailing bytes are ignored; a stream that does not end is
+/// an error.
+fn inflate_limited(compressed: &[u8], limit: u64) -> Result<(Vec<u8>, usize), KlipperError> {
     let mut out = Vec::new();
-    flate2::read::ZlibDecoder::new(compressed)
+    let mut dec = flate2::bufread::ZlibDecoder::new(compressed);
+    (&mut dec)
         .take(limit)
         .read_to_end(&mut out)
         .map_err(|e| KlipperError::Zlib(e.to_string()))?;
-    Ok(out)
+    if out.len() as u64 >= limit {
+        return Err(KlipperError::Zlib(format!(
+            "decompressed data exceeds {limit} bytes"
+        )));
+    }
+    Ok((out, dec.total_in() as usize))
 }
 
 /// Collects identify_response chunks in order.
@@ -605,6 +620,9 @@ pub fn compress_dictionary(json: &str) -> Vec<u8> {
 pub struct EmbeddedDictionary {
     /// Byte offset of the zlib stream in the image.
     pub offset: usize,
+    /// Length of the zlib stream: `image[offset..offset + compressed_len]` is exactly what
+    /// the firmware serves through identify.
+    pub compressed_len: usize,
     pub dictionary: DataDictionary,
 }
 
@@ -620,10 +638,11 @@ pub fn find_embedded_dictionary(image: &[u8]) -> Option<EmbeddedDictionary> {
         let at = i + p;
         let hdr = u16::from_be_bytes([image[at], image[at + 1]]);
         if hdr % 31 == 0 {
-            if let Ok(d) = DataDictionary::from_zlib(&image[at..]) {
+            if let Ok((d, used)) = DataDictionary::from_zlib_prefix(&image[at..]) {
                 if d.is_klipper_family() {
                     return Some(EmbeddedDictionary {
                         offset: at,
+                        compressed_len: used,
                         dictionary: d,
                     });
                 }
@@ -1080,6 +1099,10 @@ mod tests {
         img.extend(vec![0xff; 100]);
         let found = find_embedded_dictionary(&img).unwrap();
         assert_eq!(found.offset, at);
+        assert_eq!(
+            found.compressed_len,
+            compress_dictionary(&sample_json()).len()
+        );
         assert_eq!(found.dictionary.version, "v0.12.0-300-gdeadbeef");
 
         let kalico = sample_json().replace("\"Klipper\"", "\"Kalico\"");
