@@ -13,6 +13,7 @@ mod server;
 mod tty;
 mod usbmon;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -25,6 +26,13 @@ use kflash::protocol::klipper::{IdentifyClient, IdentifyProgress};
 use serde_json::{json, Value};
 
 use crate::config::Mode;
+
+/// `println!` that ignores a closed stdout (`| grep -q`, `| head`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
 use crate::ctl::{ClientError, Request};
 
 #[derive(Parser)]
@@ -183,17 +191,22 @@ fn ctl_main(state_dir: &Path, cmd: CtlCmd) -> ExitCode {
     }
     match human {
         Some(true) => print_status_table(&resp.result),
-        Some(false) => println!(
+        Some(false) => outln!(
             "{}",
             serde_json::to_string_pretty(&resp.result).unwrap_or_default()
         ),
         None => {
             if !resp.result.is_null() {
-                println!("{}", resp.result);
+                outln!("{}", resp.result);
             }
         }
     }
     ExitCode::from(ctl::EXIT_OK as u8)
+}
+
+/// Print a line to stdout; a closed pipe (`| grep -q`) is not an error.
+fn print_out(text: &str) {
+    outln!("{text}");
 }
 
 fn usage(msg: &str) -> ExitCode {
@@ -208,9 +221,17 @@ fn print_status_table(v: &Value) {
         Value::Null => "-".into(),
         other => other.to_string(),
     };
-    println!(
+    outln!(
         "{:<10} {:<9} {:<7} {:<12} {:<26} {:<24} {:<11} {:<6} {:<13} FAULTS",
-        "NAME", "MODE", "PLUGGED", "MCU", "SERIAL", "VERSION", "APP_START", "BLOCKS", "HOST_TTY"
+        "NAME",
+        "MODE",
+        "PLUGGED",
+        "MCU",
+        "SERIAL",
+        "VERSION",
+        "APP_START",
+        "BLOCKS",
+        "HOST_TTY"
     );
     for b in list {
         let faults: Vec<String> = b["faults"]
@@ -225,7 +246,7 @@ fn print_status_table(v: &Value) {
         if let Some(t) = b["rebooting_to"].as_str() {
             mode = format!("{mode}->{t}");
         }
-        println!(
+        outln!(
             "{:<10} {:<9} {:<7} {:<12} {:<26} {:<24} {:<11} {:<6} {:<13} {}",
             s(b, "name"),
             mode,
@@ -344,7 +365,7 @@ fn main() -> ExitCode {
             full,
         } => match runtime().block_on(probe_identify(&device, timeout, full)) {
             Ok(v) => {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                print_out(&serde_json::to_string_pretty(&v).unwrap_or_default());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -355,7 +376,7 @@ fn main() -> ExitCode {
         Cmd::ProbeKatapult { device, timeout } => {
             match runtime().block_on(probe_katapult(&device, timeout)) {
                 Ok(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    print_out(&serde_json::to_string_pretty(&v).unwrap_or_default());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -194,13 +194,15 @@ struct Board {
 }
 
 impl Board {
-    fn app_start(&self) -> u32 {
+    /// The application start Katapult reports and enforces (`wrong-app-start` changes it;
+    /// the application itself is always looked for at `cfg.app_start`).
+    fn katapult_app_start(&self) -> u32 {
         self.faults.wrong_app_start().unwrap_or(self.cfg.app_start)
     }
 
     fn installed(&mut self) -> &AppCheck {
         if self.installed.is_none() {
-            let start = self.app_start();
+            let start = self.cfg.app_start;
             self.installed = Some(AppCheck::inspect(&self.flash.image_from(start)));
         }
         self.installed.as_ref().expect("just set")
@@ -214,7 +216,7 @@ impl Board {
         );
         ConnectInfo {
             proto_version: (a, b, c),
-            app_start: self.app_start(),
+            app_start: self.katapult_app_start(),
             block_size: 64,
             mcu: self.faults.wrong_mcu().unwrap_or(&self.cfg.mcu).to_string(),
             version: Some(self.cfg.katapult_version.clone()),
@@ -508,7 +510,7 @@ impl Sim {
     fn jump(&mut self, i: usize) {
         let name = self.name(i);
         let b = &mut self.boards[i];
-        let start = b.app_start();
+        let start = b.cfg.app_start;
         let image = b.flash.image_from(start);
         let check = b.installed().clone();
         let (result, dict) = match &check {
@@ -716,7 +718,7 @@ impl Sim {
         if !b.gadget.bound || b.mode != Mode::Klipper || b.pending.is_some() {
             return;
         }
-        let Some((ev, request)) = b.line.apply(&setup) else {
+        let Some((ev, request)) = b.line.newly_requesting(&setup) else {
             return;
         };
         match ev {
@@ -777,7 +779,7 @@ impl Sim {
             product: id.as_ref().map(|i| i.product.clone()),
             version,
             app,
-            app_start: format!("{:#x}", b.app_start()),
+            app_start: format!("{:#x}", b.cfg.app_start),
             katapult_version: b.cfg.katapult_version.clone(),
             blocks_written: b.blocks_session,
             flashes: b.flashes,
@@ -983,7 +985,7 @@ impl Sim {
                     ),
                     _ => (cfg_app, cfg_mcu),
                 };
-                let start = b.app_start();
+                let start = b.cfg.app_start;
                 let img = standin_image(
                     start,
                     b.cfg.profile.initial_sp,

@@ -94,12 +94,15 @@ pub struct LineState {
     pub baud: u32,
     pub dtr: bool,
     pub rts: bool,
+    /// Whether the bootloader request condition held after the previous request.
+    pub requesting: bool,
 }
 
 impl LineState {
     /// Apply a control setup (only submissions of CDC requests matter). Returns the change
     /// and whether the bootloader request condition (baud 1200 with DTR clear) now holds;
-    /// Klipper checks after both SET_LINE_CODING and SET_CONTROL_LINE_STATE.
+    /// Klipper checks after both SET_LINE_CODING and SET_CONTROL_LINE_STATE. See
+    /// [`newly_requesting`](Self::newly_requesting) for edge detection.
     pub fn apply(&mut self, s: &ControlSetup) -> Option<(LineEvent, bool)> {
         if s.event != 'S' || s.request_type != CDC_REQTYPE_OUT {
             return None;
@@ -123,6 +126,15 @@ impl LineState {
             _ => return None,
         };
         Some((ev, self.baud == 1200 && !self.dtr))
+    }
+
+    /// Like [`apply`](Self::apply), but the flag is true only when the condition becomes
+    /// true (a close after the touch repeats DTR-clear at 1200 baud: one request, not two).
+    pub fn newly_requesting(&mut self, s: &ControlSetup) -> Option<(LineEvent, bool)> {
+        let (ev, now) = self.apply(s)?;
+        let edge = now && !self.requesting;
+        self.requesting = now;
+        Some((ev, edge))
     }
 }
 
@@ -198,6 +210,14 @@ mod tests {
             Some((LineEvent::Baud(250000), false))
         );
         assert!(!st.apply(&parse_line(DROP).unwrap()).unwrap().1);
+        // Edge detection: the close after a touch (DTR clear again) is not a second request.
+        let mut st = LineState::default();
+        assert!(!st.newly_requesting(&parse_line(OPEN).unwrap()).unwrap().1);
+        assert!(!st.newly_requesting(&parse_line(BAUD).unwrap()).unwrap().1);
+        assert!(st.newly_requesting(&parse_line(DROP).unwrap()).unwrap().1);
+        assert!(!st.newly_requesting(&parse_line(DROP).unwrap()).unwrap().1);
+        assert!(!st.newly_requesting(&parse_line(OPEN).unwrap()).unwrap().1);
+        assert!(st.newly_requesting(&parse_line(DROP).unwrap()).unwrap().1);
         // Completion events are ignored.
         let c = "x 1 C Co:1:002:0 s 21 20 0000 0000 0007 7 = b0040000 000008";
         assert!(st.apply(&parse_line(c).unwrap()).is_none());
