@@ -20,6 +20,8 @@ pub mod exit {
     pub const DEVICE: i32 = 6;
     /// Flashing or post-flash verification failed.
     pub const FLASH: i32 = 7;
+    /// The Klipper service could not be stopped or started, or another kflash is flashing.
+    pub const SERVICE: i32 = 8;
     /// Interrupted by Ctrl-C / SIGTERM.
     pub const INTERRUPTED: i32 = 130;
 }
@@ -62,8 +64,14 @@ pub enum Error {
     #[error(transparent)]
     Flash(#[from] crate::flash::FlashError),
 
-    #[error("interrupted")]
-    Interrupted,
+    #[error(transparent)]
+    Service(#[from] crate::service::ServiceError),
+
+    #[error(transparent)]
+    History(#[from] crate::history::HistoryError),
+
+    #[error("interrupted by {0}")]
+    Interrupted(&'static str),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -91,7 +99,10 @@ impl Error {
             Error::Timeout { .. } => "check the board's USB connection; `kflash watch` shows what the board does".into(),
             Error::Tool { .. } => "read the output above; run the same command by hand to investigate".into(),
             Error::Flash(e) => e.help(),
-            Error::InvalidInput(_) | Error::Interrupted => return None,
+            Error::Service(e) => return e.help(),
+            Error::History(e) => return e.help(),
+            Error::Interrupted(_) => "Klipper was started again if kflash had stopped it".into(),
+            Error::InvalidInput(_) => return None,
         })
     }
 
@@ -104,7 +115,9 @@ impl Error {
             Error::Udev(_) | Error::Timeout { .. } => exit::DEVICE,
             Error::Tool { .. } => exit::TOOL,
             Error::Flash(_) => exit::FLASH,
-            Error::Interrupted => exit::INTERRUPTED,
+            Error::Service(_) => exit::SERVICE,
+            Error::History(_) => exit::FAILURE,
+            Error::Interrupted(_) => exit::INTERRUPTED,
         }
     }
 }

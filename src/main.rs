@@ -13,6 +13,8 @@ use kflash::hotplug::{Board, Hotplug};
 use kflash::kconfig::{self, KConfig};
 use kflash::registry::{self, import, store, FlashMethod, Registry};
 
+mod ui;
+
 #[derive(Parser)]
 #[command(name = "kflash", version, about = "Build, flash and verify Klipper/Kalico firmware on every board, driven by udev events")]
 struct Cli {
@@ -44,6 +46,40 @@ enum Command {
     Import(ImportArgs),
     /// Show USB serial hotplug changes live until Ctrl-C.
     Watch(JsonFlag),
+    /// Build a board's firmware out of tree (or take it from the cache).
+    Build(BuildArgs),
+    /// Build, flash and verify one board, with Klipper stopped only while flashing.
+    Flash(FlashArgs),
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    key: String,
+    /// Build even when the cache has this firmware.
+    #[arg(long)]
+    rebuild: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct FlashArgs {
+    key: String,
+    /// Answer yes to questions (e.g. continue when Moonraker is unreachable).
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Flash even if the board already runs the built version.
+    #[arg(long)]
+    force: bool,
+    /// katapult or make-flash (default: the board's setting).
+    #[arg(long, value_parser = parse_method)]
+    method: Option<FlashMethod>,
+    /// Do not build: use the cached firmware.
+    #[arg(long)]
+    no_build: bool,
+    /// Print the summary as JSON (progress goes to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -196,6 +232,7 @@ fn init_logging(verbose: u8) {
 
 async fn run(cli: Cli) -> Result<()> {
     let dir = cli.config_dir.clone().unwrap_or_else(registry::default_config_dir);
+    recover_klipper(&dir).await;
     match cli.command {
         Command::Devices(a) => devices(&dir, a.json).await,
         Command::Add(a) => add(&dir, a).await,
@@ -205,7 +242,65 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Config(a) => config(&dir, a),
         Command::Import(a) => import_cmd(&dir, a),
         Command::Watch(a) => watch(&dir, a.json).await,
+        Command::Build(a) => build(&dir, a).await,
+        Command::Flash(a) => flash(&dir, a).await,
     }
+}
+
+/// If an earlier kflash was killed while Klipper was stopped, start Klipper and say why.
+async fn recover_klipper(dir: &std::path::Path) {
+    let settings = Registry::open(dir).map(|r| r.settings).unwrap_or_default();
+    let manager = kflash::service::ServiceManager::from_settings(&settings);
+    match kflash::service::recover_stale_stop(&manager, &registry::default_state_dir()).await {
+        Some(Ok(msg)) => eprintln!("kflash: {msg}"),
+        Some(Err(e)) => {
+            eprintln!("kflash: Klipper was left stopped by an earlier kflash and could not be started: {e}");
+            if let Some(h) = e.help() {
+                eprintln!("  help: {h}");
+            }
+        }
+        None => {}
+    }
+}
+
+async fn build(dir: &std::path::Path, a: BuildArgs) -> Result<()> {
+    let reg = Registry::open(dir)?;
+    let board = reg.get(&a.key)?.clone();
+    let opts = kflash::firmware::BuildOptions { rebuild: a.rebuild, ..Default::default() };
+    let mut spinner = ui::BuildSpinner::new(!a.json);
+    let out = kflash::firmware::firmware_for(&reg, &board, &opts, &mut spinner).await;
+    spinner.finish();
+    let out = out?;
+    if a.json {
+        print_json(&out);
+    } else {
+        let how = if out.cached { "from cache (nothing changed since the last build)" } else { "built" };
+        println!("{}: {} {} for {}, {how} in {:.1} s", board.key, out.firmware.app.as_deref().unwrap_or("firmware"), out.firmware.version, out.firmware.mcu, out.elapsed.as_secs_f64());
+        println!("  {} ({} bytes, sha256 {})", out.firmware.image.display(), out.firmware.size, &out.firmware.sha256[..16]);
+    }
+    Ok(())
+}
+
+async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
+    let reg = Registry::open(dir)?;
+    reg.get(&a.key)?;
+    let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
+    let opts = kflash::app::flash::FlashOptions { force: a.force, method: a.method, no_build: a.no_build, ..Default::default() };
+    let mut reporter = ui::FlashReporter::new(a.yes, a.json);
+    // Signal handlers are installed before the flash starts (biased select polls them
+    // first); a signal drops the flash future, whose Klipper guard then starts Klipper.
+    let result = tokio::select! {
+        biased;
+        sig = kflash::service::shutdown_signal() => Err(Error::Interrupted(sig)),
+        r = kflash::app::flash::flash_one(&reg, &a.key, &hp, &opts, &mut reporter) => r,
+    };
+    let summary = result?;
+    if a.json {
+        print_json(&summary);
+    } else {
+        ui::print_flash_summary(&summary);
+    }
+    Ok(())
 }
 
 fn print_json(v: &impl serde::Serialize) {
@@ -350,7 +445,7 @@ fn ask_until<T>(question: &str, default: Option<&str>, parse: impl Fn(&str) -> s
         let _ = std::io::stdout().flush();
         let mut line = String::new();
         if stdin.lock().read_line(&mut line).map_err(|e| Error::io("read", "standard input", e))? == 0 {
-            return Err(Error::Interrupted);
+            return Err(Error::InvalidInput("no answer: standard input is closed".into()));
         }
         let answer = match line.trim() {
             "" => default.unwrap_or(""),

@@ -2,4 +2,5 @@
 //! what they return.
 
 pub mod boards;
+pub mod flash;
 pub mod watch;

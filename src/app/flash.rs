@@ -1,0 +1,289 @@
+//! `kflash flash KEY`: the whole job for one board, as an explicit sequence of phases.
+//!
+//! ```text
+//! Safety → Build → (lock) → StopKlipper → Bootloader → Write → Reconnect → Identify
+//!        → StartKlipper → Moonraker
+//! ```
+//!
+//! Everything between StopKlipper and StartKlipper runs inside [`stopped`], whose result is
+//! returned only after Klipper has been started again; a cancelled future (Ctrl-C, SIGTERM,
+//! SIGHUP) or a panic drops the [`KlipperGuard`], which starts it too.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant as StdInstant};
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::firmware::{self, BuildOptions, BuildOutcome, BuildProgress};
+use crate::flash::katapult::{Expectation, FlashEvent, KatapultSession, Policy};
+use crate::flash::serial::Tty;
+use crate::flash::{identify, usb, FlashError};
+use crate::hotplug::{Board, Hotplug};
+use crate::registry::{BoardEntry, FlashMethod, Registry};
+use crate::service::{FlashLock, KlipperGuard, ServiceManager};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Safety,
+    Build,
+    StopKlipper,
+    Bootloader,
+    Write,
+    Reconnect,
+    Identify,
+    StartKlipper,
+    Moonraker,
+}
+
+impl Phase {
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Safety => "Safety",
+            Phase::Build => "Build",
+            Phase::StopKlipper => "Service",
+            Phase::Bootloader => "Bootloader",
+            Phase::Write => "Flash",
+            Phase::Reconnect => "Verify",
+            Phase::Identify => "Verify",
+            Phase::StartKlipper => "Service",
+            Phase::Moonraker => "Verify",
+        }
+    }
+}
+
+/// What the flash reports while it runs; the CLI draws it.
+#[derive(Debug, Clone)]
+pub enum Report {
+    Begin(Phase, String),
+    Done(Phase, String, Duration),
+    Warning(String),
+    Flash(FlashEvent),
+    BuildLine(String),
+}
+
+/// The caller's side: progress display and questions.
+pub trait Reporter: Send {
+    fn report(&mut self, r: Report);
+    /// Ask a yes/no question; `--yes` answers yes, no terminal answers no.
+    fn confirm(&mut self, question: &str) -> bool;
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FlashOptions {
+    /// Flash even if the board already runs the built version.
+    pub force: bool,
+    pub method: Option<FlashMethod>,
+    /// Use the cached firmware; fail if there is none.
+    pub no_build: bool,
+    pub state_dir: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub build: Option<f64>,
+    pub bootloader: Option<f64>,
+    pub write: Option<f64>,
+    pub reconnect: Option<f64>,
+    pub identify: Option<f64>,
+    pub klipper_downtime: Option<f64>,
+    pub total: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlashSummary {
+    pub board: String,
+    pub method: FlashMethod,
+    pub version_before: Option<String>,
+    pub version_after: Option<String>,
+    pub firmware_sha256: String,
+    pub cached_build: bool,
+    /// Why nothing was flashed, when nothing was.
+    pub skipped: Option<String>,
+    pub timings: Timings,
+}
+
+struct Ctx<'a> {
+    reg: &'a Registry,
+    entry: BoardEntry,
+    hp: &'a Hotplug,
+    opts: &'a FlashOptions,
+    state_dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    fn secs(&self, f: impl Fn(&crate::registry::Timeouts) -> u64) -> Duration {
+        Duration::from_secs(f(&self.reg.settings.timeouts))
+    }
+}
+
+/// Resolve the flash method for a board.
+pub fn method_for(reg: &Registry, entry: &BoardEntry, over: Option<FlashMethod>) -> FlashMethod {
+    match over.unwrap_or(entry.flash_method) {
+        FlashMethod::Default => reg.settings.default_flash_method,
+        m => m,
+    }
+}
+
+/// The one connected device that is this board.
+pub fn find_connected(hp: &Hotplug, entry: &BoardEntry) -> Result<Board> {
+    let hits: Vec<Board> = hp.snapshot().into_iter().filter(|b| entry.matches(&b.identity)).collect();
+    match hits.len() {
+        1 => Ok(hits.into_iter().next().unwrap()),
+        0 => Err(Error::DeviceNotFound(format!("board '{}' ({}) is not connected", entry.key, entry.name))),
+        n => Err(Error::DeviceNotFound(format!(
+            "{n} connected devices match board '{}'; register it by USB serial (`kflash set {} --serial …`)",
+            entry.key, entry.key
+        ))),
+    }
+}
+
+struct BuildLines<'a>(&'a mut dyn Reporter);
+
+impl BuildProgress for BuildLines<'_> {
+    fn line(&mut self, line: &str) {
+        self.0.report(Report::BuildLine(line.to_string()));
+    }
+}
+
+/// Flash one registered board end to end.
+pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOptions, rep: &mut dyn Reporter) -> Result<FlashSummary> {
+    let started = StdInstant::now();
+    let entry = reg.get(key)?.clone();
+    let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
+    let ctx = Ctx { reg, entry: entry.clone(), hp, opts, state_dir };
+    let method = method_for(reg, &entry, opts.method);
+
+    // Build while Klipper still runs: the printer is down only for the flash itself.
+    rep.report(Report::Begin(Phase::Build, format!("firmware for {}", entry.name)));
+    let build_opts = BuildOptions { rebuild: false, cache_dir: opts.cache_dir.clone(), state_dir: Some(ctx.state_dir.clone()) };
+    let built = firmware::firmware_for(reg, &entry, &build_opts, &mut BuildLines(rep)).await?;
+    if opts.no_build && !built.cached {
+        rep.report(Report::Warning("--no-build: there was no cached firmware, so it was built".into()));
+    }
+    rep.report(Report::Done(
+        Phase::Build,
+        format!(
+            "{} {} ({} bytes){}",
+            built.firmware.app.as_deref().unwrap_or("firmware"),
+            built.firmware.version,
+            built.firmware.size,
+            if built.cached { ", from cache" } else { "" }
+        ),
+        built.elapsed,
+    ));
+    let mut timings = Timings { build: Some(built.elapsed.as_secs_f64()), ..Default::default() };
+
+    let board = find_connected(hp, &entry)?;
+    let _lock = FlashLock::acquire(&ctx.state_dir, &format!("flash of {key}"))?;
+
+    rep.report(Report::Begin(Phase::StopKlipper, format!("stopping {}", reg.settings.klipper_service)));
+    let manager = ServiceManager::from_settings(&reg.settings);
+    let guard = KlipperGuard::stop(manager, &ctx.state_dir, &format!("flash of {key}")).await?;
+    if let Some(note) = guard.note() {
+        rep.report(Report::Warning(note));
+    }
+    rep.report(Report::Done(Phase::StopKlipper, format!("{} stopped", guard.service()), Duration::ZERO));
+
+    let outcome = stopped(&ctx, method, &board, &built, rep, &mut timings).await;
+
+    rep.report(Report::Begin(Phase::StartKlipper, format!("starting {}", reg.settings.klipper_service)));
+    let restart = guard.restart().await;
+    match &restart {
+        Ok(r) => {
+            timings.klipper_downtime = Some(r.downtime.as_secs_f64());
+            rep.report(Report::Done(Phase::StartKlipper, r.summary(&reg.settings.klipper_service), r.downtime));
+        }
+        Err(e) => rep.report(Report::Warning(format!("{e}"))),
+    }
+    let version_after = outcome?;
+    restart?;
+    timings.total = started.elapsed().as_secs_f64();
+    Ok(FlashSummary {
+        board: key.to_string(),
+        method,
+        version_before: None,
+        version_after: Some(version_after),
+        firmware_sha256: built.firmware.sha256.clone(),
+        cached_build: built.cached,
+        skipped: None,
+        timings,
+    })
+}
+
+/// The part that runs with Klipper stopped. Returns the version the board runs afterwards.
+async fn stopped(
+    ctx: &Ctx<'_>,
+    method: FlashMethod,
+    board: &Board,
+    built: &BuildOutcome,
+    rep: &mut dyn Reporter,
+    timings: &mut Timings,
+) -> Result<String> {
+    let fw = &built.firmware;
+    let identity = board.identity.clone();
+
+    let t = StdInstant::now();
+    rep.report(Report::Begin(Phase::Bootloader, "requesting the bootloader (1200 baud)".into()));
+    let boot = usb::enter_bootloader(ctx.hp, board, Instant::now() + ctx.secs(|t| t.bootloader_secs)).await?;
+    timings.bootloader = Some(t.elapsed().as_secs_f64());
+    rep.report(Report::Done(
+        Phase::Bootloader,
+        format!("in Katapult at {}", boot.identity.devnode.as_deref().unwrap_or("?")),
+        t.elapsed(),
+    ));
+
+    let t = StdInstant::now();
+    match method {
+        FlashMethod::Katapult | FlashMethod::Default => write_katapult(ctx, &boot, built, rep).await?,
+        FlashMethod::MakeFlash => {
+            return Err(Error::InvalidInput("flash method make-flash is not wired into `kflash flash` yet; use --method katapult".into()))
+        }
+    }
+    timings.write = Some(t.elapsed().as_secs_f64());
+
+    let t = StdInstant::now();
+    rep.report(Report::Begin(Phase::Reconnect, "waiting for the board to come back running Klipper".into()));
+    let back = usb::await_application(ctx.hp, &identity, Instant::now() + ctx.secs(|t| t.reconnect_secs)).await?;
+    timings.reconnect = Some(t.elapsed().as_secs_f64());
+    let devnode = back.identity.devnode.clone().unwrap_or_default();
+    rep.report(Report::Done(Phase::Reconnect, format!("back in Klipper mode at {devnode}"), t.elapsed()));
+
+    let t = StdInstant::now();
+    rep.report(Report::Begin(Phase::Identify, "reading the running version (identify)".into()));
+    let dict = identify::read_identify(std::path::Path::new(&devnode), Instant::now() + Duration::from_secs(10)).await?;
+    timings.identify = Some(t.elapsed().as_secs_f64());
+    if dict.version != fw.version {
+        return Err(FlashError::VersionMismatch { expected: fw.version.clone(), running: dict.version }.into());
+    }
+    rep.report(Report::Done(Phase::Identify, format!("running {}", dict.version), t.elapsed()));
+    Ok(dict.version)
+}
+
+async fn write_katapult(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<()> {
+    let devnode = boot.identity.devnode.clone().ok_or_else(|| FlashError::Tool("the bootloader has no device node".into()))?;
+    let image = std::fs::read(&built.firmware.image).map_err(|e| Error::io("read", &built.firmware.image, e))?;
+    let expect = Expectation {
+        mcu: built.config.mcu().unwrap_or(&ctx.entry.mcu).to_string(),
+        app_start: built.config.application_address(),
+    };
+    let tty = Tty::open(std::path::Path::new(&devnode))
+        .map_err(|e| FlashError::Io { path: devnode.clone(), message: e.to_string() })?;
+    rep.report(Report::Begin(Phase::Write, format!("writing {} bytes through Katapult", image.len())));
+    let t = StdInstant::now();
+    let mut session = KatapultSession::new(tty, Policy::default());
+    let mut on_event = |e: &FlashEvent| rep.report(Report::Flash(e.clone()));
+    let flash = session.flash(&image, &expect, &mut on_event);
+    let report = tokio::time::timeout(ctx.secs(|t| t.flash_secs), flash)
+        .await
+        .map_err(|_| FlashError::NoResponse { command: "the flash", tries: 1, last: "timeouts.flash_secs passed".into() })??;
+    rep.report(Report::Done(
+        Phase::Write,
+        format!("{} blocks written and read back, {} pages", report.blocks, report.pages),
+        t.elapsed(),
+    ));
+    Ok(())
+}
