@@ -155,7 +155,13 @@ pub fn call(
     stream.write_all(line.as_bytes()).map_err(io_err)?;
     let mut reader = BufReader::new(stream);
     let mut resp = String::new();
-    reader.read_line(&mut resp).map_err(io_err)?;
+    reader.read_line(&mut resp).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ClientError::Timeout(format!(
+            "the board simulator accepted the request but did not answer within {:.0} s (is it hung? see boardsim.log)",
+            read_timeout.as_secs_f64()
+        )),
+        _ => io_err(e),
+    })?;
     if resp.trim().is_empty() {
         return Err(ClientError::Unreachable(
             "the board simulator closed the connection without answering".into(),

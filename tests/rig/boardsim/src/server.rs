@@ -1026,9 +1026,11 @@ impl Sim {
         });
     }
 
-    fn shutdown(&mut self) {
+    async fn shutdown(&mut self) {
         for i in 0..self.boards.len() {
-            self.boards[i].session = None;
+            if let Some(s) = self.boards[i].session.take() {
+                s.close().await;
+            }
             if let Err(e) = self.boards[i].gadget.remove() {
                 say!("{}: cannot remove gadget: {e:#}", self.boards[i].cfg.name);
             }
@@ -1266,6 +1268,6 @@ pub async fn serve(boards_file: &Path, state_dir: &Path) -> Result<()> {
         }
     }
     say!("shutting down");
-    sim.shutdown();
+    sim.shutdown().await;
     Ok(())
 }

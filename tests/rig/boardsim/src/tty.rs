@@ -178,6 +178,15 @@ impl TtySession {
         TtySession { tx, reader, writer }
     }
 
+    /// Stop both tasks and wait until they are gone, so the fd is closed on return (the
+    /// kernel refuses to remove an ACM function while its tty is open).
+    pub async fn close(mut self) {
+        self.reader.abort();
+        self.writer.abort();
+        let _ = (&mut self.reader).await;
+        let _ = (&mut self.writer).await;
+    }
+
     pub fn send(&self, bytes: Vec<u8>, delay: Duration) {
         let _ = self.tx.send(Outgoing { delay, bytes });
     }
