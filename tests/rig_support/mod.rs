@@ -13,7 +13,7 @@ pub const OCTOPUS: (&str, &str, &str) = ("octopus", "stm32h723xx", "29001A001151
 pub const NITEHAWK: (&str, &str, &str) = ("nitehawk", "rp2040", "E661640843545B2E");
 pub const EBB: (&str, &str, &str) = ("ebb", "stm32f446xx", "1D0041000B50534E4E313020");
 /// Starts unplugged; serial is a custom string, as with USB_SERIAL_NUMBER set by the user.
-pub const MMB: (&str, &str, &str) = ("mmb", "rp2040", "mmb_cubic");
+pub const MMB: (&str, &str, &str) = ("cubic", "rp2040", "mmb_cubic");
 
 pub fn by_id(board: (&str, &str, &str), vendor: &str) -> String {
     format!("/dev/serial/by-id/usb-{vendor}_{}_{}-if00", board.1, board.2)
