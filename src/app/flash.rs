@@ -156,6 +156,8 @@ pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOpti
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
     let ctx = Ctx { reg, entry: entry.clone(), hp, opts, state_dir };
     let method = method_for(reg, &entry, opts.method);
+    // First, so a second kflash is refused before it builds or looks for the board.
+    let _lock = FlashLock::acquire(&ctx.state_dir, &format!("flash of {key}"))?;
 
     // Build while Klipper still runs: the printer is down only for the flash itself.
     rep.report(Report::Begin(Phase::Build, format!("firmware for {}", entry.name)));
@@ -178,7 +180,6 @@ pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOpti
     let mut timings = Timings { build: Some(built.elapsed.as_secs_f64()), ..Default::default() };
 
     let board = find_connected(hp, &entry)?;
-    let _lock = FlashLock::acquire(&ctx.state_dir, &format!("flash of {key}"))?;
 
     rep.report(Report::Begin(Phase::StopKlipper, format!("stopping {}", reg.settings.klipper_service)));
     let manager = ServiceManager::from_settings(&reg.settings);

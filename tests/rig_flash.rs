@@ -1,0 +1,201 @@
+//! Step 3 on real USB: `kflash flash` end to end against simulated boards — real make,
+//! 1200-baud request seen by the board through usbmon, Katapult over the gadget tty, the
+//! board re-enumerating, identify over the tty — with the Klipper service stand-in.
+
+mod rig_support;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use rig_support::*;
+
+struct Flashing {
+    _tmp: tempfile::TempDir,
+    cfg: PathBuf,
+    state: PathBuf,
+    cache: PathBuf,
+}
+
+fn klipper_tree() -> PathBuf {
+    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join("klipper")
+}
+
+fn rig_state() -> PathBuf {
+    PathBuf::from(std::env::var("KFLASH_RIG_STATE").unwrap_or_else(|_| "/run/kflash-rig".into()))
+}
+
+/// A registry with `board` registered and configured for `mcu`.
+fn setup(board: (&str, &str, &str), config_mcu: &str) -> Flashing {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("cfg");
+    let state = tmp.path().join("state");
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("settings.toml"),
+        format!(
+            "klipper_dir = \"{}\"\nservice_command = \"sudo -n systemctl\"\n[timeouts]\nbootloader_secs = 15\nreconnect_secs = 20\n",
+            klipper_tree().display()
+        ),
+    )
+    .unwrap();
+    let f = Flashing { _tmp: tmp, cfg, state, cache };
+    ok(&f.kflash(&["add", "--device", &by_id(board, "Klipper"), "--name", board.0, "--key", board.0]));
+    let st = Command::new("make")
+        .arg("-C")
+        .arg(klipper_tree())
+        .arg(format!("KCONFIG_CONFIG={}", f.cfg.join(format!("configs/{}.config", board.0)).display()))
+        .arg("menuconfig")
+        .env("RIG_MENUCONFIG_MCU", config_mcu)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    f
+}
+
+impl Flashing {
+    fn kflash(&self, args: &[&str]) -> Output {
+        Command::new(kflash_bin())
+            .arg("--config-dir")
+            .arg(&self.cfg)
+            .args(args)
+            .env("KFLASH_STATE_DIR", &self.state)
+            .env("KFLASH_CACHE_DIR", &self.cache)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run kflash")
+    }
+}
+
+fn board_status(name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&boardctl(&["status", "--json"])).unwrap();
+    v.as_array().unwrap().iter().find(|b| b["name"] == name).cloned().unwrap()
+}
+
+fn tree_version() -> String {
+    let o = Command::new("git").arg("-C").arg(klipper_tree()).args(["describe", "--always", "--tags", "--long", "--dirty"]).output().unwrap();
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
+/// `(verb, service)` of each systemctl stop/start since `from` lines.
+fn service_log(from: usize) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(rig_state().join("systemctl.log")).unwrap_or_default();
+    text.lines()
+        .skip(from)
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 3 && (w[1] == "stop" || w[1] == "start")).then(|| (w[1].to_string(), w[2].to_string()))
+        })
+        .collect()
+}
+
+fn service_log_len() -> usize {
+    std::fs::read_to_string(rig_state().join("systemctl.log")).map(|t| t.lines().count()).unwrap_or(0)
+}
+
+fn klipper_active() -> bool {
+    Command::new("systemctl").args(["is-active", "klipper"]).output().unwrap().status.success()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn flash_one_board_end_to_end() {
+    in_rig();
+    reset_boards();
+    let f = setup(OCTOPUS, OCTOPUS.1);
+    let before = board_status(OCTOPUS.0);
+    let log_at = service_log_len();
+
+    let out = f.kflash(&["flash", OCTOPUS.0, "--yes", "--json"]);
+    let summary: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    let version = tree_version();
+    assert_eq!(summary["version_after"], version.as_str(), "{summary}");
+    let after = board_status(OCTOPUS.0);
+    assert_eq!(after["version"], version.as_str(), "the simulated board runs the flashed image");
+    assert_eq!(after["mode"], "klipper");
+    assert_ne!(before["version"], after["version"]);
+    assert_eq!(service_log(log_at), vec![("stop".into(), "klipper".into()), ("start".into(), "klipper".into())]);
+    assert!(klipper_active());
+    let downtime = summary["timings"]["klipper_downtime"].as_f64().unwrap();
+    eprintln!("single-board flash: Klipper downtime {downtime:.1} s, timings {}", summary["timings"]);
+
+    // Nothing was written to the other boards.
+    for other in [NITEHAWK, EBB] {
+        assert_eq!(board_status(other.0)["version"], before["version"], "{} untouched", other.0);
+    }
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn wrong_mcu_config_is_refused_before_anything() {
+    in_rig();
+    reset_boards();
+    // Registered as the stm32h723 it is, but its config says stm32f446: refused at build time.
+    let f = setup(OCTOPUS, EBB.1);
+    let log_at = service_log_len();
+    let out = f.kflash(&["flash", OCTOPUS.0, "--yes"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is an stm32h723xx but its firmware config"), "{}", stderr(&out));
+    assert!(service_log(log_at).is_empty(), "Klipper was never stopped");
+    assert_eq!(board_status(OCTOPUS.0)["mode"], "klipper");
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn wrong_application_start_is_refused_before_any_write() {
+    in_rig();
+    reset_boards();
+    let f = setup(OCTOPUS, OCTOPUS.1);
+    boardctl(&["fault", OCTOPUS.0, "wrong-app-start=0x8008000"]);
+    let before = board_status(OCTOPUS.0);
+    let log_at = service_log_len();
+    let out = f.kflash(&["flash", OCTOPUS.0, "--yes"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(stderr(&out).contains("Katapult starts the application at 0x8008000"), "{}", stderr(&out));
+    let after = board_status(OCTOPUS.0);
+    assert_eq!(after["blocks_written"].as_u64().unwrap_or(0), 0, "nothing written: {after}");
+    assert_eq!(before["version"], after["version"]);
+    assert_eq!(service_log(log_at), vec![("stop".into(), "klipper".into()), ("start".into(), "klipper".into())]);
+    assert!(klipper_active());
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn second_concurrent_flash_is_refused() {
+    in_rig();
+    reset_boards();
+    let f = setup(OCTOPUS, OCTOPUS.1);
+    // Slow the board down so the first flash is still running.
+    boardctl(&["fault", OCTOPUS.0, "slow-return=6"]);
+    let mut first = Command::new(kflash_bin())
+        .arg("--config-dir")
+        .arg(&f.cfg)
+        .args(["flash", OCTOPUS.0, "--yes"])
+        .env("KFLASH_STATE_DIR", &f.state)
+        .env("KFLASH_CACHE_DIR", &f.cache)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the first one has stopped Klipper (it holds the lock by then).
+    let stderr_pipe = first.stderr.take().unwrap();
+    let mut reader = std::io::BufReader::new(stderr_pipe);
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0, "first flash ended early: {seen}");
+        seen.push_str(&line);
+        if line.contains("stopped") {
+            break;
+        }
+    }
+    let second = f.kflash(&["flash", OCTOPUS.0, "--yes"]);
+    assert_eq!(second.status.code(), Some(8), "{}", stderr(&second));
+    assert!(stderr(&second).contains("another kflash (pid"), "{}", stderr(&second));
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    assert!(first.wait().unwrap().success());
+    assert!(klipper_active());
+}
