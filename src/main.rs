@@ -50,6 +50,15 @@ enum Command {
     Build(BuildArgs),
     /// Build, flash and verify one board, with Klipper stopped only while flashing.
     Flash(FlashArgs),
+    /// Show the flash history (all boards, or one).
+    History(HistoryArgs),
+}
+
+#[derive(Args)]
+struct HistoryArgs {
+    key: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -244,7 +253,42 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Watch(a) => watch(&dir, a.json).await,
         Command::Build(a) => build(&dir, a).await,
         Command::Flash(a) => flash(&dir, a).await,
+        Command::History(a) => history(a),
     }
+}
+
+fn history(a: HistoryArgs) -> Result<()> {
+    let state = registry::default_state_dir();
+    let all = kflash::history::read_all(&state)?;
+    for c in &all.corrupt {
+        eprintln!("warning: {} line {}: {} (skipped)", kflash::history::history_path(&state).display(), c.line, c.message);
+    }
+    let records: Vec<_> = all.records.iter().filter(|r| a.key.as_deref().is_none_or(|k| r.board_key == k)).collect();
+    if a.json {
+        print_json(&records);
+        return Ok(());
+    }
+    if records.is_empty() {
+        println!("No flashes recorded{}.", a.key.as_deref().map(|k| format!(" for '{k}'")).unwrap_or_default());
+    }
+    for r in records {
+        let result = match r.result {
+            kflash::history::FlashResult::Ok => "ok",
+            kflash::history::FlashResult::Failed => "FAILED",
+            kflash::history::FlashResult::Skipped => "skipped",
+        };
+        println!(
+            "{}  {:<16} {:<7} {:<10} {} -> {}{}",
+            r.time,
+            r.board_key,
+            result,
+            r.method,
+            r.version_before.as_deref().unwrap_or("?"),
+            r.version_after.as_deref().unwrap_or("-"),
+            r.error.as_deref().map(|e| format!("  ({e})")).unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 /// If an earlier kflash was killed while Klipper was stopped, start Klipper and say why.

@@ -149,10 +149,64 @@ impl BuildProgress for BuildLines<'_> {
     }
 }
 
-/// Flash one registered board end to end.
+/// What an attempt got to, for the history whatever the outcome.
+#[derive(Default)]
+struct Attempt {
+    timings: Timings,
+    firmware: Option<crate::firmware::Firmware>,
+    version_before: Option<String>,
+}
+
+/// Flash one registered board end to end, and record the attempt in the flash history.
 pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOptions, rep: &mut dyn Reporter) -> Result<FlashSummary> {
-    let started = StdInstant::now();
     let entry = reg.get(key)?.clone();
+    let method = method_for(reg, &entry, opts.method);
+    let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
+    let mut attempt = Attempt::default();
+    let result = run_flash(reg, &entry, hp, opts, rep, &mut attempt).await;
+    let record = history_record(&entry, method, &attempt, &result);
+    if let Err(e) = crate::history::append(&state_dir, &record) {
+        rep.report(Report::Warning(format!("the flash was not recorded in the history: {e}")));
+    }
+    result
+}
+
+fn history_record(entry: &BoardEntry, method: FlashMethod, a: &Attempt, result: &Result<FlashSummary>) -> crate::history::FlashRecord {
+    use crate::history::{Durations, FlashRecord, FlashResult};
+    let outcome = match result {
+        Ok(s) if s.skipped.is_some() => FlashResult::Skipped,
+        Ok(_) => FlashResult::Ok,
+        Err(_) => FlashResult::Failed,
+    };
+    let mut r = FlashRecord::new(&entry.key, &entry.name, &entry.mcu, method.as_str(), outcome);
+    r.version_before = a.version_before.clone();
+    r.version_after = result.as_ref().ok().and_then(|s| s.version_after.clone());
+    r.firmware_sha256 = a.firmware.as_ref().map(|f| f.sha256.clone());
+    r.firmware_size = a.firmware.as_ref().map(|f| f.size);
+    r.error = result.as_ref().err().map(|e| e.to_string());
+    let t = &a.timings;
+    let sum = |xs: &[Option<f64>]| xs.iter().flatten().copied().reduce(|x, y| x + y);
+    r.durations = Durations {
+        build: t.build,
+        bootloader: t.bootloader,
+        flash: t.write,
+        verify: sum(&[t.reconnect, t.identify]),
+        klipper_downtime: t.klipper_downtime,
+    };
+    r
+}
+
+async fn run_flash(
+    reg: &Registry,
+    entry: &BoardEntry,
+    hp: &Hotplug,
+    opts: &FlashOptions,
+    rep: &mut dyn Reporter,
+    attempt: &mut Attempt,
+) -> Result<FlashSummary> {
+    let started = StdInstant::now();
+    let entry = entry.clone();
+    let key = entry.key.as_str();
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
     let ctx = Ctx { reg, entry: entry.clone(), hp, opts, state_dir };
     let method = method_for(reg, &entry, opts.method);
@@ -177,7 +231,9 @@ pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOpti
         ),
         built.elapsed,
     ));
-    let mut timings = Timings { build: Some(built.elapsed.as_secs_f64()), ..Default::default() };
+    attempt.firmware = Some(built.firmware.clone());
+    let timings = &mut attempt.timings;
+    timings.build = Some(built.elapsed.as_secs_f64());
 
     let board = find_connected(hp, &entry)?;
 
@@ -189,7 +245,7 @@ pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOpti
     }
     rep.report(Report::Done(Phase::StopKlipper, format!("{} stopped", guard.service()), Duration::ZERO));
 
-    let outcome = stopped(&ctx, method, &board, &built, rep, &mut timings).await;
+    let outcome = stopped(&ctx, method, &board, &built, rep, timings).await;
 
     rep.report(Report::Begin(Phase::StartKlipper, format!("starting {}", reg.settings.klipper_service)));
     let restart = guard.restart().await;
@@ -206,12 +262,12 @@ pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOpti
     Ok(FlashSummary {
         board: key.to_string(),
         method,
-        version_before: None,
+        version_before: attempt.version_before.clone(),
         version_after: Some(version_after),
         firmware_sha256: built.firmware.sha256.clone(),
         cached_build: built.cached,
         skipped: None,
-        timings,
+        timings: timings.clone(),
     })
 }
 
