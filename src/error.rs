@@ -22,6 +22,10 @@ pub mod exit {
     pub const FLASH: i32 = 7;
     /// The Klipper service could not be stopped or started, or another kflash is flashing.
     pub const SERVICE: i32 = 8;
+    /// Moonraker could not be asked, or refused.
+    pub const MOONRAKER: i32 = 9;
+    /// The printer is printing or paused.
+    pub const BUSY: i32 = 10;
     /// Interrupted by Ctrl-C / SIGTERM.
     pub const INTERRUPTED: i32 = 130;
 }
@@ -70,6 +74,12 @@ pub enum Error {
     #[error(transparent)]
     History(#[from] crate::history::HistoryError),
 
+    #[error(transparent)]
+    Moonraker(#[from] crate::moonraker::MoonrakerError),
+
+    #[error("the printer is {0}: kflash will not stop Klipper now")]
+    PrinterBusy(String),
+
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
 }
@@ -101,6 +111,8 @@ impl Error {
             Error::Flash(e) => e.help(),
             Error::Service(e) => return e.help(),
             Error::History(e) => return e.help(),
+            Error::Moonraker(e) => return e.help(),
+            Error::PrinterBusy(_) => "wait for the print to finish (or cancel it), then run kflash again".into(),
             Error::Interrupted(_) => "Klipper was started again if kflash had stopped it".into(),
             Error::InvalidInput(_) => return None,
         })
@@ -117,6 +129,8 @@ impl Error {
             Error::Flash(_) => exit::FLASH,
             Error::Service(_) => exit::SERVICE,
             Error::History(_) => exit::FAILURE,
+            Error::Moonraker(_) => exit::MOONRAKER,
+            Error::PrinterBusy(_) => exit::BUSY,
             Error::Interrupted(_) => exit::INTERRUPTED,
         }
     }

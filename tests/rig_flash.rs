@@ -123,6 +123,21 @@ fn flash_one_board_end_to_end() {
     let downtime = summary["timings"]["klipper_downtime"].as_f64().unwrap();
     eprintln!("single-board flash: Klipper downtime {downtime:.1} s, timings {}", summary["timings"]);
 
+    let log = stderr(&out);
+    assert!(log.contains("Klipper is ready and reports"), "level (c) verified through Moonraker: {log}");
+
+    // Already at the built version: skipped without stopping Klipper, unless --force.
+    let log_at = service_log_len();
+    let again: serde_json::Value = serde_json::from_str(&ok(&f.kflash(&["flash", OCTOPUS.0, "--yes", "--json"]))).unwrap();
+    assert!(again["skipped"].as_str().unwrap().contains("already runs"), "{again}");
+    assert!(service_log(log_at).is_empty(), "Klipper untouched when skipping");
+    let history = ok(&f.kflash(&["history", OCTOPUS.0, "--json"]));
+    let h: serde_json::Value = serde_json::from_str(&history).unwrap();
+    let results: Vec<&str> = h.as_array().unwrap().iter().map(|r| r["result"].as_str().unwrap()).collect();
+    assert_eq!(results, ["ok", "skipped"], "{history}");
+    assert_eq!(h[0]["version_after"], version.as_str());
+    assert_eq!(h[0]["version_before"], before["version"]);
+
     // Nothing was written to the other boards.
     for other in [NITEHAWK, EBB] {
         assert_eq!(board_status(other.0)["version"], before["version"], "{} untouched", other.0);

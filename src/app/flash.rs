@@ -22,6 +22,7 @@ use crate::flash::serial::Tty;
 use crate::flash::{identify, usb, FlashError};
 use crate::hotplug::{Board, Hotplug};
 use crate::registry::{BoardEntry, FlashMethod, Registry};
+use crate::moonraker::{mcu_for_serial, Moonraker, MoonrakerError};
 use crate::service::{FlashLock, KlipperGuard, ServiceManager};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -110,7 +111,6 @@ struct Ctx<'a> {
     reg: &'a Registry,
     entry: BoardEntry,
     hp: &'a Hotplug,
-    opts: &'a FlashOptions,
     state_dir: PathBuf,
 }
 
@@ -208,10 +208,13 @@ async fn run_flash(
     let entry = entry.clone();
     let key = entry.key.as_str();
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
-    let ctx = Ctx { reg, entry: entry.clone(), hp, opts, state_dir };
+    let ctx = Ctx { reg, entry: entry.clone(), hp, state_dir };
     let method = method_for(reg, &entry, opts.method);
     // First, so a second kflash is refused before it builds or looks for the board.
     let _lock = FlashLock::acquire(&ctx.state_dir, &format!("flash of {key}"))?;
+
+    let mr = Moonraker::from_settings(&reg.settings);
+    let moonraker_ok = safety_check(&mr, rep).await?;
 
     // Build while Klipper still runs: the printer is down only for the flash itself.
     rep.report(Report::Begin(Phase::Build, format!("firmware for {}", entry.name)));
@@ -236,6 +239,31 @@ async fn run_flash(
     timings.build = Some(built.elapsed.as_secs_f64());
 
     let board = find_connected(hp, &entry)?;
+    if moonraker_ok {
+        attempt.version_before = running_version(&mr, &board).await;
+        if let Some(v) = &attempt.version_before {
+            rep.report(Report::Done(Phase::Safety, format!("{} runs {v}", entry.name), Duration::ZERO));
+            if *v == built.firmware.version && !opts.force {
+                attempt.timings.total = started.elapsed().as_secs_f64();
+                return Ok(FlashSummary {
+                    board: key.to_string(),
+                    method,
+                    version_before: Some(v.clone()),
+                    version_after: Some(v.clone()),
+                    firmware_sha256: built.firmware.sha256.clone(),
+                    cached_build: built.cached,
+                    skipped: Some(format!("it already runs {v}; use --force to flash it anyway")),
+                    timings: attempt.timings.clone(),
+                });
+            }
+        }
+        // Once more right before stopping Klipper: a print may have started meanwhile.
+        if let Ok(p) = mr.print_status().await {
+            if p.is_busy() {
+                return Err(Error::PrinterBusy(p.describe()));
+            }
+        }
+    }
 
     rep.report(Report::Begin(Phase::StopKlipper, format!("stopping {}", reg.settings.klipper_service)));
     let manager = ServiceManager::from_settings(&reg.settings);
@@ -258,6 +286,11 @@ async fn run_flash(
     }
     let version_after = outcome?;
     restart?;
+    if moonraker_ok {
+        verify_in_klipper(&mr, &board, &version_after, Instant::now() + ctx.secs(|t| t.klippy_ready_secs), rep).await?;
+    } else {
+        rep.report(Report::Warning("Moonraker was unreachable, so Klipper's own view of the board was not checked".into()));
+    }
     timings.total = started.elapsed().as_secs_f64();
     Ok(FlashSummary {
         board: key.to_string(),
@@ -343,4 +376,61 @@ async fn write_katapult(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: 
         t.elapsed(),
     ));
     Ok(())
+}
+
+/// Refuse during a print. An unreachable Moonraker needs the user's go-ahead; a Moonraker
+/// whose Klippy is down means no print can be running. Returns whether Moonraker answered.
+async fn safety_check(mr: &Moonraker, rep: &mut dyn Reporter) -> Result<bool> {
+    rep.report(Report::Begin(Phase::Safety, format!("asking Moonraker at {} about the printer", mr.url())));
+    match mr.print_status().await {
+        Ok(p) if p.is_busy() => Err(Error::PrinterBusy(p.describe())),
+        Ok(p) => {
+            rep.report(Report::Done(Phase::Safety, format!("printer is {}", p.describe()), Duration::ZERO));
+            Ok(true)
+        }
+        Err(MoonrakerError::KlippyNotConnected { .. }) => {
+            rep.report(Report::Warning("Klipper is not connected to Moonraker, so nothing is printing".into()));
+            Ok(false)
+        }
+        Err(e) => {
+            rep.report(Report::Warning(format!("{e}: print state and versions cannot be checked")));
+            if rep.confirm("Continue without the print-safety check?") {
+                Ok(false)
+            } else {
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// What Klipper says this board runs, by the board's configured serial path.
+async fn running_version(mr: &Moonraker, board: &Board) -> Option<String> {
+    let mcus = mr.mcus().await.ok()?;
+    let id = &board.identity;
+    let found = [id.by_id.as_deref(), id.by_path.as_deref(), id.serial.as_deref()]
+        .into_iter()
+        .flatten()
+        .find_map(|d| mcu_for_serial(&mcus, d))?;
+    found.mcu_version.clone()
+}
+
+/// Level (c): after Klipper is back, Klippy is ready and reports the new version for this
+/// board's MCU.
+async fn verify_in_klipper(mr: &Moonraker, board: &Board, version: &str, deadline: Instant, rep: &mut dyn Reporter) -> Result<()> {
+    let t = StdInstant::now();
+    rep.report(Report::Begin(Phase::Moonraker, "waiting for Klipper to be ready".into()));
+    mr.wait_klippy_ready(deadline).await?;
+    match running_version(mr, board).await {
+        Some(v) if v == version => {
+            rep.report(Report::Done(Phase::Moonraker, format!("Klipper is ready and reports {v} for this board"), t.elapsed()));
+            Ok(())
+        }
+        Some(v) => Err(FlashError::VersionMismatch { expected: version.to_string(), running: format!("{v} according to Klipper") }.into()),
+        None => {
+            rep.report(Report::Warning(
+                "Klipper is ready, but no [mcu] section in printer.cfg uses this board's serial, so its version there was not checked".into(),
+            ));
+            Ok(())
+        }
+    }
 }
