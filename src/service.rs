@@ -48,8 +48,8 @@ pub enum ServiceError {
     #[error("Klipper ({service}) was stopped by another kflash (pid {pid}) for {reason}")]
     StoppedByOther { service: String, pid: u32, reason: String },
 
-    #[error("another kflash (pid {pid}) is {doing} since {since}")]
-    Locked { pid: u32, doing: String, since: String },
+    #[error("{}", locked_message(*.pid, .doing, .since))]
+    Locked { pid: Option<u32>, doing: String, since: String },
 
     #[error("could not {action} {}: {source}", path.display())]
     State { action: &'static str, path: PathBuf, #[source] source: std::io::Error },
@@ -88,6 +88,13 @@ impl ServiceError {
             }
             ServiceError::State { .. } => "check that kflash's state directory exists and that you may write it".into(),
         })
+    }
+}
+
+fn locked_message(pid: Option<u32>, doing: &str, since: &str) -> String {
+    match pid {
+        Some(pid) => format!("another kflash (pid {pid}) has been busy with {doing} since {since}"),
+        None => "another kflash is starting a flash".into(),
     }
 }
 
@@ -594,8 +601,9 @@ pub struct FlashLock {
 }
 
 impl FlashLock {
-    /// Take the lock without waiting; `doing` (e.g. "flashing octopus") is shown to a
-    /// second kflash that is refused.
+    /// Take the lock without waiting; `doing` (e.g. "flash of octopus") is shown to a
+    /// second kflash that is refused: "another kflash (pid 1234) has been busy with flash
+    /// of octopus since 12:03:04".
     pub fn acquire(state_dir: &Path, doing: &str) -> Result<FlashLock, ServiceError> {
         let path = state_dir.join(FLASH_LOCK_FILE);
         let io_err = |action, source| ServiceError::State { action, path: path.clone(), source };
@@ -633,9 +641,9 @@ fn holder_error(file: &mut File) -> ServiceError {
     let mut text = String::new();
     let _ = file.read_to_string(&mut text);
     match serde_json::from_str::<LockInfo>(&text) {
-        Ok(info) => ServiceError::Locked { pid: info.pid, doing: info.doing, since: short_time(&info.since) },
+        Ok(info) => ServiceError::Locked { pid: Some(info.pid), doing: info.doing, since: short_time(&info.since) },
         // The holder has the lock but has not written its details yet.
-        Err(_) => ServiceError::Locked { pid: 0, doing: "flashing".into(), since: "just now".into() },
+        Err(_) => ServiceError::Locked { pid: None, doing: String::new(), since: String::new() },
     }
 }
 

@@ -286,7 +286,7 @@ fn guard_child() {
         let mut signals = ShutdownSignals::install().unwrap();
         let state = PathBuf::from(state);
         let flash = async {
-            let _lock = FlashLock::acquire(&state, "flashing octopus").unwrap();
+            let _lock = FlashLock::acquire(&state, "flash of octopus").unwrap();
             let manager = ServiceManager::new(command, "klipper", Duration::from_secs(20));
             let _guard = KlipperGuard::stop(manager, &state, REASON).await.unwrap();
             println!("GUARD-READY");
@@ -370,19 +370,19 @@ fn kill_9_leaves_the_marker_and_the_next_run_recovers() {
 fn second_flash_lock_is_refused_with_the_holders_pid() {
     let rig = Rig::new("active");
     let (mut child, _lines) = spawn_guard_child(&rig);
-    let err = FlashLock::acquire(&rig.state, "flashing ebb").unwrap_err();
+    let err = FlashLock::acquire(&rig.state, "flash of ebb").unwrap_err();
     let text = err.to_string();
     assert!(
-        text.starts_with(&format!("another kflash (pid {}) is flashing octopus since ", child.id())),
+        text.starts_with(&format!("another kflash (pid {}) has been busy with flash of octopus since ", child.id())),
         "{text}"
     );
     assert_eq!(err.help().unwrap(), "wait for the other kflash to finish");
 
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     child.wait().unwrap();
-    let lock = FlashLock::acquire(&rig.state, "flashing ebb").expect("released when its holder exits");
+    let lock = FlashLock::acquire(&rig.state, "flash of ebb").expect("released when its holder exits");
     // Also exclusive within one process (a second open file description).
     assert!(matches!(FlashLock::acquire(&rig.state, "x"), Err(ServiceError::Locked { .. })));
     drop(lock);
-    FlashLock::acquire(&rig.state, "flashing ebb").expect("released on drop");
+    FlashLock::acquire(&rig.state, "flash of ebb").expect("released on drop");
 }
