@@ -649,13 +649,29 @@ class MoonrakerTest(Tmp):
         self.assertEqual(m.get("/server/info")[1]["result"]["klippy_state"], "ready")
         # within the connect timeout Klippy keeps trying ("startup")
         self.switch("connect-timeout", "60")
-        boards["boards"][1]["plugged"] = False
         boards["boards"][1]["mode"] = "absent"
         self.write_boards(boards)
         self.ctl("restart", "klipper")
         self.assertEqual(m.get("/server/info")[1]["result"]["klippy_state"], "startup")
         self.write_boards(BOARDS)
         self.assertEqual(m.get("/server/info")[1]["result"]["klippy_state"], "ready")
+
+    def test_unplugged_boards_are_not_configured(self):
+        boards = json.loads(json.dumps(BOARDS))
+        boards["boards"][0].update(plugged=False, mode="absent")
+        self.write_boards(boards)
+        m = self.start()
+        self.assertEqual(m.get("/server/info")[1]["result"]["klippy_state"], "ready")
+        objects = m.get("/printer/objects/list")[1]["result"]["objects"]
+        self.assertEqual([o for o in objects if o.startswith("mcu")], ["mcu"])
+        st = m.get("/printer/objects/query?mcu=mcu_constants")[1]["result"]["status"]
+        self.assertEqual(st["mcu"]["mcu_constants"]["MCU"], "rp2040")
+        # named in mcus.json, an unplugged board is configured and Klippy cannot connect
+        self.switch("mcus.json", json.dumps({"mcu": "octopus", "mcu nhk": "nhk"}))
+        self.ctl("restart", "klipper")
+        info = m.get("/printer/info")[1]["result"]
+        self.assertEqual(info["state"], "error")
+        self.assertTrue(info["state_message"].startswith("mcu 'mcu': Unable to connect"))
 
     def test_print_switches(self):
         m = self.start()

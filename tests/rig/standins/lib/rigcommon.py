@@ -1,11 +1,9 @@
 # Shared helpers of the kflash test-rig printer-host stand-ins (systemctl,
 # Moonraker). Python 3.11 standard library only. See ../README.md.
-import json
 import os
-import select
-import signal
-import subprocess
 import time
+# json, subprocess, select and signal are imported where used: every systemctl call
+# starts Python afresh, and imports are slow in the rig guest (QEMU TCG).
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STANDINS = os.path.dirname(HERE)
@@ -72,6 +70,8 @@ def read_boards(override=None):
     Source: `override` (a JSON file), else $KFLASH_RIG_BOARDS_JSON (a file), else
     the command `$KFLASH_RIG_BOARDSIM ctl status --json` (default kflash-boardsim).
     Returns (boards, error); boards is None when the source failed."""
+    import json
+    import subprocess
     path = override or os.environ.get("KFLASH_RIG_BOARDS_JSON")
     try:
         if path:
@@ -97,20 +97,20 @@ def read_boards(override=None):
 
 
 def mcu_sections(boards, mapping_file=None):
-    """[(section, board)] as Klippy's config would have them: by default the first
-    board is [mcu] and every other board is [mcu <board name>]. A mapping file
-    (JSON object {"mcu": "<board>", "mcu nhk": "<board>", ...}, order kept) selects
-    and names them explicitly; a mapped board missing from the status gives
-    board None."""
+    """[(section, board)] as Klippy's printer.cfg would have them. By default the
+    boards that are plugged in (status `plugged`, whatever their mode) are the
+    printer's MCUs: the first is [mcu], every other one [mcu <board name>]. A
+    mapping file (JSON object {"mcu": "<board>", "mcu nhk": "<board>", ...}, order
+    kept) names them explicitly instead, plugged or not; a mapped board missing
+    from the status gives board None."""
+    import json
     by_name = {b.get("name"): b for b in boards}
     text = read_text(mapping_file) if mapping_file else None
     if text is not None:
         mapping = json.loads(text)
         return [(sec, by_name.get(bname)) for sec, bname in mapping.items()]
-    out = []
-    for i, b in enumerate(boards):
-        out.append(("mcu" if i == 0 else "mcu %s" % b.get("name"), b))
-    return out
+    plugged = [b for b in boards if b.get("plugged", True) is not False]
+    return [("mcu" if i == 0 else "mcu %s" % b.get("name"), b) for i, b in enumerate(plugged)]
 
 
 def by_id_path(board):
@@ -152,6 +152,8 @@ def process_alive(pid, needle=None):
 
 def terminate(pid, timeout=10.0):
     """SIGTERM pid and wait for it to exit (pidfd: no polling). Then SIGKILL."""
+    import select
+    import signal
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:

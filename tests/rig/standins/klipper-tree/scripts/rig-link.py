@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-# "Linker" and "objcopy" of the kflash test-rig Klipper stand-in tree (rig code).
+# "Linker" of the kflash test-rig Klipper stand-in tree (rig code).
 #
 #   rig-link.py link OUT/ OUT/klipper.elf OBJ...   build the firmware image, wrap it in an ELF
-#   rig-link.py objcopy OUT/klipper.elf OUT/klipper.bin
+#                                                  (image at file offset 0x100; RIG_BUILD_DELAY
+#                                                  seconds, default 0.2, stand in for compiling)
+#   rig-link.py objcopy OUT/klipper.elf OUT/klipper.bin   (the Makefile uses tail instead)
 #   rig-link.py uf2 OUT/klipper.elf OUT/klipper.uf2
 #
 # Image at CONFIG_FLASH_APPLICATION_ADDRESS:
 #   [u32 LE initial SP 0x20020000][u32 LE reset vector = app start + 0x101]
-#   [vector table + code-like bytes derived from the objects, 6 KiB in all, no 0x78 byte]
+#   [vector table + code-like bytes derived from the sources and autoconf.h, 6 KiB in all,
+#    no 0x78 byte]
 #   [OUT/klipper.dict compressed with zlib level 9 (starts 78 da)][zero pad to 4 bytes]
 # rp2040 builds without a bootloader (app at 0x10000100) get a 256-byte stage2 block
 # in front, loaded at 0x10000000, and become klipper.uf2.
@@ -16,6 +19,7 @@ sys.dont_write_bytecode = True
 import hashlib
 import os
 import struct
+import time
 import zlib
 
 import rigmcu
@@ -51,11 +55,19 @@ def build_image(outdir, objs):
     app = int(cfg["CONFIG_FLASH_APPLICATION_ADDRESS"], 0)
     with open(os.path.join(outdir, "klipper.dict"), "rb") as f:
         datadict = f.read()
+    # Each stand-in object names its source (compile_time_request.o names the .c
+    # buildcommands wrote); the code bytes hash those sources and the configuration.
     h = hashlib.sha256()
+    with open(os.path.join(outdir, "autoconf.h"), "rb") as f:
+        h.update(f.read())
     for o in objs:
-        with open(o, "rb") as f:
-            h.update(f.read().split()[-1])  # the object's hash, not its (OUT) path
+        with open(o) as f:
+            src = f.read().strip()
+        with open(src, "rb") as f:
+            h.update(f.read())
     seed = h.digest()
+    delay = float(os.environ.get("RIG_BUILD_DELAY") or 0.2)
+    time.sleep(delay)  # stands in for compile time
     vectors = struct.pack("<II", rigmcu.INITIAL_SP, app + 0x101)
     handlers = b"".join(struct.pack("<I", app + 0x1a1 + 4 * (i % 7)) for i in range(46))
     body = code_bytes(seed, CODE_SIZE - len(vectors) - len(handlers))
