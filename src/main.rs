@@ -52,6 +52,15 @@ enum Command {
     Flash(FlashArgs),
     /// Show the flash history (all boards, or one).
     History(HistoryArgs),
+    /// Does this board have Katapult? Requests the bootloader with Klipper stopped.
+    KatapultCheck(KatapultCheckArgs),
+}
+
+#[derive(Args)]
+struct KatapultCheckArgs {
+    key: String,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -254,7 +263,32 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Build(a) => build(&dir, a).await,
         Command::Flash(a) => flash(&dir, a).await,
         Command::History(a) => history(a),
+        Command::KatapultCheck(a) => katapult_check(&dir, a).await,
     }
+}
+
+async fn katapult_check(dir: &std::path::Path, a: KatapultCheckArgs) -> Result<()> {
+    let reg = Registry::open(dir)?;
+    reg.get(&a.key)?;
+    let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
+    let mut reporter = ui::FlashReporter::new(false, a.json);
+    let result = tokio::select! {
+        biased;
+        sig = kflash::service::shutdown_signal() => Err(Error::Interrupted(sig)),
+        r = kflash::app::katapult_check::katapult_check(&reg, &a.key, &hp, &mut reporter) => r,
+    };
+    let check = result?;
+    if a.json {
+        print_json(&check);
+    } else {
+        let answer = match check.has_katapult {
+            kflash::app::katapult_check::Answer::Yes => "yes",
+            kflash::app::katapult_check::Answer::No => "no",
+            kflash::app::katapult_check::Answer::Unknown => "unknown",
+        };
+        println!("{}: Katapult {answer} — {}", check.board, check.detail);
+    }
+    Ok(())
 }
 
 fn history(a: HistoryArgs) -> Result<()> {

@@ -214,3 +214,37 @@ fn second_concurrent_flash_is_refused() {
     assert!(first.wait().unwrap().success());
     assert!(klipper_active());
 }
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn katapult_check_yes_no_and_rom() {
+    in_rig();
+    reset_boards();
+    let f = setup(NITEHAWK, NITEHAWK.1);
+    let log_at = service_log_len();
+    let check = |f: &Flashing| -> serde_json::Value {
+        let out = f.kflash(&["katapult-check", NITEHAWK.0, "--json"]);
+        serde_json::from_str(&ok(&out)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)))
+    };
+
+    let yes = check(&f);
+    assert_eq!(yes["has_katapult"], "yes", "{yes}");
+    assert_eq!(yes["left_in"], "klipper", "sent back to the application: {yes}");
+    assert_eq!(yes["katapult_version"], "v0.0.1-109-g902f335");
+    boardctl(&["wait-ready"]);
+    assert_eq!(board_status(NITEHAWK.0)["mode"], "klipper");
+    assert_eq!(service_log(log_at), vec![("stop".into(), "klipper".into()), ("start".into(), "klipper".into())]);
+
+    boardctl(&["fault", NITEHAWK.0, "ignore-touch"]);
+    let no = check(&f);
+    assert_eq!(no["has_katapult"], "no", "{no}");
+    assert!(no["detail"].as_str().unwrap().contains("USB reset"), "{no}");
+    assert_eq!(board_status(NITEHAWK.0)["mode"], "klipper");
+
+    reset_boards();
+    boardctl(&["fault", NITEHAWK.0, "rom-dfu"]);
+    let rom = check(&f);
+    assert_eq!(rom["has_katapult"], "no", "{rom}");
+    assert!(rom["detail"].as_str().unwrap().contains("BOOTSEL"), "{rom}");
+    assert!(klipper_active());
+}

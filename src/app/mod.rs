@@ -3,4 +3,5 @@
 
 pub mod boards;
 pub mod flash;
+pub mod katapult_check;
 pub mod watch;

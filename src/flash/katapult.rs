@@ -160,6 +160,14 @@ impl<L: Link> KatapultSession<L> {
         }
     }
 
+    /// Leave the bootloader without writing: CONNECT, then COMPLETE, which makes Katapult
+    /// start the installed application.
+    pub async fn start_application(&mut self) -> Result<ConnectInfo, FlashError> {
+        let info = self.connect().await?;
+        self.command(&Command::Complete).await?;
+        Ok(info)
+    }
+
     /// The whole job. Every check happens before the first block is written.
     pub async fn flash(
         &mut self,

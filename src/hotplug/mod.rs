@@ -125,7 +125,18 @@ impl Hotplug {
                 None => Armed::Ended,
             },
         };
-        Waiter { hotplug: self, what: what.to_string(), matcher, state, armed_at: Instant::now() }
+        Waiter { hotplug: self, what: what.to_string(), matcher, state, armed_at: Instant::now(), events_only: false }
+    }
+
+    /// Like [`Hotplug::arm`], but only a future event counts, not what is present now: for
+    /// "the board re-enumerates" while the old device is still listed.
+    pub fn arm_next<M: Fn(&Board) -> bool>(&self, what: &str, matcher: M) -> Waiter<'_, M> {
+        let s = self.shared.lock().unwrap();
+        let state = match &s.events {
+            Some(tx) => Armed::Listening(tx.subscribe()),
+            None => Armed::Ended,
+        };
+        Waiter { hotplug: self, what: what.to_string(), matcher, state, armed_at: Instant::now(), events_only: true }
     }
 
     /// Ask the source for a fresh enumeration and wait until it is applied (bounded, in
@@ -155,12 +166,14 @@ pub struct Waiter<'a, M> {
     matcher: M,
     state: Armed,
     armed_at: Instant,
+    /// Only events count; a rescan at the deadline cannot tell old from new.
+    events_only: bool,
 }
 
 impl<M: Fn(&Board) -> bool> Waiter<'_, M> {
     /// The matching board, as soon as it is present; a timeout error at `deadline`.
     pub async fn until(self, deadline: Instant) -> Result<Board> {
-        let Waiter { hotplug, what, matcher, state, armed_at } = self;
+        let Waiter { hotplug, what, matcher, state, armed_at, events_only } = self;
         let mut rx = match state {
             Armed::Found(b) => return Ok(b),
             Armed::Ended => return Err(hotplug.ended()),
@@ -176,6 +189,9 @@ impl<M: Fn(&Board) -> bool> Waiter<'_, M> {
                     }
                 }
                 Ok(Err(broadcast::error::RecvError::Closed)) => return Err(hotplug.ended()),
+                Err(_) if events_only => {
+                    return Err(Error::Timeout { what, secs: (Instant::now() - armed_at).as_secs_f64() });
+                }
                 Err(_) => {
                     hotplug.rescan_now().await;
                     if let Some(b) = hotplug.shared.lock().unwrap().snapshot.find(&matcher) {

@@ -223,3 +223,21 @@ async fn armed_wait_catches_a_board_that_arrives_before_it_is_awaited() {
     assert_eq!(b.identity.devnode.as_deref(), Some("/dev/ttyACM1"));
     assert_eq!(Instant::now(), t0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn arm_next_ignores_the_board_already_present() {
+    let (hp, script) = start(vec![klipper("stm32h723xx", OCTOPUS, 0, 0)]).await;
+    let waiter = hp.arm_next("octopus re-enumerated", is_octopus_in(Mode::Klipper));
+    let s = script.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.remove(&klipper("stm32h723xx", OCTOPUS, 0, 0).syspath);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.add(klipper("stm32h723xx", OCTOPUS, 0, 0));
+    });
+    let t0 = Instant::now();
+    waiter.until(t0 + Duration::from_secs(5)).await.unwrap();
+    assert_eq!(Instant::now() - t0, Duration::from_secs(1), "resolved on the re-add, not at once");
+    let never = hp.arm_next("octopus re-enumerated", is_octopus_in(Mode::Klipper));
+    assert!(never.until(Instant::now() + Duration::from_secs(2)).await.is_err());
+}
