@@ -656,7 +656,8 @@ def main():
     args = ap.parse_args()
 
     if args.daemonize and pid_running(args.pidfile):
-        print("moonraker stand-in already running (pid %s)" % open(args.pidfile).read().strip())
+        print("moonraker stand-in already running (pid %s)"
+              % rigcommon.read_text(args.pidfile).strip())
         return 0
     rig = Rig(args)
     HttpHandler.rig = UnixHandler.rig = rig

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-# "Linker" of the kflash test-rig Klipper stand-in tree (rig code).
+# "Linker" of the kflash test-rig Klipper stand-in tree (rig code); the Makefile
+# cuts klipper.bin out of the ELF with tail (image at file offset 0x100).
 #
 #   rig-link.py link OUT/ OUT/klipper.elf OBJ...   build the firmware image, wrap it in an ELF
 #                                                  (image at file offset 0x100; RIG_BUILD_DELAY
 #                                                  seconds, default 0.2, stand in for compiling)
-#   rig-link.py objcopy OUT/klipper.elf OUT/klipper.bin   (the Makefile uses tail instead)
 #   rig-link.py uf2 OUT/klipper.elf OUT/klipper.uf2
 #
 # Image at CONFIG_FLASH_APPLICATION_ADDRESS:
@@ -117,16 +117,12 @@ def main():
     if cmd == "link" and len(sys.argv) >= 4:
         load, entry, image = build_image(sys.argv[2], sys.argv[4:])
         write_elf(sys.argv[3], load, entry, image)
-    elif cmd == "objcopy" and len(sys.argv) == 4:
-        _, image = read_elf(sys.argv[2])
-        with open(sys.argv[3], "wb") as f:
-            f.write(image)
     elif cmd == "uf2" and len(sys.argv) == 4:
         load, image = read_elf(sys.argv[2])
         cfg = read_autoconf(os.path.join(os.path.dirname(sys.argv[3]) or ".", "autoconf.h"))
         write_uf2(sys.argv[3], load, image, UF2_FAMILY.get(cfg.get("CONFIG_MCU"), 0xe48bff56))
     else:
-        sys.exit("usage: rig-link.py link OUT/ ELF OBJ... | objcopy ELF BIN | uf2 ELF UF2")
+        sys.exit("usage: rig-link.py link OUT/ ELF OBJ... | uf2 ELF UF2")
 
 
 if __name__ == "__main__":
