@@ -17,9 +17,10 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::firmware::{self, BuildOptions, BuildOutcome, BuildProgress};
-use crate::flash::katapult::{Expectation, FlashEvent, KatapultSession, Policy};
+use crate::flash::katapult::{check_target, Expectation, FlashEvent, KatapultSession, Policy};
 use crate::flash::serial::Tty;
-use crate::flash::{identify, usb, FlashError};
+use crate::flash::{external, identify, usb, FlashError};
+use crate::identity::Mode;
 use crate::hotplug::{Board, Hotplug};
 use crate::registry::{BoardEntry, FlashMethod, Registry};
 use crate::moonraker::{mcu_for_serial, Moonraker, MoonrakerError};
@@ -108,6 +109,7 @@ pub struct FlashSummary {
 }
 
 struct Ctx<'a> {
+    cache_dir: Option<PathBuf>,
     reg: &'a Registry,
     entry: BoardEntry,
     hp: &'a Hotplug,
@@ -115,6 +117,10 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    fn opts_cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(crate::registry::default_cache_dir)
+    }
+
     fn secs(&self, f: impl Fn(&crate::registry::Timeouts) -> u64) -> Duration {
         Duration::from_secs(f(&self.reg.settings.timeouts))
     }
@@ -208,7 +214,7 @@ async fn run_flash(
     let entry = entry.clone();
     let key = entry.key.as_str();
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
-    let ctx = Ctx { reg, entry: entry.clone(), hp, state_dir };
+    let ctx = Ctx { cache_dir: opts.cache_dir.clone(), reg, entry: entry.clone(), hp, state_dir };
     let method = method_for(reg, &entry, opts.method);
     // First, so a second kflash is refused before it builds or looks for the board.
     let _lock = FlashLock::acquire(&ctx.state_dir, &format!("flash of {key}"))?;
@@ -327,12 +333,7 @@ async fn stopped(
     ));
 
     let t = StdInstant::now();
-    match method {
-        FlashMethod::Katapult | FlashMethod::Default => write_katapult(ctx, &boot, built, rep).await?,
-        FlashMethod::MakeFlash => {
-            return Err(Error::InvalidInput("flash method make-flash is not wired into `kflash flash` yet; use --method katapult".into()))
-        }
-    }
+    write_with_fallback(ctx, method, &boot, built, rep).await?;
     timings.write = Some(t.elapsed().as_secs_f64());
 
     let t = StdInstant::now();
@@ -353,13 +354,90 @@ async fn stopped(
     Ok(dict.version)
 }
 
+/// The methods to try, in order: the chosen one, then (when fallback is allowed) the others
+/// that need no extra software — native Katapult, then `make flash`.
+pub fn method_order(chosen: FlashMethod, allow_fallback: bool) -> Vec<FlashMethod> {
+    let mut order = vec![chosen];
+    if allow_fallback {
+        for m in [FlashMethod::Katapult, FlashMethod::MakeFlash] {
+            if !order.contains(&m) {
+                order.push(m);
+            }
+        }
+    }
+    order
+}
+
+/// Write with the chosen method, falling back while the board is still in Katapult. A refusal
+/// (wrong MCU, wrong application start) is never retried with another method.
+async fn write_with_fallback(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<()> {
+    if method != FlashMethod::Katapult {
+        precheck(ctx, boot, built, rep).await?;
+    }
+    let order = method_order(method, ctx.reg.settings.allow_flash_fallback);
+    let mut last = None;
+    for (i, m) in order.iter().enumerate() {
+        if i > 0 {
+            let still_there = ctx.hp.snapshot().into_iter().find(|b| b.identity.same_board(&boot.identity) && b.identity.mode == Mode::Katapult);
+            let Some(_) = still_there else { break };
+            rep.report(Report::Warning(format!("trying method {} instead", m.as_str())));
+        }
+        let result = match m {
+            FlashMethod::Katapult | FlashMethod::Default => write_katapult(ctx, boot, built, rep).await,
+            FlashMethod::MakeFlash | FlashMethod::Flashtool => write_external(ctx, *m, boot, built, rep).await,
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(Error::Flash(e @ (FlashError::WrongMcu { .. } | FlashError::WrongAppStart { .. } | FlashError::ImageMcu { .. } | FlashError::NoAppAddress))) => {
+                return Err(e.into())
+            }
+            Err(e) => {
+                rep.report(Report::Warning(format!("method {} failed: {e}", m.as_str())));
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("at least one method was tried"))
+}
+
+/// For the external tools: connect to Katapult ourselves and check MCU and application start
+/// before handing the board over, so no tool writes to the wrong board.
+async fn precheck(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<()> {
+    let devnode = boot.identity.devnode.clone().ok_or_else(|| FlashError::Tool("the bootloader has no device node".into()))?;
+    let image = std::fs::read(&built.firmware.image).map_err(|e| Error::io("read", &built.firmware.image, e))?;
+    let tty = Tty::open(std::path::Path::new(&devnode)).map_err(|e| FlashError::Io { path: devnode.clone(), message: e.to_string() })?;
+    let mut session = KatapultSession::new(tty, Policy::default());
+    let info = session.connect().await?;
+    rep.report(Report::Flash(FlashEvent::Connected(info.clone())));
+    check_target(&info, &expectation(ctx, built), &image)?;
+    Ok(())
+}
+
+fn expectation(ctx: &Ctx<'_>, built: &BuildOutcome) -> Expectation {
+    Expectation { mcu: built.config.mcu().unwrap_or(&ctx.entry.mcu).to_string(), app_start: built.config.application_address() }
+}
+
+async fn write_external(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<()> {
+    // by-path names the USB port, which survives the re-enumerations the tools cause.
+    let device = boot.identity.by_path.clone().or_else(|| boot.identity.devnode.clone()).unwrap_or_default();
+    let timeout = ctx.secs(|t| t.flash_secs);
+    let t = StdInstant::now();
+    rep.report(Report::Begin(Phase::Write, format!("running {} on {device}", method.as_str())));
+    match method {
+        FlashMethod::Flashtool => external::flashtool(&ctx.reg.settings.katapult_dir(), &device, &built.firmware.image, timeout).await?,
+        _ => {
+            let out_dir = crate::firmware::FirmwareCache::new(ctx.opts_cache_dir()).build_dir(&ctx.entry.key);
+            external::make_flash(&ctx.reg.settings.klipper_dir(), &ctx.reg.config_path(&ctx.entry.key), &out_dir, &device, timeout).await?
+        }
+    }
+    rep.report(Report::Done(Phase::Write, format!("{} reported success", method.as_str()), t.elapsed()));
+    Ok(())
+}
+
 async fn write_katapult(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<()> {
     let devnode = boot.identity.devnode.clone().ok_or_else(|| FlashError::Tool("the bootloader has no device node".into()))?;
     let image = std::fs::read(&built.firmware.image).map_err(|e| Error::io("read", &built.firmware.image, e))?;
-    let expect = Expectation {
-        mcu: built.config.mcu().unwrap_or(&ctx.entry.mcu).to_string(),
-        app_start: built.config.application_address(),
-    };
+    let expect = expectation(ctx, built);
     let tty = Tty::open(std::path::Path::new(&devnode))
         .map_err(|e| FlashError::Io { path: devnode.clone(), message: e.to_string() })?;
     rep.report(Report::Begin(Phase::Write, format!("writing {} bytes through Katapult", image.len())));
@@ -432,5 +510,19 @@ async fn verify_in_klipper(mr: &Moonraker, board: &Board, version: &str, deadlin
             ));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_order() {
+        use FlashMethod::*;
+        assert_eq!(method_order(Katapult, false), vec![Katapult]);
+        assert_eq!(method_order(Katapult, true), vec![Katapult, MakeFlash]);
+        assert_eq!(method_order(MakeFlash, true), vec![MakeFlash, Katapult]);
+        assert_eq!(method_order(Flashtool, true), vec![Flashtool, Katapult, MakeFlash]);
     }
 }

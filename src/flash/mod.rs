@@ -2,6 +2,7 @@
 //! the board came back running it.
 
 pub mod error;
+pub mod external;
 pub mod identify;
 pub mod katapult;
 pub mod serial;

@@ -23,8 +23,12 @@ pub const CONFIGS_DIR: &str = "configs";
 pub enum FlashMethod {
     #[default]
     Default,
+    /// kflash speaks Katapult's protocol itself.
     Katapult,
+    /// Klipper's `make flash FLASH_DEVICE=…`.
     MakeFlash,
+    /// Katapult's own `scripts/flashtool.py`.
+    Flashtool,
 }
 
 impl FlashMethod {
@@ -33,6 +37,7 @@ impl FlashMethod {
             FlashMethod::Default => "default",
             FlashMethod::Katapult => "katapult",
             FlashMethod::MakeFlash => "make-flash",
+            FlashMethod::Flashtool => "flashtool",
         }
     }
 
@@ -41,8 +46,9 @@ impl FlashMethod {
             "default" => Ok(FlashMethod::Default),
             "katapult" => Ok(FlashMethod::Katapult),
             "make-flash" => Ok(FlashMethod::MakeFlash),
+            "flashtool" => Ok(FlashMethod::Flashtool),
             other => Err(Error::InvalidInput(format!(
-                "unknown flash method '{other}': expected katapult, make-flash or default"
+                "unknown flash method '{other}': expected katapult, make-flash, flashtool or default"
             ))),
         }
     }
@@ -236,7 +242,7 @@ impl Settings {
 
     fn validate(&self) -> std::result::Result<(), String> {
         if self.default_flash_method == FlashMethod::Default {
-            return Err("default_flash_method must be katapult or make-flash".into());
+            return Err("default_flash_method must be katapult, make-flash or flashtool".into());
         }
         if !(self.moonraker_url.starts_with("http://") || self.moonraker_url.starts_with("https://")) {
             return Err(format!("moonraker_url '{}' must start with http:// or https://", self.moonraker_url));
