@@ -161,6 +161,8 @@ struct Attempt {
     timings: Timings,
     firmware: Option<crate::firmware::Firmware>,
     version_before: Option<String>,
+    /// The method that wrote the image (differs from the chosen one after a fallback).
+    method_used: Option<FlashMethod>,
 }
 
 /// Flash one registered board end to end, and record the attempt in the flash history.
@@ -170,7 +172,7 @@ pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOpti
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
     let mut attempt = Attempt::default();
     let result = run_flash(reg, &entry, hp, opts, rep, &mut attempt).await;
-    let record = history_record(&entry, method, &attempt, &result);
+    let record = history_record(&entry, attempt.method_used.unwrap_or(method), &attempt, &result);
     if let Err(e) = crate::history::append(&state_dir, &record) {
         rep.report(Report::Warning(format!("the flash was not recorded in the history: {e}")));
     }
@@ -279,14 +281,14 @@ async fn run_flash(
     }
     rep.report(Report::Done(Phase::StopKlipper, format!("{} stopped", guard.service()), Duration::ZERO));
 
-    let outcome = stopped(&ctx, method, &board, &built, rep, timings).await;
+    let outcome = stopped(&ctx, method, &board, &built, rep, timings, &mut attempt.method_used).await;
 
     rep.report(Report::Begin(Phase::StartKlipper, format!("starting {}", reg.settings.klipper_service)));
     let restart = guard.restart().await;
     match &restart {
         Ok(r) => {
             timings.klipper_downtime = Some(r.downtime.as_secs_f64());
-            rep.report(Report::Done(Phase::StartKlipper, r.summary(&reg.settings.klipper_service), r.downtime));
+            rep.report(Report::Done(Phase::StartKlipper, r.summary(&reg.settings.klipper_service), Duration::ZERO));
         }
         Err(e) => rep.report(Report::Warning(format!("{e}"))),
     }
@@ -300,7 +302,7 @@ async fn run_flash(
     timings.total = started.elapsed().as_secs_f64();
     Ok(FlashSummary {
         board: key.to_string(),
-        method,
+        method: attempt.method_used.unwrap_or(method),
         version_before: attempt.version_before.clone(),
         version_after: Some(version_after),
         firmware_sha256: built.firmware.sha256.clone(),
@@ -318,6 +320,7 @@ async fn stopped(
     built: &BuildOutcome,
     rep: &mut dyn Reporter,
     timings: &mut Timings,
+    method_used: &mut Option<FlashMethod>,
 ) -> Result<String> {
     let fw = &built.firmware;
     let identity = board.identity.clone();
@@ -333,7 +336,7 @@ async fn stopped(
     ));
 
     let t = StdInstant::now();
-    write_with_fallback(ctx, method, &boot, built, rep).await?;
+    *method_used = Some(write_with_fallback(ctx, method, &boot, built, rep).await?);
     timings.write = Some(t.elapsed().as_secs_f64());
 
     let t = StdInstant::now();
@@ -370,7 +373,7 @@ pub fn method_order(chosen: FlashMethod, allow_fallback: bool) -> Vec<FlashMetho
 
 /// Write with the chosen method, falling back while the board is still in Katapult. A refusal
 /// (wrong MCU, wrong application start) is never retried with another method.
-async fn write_with_fallback(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<()> {
+async fn write_with_fallback(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<FlashMethod> {
     if method != FlashMethod::Katapult {
         precheck(ctx, boot, built, rep).await?;
     }
@@ -387,7 +390,7 @@ async fn write_with_fallback(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, b
             FlashMethod::MakeFlash | FlashMethod::Flashtool => write_external(ctx, *m, boot, built, rep).await,
         };
         match result {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(*m),
             Err(Error::Flash(e @ (FlashError::WrongMcu { .. } | FlashError::WrongAppStart { .. } | FlashError::ImageMcu { .. } | FlashError::NoAppAddress))) => {
                 return Err(e.into())
             }
