@@ -50,6 +50,7 @@ fn setup(mcu: &str) -> Setup {
     assert!(st.status.success());
     let opts = BuildOptions {
         rebuild: false,
+        cache_only: false,
         cache_dir: Some(root.path().join("cache")),
         state_dir: Some(root.path().join("state")),
     };
@@ -74,7 +75,7 @@ async fn builds_out_of_tree_then_hits_the_cache() {
     let status = Command::new("git").arg("-C").arg(&s.tree).args(["status", "--porcelain"]).output().unwrap();
     assert!(status.stdout.is_empty(), "the tree is untouched: {}", String::from_utf8_lossy(&status.stdout));
 
-    let second = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
+    let second = firmware::firmware_for(&s.reg, &board, &BuildOptions { cache_only: true, ..s.opts.clone() }, &mut ()).await.unwrap();
     assert!(second.cached, "same inputs: cache hit");
     assert_eq!(second.firmware.sha256, first.firmware.sha256);
 
@@ -88,6 +89,8 @@ async fn builds_out_of_tree_then_hits_the_cache() {
 
     // A new commit in the tree is a different build with a new version.
     std::fs::write(s.tree.join("src/new.c"), "int x;\n").unwrap();
+    let err = firmware::firmware_for(&s.reg, &board, &BuildOptions { cache_only: true, ..s.opts.clone() }, &mut ()).await.unwrap_err();
+    assert!(err.to_string().contains("no cached firmware"), "--no-build never builds: {err}");
     let dirty = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
     assert!(!dirty.cached, "an untracked file makes the tree dirty");
     assert!(dirty.key.tree_changes.is_some());

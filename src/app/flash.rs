@@ -226,11 +226,13 @@ async fn run_flash(
 
     // Build while Klipper still runs: the printer is down only for the flash itself.
     rep.report(Report::Begin(Phase::Build, format!("firmware for {}", entry.name)));
-    let build_opts = BuildOptions { rebuild: false, cache_dir: opts.cache_dir.clone(), state_dir: Some(ctx.state_dir.clone()) };
+    let build_opts = BuildOptions {
+        rebuild: false,
+        cache_only: opts.no_build,
+        cache_dir: opts.cache_dir.clone(),
+        state_dir: Some(ctx.state_dir.clone()),
+    };
     let built = firmware::firmware_for(reg, &entry, &build_opts, &mut BuildLines(rep)).await?;
-    if opts.no_build && !built.cached {
-        rep.report(Report::Warning("--no-build: there was no cached firmware, so it was built".into()));
-    }
     rep.report(Report::Done(
         Phase::Build,
         format!(

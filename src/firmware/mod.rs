@@ -33,6 +33,8 @@ pub struct BuildOutcome {
 pub struct BuildOptions {
     /// Build even if the cache has this firmware.
     pub rebuild: bool,
+    /// Never build: the cached firmware or an error.
+    pub cache_only: bool,
     pub cache_dir: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
 }
@@ -60,6 +62,12 @@ pub async fn firmware_for(reg: &Registry, board: &BoardEntry, opts: &BuildOption
         }
     }
 
+    if opts.cache_only {
+        return Err(Error::InvalidInput(format!(
+            "there is no cached firmware for '{}' built from the current Klipper tree and config; run `kflash build {}` (or drop --no-build)",
+            board.key, board.key
+        )));
+    }
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
     let _tree_lock = cache::TreeLock::acquire(&state_dir, &klipper).await?;
     let out_dir = cache.build_dir(&board.key);
