@@ -16,5 +16,6 @@ pub mod moonraker;
 pub mod protocol;
 pub mod registry;
 pub mod service;
+pub mod version;
 
 pub use error::{Error, Result};

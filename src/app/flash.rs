@@ -252,7 +252,8 @@ async fn run_flash(
     if moonraker_ok {
         attempt.version_before = running_version(&mr, &board).await;
         if let Some(v) = &attempt.version_before {
-            rep.report(Report::Done(Phase::Safety, format!("{} runs {v}", entry.name), Duration::ZERO));
+            let rel = crate::version::relation(&built.firmware.version, v);
+            rep.report(Report::Done(Phase::Safety, format!("{} runs {v} ({rel})", entry.name), Duration::ZERO));
             if *v == built.firmware.version && !opts.force {
                 attempt.timings.total = started.elapsed().as_secs_f64();
                 return Ok(FlashSummary {
