@@ -135,3 +135,27 @@ fn devices_and_add_on_rig_boards() {
     let text = ok(&kflash(&cfg, &["devices"]));
     assert!(text.contains("nitehawk-36") && text.contains("absent"), "{text}");
 }
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn udev_rule_keeps_modemmanager_off_boards() {
+    in_rig();
+    reset_boards();
+    let rule = concat!(env!("CARGO_MANIFEST_DIR"), "/udev-rules/70-kflash.rules");
+    std::fs::copy(rule, "/etc/udev/rules.d/70-kflash.rules").unwrap();
+    let reload = run("udevadm", &["control", "--reload"]);
+    assert!(reload.status.success());
+    let trig = run("udevadm", &["trigger", "--action=change", "--subsystem-match=tty"]);
+    assert!(trig.status.success());
+    settle();
+    let prop = |link: &str| String::from_utf8_lossy(&run("udevadm", &["info", "--query=property", link]).stdout).into_owned();
+    let klipper = prop(&by_id(OCTOPUS, "Klipper"));
+    assert!(klipper.contains("ID_MM_DEVICE_IGNORE=1"), "{klipper}");
+    assert!(klipper.contains("TAGS=") && klipper.contains(":kflash:"), "{klipper}");
+    boardctl(&["reboot", OCTOPUS.0, "katapult"]);
+    boardctl(&["wait-ready"]);
+    settle();
+    assert!(prop(&by_id(OCTOPUS, "katapult")).contains("ID_MM_DEVICE_IGNORE=1"));
+    std::fs::remove_file("/etc/udev/rules.d/70-kflash.rules").unwrap();
+    run("udevadm", &["control", "--reload"]);
+}
