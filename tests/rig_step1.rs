@@ -159,3 +159,26 @@ fn udev_rule_keeps_modemmanager_off_boards() {
     std::fs::remove_file("/etc/udev/rules.d/70-kflash.rules").unwrap();
     run("udevadm", &["control", "--reload"]);
 }
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn add_wizard_on_a_terminal() {
+    in_rig();
+    reset_boards();
+    let (_t, cfg) = config_dir();
+    // `script` gives kflash a real terminal; the answers are typed into it line by line:
+    // board number, name, MCU (default), method (default), exclude (default no).
+    let cmd = format!("{} --config-dir {} add", kflash_bin(), cfg.display());
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf '9\\n1\\nWizard Board\\n\\n\\n\\n' | script -qec '{cmd}' /dev/null"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("Connected boards that are not registered"), "{text}");
+    assert!(text.contains("enter a number from 1 to 3"), "a bad answer is asked again: {text}");
+    assert!(text.contains("Registered 'Wizard Board' as wizard-board"), "{text}");
+    let boards = std::fs::read_to_string(cfg.join("boards.toml")).unwrap();
+    assert!(boards.contains("[boards.wizard-board]") && boards.contains(&format!("serial = \"{}\"", OCTOPUS.2)), "{boards}");
+}
