@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 import urllib.parse
@@ -30,6 +31,8 @@ SYSTEMCTL = os.path.join(HERE, "bin", "systemctl")
 SUDO = os.path.join(HERE, "bin", "sudo")
 MAKE_TREE = os.path.join(HERE, "make-klipper-tree")
 MOONRAKER = os.path.join(HERE, "moonraker.py")
+MAKE_KATAPULT = os.path.join(HERE, "make-katapult-tree")
+FLASHTOOL = os.path.join(HERE, "katapult-tree", "scripts", "flashtool.py")
 
 BOARDS = {"boards": [
     {"name": "octopus", "mcu": "stm32h723xx", "serial": "29001A001151313531383332",
@@ -288,14 +291,51 @@ class KlipperTreeTest(Tmp):
             self.assertIn("CONFIG_FLASH_APPLICATION_ADDRESS=0x8002000", f.read())
         self.assert_pristine(tree)
 
-    def test_flash_target_not_supported(self):
+    def test_make_flash(self):
         tree = self.trees["Klipper"]
-        cfg = self.path("f.config")
+        cfg, out = self.path("f.config"), self.path("fo") + "/"
         self.configure(tree, cfg)
-        p = self.make(tree, "KCONFIG_CONFIG=" + cfg, "OUT=" + self.path("fo") + "/",
-                      "FLASH_DEVICE=/dev/serial/by-id/usb-Klipper_x-if00", "flash", check=False)
-        self.assertNotEqual(p.returncode, 0)
-        self.assertIn("flash not supported by the stand-in yet", p.stderr)
+        # a device that is not a USB tty: flash_usb.py fails like Klipper's (after the build)
+        p = self.make(tree, "KCONFIG_CONFIG=" + cfg, "OUT=" + out, "FLASH_DEVICE=" + self.path("nodev"),
+                      "flash", check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("Creating bin file %sklipper.bin" % out, p.stdout)
+        self.assertRegex(p.stderr, r"Failed to flash to %s: Unable to find (serial 'by-path' folder|"
+                         "tty device)" % re.escape(self.path("nodev")))
+        self.assertIn("make flash FLASH_DEVICE=0483:df11", p.stderr)
+        self.assert_pristine(tree)
+        # Klipper's stm32 command line; rp2040 has no -s; no bootloader flashes the uf2
+        p = self.make(tree, "-n", "KCONFIG_CONFIG=" + cfg, "OUT=" + out, "FLASH_DEVICE=/dev/x",
+                      "flash")
+        self.assertIn('./scripts/flash_usb.py -t "stm32h723xx" -d "/dev/x" -s "0x8020000"  %sklipper.bin'
+                      % out, p.stdout)
+        for sets, image in (("", "klipper.bin"), ("CONFIG_RPXXXX_FLASH_START_0100=y", "klipper.uf2")):
+            rcfg, rout = self.path("rp%d.config" % len(sets)), self.path("ro%d" % len(sets)) + "/"
+            self.configure(tree, rcfg, mcu="rp2040", sets=sets)
+            self.make(tree, "KCONFIG_CONFIG=" + rcfg, "OUT=" + rout)
+            p = self.make(tree, "-n", "KCONFIG_CONFIG=" + rcfg, "OUT=" + rout,
+                          "FLASH_DEVICE=/dev/x", "NOSUDO=1", "flash")
+            self.assertIn('./scripts/flash_usb.py -t "rp2040" -d "/dev/x"  --no-sudo %s%s'
+                          % (rout, image), p.stdout)
+        self.assert_pristine(tree)
+
+    def test_flash_usb_cli(self):
+        script = os.path.join(self.trees["Klipper"], "scripts", "flash_usb.py")
+        fw = self.path("klipper.bin")
+        p = run([sys.executable, script, "-t", "stm32h723xx", "-d", "/dev/x"], check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("error: Incorrect number of arguments", p.stderr)
+        p = run([sys.executable, script, "-t", "atmega2560", "-d", "/dev/x", fw], check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("USB flashing is not supported for MCU 'atmega2560'", p.stderr)
+        p = run([sys.executable, script, "-t", "rp2040", fw], check=False)
+        self.assertEqual((p.returncode, p.stderr), (255, "\nPlease specify FLASH_DEVICE\n\n"))
+        # a board already in its ROM bootloader would need dfu-util: not in the rig
+        p = run([sys.executable, script, "-t", "stm32f446xx", "-d", "0483:df11", "-s", "0x8000000",
+                 "--no-sudo", fw], check=False)
+        self.assertEqual(p.returncode, 255)
+        self.assertIn("dfu-util -d ,0483:df11 -R -a 0 -s 0x8000000:leave -D %s" % fw, p.stderr)
+        self.assertIn("Failed to flash to 0483:df11: Error running dfu-util", p.stderr)
 
     def test_parallel_boards(self):
         tree = self.trees["Klipper"]
@@ -383,6 +423,13 @@ class ServicesTest(Tmp):
         holder = self.path("state", "services", "klipper.holder")
         pid = int(read(holder))
         self.assertIn(b"ttyholder.py", open("/proc/%d/cmdline" % pid, "rb").read())
+        # `systemctl status PID` names the unit (Katapult's flashtool asks this way)
+        st = self.ctl("status", str(pid))
+        self.assertEqual(st.returncode, 0)
+        self.assertEqual(st.stdout.split(maxsplit=2)[1], "klipper.service")
+        st = self.ctl("status", "999999999")
+        self.assertEqual(st.returncode, 1)
+        self.assertIn("does not belong to any loaded unit", st.stderr)
         self.assertEqual(self.ctl("stop", "klipper").returncode, 0)
         self.assertFalse(os.path.exists(holder))
         self.assertFalse(os.path.exists("/proc/%d" % pid) and
@@ -779,6 +826,418 @@ class MoonrakerTest(Tmp):
 
 
 # ---------------------------------------------------------------------------
+def load_flashtool():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rig_flashtool", FLASHTOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def hexbytes(text):
+    return bytes.fromhex(text.replace("|", " "))
+
+
+def crc16(data):
+    crc = 0xffff
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x8408 if crc & 1 else crc >> 1
+    return crc
+
+
+def kframe(cmd, payload=b""):
+    body = bytes([cmd, len(payload) // 4]) + payload
+    return b"\x01\x88" + body + struct.pack("<H", crc16(body)) + b"\x99\x03"
+
+
+class KatapultSim:
+    """A Katapult device on the master side of a pty (or one end of a socketpair):
+    frames per the protocol, stm32 flash rules, and a few faults. Independent of the
+    flashtool stand-in (its own CRC and framing), so the two check each other."""
+
+    def __init__(self, fd, mcu="stm32h723xx", app_start=0x8020000, page_size=2048,
+                 version="v0.0.1-109-g902f335", silent=0, busy=0, corrupt=0, mute=False):
+        self.fd, self.mcu, self.app_start, self.page_size = fd, mcu, app_start, page_size
+        self.version = version
+        self.silent, self.busy, self.corrupt, self.mute = silent, busy, corrupt, mute
+        self.flash = {}          # addr -> 64 bytes
+        self.pages = set()
+        self.commands = []       # command codes of the valid frames received
+        self.raw = bytearray()   # every byte received
+        self.stop = False
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop = True
+        self.thread.join(5)
+
+    def send(self, code, payload=b""):
+        out = bytearray(kframe(code, payload))
+        if self.corrupt:
+            self.corrupt -= 1
+            out[-4] ^= 0xff
+        os.write(self.fd, bytes(out))
+
+    def loop(self):
+        import select
+        buf = bytearray()
+        nacked = False
+        while not self.stop:
+            r, _, _ = select.select([self.fd], [], [], 0.05)
+            if not r:
+                continue
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:       # pty without an open slave
+                time.sleep(0.01)
+                continue
+            if not data:
+                time.sleep(0.01)
+                continue
+            self.raw += data
+            buf += data
+            while True:
+                start = buf.find(b"\x01")
+                if start < 0:
+                    buf.clear()
+                    break
+                del buf[:start]
+                if len(buf) < 4:
+                    break
+                size = buf[3] * 4 + 8
+                if len(buf) < size:
+                    break
+                fr = bytes(buf[:size])
+                if (fr[1] != 0x88 or fr[-2:] != b"\x99\x03"
+                        or struct.unpack("<H", fr[-4:-2])[0] != crc16(fr[2:-4])):
+                    del buf[:1]
+                    if not nacked and not self.mute:
+                        nacked = True
+                        self.send(0xf1)
+                    continue
+                del buf[:size]
+                nacked = False
+                self.handle(fr[2], fr[4:-4])
+
+    def handle(self, cmd, payload):
+        self.commands.append(cmd)
+        if self.mute:
+            return
+        if self.silent:
+            self.silent -= 1
+            return
+        if self.busy:
+            self.busy -= 1
+            self.send(0xf3)
+            return
+        ack = struct.pack("<I", cmd)
+        if cmd == 0x11:
+            mcu = self.mcu.encode() + b"\0"
+            mcu += b"\0" * (-len(mcu) % 4)
+            ver = self.version.encode() + b"\0"
+            ver += b"\0" * (-len(ver) % 4)
+            self.send(0xa0, ack + struct.pack("<III", 0x00010100, self.app_start, 64)
+                      + mcu + b"\0\0\0\0" + ver)
+        elif cmd == 0x12 and len(payload) == 68:
+            addr = struct.unpack("<I", payload[:4])[0]
+            if addr < self.app_start or addr % 64:
+                self.send(0xf2)
+                return
+            page = addr // self.page_size
+            if addr % self.page_size == 0 or page not in self.pages:
+                self.pages.add(page)
+            self.flash[addr] = payload[4:]
+            self.send(0xa0, ack + payload[:4])
+        elif cmd == 0x13:
+            self.send(0xa0, ack + struct.pack("<I", len(self.pages)))
+        elif cmd == 0x14 and len(payload) == 4:
+            addr = struct.unpack("<I", payload)[0]
+            self.send(0xa0, ack + payload + self.flash.get(addr, b"\xff" * 64))
+        elif cmd == 0x15:
+            self.send(0xa0, ack)
+        else:
+            self.send(0xf2)
+
+    def image(self):
+        return b"".join(self.flash[a] for a in sorted(self.flash))
+
+
+class FlashtoolTest(Tmp):
+    """The stand-in Katapult flashtool: framing against the byte examples of the
+    protocol, the klipper.bin MCU guard, and whole runs against a simulated Katapult
+    device on a pty (a pty has no sysfs USB node, so the tool speaks the protocol
+    directly, as Katapult's does for a UART)."""
+    tree = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ft = load_flashtool()
+        cls.base = tempfile.mkdtemp(prefix="kflash-flashtool-")
+        cls.tree = os.path.join(cls.base, "klipper")
+        run([MAKE_TREE, cls.tree, "--quiet"])
+        env = dict(os.environ, RIG_BUILD_DELAY="0")
+        env.pop("KCONFIG_CONFIG", None)
+        cls.bins = {}
+        for mcu in ("stm32h723xx", "rp2040"):
+            cfg, out = os.path.join(cls.base, mcu + ".config"), os.path.join(cls.base, mcu) + "/"
+            run(["make", "-C", cls.tree, "KCONFIG_CONFIG=" + cfg, "menuconfig"],
+                env=dict(env, RIG_MENUCONFIG_MCU=mcu))
+            run(["make", "-C", cls.tree, "KCONFIG_CONFIG=" + cfg, "OUT=" + out], env=env)
+            cls.bins[mcu] = out + "klipper.bin"
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.base, True)
+
+    def pty_sim(self, **kw):
+        master, slave = os.openpty()
+        name = os.ttyname(slave)
+        os.close(slave)
+        sim = KatapultSim(master, **kw)
+        self.addCleanup(os.close, master)
+        self.addCleanup(sim.close)
+        return name, sim
+
+    def flashtool(self, *args, scale="0.02"):
+        env = dict(os.environ, KFLASH_RIG_FLASHTOOL_TIMESCALE=scale, HOME=self.tmp)
+        return run([sys.executable, FLASHTOOL] + list(args), env=env, check=False, timeout=120)
+
+    def test_framing_matches_protocol_examples(self):
+        ft = self.ft
+        self.assertEqual(ft.crc16(b"123456789"), 0x6F91)
+        self.assertEqual(ft.frame(0x11), hexbytes("01 88 11 00 f1 7c 99 03"))
+        self.assertEqual(ft.frame(0x13), hexbytes("01 88 13 00 41 4f 99 03"))
+        self.assertEqual(ft.frame(0x14, hexbytes("00 00 02 08")),
+                         hexbytes("01 88 14 01 00 00 02 08 d0 ee 99 03"))
+        self.assertEqual(ft.frame(0x15), hexbytes("01 88 15 00 91 1b 99 03"))
+        self.assertEqual(ft.frame(0x16), hexbytes("01 88 16 00 f9 31 99 03"))
+        self.assertEqual(ft.frame(ft.PRIME_CMD), hexbytes("01 88 90 00 e5 e9 99 03"))
+        block = ft.frame(0x12, hexbytes("00 00 02 08") + bytes(range(64)))
+        self.assertEqual(len(block), 76)
+        self.assertEqual(block[:8], hexbytes("01 88 12 11 00 00 02 08"))
+        self.assertEqual(ft.COMMANDS, {"CONNECT": 0x11, "SEND_BLOCK": 0x12, "SEND_EOF": 0x13,
+                                       "REQUEST_BLOCK": 0x14, "COMPLETE": 0x15,
+                                       "GET_CANBUS_ID": 0x16})
+
+        connect_ack = hexbytes(
+            "01 88 a0 0d | 11 00 00 00 | 00 01 01 00 | 00 00 02 08 | 40 00 00 00 |"
+            "73 74 6d 33 32 68 37 32 33 78 78 00 | 00 00 00 00 |"
+            "76 30 2e 30 2e 31 2d 31 30 39 2d 67 39 30 32 66 33 33 35 00 | 47 7f | 99 03")
+        self.assertEqual(len(connect_ack), 60)
+        body, why = ft.check_response(connect_ack, 0x11)
+        self.assertIsNone(why)
+        info = ft.parse_connect(body)
+        self.assertEqual((info["proto"], info["app_start"], info["block_size"], info["mcu"]),
+                         ((1, 1, 0), 0x8020000, 64, "stm32h723xx"))
+        # like Katapult's tool, the zero word stays in front of the version
+        self.assertEqual(info["software"], "\0\0\0\0v0.0.1-109-g902f335")
+        cases = [
+            ("01 88 a0 02 12 00 00 00 00 00 02 08 d1 e6 99 03", 0x12, hexbytes("00 00 02 08"), None),
+            ("01 88 a0 02 13 00 00 00 01 00 00 00 2d c4 99 03", 0x13, hexbytes("01 00 00 00"), None),
+            ("01 88 a0 01 15 00 00 00 00 2e 99 03", 0x15, b"", None),
+            ("01 88 a0 03 16 00 00 00 aa bb cc dd ee ff 00 00 fd 7d 99 03", 0x16,
+             hexbytes("aa bb cc dd ee ff 00 00"), None),
+            ("01 88 f2 00 00 bf 99 03", 0x11, None, "Received Error Response"),
+            ("01 88 f1 00 68 95 99 03", 0x11, None, "Received NACK"),
+            ("01 88 f3 00 d8 a6 99 03", 0x11, None, "busy"),
+            ("01 88 a0 01 15 00 00 00 00 2f 99 03", 0x15, None, "Frame CRC Mismatch"),
+            ("01 88 a0 01 15 00 00 00 00 2e 99 04", 0x15, None, "Invalid Trailer"),
+            ("01 88 a0 01 15 00 00 00 00 2e 99 03", 0x11, None, "Acknowledged wrong command"),
+        ]
+        for text, cmd, want, why in cases:
+            body, got_why = ft.check_response(hexbytes(text), cmd)
+            self.assertEqual(body, want, text)
+            if why is None:
+                self.assertIsNone(got_why, text)
+            else:
+                self.assertTrue(got_why.startswith(why), (text, got_why))
+        # the simulator in this file agrees with the byte examples too
+        self.assertEqual(kframe(0xf2), hexbytes("01 88 f2 00 00 bf 99 03"))
+
+    def test_dictionary_guard_scan_and_prime_rule(self):
+        ft = self.ft
+        with open(self.bins["stm32h723xx"], "rb") as f:
+            image = f.read()
+        d = ft.find_dictionary(image)
+        self.assertEqual((d["app"], d["config"]["MCU"]), ("Klipper", "stm32h723xx"))
+        kalico = zlib.compress(json.dumps({"app": "Kalico", "config": {"MCU": "rp2040"}}).encode(), 9)
+        self.assertEqual(ft.find_dictionary(b"\x00" * 100 + kalico + b"\x00" * 3)["app"], "Kalico")
+        self.assertIsNone(ft.find_dictionary(b"\x78\x9c" + b"\x01" * 200))
+        for product, prime in (("stm32g0b1xx", True), ("stm32f103xe", True), ("stm32f072xb", True),
+                               ("stm32h723xx", False), ("stm32f446xx", False),
+                               ("stm32f207xx", False), ("rp2040", False), ("", False)):
+            self.assertEqual(ft.needs_prime(product), prime, product)
+
+    def test_prime_discards_first_answer(self):
+        ft = self.ft
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        sim = KatapultSim(b.fileno(), mcu="stm32g0b1xx", app_start=0x8002000)
+        self.addCleanup(sim.close)
+        fw = self.path("fw.bin")
+        with open(fw, "wb") as f:
+            f.write(b"\x11" * 100)
+        import io
+        import contextlib
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            flasher = ft.Flasher(ft.Link(a.fileno()), fw)
+            flasher.prime()
+            info = flasher.connect()
+            flasher.write()
+            flasher.verify()
+            flasher.complete()
+        self.assertEqual((info["mcu"], info["app_start"]), ("stm32g0b1xx", 0x8002000))
+        self.assertEqual(sim.commands, [0x90, 0x11, 0x12, 0x12, 0x13, 0x14, 0x14, 0x15])
+        self.assertEqual(sim.image(), b"\x11" * 100 + b"\xff" * 28)
+        self.assertIn("Write complete: 1 pages", out.getvalue())
+
+    def test_flash_over_pty(self):
+        dev, sim = self.pty_sim()
+        fw = self.bins["stm32h723xx"]
+        p = self.flashtool("-d", dev, "-f", fw)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        with open(fw, "rb") as f:
+            image = f.read()
+        padded = image + b"\xff" * (-len(image) % 64)
+        blocks = len(padded) // 64
+        self.assertEqual(sim.image(), padded)
+        self.assertEqual(sim.commands, [0x11] + [0x12] * blocks + [0x13] + [0x14] * blocks + [0x15])
+        version = json.loads(find_dict(image))["version"]
+        sha = __import__("hashlib").sha1(padded).hexdigest().upper()
+        lines = p.stdout.split("\n")
+        want = [
+            "Connecting to Serial Device %s, baud 250000" % dev,
+            "Detected Klipper binary version %s, MCU: stm32h723xx" % version,
+            "Attempting to connect to bootloader",
+            "Katapult Connected",
+            "Software Version: \0\0\0\0v0.0.1-109-g902f335",
+            "Protocol Version: 1.1.0",
+            "Block Size: 64 bytes",
+            "Application Start: 0x8020000",
+            "MCU type: stm32h723xx",
+            "Flashing '%s'..." % os.path.realpath(fw),
+            "",
+            "[" + "#" * 50 + "]",
+            "",
+            "Write complete: %d pages" % len(sim.pages),
+            "Verifying (block count = %d)..." % blocks,
+            "",
+            "[" + "#" * 49 + "]",
+            "",
+            "Verification Complete: SHA = %s" % sha,
+            "Programming Complete",
+            "",
+        ]
+        self.assertEqual(lines, want)
+        self.assertEqual(p.stderr, "")
+
+    def test_mcu_guard(self):
+        dev, sim = self.pty_sim(mcu="stm32f446xx", app_start=0x8008000)
+        p = self.flashtool("-d", dev, "-f", self.bins["stm32h723xx"])
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("MCU type: stm32f446xx\n", p.stdout)
+        self.assertNotIn("Flashing", p.stdout)
+        self.assertTrue(p.stderr.startswith("ERROR:root:Flash Tool Error\nTraceback"), p.stderr)
+        self.assertIn("FlashError: MCU returned by Katapult does not match MCU identified in "
+                      "klipper.bin.\nKatapult MCU: stm32f446xx\nKlipper Binary MCU: stm32h723xx\n",
+                      p.stderr)
+        # COMPLETE is still sent (the board starts its old application), nothing written
+        self.assertEqual(sim.commands, [0x11, 0x15])
+        # only a file named klipper.bin is checked
+        other = self.path("firmware.bin")
+        shutil.copy(self.bins["stm32h723xx"], other)
+        p = self.flashtool("-d", dev, "-f", other)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertNotIn("Detected Klipper binary", p.stdout)
+
+    def test_retries_and_errors(self):
+        # no answer, then a busy answer with a bad CRC, then busy, then the ack
+        dev, sim = self.pty_sim(silent=1, busy=2, corrupt=1)
+        fw = self.path("small.bin")
+        with open(fw, "wb") as f:
+            f.write(os.urandom(300))
+        p = self.flashtool("-v", "-d", dev, "-f", fw)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("INFO:root:Command 'CONNECT': Received busy signal", p.stderr)
+        self.assertIn("INFO:root:Command 'CONNECT': Frame CRC Mismatch", p.stderr)
+        self.assertIn("INFO:root:Response for command CONNECT timed out, 4 tries remaining",
+                      p.stderr)
+        self.assertEqual(sim.commands[:4], [0x11] * 4)
+        # a device that never answers: 5 tries, then the error (COMPLETE tried 5 times too)
+        dev2, sim2 = self.pty_sim(mute=True)
+        p = self.flashtool("-d", dev2, "-f", fw)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("FlashError: Error sending command [COMPLETE] to Device\n", p.stderr)
+        self.assertIn("Error sending command [CONNECT] to Device", p.stderr)
+        self.assertEqual(sim2.commands, [0x11] * 5 + [0x15] * 5)
+        # -s: connect, print, no COMPLETE
+        dev3, sim3 = self.pty_sim(mcu="rp2040", app_start=0x10004000)
+        p = self.flashtool("-s", "-d", dev3, "-f", self.path("missing.bin"))
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("Application Start: 0x10004000\nMCU type: rp2040\nStatus Request Complete\n",
+                      p.stdout)
+        self.assertEqual(sim3.commands, [0x11])
+
+    def test_cli(self):
+        p = self.flashtool("-h")
+        self.assertEqual(p.returncode, 0)
+        for opt in ("-d", "-b", "-f", "-r", "-s", "-v", "-q", "-i", "-u"):
+            self.assertRegex(p.stdout, r"\n  %s[ ,]" % opt)
+        p = self.flashtool("-f", self.bins["rp2040"])
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("CAN devices are not supported", p.stderr)
+        dev, sim = self.pty_sim()
+        # default firmware path ~/klipper/out/klipper.bin (HOME is the test dir)
+        p = self.flashtool("-d", dev)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("FlashError: Invalid firmware path '%s'"
+                      % self.path("klipper", "out", "klipper.bin"), p.stderr)
+        self.assertIn("Connecting to Serial Device %s, baud 250000\n" % dev, p.stdout)
+        p = self.flashtool("-d", self.path("nodev"), "-f", self.bins["rp2040"])
+        self.assertIn("FlashError: No Serial Device found at %s" % self.path("nodev"), p.stderr)
+        p = self.flashtool("-d", dev, "-b", "fast", "-f", self.bins["rp2040"])
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("Not a valid baudrate", p.stderr)
+        # a UART request: the serial bootloader string, then exit
+        p = self.flashtool("-r", "-d", dev, "-b", "115200")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout, "Connecting to Serial Device %s, baud 115200\nRequesting serial "
+                         "bootloader for device %s...\nBootloader Request Complete\n" % (dev, dev))
+        self.assertIn(b"~ \x1c Request Serial Bootloader!! ~", bytes(sim.raw))
+        self.assertEqual(sim.commands, [])
+        # another process holds the tty
+        holder = os.open(dev, os.O_RDWR | os.O_NOCTTY)
+        try:
+            p = self.flashtool("-d", dev, "-f", self.bins["rp2040"])
+        finally:
+            os.close(holder)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("Serial device %s in use by another program.\nProcess ID: %d\n"
+                      % (dev, os.getpid()), p.stdout)
+        self.assertIn("FlashError: Serial device %s in use" % dev, p.stderr)
+
+    def test_katapult_tree_and_bundled_copy(self):
+        kat = self.path("katapult")
+        out = run([MAKE_KATAPULT, kat]).stdout.strip()
+        self.assertRegex(out, r"^v0\.0\.1-3-g[0-9a-f]{7,}$")
+        self.assertEqual(run(["git", "-C", kat, "status", "--porcelain", "--ignored"]).stdout, "")
+        with open(FLASHTOOL) as f:
+            src = f.read()
+        self.assertEqual(read(os.path.join(kat, "scripts", "flashtool.py")), src)
+        self.assertTrue(os.access(os.path.join(kat, "scripts", "flashtool.py"), os.X_OK))
+        self.assertEqual(read(os.path.join(self.tree, "lib", "katapult", "flashtool.py")), src)
+        again = self.path("again")
+        run([MAKE_KATAPULT, again, "--quiet"])
+        self.assertEqual(git(again, "rev-parse", "HEAD"), git(kat, "rev-parse", "HEAD"))
+        self.assertNotEqual(run([MAKE_KATAPULT, kat], check=False).returncode, 0)
+
+
+# ---------------------------------------------------------------------------
 class StartScriptTest(Tmp):
     def test_start_is_idempotent(self):
         with socket.socket() as s:
@@ -795,6 +1254,10 @@ class StartScriptTest(Tmp):
         tree = self.path("home", "klipper")
         self.assertRegex(git(tree, "describe", "--always", "--tags", "--long", "--dirty"),
                          r"^v0\.13\.0-3-g")
+        kat = self.path("home", "katapult")
+        self.assertRegex(git(kat, "describe", "--always", "--tags", "--long", "--dirty"),
+                         r"^v0\.0\.1-3-g")
+        self.assertTrue(os.access(os.path.join(kat, "scripts", "flashtool.py"), os.X_OK))
         self.assertEqual(run(ctl + ["is-active", "klipper", "moonraker"], env=env).stdout,
                          "active\nactive\n")
         pid = read(self.path("state", "moonraker", "moonraker.pid"))
