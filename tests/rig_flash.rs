@@ -248,3 +248,32 @@ fn katapult_check_yes_no_and_rom() {
     assert!(rom["detail"].as_str().unwrap().contains("BOOTSEL"), "{rom}");
     assert!(klipper_active());
 }
+
+/// `make flash` and Katapult's flashtool.py write the image after kflash's own checks; the
+/// stand-in tools speak the same protocol to the simulated board as the real ones.
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn flash_with_make_flash_and_flashtool() {
+    in_rig();
+    reset_boards();
+    for (board, method) in [(NITEHAWK, "make-flash"), (EBB, "flashtool")] {
+        let f = setup(board, board.1);
+        std::fs::write(
+            f.cfg.join("settings.toml"),
+            format!(
+                "klipper_dir = \"{}\"\nallow_flash_fallback = false\n[timeouts]\nbootloader_secs = 15\nreconnect_secs = 30\n",
+                klipper_tree().display()
+            ),
+        )
+        .unwrap();
+        let log_at = service_log_len();
+        let out = f.kflash(&["flash", board.0, "--yes", "--json", "--method", method]);
+        let summary: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+        assert_eq!(summary["method"], method, "{summary}");
+        assert_eq!(summary["version_after"], tree_version().as_str());
+        assert_eq!(board_status(board.0)["version"], tree_version().as_str());
+        assert!(stderr(&out).contains(&format!("running {method} on /dev/serial/by-path/")), "{}", stderr(&out));
+        assert_eq!(service_log(log_at), vec![("stop".into(), "klipper".into()), ("start".into(), "klipper".into())]);
+    }
+    assert_eq!(board_status(OCTOPUS.0)["blocks_written"].as_u64().unwrap_or(0), 0, "octopus untouched");
+}
