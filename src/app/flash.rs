@@ -250,7 +250,19 @@ async fn run_flash(
 
     let board = find_connected(hp, &entry)?;
     if moonraker_ok {
-        attempt.version_before = running_version(&mr, &board).await;
+        // Klippy's MCU versions are what it saw when it last connected; only trust them
+        // while it is ready (after a shutdown or error they may be stale).
+        attempt.version_before = match mr.server_info().await {
+            Ok(si) if si.klippy_state == "ready" => running_version(&mr, &board).await,
+            Ok(si) => {
+                rep.report(Report::Warning(format!(
+                    "Klippy is {}, so its view of the board's version is not trusted; flashing",
+                    si.klippy_state
+                )));
+                None
+            }
+            Err(_) => None,
+        };
         if let Some(v) = &attempt.version_before {
             let rel = crate::version::relation(&built.firmware.version, v);
             rep.report(Report::Done(Phase::Safety, format!("{} runs {v} ({rel})", entry.name), Duration::ZERO));
