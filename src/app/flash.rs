@@ -170,10 +170,11 @@ pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOpti
     let entry = reg.get(key)?.clone();
     let method = method_for(reg, &entry, opts.method);
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
+    let ctx = Ctx { cache_dir: opts.cache_dir.clone(), reg, entry: entry.clone(), hp, state_dir };
     let mut attempt = Attempt::default();
-    let result = run_flash(reg, &entry, hp, opts, rep, &mut attempt).await;
+    let result = run_flash(&ctx, method, opts, rep, &mut attempt).await;
     let record = history_record(&entry, attempt.method_used.unwrap_or(method), &attempt, &result);
-    if let Err(e) = crate::history::append(&state_dir, &record) {
+    if let Err(e) = crate::history::append(&ctx.state_dir, &record) {
         rep.report(Report::Warning(format!("the flash was not recorded in the history: {e}")));
     }
     result
@@ -204,25 +205,15 @@ fn history_record(entry: &BoardEntry, method: FlashMethod, a: &Attempt, result: 
     r
 }
 
-async fn run_flash(
-    reg: &Registry,
-    entry: &BoardEntry,
-    hp: &Hotplug,
-    opts: &FlashOptions,
-    rep: &mut dyn Reporter,
-    attempt: &mut Attempt,
-) -> Result<FlashSummary> {
+async fn run_flash(ctx: &Ctx<'_>, method: FlashMethod, opts: &FlashOptions, rep: &mut dyn Reporter, attempt: &mut Attempt) -> Result<FlashSummary> {
     let started = StdInstant::now();
-    let entry = entry.clone();
+    let (reg, hp, entry) = (ctx.reg, ctx.hp, &ctx.entry);
     let key = entry.key.as_str();
-    let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
-    let ctx = Ctx { cache_dir: opts.cache_dir.clone(), reg, entry: entry.clone(), hp, state_dir };
-    let method = method_for(reg, &entry, opts.method);
     // First, so a second kflash is refused before it builds or looks for the board.
     let _lock = FlashLock::acquire(&ctx.state_dir, &format!("flash of {key}"))?;
 
     let mr = Moonraker::from_settings(&reg.settings);
-    let moonraker_ok = safety_check(&mr, rep).await?;
+    let view = safety_check(&mr, rep).await?;
 
     // Build while Klipper still runs: the printer is down only for the flash itself.
     rep.report(Report::Begin(Phase::Build, format!("firmware for {}", entry.name)));
@@ -232,7 +223,7 @@ async fn run_flash(
         cache_dir: opts.cache_dir.clone(),
         state_dir: Some(ctx.state_dir.clone()),
     };
-    let built = firmware::firmware_for(reg, &entry, &build_opts, &mut BuildLines(rep)).await?;
+    let built = firmware::firmware_for(reg, entry, &build_opts, &mut BuildLines(rep)).await?;
     rep.report(Report::Done(
         Phase::Build,
         format!(
@@ -248,8 +239,8 @@ async fn run_flash(
     let timings = &mut attempt.timings;
     timings.build = Some(built.elapsed.as_secs_f64());
 
-    let board = find_connected(hp, &entry)?;
-    if moonraker_ok {
+    let board = find_connected(hp, entry)?;
+    if view == MoonrakerView::Answered {
         // Klippy's MCU versions are what it saw when it last connected; only trust them
         // while it is ready (after a shutdown or error they may be stale).
         attempt.version_before = match mr.server_info().await {
@@ -296,7 +287,7 @@ async fn run_flash(
     }
     rep.report(Report::Done(Phase::StopKlipper, format!("{} stopped", guard.service()), Duration::ZERO));
 
-    let outcome = stopped(&ctx, method, &board, &built, rep, timings, &mut attempt.method_used).await;
+    let outcome = stopped(ctx, method, &board, &built, rep, timings, &mut attempt.method_used).await;
 
     rep.report(Report::Begin(Phase::StartKlipper, format!("starting {}", reg.settings.klipper_service)));
     let restart = guard.restart().await;
@@ -308,11 +299,15 @@ async fn run_flash(
         Err(e) => rep.report(Report::Warning(format!("{e}"))),
     }
     let version_after = outcome?;
-    restart?;
-    if moonraker_ok {
-        verify_in_klipper(&mr, &board, &version_after, Instant::now() + ctx.secs(|t| t.klippy_ready_secs), rep).await?;
-    } else {
-        rep.report(Report::Warning("Moonraker was unreachable, so Klipper's own view of the board was not checked".into()));
+    let started_again = restart?.started;
+    match (view, started_again) {
+        (MoonrakerView::Unreachable, _) => rep.report(Report::Warning(
+            "Moonraker was unreachable, so Klipper's own view of the board was not checked".into(),
+        )),
+        (_, false) => rep.report(Report::Warning(
+            "Klipper was not running before kflash and was left stopped, so its view of the board was not checked".into(),
+        )),
+        _ => verify_in_klipper(&mr, &board, &version_after, Instant::now() + ctx.secs(|t| t.klippy_ready_secs), rep).await?,
     }
     timings.total = started.elapsed().as_secs_f64();
     Ok(FlashSummary {
@@ -474,24 +469,35 @@ async fn write_katapult(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: 
     Ok(())
 }
 
+/// What Moonraker could tell before the flash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MoonrakerView {
+    /// Print state known (and not printing).
+    Answered,
+    /// Moonraker is up but Klippy is not connected: nothing can be printing.
+    KlippyDown,
+    /// No answer; the user chose to go on.
+    Unreachable,
+}
+
 /// Refuse during a print. An unreachable Moonraker needs the user's go-ahead; a Moonraker
-/// whose Klippy is down means no print can be running. Returns whether Moonraker answered.
-async fn safety_check(mr: &Moonraker, rep: &mut dyn Reporter) -> Result<bool> {
+/// whose Klippy is down means no print can be running.
+async fn safety_check(mr: &Moonraker, rep: &mut dyn Reporter) -> Result<MoonrakerView> {
     rep.report(Report::Begin(Phase::Safety, format!("asking Moonraker at {} about the printer", mr.url())));
     match mr.print_status().await {
         Ok(p) if p.is_busy() => Err(Error::PrinterBusy(p.describe())),
         Ok(p) => {
             rep.report(Report::Done(Phase::Safety, format!("printer is {}", p.describe()), Duration::ZERO));
-            Ok(true)
+            Ok(MoonrakerView::Answered)
         }
         Err(MoonrakerError::KlippyNotConnected { .. }) => {
             rep.report(Report::Warning("Klipper is not connected to Moonraker, so nothing is printing".into()));
-            Ok(false)
+            Ok(MoonrakerView::KlippyDown)
         }
         Err(e) => {
             rep.report(Report::Warning(format!("{e}: print state and versions cannot be checked")));
             if rep.confirm("Continue without the print-safety check?") {
-                Ok(false)
+                Ok(MoonrakerView::Unreachable)
             } else {
                 Err(e.into())
             }
