@@ -163,3 +163,408 @@ pub fn summary(v: &serde_json::Value) -> (String, String, String) {
     let who = v["device"].as_str().map(str::to_string).unwrap_or_else(|| v["serial"].as_str().unwrap_or("?").to_string());
     (v["action"].as_str().unwrap().to_string(), who, v["mode"].as_str().unwrap().to_string())
 }
+
+// ---- flash scenarios (rig_faults.rs, rig_signals.rs) ------------------------------------
+//
+// A private kflash (config, state and cache dirs), the stand-ins' systemctl.log, and the
+// simulator's events.jsonl delimited by `boardctl mark`.
+
+/// `$KFLASH_RIG_STATE` (the simulator's and the stand-ins' state directory).
+pub fn rig_state_dir() -> PathBuf {
+    PathBuf::from(std::env::var("KFLASH_RIG_STATE").unwrap_or_else(|_| "/run/kflash-rig".into()))
+}
+
+/// The stand-in Klipper tree (`tests/rig/standins/start` creates it at `$HOME/klipper`).
+pub fn klipper_dir() -> PathBuf {
+    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join("klipper")
+}
+
+/// The text of a process output stream.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// One board of `boardctl status --json`.
+pub fn board_json(name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&boardctl(&["status", "--json"])).unwrap();
+    v.as_array().unwrap().iter().find(|b| b["name"] == name).cloned().unwrap_or_else(|| panic!("no board {name}"))
+}
+
+/// `systemctl is-active klipper` through the stand-in.
+pub fn klipper_is_active() -> bool {
+    run("systemctl", &["is-active", "klipper"]).status.success()
+}
+
+/// Start Klipper if an earlier scenario left it stopped, so each scenario begins alike.
+pub fn ensure_klipper_active() {
+    if !klipper_is_active() {
+        eprintln!("note: klipper was inactive at the start of this scenario; starting it");
+        let out = run("systemctl", &["start", "klipper"]);
+        assert!(out.status.success(), "systemctl start klipper: {}", text(&out.stderr));
+    }
+}
+
+/// `git describe` of the stand-in tree: the version a fresh build reports.
+pub fn klipper_tree_version() -> String {
+    let o = Command::new("git")
+        .arg("-C")
+        .arg(klipper_dir())
+        .args(["describe", "--always", "--tags", "--long", "--dirty"])
+        .output()
+        .unwrap();
+    text(&o.stdout).trim().to_string()
+}
+
+/// A private kflash: config dir with one registered, configured board; its own state dir
+/// (stop marker, lock, history) and a firmware cache shared by the scenarios of one guest
+/// (the same config builds the same firmware; sharing only saves the build time).
+pub struct FlashRig {
+    _tmp: tempfile::TempDir,
+    pub cfg: PathBuf,
+    pub state: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl FlashRig {
+    /// `board` registered from its Klipper by-id link, its config made for `config_mcu`,
+    /// and `settings.toml` with these `[timeouts]` (the rest default).
+    pub fn new(board: (&str, &str, &str), config_mcu: &str, timeouts: &[(&str, u64)]) -> FlashRig {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("cfg");
+        let state = tmp.path().join("state");
+        let cache = std::env::temp_dir().join("kflash-rig-scenario-cache");
+        std::fs::create_dir_all(&cfg).unwrap();
+        let mut settings = format!(
+            "klipper_dir = \"{}\"\nservice_command = \"sudo -n systemctl\"\n[timeouts]\n",
+            klipper_dir().display()
+        );
+        for (k, v) in timeouts {
+            settings.push_str(&format!("{k} = {v}\n"));
+        }
+        std::fs::write(cfg.join("settings.toml"), settings).unwrap();
+        let rig = FlashRig { _tmp: tmp, cfg, state, cache };
+        ok(&rig.kflash(&["add", "--device", &by_id(board, "Klipper"), "--name", board.0, "--key", board.0]));
+        let st = Command::new("make")
+            .arg("-C")
+            .arg(klipper_dir())
+            .arg(format!("KCONFIG_CONFIG={}", rig.cfg.join(format!("configs/{}.config", board.0)).display()))
+            .arg("menuconfig")
+            .env("RIG_MENUCONFIG_MCU", config_mcu)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "make menuconfig: {}", text(&st.stderr));
+        rig
+    }
+
+    /// `kflash --config-dir CFG ARGS…` with this rig's state and cache dirs, stdin null.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(kflash_bin());
+        c.arg("--config-dir")
+            .arg(&self.cfg)
+            .args(args)
+            .env("KFLASH_STATE_DIR", &self.state)
+            .env("KFLASH_CACHE_DIR", &self.cache)
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn kflash(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run kflash")
+    }
+
+    /// Run kflash and echo its stderr (shown by the test harness when the scenario fails).
+    pub fn kflash_logged(&self, args: &[&str]) -> Output {
+        let t = std::time::Instant::now();
+        let out = self.kflash(args);
+        eprintln!(
+            "---- kflash {} -> {} after {:.1} s; stderr:\n{}----",
+            args.join(" "),
+            out.status,
+            t.elapsed().as_secs_f64(),
+            text(&out.stderr)
+        );
+        out
+    }
+
+    /// kflash's stop marker (`service::STOP_MARKER_FILE`) in this rig's state dir.
+    pub fn stop_marker(&self) -> PathBuf {
+        self.state.join("klipper-stopped.json")
+    }
+}
+
+/// One line of the stand-in's systemctl.log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceEvent {
+    pub ts: f64,
+    pub verb: String,
+    pub unit: String,
+}
+
+/// systemctl.log from the moment of [`ServiceLog::start`].
+pub struct ServiceLog {
+    from: usize,
+}
+
+impl ServiceLog {
+    fn lines() -> Vec<String> {
+        std::fs::read_to_string(rig_state_dir().join("systemctl.log"))
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn start() -> ServiceLog {
+        ServiceLog { from: Self::lines().len() }
+    }
+
+    pub fn entries(&self) -> Vec<ServiceEvent> {
+        Self::lines()
+            .iter()
+            .skip(self.from)
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w.len() >= 3).then(|| ServiceEvent {
+                    ts: w[0].parse().unwrap_or(f64::NAN),
+                    verb: w[1].to_string(),
+                    unit: w[2].to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// The verbs logged for `unit` (stop, start, stop-failed, …), in order.
+    pub fn verbs(&self, unit: &str) -> Vec<String> {
+        self.entries().into_iter().filter(|e| e.unit == unit).map(|e| e.verb).collect()
+    }
+
+    /// Seconds from the first `stop UNIT` to the next `start UNIT`.
+    pub fn downtime(&self, unit: &str) -> Option<f64> {
+        let e: Vec<ServiceEvent> = self.entries().into_iter().filter(|e| e.unit == unit).collect();
+        let stop = e.iter().position(|e| e.verb == "stop")?;
+        let start = e[stop..].iter().find(|e| e.verb == "start")?;
+        Some(start.ts - e[stop].ts)
+    }
+
+    /// Exactly one stop and then one start of klipper, and it is active now.
+    pub fn assert_klipper_stopped_and_restarted(&self) {
+        assert_eq!(self.verbs("klipper"), ["stop", "start"], "systemctl.log since the scenario began: {:?}", self.entries());
+        assert!(klipper_is_active(), "klipper is not active afterwards");
+    }
+}
+
+/// The simulator's events.jsonl after a `boardctl mark`.
+pub struct EventLog {
+    mark: String,
+}
+
+impl EventLog {
+    /// Write a unique mark into the event log; [`EventLog::events`] returns what follows it.
+    pub fn mark(label: &str) -> EventLog {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let mark = format!("{label} {nanos}");
+        boardctl(&["mark", &mark]);
+        EventLog { mark }
+    }
+
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(rig_state_dir().join("events.jsonl")).expect("read events.jsonl");
+        let all: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let at = all
+            .iter()
+            .position(|e| e["event"] == "mark" && e["text"] == self.mark.as_str())
+            .unwrap_or_else(|| panic!("mark {:?} not in events.jsonl", self.mark));
+        all[at + 1..].to_vec()
+    }
+
+    /// Events of one board since the mark.
+    pub fn of(&self, board: &str) -> Vec<serde_json::Value> {
+        self.events().into_iter().filter(|e| e["board"] == board).collect()
+    }
+
+    /// Events of `kind` for `board` since the mark.
+    pub fn kind(&self, board: &str, kind: &str) -> Vec<serde_json::Value> {
+        self.of(board).into_iter().filter(|e| e["event"] == kind).collect()
+    }
+
+    /// No `flash-start` / `flash-complete` for any board but `except` since the mark.
+    pub fn assert_no_writes_except(&self, except: &str) {
+        let writes: Vec<serde_json::Value> = self
+            .events()
+            .into_iter()
+            .filter(|e| e["board"] != except && (e["event"] == "flash-start" || e["event"] == "flash-complete"))
+            .collect();
+        assert!(writes.is_empty(), "written to other boards than {except}: {writes:?}");
+    }
+
+    /// Nothing written to `board` since the mark.
+    pub fn assert_not_written(&self, board: &str) {
+        let w: Vec<_> = self.of(board).into_iter().filter(|e| e["event"] == "flash-start" || e["event"] == "flash-complete").collect();
+        assert!(w.is_empty(), "{board} was written: {w:?}");
+    }
+}
+
+/// A kflash running in the background whose stderr lines are collected as they come.
+pub struct Background {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    started: std::time::Instant,
+}
+
+impl Background {
+    pub fn spawn(mut cmd: Command) -> Background {
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start kflash");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Background { child, lines: rx, seen: Vec::new(), started: std::time::Instant::now() }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Block until a stderr line contains `needle` (within `secs`); returns it.
+    pub fn wait_for_line(&mut self, needle: &str, secs: u64) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        eprintln!("[{:.1} s] saw {line:?}", self.started.elapsed().as_secs_f64());
+                        return line;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("no stderr line with {needle:?} within {secs} s; so far:\n{}", self.seen.join("\n"))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("kflash closed stderr before printing {needle:?}; it printed:\n{}", self.seen.join("\n"))
+                }
+            }
+        }
+    }
+
+    /// Send a signal by name (`INT`, `TERM`, `HUP`, `KILL`).
+    pub fn signal(&self, sig: &str) {
+        eprintln!("[{:.1} s] kill -{sig} {}", self.started.elapsed().as_secs_f64(), self.pid());
+        let out = run("kill", &[&format!("-{sig}"), &self.pid().to_string()]);
+        assert!(out.status.success(), "kill -{sig}: {}", text(&out.stderr));
+    }
+
+    /// Wait (at most `secs`) for the exit; returns the status and the whole stderr.
+    pub fn finish(mut self, secs: u64) -> (std::process::ExitStatus, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("kflash did not exit within {secs} s; stderr so far:\n{}", self.seen.join("\n"));
+            }
+            // The reader thread ends at EOF; wait on it rather than spin.
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => self.seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(20)),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        };
+        // The process is gone, so its stderr is closed: drain what the reader still holds.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        let all = self.seen.join("\n");
+        eprintln!(
+            "---- kflash exited {status} after {:.1} s; stderr:\n{all}\n----",
+            self.started.elapsed().as_secs_f64()
+        );
+        (status, all)
+    }
+}
+
+/// `GET path` on the Moonraker stand-in (127.0.0.1:7125); the parsed JSON body, or why not.
+pub fn try_moonraker_get(path: &str) -> Result<serde_json::Value, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 7125)).map_err(|e| format!("connect to the Moonraker stand-in: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).map_err(|e| format!("Moonraker stand-in answered {resp:?}: {e}"))
+}
+
+pub fn moonraker_get(path: &str) -> serde_json::Value {
+    try_moonraker_get(path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// Klippy's state as the Moonraker stand-in reports it (`/server/info` `klippy_state`).
+pub fn klippy_state() -> String {
+    moonraker_get("/server/info")["result"]["klippy_state"].as_str().unwrap_or("?").to_string()
+}
+
+/// Restart Klipper and wait (at most 30 s) until Klippy is ready; the error says why not.
+fn try_restart_klipper_and_wait_ready() -> Result<(), String> {
+    let out = run("systemctl", &["restart", "klipper"]);
+    if !out.status.success() {
+        return Err(format!("systemctl restart klipper: {}", text(&out.stderr)));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = try_moonraker_get("/server/info")
+            .map(|v| v["result"]["klippy_state"].as_str().unwrap_or("?").to_string())
+            .unwrap_or_else(|e| e);
+        if state == "ready" {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!("Klippy not ready 30 s after a restart: {state}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Restart Klipper so the printer host's view (Moonraker's MCU versions, read when Klippy
+/// connects) matches the boards as they are now — after `reset_boards` it would still hold
+/// what it read before — and wait until Klippy is ready (the stand-in takes about its
+/// `startup-secs`; there is no event for it, so this polls `/server/info`).
+pub fn restart_klipper_and_wait_ready() {
+    try_restart_klipper_and_wait_ready().unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Dropped at the end of a flash scenario, passed or failed: boards back to the boards file
+/// and Klipper restarted on them, so whatever runs next (the next scenario, or the next
+/// binary after run-scenarios' own reset) starts with a printer host whose view matches the
+/// boards. Best effort and never panics (it also runs while a failed test unwinds).
+pub struct LeaveRigClean;
+
+impl Drop for LeaveRigClean {
+    fn drop(&mut self) {
+        if let Err(e) = Command::new("boardctl").args(["reset"]).output() {
+            eprintln!("cleanup: boardctl reset: {e}");
+        }
+        let _ = Command::new("udevadm").args(["settle", "--timeout=30"]).output();
+        if let Err(e) = try_restart_klipper_and_wait_ready() {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+impl Drop for Background {
+    /// A scenario that failed while kflash still ran: do not leave it running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
