@@ -113,7 +113,9 @@ impl Error {
             Error::History(e) => return e.help(),
             Error::Moonraker(e) => return e.help(),
             Error::PrinterBusy(_) => "wait for the print to finish (or cancel it), then run kflash again".into(),
-            Error::Interrupted(_) => "Klipper was started again if kflash had stopped it".into(),
+            Error::Interrupted(_) => {
+                "kflash started Klipper again if it had stopped it; a board interrupted mid-flash may be left in Katapult: run `kflash flash KEY` again".into()
+            }
             Error::InvalidInput(_) => return None,
         })
     }

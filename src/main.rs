@@ -245,7 +245,17 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("kflash={level}")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
+    // Timestamps only when asked for detail; plain warnings read like the rest of the output.
+    if verbose > 0 {
+        fmt.init();
+    } else {
+        fmt.without_time().init();
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -372,6 +382,11 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
         sig = kflash::service::shutdown_signal() => Err(Error::Interrupted(sig)),
         r = kflash::app::flash::flash_one(&reg, &a.key, &hp, &opts, &mut reporter) => r,
     };
+    if let Err(Error::Interrupted(sig)) = &result {
+        if let Err(e) = kflash::app::flash::record_interruption(&reg, &a.key, &opts, sig) {
+            eprintln!("warning: the interrupted flash was not recorded in the history: {e}");
+        }
+    }
     let summary = result?;
     if a.json {
         print_json(&summary);

@@ -174,6 +174,7 @@ fn wrong_application_start_is_refused_before_any_write() {
     let after = board_status(OCTOPUS.0);
     assert_eq!(after["blocks_written"].as_u64().unwrap_or(0), 0, "nothing written: {after}");
     assert_eq!(before["version"], after["version"]);
+    assert_eq!(after["mode"], "klipper", "sent back to its old firmware: {after}");
     assert_eq!(service_log(log_at), vec![("stop".into(), "klipper".into()), ("start".into(), "klipper".into())]);
     assert!(klipper_active());
 }

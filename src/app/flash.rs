@@ -20,7 +20,6 @@ use crate::firmware::{self, BuildOptions, BuildOutcome, BuildProgress};
 use crate::flash::katapult::{check_target, Expectation, FlashEvent, KatapultSession, Policy};
 use crate::flash::serial::Tty;
 use crate::flash::{external, identify, usb, FlashError};
-use crate::identity::Mode;
 use crate::hotplug::{Board, Hotplug};
 use crate::registry::{BoardEntry, FlashMethod, Registry};
 use crate::moonraker::{mcu_for_serial, Moonraker, MoonrakerError};
@@ -178,6 +177,18 @@ pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOpti
         rep.report(Report::Warning(format!("the flash was not recorded in the history: {e}")));
     }
     result
+}
+
+/// Record a flash that was interrupted (the flash future was dropped on a signal) so the
+/// history shows every attempt.
+pub fn record_interruption(reg: &Registry, key: &str, opts: &FlashOptions, why: &str) -> Result<()> {
+    let entry = reg.get(key)?;
+    let method = method_for(reg, entry, opts.method);
+    let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
+    let mut r = crate::history::FlashRecord::new(&entry.key, &entry.name, &entry.mcu, method.as_str(), crate::history::FlashResult::Failed);
+    r.error = Some(format!("interrupted by {why}"));
+    crate::history::append(&state_dir, &r)?;
+    Ok(())
 }
 
 fn history_record(entry: &BoardEntry, method: FlashMethod, a: &Attempt, result: &Result<FlashSummary>) -> crate::history::FlashRecord {
@@ -381,36 +392,64 @@ pub fn method_order(chosen: FlashMethod, allow_fallback: bool) -> Vec<FlashMetho
     order
 }
 
-/// Write with the chosen method, falling back while the board is still in Katapult. A refusal
-/// (wrong MCU, wrong application start) is never retried with another method.
+/// Write with the chosen method, falling back while the board is still in Katapult. A
+/// refusal (wrong MCU, wrong application start) is never retried with another method, nor
+/// is a board that went away. The first method's error is the one reported.
 async fn write_with_fallback(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<FlashMethod> {
+    let refused = |e: &Error| {
+        matches!(e, Error::Flash(FlashError::WrongMcu { .. } | FlashError::WrongAppStart { .. } | FlashError::ImageMcu { .. } | FlashError::NoAppAddress))
+    };
     if method != FlashMethod::Katapult {
-        precheck(ctx, boot, built, rep).await?;
+        if let Err(e) = precheck(ctx, boot, built, rep).await {
+            if refused(&e) {
+                release_untouched(ctx, boot, rep).await;
+            }
+            return Err(e);
+        }
     }
-    let order = method_order(method, ctx.reg.settings.allow_flash_fallback);
-    let mut last = None;
-    for (i, m) in order.iter().enumerate() {
+    let mut first_error = None;
+    for (i, m) in method_order(method, ctx.reg.settings.allow_flash_fallback).into_iter().enumerate() {
         if i > 0 {
-            let still_there = ctx.hp.snapshot().into_iter().find(|b| b.identity.same_board(&boot.identity) && b.identity.mode == Mode::Katapult);
-            let Some(_) = still_there else { break };
             rep.report(Report::Warning(format!("trying method {} instead", m.as_str())));
         }
         let result = match m {
             FlashMethod::Katapult | FlashMethod::Default => write_katapult(ctx, boot, built, rep).await,
-            FlashMethod::MakeFlash | FlashMethod::Flashtool => write_external(ctx, *m, boot, built, rep).await,
+            FlashMethod::MakeFlash | FlashMethod::Flashtool => write_external(ctx, m, boot, built, rep).await,
         };
-        match result {
-            Ok(()) => return Ok(*m),
-            Err(Error::Flash(e @ (FlashError::WrongMcu { .. } | FlashError::WrongAppStart { .. } | FlashError::ImageMcu { .. } | FlashError::NoAppAddress))) => {
-                return Err(e.into())
-            }
-            Err(e) => {
-                rep.report(Report::Warning(format!("method {} failed: {e}", m.as_str())));
-                last = Some(e);
-            }
+        let e = match result {
+            Ok(()) => return Ok(m),
+            Err(e) => e,
+        };
+        if refused(&e) {
+            release_untouched(ctx, boot, rep).await;
+            return Err(e);
+        }
+        let gone = matches!(e, Error::Flash(FlashError::DeviceGone(_)));
+        if first_error.is_some() {
+            rep.report(Report::Warning(format!("method {} failed too: {e}", m.as_str())));
+        } else {
+            first_error = Some(e);
+        }
+        if gone {
+            break;
         }
     }
-    Err(last.expect("at least one method was tried"))
+    Err(first_error.expect("at least one method was tried"))
+}
+
+/// After a refusal nothing was written: ask Katapult to start the installed firmware again
+/// and await it, so Klipper finds the board as it was. Best effort: failures are reported.
+async fn release_untouched(ctx: &Ctx<'_>, boot: &Board, rep: &mut dyn Reporter) {
+    let Some(devnode) = boot.identity.devnode.clone() else { return };
+    let started = async {
+        let tty = Tty::open(std::path::Path::new(&devnode)).map_err(|e| FlashError::Io { path: devnode.clone(), message: e.to_string() })?;
+        KatapultSession::new(tty, Policy::default()).start_application().await?;
+        usb::await_application(ctx.hp, &boot.identity, Instant::now() + ctx.secs(|t| t.reconnect_secs)).await
+    };
+    match started.await {
+        Ok(_) => rep.report(Report::Warning("nothing was written; the board was sent back to the firmware it had".into())),
+        Err(e) => rep.report(Report::Warning(format!("nothing was written, but the board stays in its bootloader: {e}"))),
+    }
 }
 
 /// For the external tools: connect to Katapult ourselves and check MCU and application start

@@ -87,10 +87,10 @@ async fn probe(hp: &Hotplug, board: &Board, boot_deadline: Instant, back_deadlin
                 left_in: Some(if back.is_ok() { Mode::Klipper } else { Mode::Katapult }),
             })
         }
-        Err(FlashError::NoBootloader(why)) if why.contains("ROM") || why.contains("BOOTSEL") || why.contains("DFU") => Ok(KatapultCheck {
+        Err(e @ FlashError::RomBootloader { .. }) => Ok(KatapultCheck {
             board: String::new(),
             has_katapult: Answer::No,
-            detail: format!("no Katapult: {why}"),
+            detail: format!("no Katapult: {e}"),
             katapult_version: None,
             left_in: Some(Mode::RomBootloader),
         }),

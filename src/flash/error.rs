@@ -35,6 +35,9 @@ pub enum FlashError {
     #[error("the board did not enter its bootloader: {0}")]
     NoBootloader(String),
 
+    #[error("the board came back as {name} ({vid_pid}), not Katapult")]
+    RomBootloader { name: String, vid_pid: String },
+
     #[error("the board did not come back running Klipper: {0}")]
     NotBack(String),
 
@@ -66,7 +69,12 @@ impl FlashError {
             FlashError::NoBootloader(_) => {
                 "the board may lack Katapult (`kflash katapult-check KEY`), or try method make-flash; power-cycle it if it is stuck".into()
             }
-            FlashError::NotBack(_) => "`kflash watch` shows what the board does; power-cycle it, then `kflash flash KEY` again".into(),
+            FlashError::RomBootloader { .. } => {
+                "the board has no working Katapult: flash it with the chip's own tool (dfu-util / picotool) or install Katapult; power-cycle it to leave the ROM bootloader".into()
+            }
+            FlashError::NotBack(_) => {
+                "`kflash watch` shows what the board does; if it is just slow raise timeouts.reconnect_secs, else power-cycle it and run `kflash flash KEY` again".into()
+            }
             FlashError::VersionMismatch { .. } => "flash again with `kflash flash KEY --force`; if it persists, the write did not take".into(),
             FlashError::Identify(_) => "check that nothing else holds the board's tty, and that it runs Klipper".into(),
             FlashError::Tool(_) => "read the tool's output above".into(),

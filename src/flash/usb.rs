@@ -30,12 +30,19 @@ pub async fn enter_bootloader(hp: &Hotplug, board: &Board, deadline: Instant) ->
     });
     request_bootloader(Path::new(&devnode))
         .map_err(|e| FlashError::Io { path: devnode.clone(), message: format!("1200-baud bootloader request failed: {e}") })?;
-    let found = waiter.until(deadline).await.map_err(|e| match e {
-        Error::Timeout { secs, .. } => FlashError::NoBootloader(format!(
-            "it did not re-enumerate in Katapult within {secs:.1} s of the 1200-baud request"
-        )),
-        other => FlashError::NoBootloader(other.to_string()),
-    })?;
+    let found = match waiter.until(deadline).await {
+        Ok(b) => b,
+        Err(Error::Timeout { secs, .. }) => {
+            // Tell "ignored the request" from "left and never came back".
+            let still = hp.snapshot().into_iter().any(|b| b.identity.same_board(&board.identity) && b.identity.mode == Mode::Klipper);
+            return Err(FlashError::NoBootloader(if still {
+                format!("it is still running Klipper {secs:.1} s after the 1200-baud request (it ignored it)")
+            } else {
+                format!("it disconnected after the 1200-baud request and did not come back within {secs:.1} s")
+            }));
+        }
+        Err(other) => return Err(FlashError::NoBootloader(other.to_string())),
+    };
     match found.identity.mode {
         Mode::Katapult => Ok(found),
         _ => Err(rom_bootloader(&found.identity)),
@@ -43,32 +50,36 @@ pub async fn enter_bootloader(hp: &Hotplug, board: &Board, deadline: Instant) ->
 }
 
 fn rom_bootloader(id: &BoardIdentity) -> FlashError {
-    FlashError::NoBootloader(format!(
-        "it came back as {} ({}:{}), not Katapult; flash it with the chip's own tool (dfu-util / picotool) or install Katapult",
-        id.rom_bootloader.unwrap_or("a ROM bootloader"),
-        id.vendor_id.as_deref().unwrap_or("?"),
-        id.product_id.as_deref().unwrap_or("?")
-    ))
+    FlashError::RomBootloader {
+        name: id.rom_bootloader.unwrap_or("a ROM bootloader").to_string(),
+        vid_pid: format!("{}:{}", id.vendor_id.as_deref().unwrap_or("?"), id.product_id.as_deref().unwrap_or("?")),
+    }
 }
 
-/// Resolve when the board shows up running Klipper again. A board that reappears in Katapult
-/// or a ROM bootloader instead is reported as such at the deadline.
+/// Resolve when the board shows up running Klipper again. If it re-enumerates in Katapult or
+/// a ROM bootloader instead (the new image did not start), fail at once rather than at the
+/// deadline.
 pub async fn await_application(hp: &Hotplug, board: &BoardIdentity, deadline: Instant) -> Result<Board, FlashError> {
-    let original = board.clone();
-    let result = hp
-        .wait_for("the board running Klipper", move |b| b.identity.same_board(&original) && b.identity.mode == Mode::Klipper, deadline)
-        .await;
-    match result {
-        Ok(b) => Ok(b),
-        Err(Error::Timeout { secs, .. }) => {
-            let now = hp.snapshot().into_iter().find(|b| b.identity.same_board(board));
-            Err(FlashError::NotBack(match now {
-                Some(b) if b.identity.mode == Mode::Katapult => format!("after {secs:.1} s it is still in Katapult (the new image did not start)"),
-                Some(b) if b.identity.mode == Mode::RomBootloader => format!("after {secs:.1} s it is in {}", b.identity.rom_bootloader.unwrap_or("a ROM bootloader")),
-                _ => format!("it has not re-enumerated within {secs:.1} s"),
-            }))
-        }
-        Err(other) => Err(FlashError::NotBack(other.to_string())),
+    let (a, b) = (board.clone(), board.clone());
+    let klipper = hp.arm("the board running Klipper", move |x| x.identity.same_board(&a) && x.identity.mode == Mode::Klipper);
+    // Only a *new* appearance counts: the bootloader it is leaving may still be listed.
+    let elsewhere = hp.arm_next("the board back in a bootloader", move |x| {
+        x.identity.same_board(&b) && matches!(x.identity.mode, Mode::Katapult | Mode::RomBootloader)
+    });
+    let started = Instant::now();
+    tokio::select! {
+        r = klipper.until(deadline) => match r {
+            Ok(b) => Ok(b),
+            Err(Error::Timeout { secs, .. }) => Err(FlashError::NotBack(format!("it has not re-enumerated within {secs:.1} s"))),
+            Err(other) => Err(FlashError::NotBack(other.to_string())),
+        },
+        Ok(b) = elsewhere.until(deadline) => Err(FlashError::NotBack(match b.identity.mode {
+            Mode::Katapult => format!(
+                "it came back in Katapult after {:.1} s: the new image did not start",
+                started.elapsed().as_secs_f64()
+            ),
+            _ => format!("it came back in {}", b.identity.rom_bootloader.unwrap_or("a ROM bootloader")),
+        })),
     }
 }
 
