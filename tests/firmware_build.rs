@@ -127,3 +127,27 @@ async fn a_failing_build_reports_the_tail_of_its_output() {
     assert!(msg.contains("the build failed") && msg.contains("src/foo.c:3: error: expected ;"), "{msg}");
     assert_eq!(err.exit_code(), kflash::error::exit::TOOL);
 }
+
+#[tokio::test]
+async fn builds_against_one_tree_are_serialised() {
+    let state = tempfile::tempdir().unwrap();
+    let tree = std::path::Path::new("/some/klipper");
+    let first = kflash::firmware::cache::TreeLock::acquire(state.path(), tree).await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let dir = state.path().to_path_buf();
+    tokio::spawn(async move {
+        let second = kflash::firmware::cache::TreeLock::acquire(&dir, std::path::Path::new("/some/klipper")).await.unwrap();
+        let _ = tx.send(());
+        drop(second);
+    });
+    let mut rx = rx;
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), &mut rx).await.is_err(),
+        "a second build of the same tree waits while the first holds the lock"
+    );
+    // Another tree is independent.
+    let other = kflash::firmware::cache::TreeLock::acquire(state.path(), std::path::Path::new("/other/kalico")).await.unwrap();
+    drop(other);
+    drop(first);
+    tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.expect("released").unwrap();
+}

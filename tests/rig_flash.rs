@@ -278,3 +278,48 @@ fn flash_with_make_flash_and_flashtool() {
     }
     assert_eq!(board_status(OCTOPUS.0)["blocks_written"].as_u64().unwrap_or(0), 0, "octopus untouched");
 }
+
+fn moonraker_switch(name: &str) -> PathBuf {
+    rig_state().join("moonraker").join(name)
+}
+
+/// Moonraker decides whether kflash may stop Klipper: a print refuses, an API key is sent,
+/// and an unreachable Moonraker needs an explicit yes.
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn moonraker_gates_the_flash() {
+    in_rig();
+    reset_boards();
+    let f = setup(EBB, EBB.1);
+
+    std::fs::write(moonraker_switch("printing"), "calibration_cube.gcode\n0.37\n").unwrap();
+    let log_at = service_log_len();
+    let out = f.kflash(&["flash", EBB.0, "--yes"]);
+    std::fs::remove_file(moonraker_switch("printing")).unwrap();
+    assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the printer is printing calibration_cube.gcode (37%)"), "{}", stderr(&out));
+    assert!(service_log(log_at).is_empty(), "Klipper untouched during a print");
+
+    std::fs::write(moonraker_switch("api-key"), "s3cret").unwrap();
+    let out = f.kflash(&["flash", EBB.0]);
+    assert_eq!(out.status.code(), Some(9), "401 without the key, and no --yes: {}", stderr(&out));
+    assert!(stderr(&out).contains("moonraker_api_key"), "{}", stderr(&out));
+    ok(&f.kflash(&["settings", "set", "moonraker_api_key", "s3cret"]));
+    ok(&f.kflash(&["flash", EBB.0, "--force"]));
+    std::fs::remove_file(moonraker_switch("api-key")).unwrap();
+
+    let stop = Command::new("systemctl").args(["stop", "moonraker"]).output().unwrap();
+    assert!(stop.status.success());
+    let log_at = service_log_len();
+    let refused = f.kflash(&["flash", EBB.0, "--force"]);
+    assert_eq!(refused.status.code(), Some(9), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("Moonraker is not reachable") && stderr(&refused).contains("pass --yes"), "{}", stderr(&refused));
+    assert!(service_log(log_at).is_empty());
+    let forced = f.kflash(&["flash", EBB.0, "--force", "--yes"]);
+    let log = stderr(&forced);
+    assert!(forced.status.success(), "{log}");
+    assert!(log.contains("Moonraker was unreachable, so Klipper's own view of the board was not checked"), "{log}");
+    let start = Command::new("systemctl").args(["start", "moonraker"]).output().unwrap();
+    assert!(start.status.success());
+    assert!(klipper_active());
+}
