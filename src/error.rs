@@ -53,6 +53,9 @@ pub enum Error {
     #[error("board '{key}' is an {board_mcu} but its firmware config {} is for {config_mcu}", path.display())]
     McuMismatch { key: String, board_mcu: String, config_mcu: String, path: PathBuf },
 
+    #[error("{message}")]
+    ConfigRejected { key: String, message: String },
+
     #[error("{0}")]
     DeviceNotFound(String),
 
@@ -104,6 +107,7 @@ impl Error {
             Error::McuMismatch { key, .. } => format!(
                 "run `kflash config {key}` and pick the board's MCU, or fix the board's MCU with `kflash set {key} --mcu …`"
             ),
+            Error::ConfigRejected { key, .. } => format!("run `kflash config {key}` again and choose the board's MCU"),
             Error::DeviceNotFound(_) => "check the USB cable and run `kflash devices` to see what is connected".into(),
             Error::Udev(_) => "kflash needs udev (systemd-udevd running, /run/udev present); on a container host run it on the machine itself".into(),
             Error::Timeout { .. } => "check the board's USB connection; `kflash watch` shows what the board does".into(),
@@ -122,7 +126,7 @@ impl Error {
 
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::FileParse { .. } | Error::FileInvalid { .. } | Error::McuMismatch { .. } => exit::CONFIG,
+            Error::FileParse { .. } | Error::FileInvalid { .. } | Error::McuMismatch { .. } | Error::ConfigRejected { .. } => exit::CONFIG,
             Error::Io { .. } => exit::FAILURE,
             Error::UnknownBoard(_) | Error::BoardConflict(_) | Error::DeviceNotFound(_) => exit::BOARD,
             Error::InvalidInput(_) => exit::USAGE,

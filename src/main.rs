@@ -11,7 +11,7 @@ use kflash::app::watch::WatchRecord;
 use kflash::error::{exit, Error, Result};
 use kflash::hotplug::{Board, Hotplug};
 use kflash::kconfig::{self, KConfig};
-use kflash::registry::{self, import, store, FlashMethod, Registry};
+use kflash::registry::{self, import, FlashMethod, Registry};
 
 mod ui;
 
@@ -661,59 +661,24 @@ fn settings(dir: &std::path::Path, a: SettingsArgs) -> Result<()> {
 
 fn config(dir: &std::path::Path, a: ConfigArgs) -> Result<()> {
     let reg = Registry::open(dir)?;
-    let board = reg.get(&a.key)?.clone();
-    let path = reg.config_path(&a.key);
-    let before = match std::fs::read(&path) {
-        Ok(b) => Some(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::io("read", &path, e)),
-    };
-    // A config for another MCU is refused before anything else happens.
-    if before.is_some() {
-        kconfig::check_mcu(&board, &path, &KConfig::load(&path)?)?;
-    }
     if a.show {
-        match before {
-            Some(_) => {
-                let cfg = KConfig::load(&path)?;
-                println!("{}", path.display());
+        let summary = kflash::app::config::checked_config(&reg, &a.key)?;
+        match summary.config {
+            Some(cfg) => {
+                println!("{}", summary.path.display());
                 println!("  CONFIG_MCU={}", cfg.mcu().unwrap_or("-"));
                 if let Some(addr) = cfg.application_address() {
                     println!("  CONFIG_FLASH_APPLICATION_ADDRESS={addr:#x}");
                 }
             }
-            None => println!("{} (not created yet; run `kflash config {}`)", path.display(), a.key),
+            None => println!("{} (not created yet; run `kflash config {}`)", summary.path.display(), a.key),
         }
         return Ok(());
     }
-    let klipper = reg.settings.klipper_dir();
-    kconfig::check_klipper_dir(&klipper)?;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+    match kflash::app::config::edit_config(&reg, &a.key)? {
+        kflash::app::config::Edited::Saved { path, mcu } => println!("Saved {} (MCU {mcu}).", path.display()),
+        kflash::app::config::Edited::NothingSaved { path } => println!("menuconfig saved nothing; {} was not created.", path.display()),
     }
-    let status = kconfig::menuconfig_command(&klipper, &path)
-        .status()
-        .map_err(|e| Error::Tool { program: "make".into(), message: format!("cannot run make: {e}") })?;
-    if !status.success() {
-        return Err(Error::Tool { program: "make menuconfig".into(), message: format!("exited with {status}") });
-    }
-    if !path.exists() {
-        println!("menuconfig saved nothing; {} was not created.", path.display());
-        return Ok(());
-    }
-    let cfg = KConfig::load(&path)?;
-    if let Err(e) = kconfig::check_mcu(&board, &path, &cfg) {
-        // Keep what the user made, but put the board's working config back.
-        let rejected = path.with_extension("config.rejected");
-        let _ = std::fs::copy(&path, &rejected);
-        match &before {
-            Some(b) => store::write_atomic(&path, b)?,
-            None => std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?,
-        }
-        eprintln!("The new config was kept at {} and the previous one restored.", rejected.display());
-        return Err(e);
-    }
-    println!("Saved {} (MCU {}).", path.display(), cfg.mcu().unwrap_or("?"));
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! what they return.
 
 pub mod boards;
+pub mod config;
 pub mod flash;
 pub mod katapult_check;
 pub mod watch;
