@@ -119,7 +119,7 @@ impl Hotplug {
         // same lock, so no event can slip between the look and the subscription.
         let s = self.shared.lock().unwrap();
         let state = match s.snapshot.find(&matcher) {
-            Some(b) => Armed::Found(b),
+            Some(b) => Armed::Found(Box::new(b)),
             None => match &s.events {
                 Some(tx) => Armed::Listening(tx.subscribe()),
                 None => Armed::Ended,
@@ -154,7 +154,7 @@ impl Hotplug {
 }
 
 enum Armed {
-    Found(Board),
+    Found(Box<Board>),
     Listening(broadcast::Receiver<BoardEvent>),
     Ended,
 }
@@ -175,7 +175,7 @@ impl<M: Fn(&Board) -> bool> Waiter<'_, M> {
     pub async fn until(self, deadline: Instant) -> Result<Board> {
         let Waiter { hotplug, what, matcher, state, armed_at, events_only } = self;
         let mut rx = match state {
-            Armed::Found(b) => return Ok(b),
+            Armed::Found(b) => return Ok(*b),
             Armed::Ended => return Err(hotplug.ended()),
             Armed::Listening(rx) => rx,
         };
