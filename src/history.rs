@@ -152,7 +152,7 @@ pub fn read(state_dir: &Path, key: Option<&str>) -> Result<Vec<FlashRecord>, His
     for c in &history.corrupt {
         tracing::warn!("{}:{}: skipped a line that is not a flash record: {}", path.display(), c.line, c.message);
     }
-    Ok(history.records.into_iter().filter(|r| key.map_or(true, |k| r.board_key == k)).collect())
+    Ok(history.records.into_iter().filter(|r| key.is_none_or(|k| r.board_key == k)).collect())
 }
 
 /// Every record plus every line that did not parse. A missing file is an empty history.

@@ -307,7 +307,7 @@ fn history(a: HistoryArgs) -> Result<()> {
     for c in &all.corrupt {
         eprintln!("warning: {} line {}: {} (skipped)", kflash::history::history_path(&state).display(), c.line, c.message);
     }
-    let records: Vec<_> = all.records.iter().filter(|r| a.key.as_deref().map_or(true, |k| r.board_key == k)).collect();
+    let records: Vec<_> = all.records.iter().filter(|r| a.key.as_deref().is_none_or(|k| r.board_key == k)).collect();
     if a.json {
         print_json(&records);
         return Ok(());

@@ -109,7 +109,7 @@ pub struct Frame {
 impl Frame {
     /// A frame; fails when the payload is not word aligned or too long.
     pub fn new(cmd: u8, payload: Vec<u8>) -> Result<Self, FrameError> {
-        if payload.len() % 4 != 0 {
+        if !payload.len().is_multiple_of(4) {
             return Err(FrameError::PayloadNotWordAligned(payload.len()));
         }
         if payload.len() > MAX_PAYLOAD_LEN {
@@ -312,7 +312,7 @@ fn need(what: &'static str, payload: &[u8], n: usize) -> Result<(), KatapultErro
 
 /// Pad to a multiple of 4 with NUL bytes.
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -640,7 +640,7 @@ mod tests {
     /// Parse a hex string with arbitrary whitespace and `|` separators.
     fn hex(s: &str) -> Vec<u8> {
         let digits: String = s.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-        assert!(digits.len() % 2 == 0, "odd hex string");
+        assert!(digits.len().is_multiple_of(2), "odd hex string");
         (0..digits.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())

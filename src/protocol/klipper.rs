@@ -637,7 +637,7 @@ pub fn find_embedded_dictionary(image: &[u8]) -> Option<EmbeddedDictionary> {
         let p = image[i..image.len() - 1].iter().position(|&b| b == 0x78)?;
         let at = i + p;
         let hdr = u16::from_be_bytes([image[at], image[at + 1]]);
-        if hdr % 31 == 0 {
+        if hdr.is_multiple_of(31) {
             if let Ok((d, used)) = DataDictionary::from_zlib_prefix(&image[at..]) {
                 if d.is_klipper_family() {
                     return Some(EmbeddedDictionary {
