@@ -193,14 +193,6 @@ impl BoardIdentity {
         self.by_id.as_deref().map(|p| p.rsplit('/').next().unwrap_or(p))
     }
 
-    /// The stable physical-board key: chip-id serial + MCU when known, else the USB port.
-    pub fn physical_key(&self) -> Option<String> {
-        match (&self.serial, &self.mcu) {
-            (Some(s), Some(m)) => Some(format!("{m}/{s}")),
-            _ => self.usb_device.clone().or_else(|| self.port_path.clone()),
-        }
-    }
-
     /// Is `other` the same physical board, possibly in another mode? Serial + MCU decide when
     /// both sides know them; otherwise the USB port does. The by-id name never decides,
     /// because it changes with the mode.
@@ -438,7 +430,6 @@ mod tests {
         // Katapult comes back on ttyACM1 because something still held ttyACM0.
         let boot = BoardIdentity::from_record(&tty("katapult", "1d50", "6177", "stm32h723xx", "29001A001151313531383332", 1)).unwrap();
         assert!(app.same_board(&boot));
-        assert_eq!(app.physical_key(), boot.physical_key());
         let other = BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h723xx", "0D0031000A51333234383230", 0)).unwrap();
         assert!(!app.same_board(&other), "same port but another chip id is another board");
     }

@@ -100,11 +100,6 @@ impl Hotplug {
         self.shared.lock().unwrap().failure.clone()
     }
 
-    /// Re-resolve registry keys after the registry changed.
-    pub fn set_resolver(&self, resolve: KeyResolver) {
-        self.shared.lock().unwrap().snapshot.set_resolver(resolve);
-    }
-
     /// Resolve with the first board matching `matcher`: at once if one is present, else on
     /// the event that brings one. At `deadline` the source re-enumerates once (uevents can
     /// be dropped silently under load) before giving up with [`Error::Timeout`].

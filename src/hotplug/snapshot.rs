@@ -128,12 +128,4 @@ impl Snapshot {
         events.extend(devices.iter().filter_map(|d| self.upsert(d)));
         events
     }
-
-    /// Re-resolve registry keys (after the registry changed).
-    pub fn set_resolver(&mut self, resolve: KeyResolver) {
-        for b in self.present.values_mut() {
-            b.key = resolve(&b.identity);
-        }
-        self.resolve = resolve;
-    }
 }

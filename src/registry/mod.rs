@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::identity::{BoardIdentity, ByIdName, Mode};
+use crate::identity::BoardIdentity;
 
 pub const BOARDS_FILE: &str = "boards.toml";
 pub const SETTINGS_FILE: &str = "settings.toml";
@@ -406,10 +406,6 @@ impl Registry {
         self.boards.get(key).ok_or_else(|| Error::UnknownBoard(key.to_string()))
     }
 
-    pub fn contains(&self, key: &str) -> bool {
-        self.boards.contains_key(key)
-    }
-
     /// A fresh key for a display name.
     pub fn key_for_name(&self, name: &str) -> Result<String> {
         slug::unique_key(name, |k| self.boards.contains_key(k))
@@ -467,11 +463,6 @@ impl Registry {
     pub fn config_path(&self, key: &str) -> PathBuf {
         self.dir.join(CONFIGS_DIR).join(format!("{key}.config"))
     }
-
-    /// The registered board a connected device belongs to.
-    pub fn find_for(&self, id: &BoardIdentity) -> Option<&BoardEntry> {
-        self.boards.values().find(|b| b.matches(id))
-    }
 }
 
 fn check_unique_names<'a>(boards: impl Iterator<Item = &'a BoardEntry>) -> std::result::Result<(), String> {
@@ -482,12 +473,6 @@ fn check_unique_names<'a>(boards: impl Iterator<Item = &'a BoardEntry>) -> std::
         }
     }
     Ok(())
-}
-
-/// Guess the MCU from a by-id name when udev gave none.
-pub fn mcu_from_by_id(name: &str) -> Option<String> {
-    let n = ByIdName::parse(name)?;
-    matches!(n.mode(), Mode::Klipper | Mode::Katapult).then_some(n.model)
 }
 
 #[cfg(test)]
