@@ -1,8 +1,8 @@
 //! `kflash flash KEY`: the whole job for one board, as an explicit sequence of phases.
 //!
 //! ```text
-//! Safety → Build → (lock) → StopKlipper → Bootloader → Write → Reconnect → Identify
-//!        → StartKlipper → Moonraker
+//! (lock) → Safety → Build → version check → StopKlipper → Bootloader → Write → Reconnect
+//!        → Identify → StartKlipper → Moonraker
 //! ```
 //!
 //! Everything between StopKlipper and StartKlipper runs inside [`stopped`], whose result is
@@ -17,8 +17,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::firmware::{self, BuildOptions, BuildOutcome, BuildProgress};
-use crate::flash::katapult::{check_target, Expectation, FlashEvent, KatapultSession, Policy};
-use crate::flash::serial::Tty;
+use crate::flash::katapult::{check_target, Expectation, FlashEvent, KatapultSession};
 use crate::flash::{external, identify, usb, FlashError};
 use crate::hotplug::{Board, Hotplug};
 use crate::registry::{BoardEntry, FlashMethod, Registry};
@@ -108,7 +107,6 @@ pub struct FlashSummary {
 }
 
 struct Ctx<'a> {
-    cache_dir: Option<PathBuf>,
     reg: &'a Registry,
     entry: BoardEntry,
     hp: &'a Hotplug,
@@ -116,10 +114,6 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn opts_cache_dir(&self) -> PathBuf {
-        self.cache_dir.clone().unwrap_or_else(crate::registry::default_cache_dir)
-    }
-
     fn secs(&self, f: impl Fn(&crate::registry::Timeouts) -> u64) -> Duration {
         Duration::from_secs(f(&self.reg.settings.timeouts))
     }
@@ -169,7 +163,7 @@ pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOpti
     let entry = reg.get(key)?.clone();
     let method = method_for(reg, &entry, opts.method);
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
-    let ctx = Ctx { cache_dir: opts.cache_dir.clone(), reg, entry: entry.clone(), hp, state_dir };
+    let ctx = Ctx { reg, entry: entry.clone(), hp, state_dir };
     let mut attempt = Attempt::default();
     let result = run_flash(&ctx, method, opts, rep, &mut attempt).await;
     let record = history_record(&entry, attempt.method_used.unwrap_or(method), &attempt, &result);
@@ -440,10 +434,8 @@ async fn write_with_fallback(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, b
 /// After a refusal nothing was written: ask Katapult to start the installed firmware again
 /// and await it, so Klipper finds the board as it was. Best effort: failures are reported.
 async fn release_untouched(ctx: &Ctx<'_>, boot: &Board, rep: &mut dyn Reporter) {
-    let Some(devnode) = boot.identity.devnode.clone() else { return };
     let started = async {
-        let tty = Tty::open(std::path::Path::new(&devnode)).map_err(|e| FlashError::Io { path: devnode.clone(), message: e.to_string() })?;
-        KatapultSession::new(tty, Policy::default()).start_application().await?;
+        KatapultSession::open(boot.identity.devnode.as_deref())?.start_application().await?;
         usb::await_application(ctx.hp, &boot.identity, Instant::now() + ctx.secs(|t| t.reconnect_secs)).await
     };
     match started.await {
@@ -455,11 +447,8 @@ async fn release_untouched(ctx: &Ctx<'_>, boot: &Board, rep: &mut dyn Reporter) 
 /// For the external tools: connect to Katapult ourselves and check MCU and application start
 /// before handing the board over, so no tool writes to the wrong board.
 async fn precheck(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<()> {
-    let devnode = boot.identity.devnode.clone().ok_or_else(|| FlashError::Tool("the bootloader has no device node".into()))?;
     let image = std::fs::read(&built.firmware.image).map_err(|e| Error::io("read", &built.firmware.image, e))?;
-    let tty = Tty::open(std::path::Path::new(&devnode)).map_err(|e| FlashError::Io { path: devnode.clone(), message: e.to_string() })?;
-    let mut session = KatapultSession::new(tty, Policy::default());
-    let info = session.connect().await?;
+    let info = KatapultSession::open(boot.identity.devnode.as_deref())?.connect().await?;
     rep.report(Report::Flash(FlashEvent::Connected(info.clone())));
     check_target(&info, &expectation(ctx, built), &image)?;
     Ok(())
@@ -477,24 +466,18 @@ async fn write_external(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, built:
     rep.report(Report::Begin(Phase::Write, format!("running {} on {device}", method.as_str())));
     match method {
         FlashMethod::Flashtool => external::flashtool(&ctx.reg.settings.katapult_dir(), &device, &built.firmware.image, timeout).await?,
-        _ => {
-            let out_dir = crate::firmware::FirmwareCache::new(ctx.opts_cache_dir()).build_dir(&ctx.entry.key);
-            external::make_flash(&ctx.reg.settings.klipper_dir(), &ctx.reg.config_path(&ctx.entry.key), &out_dir, &device, timeout).await?
-        }
+        _ => external::make_flash(&ctx.reg.settings.klipper_dir(), &ctx.reg.config_path(&ctx.entry.key), &built.build_dir, &device, timeout).await?,
     }
     rep.report(Report::Done(Phase::Write, format!("{} reported success", method.as_str()), t.elapsed()));
     Ok(())
 }
 
 async fn write_katapult(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<()> {
-    let devnode = boot.identity.devnode.clone().ok_or_else(|| FlashError::Tool("the bootloader has no device node".into()))?;
     let image = std::fs::read(&built.firmware.image).map_err(|e| Error::io("read", &built.firmware.image, e))?;
     let expect = expectation(ctx, built);
-    let tty = Tty::open(std::path::Path::new(&devnode))
-        .map_err(|e| FlashError::Io { path: devnode.clone(), message: e.to_string() })?;
+    let mut session = KatapultSession::open(boot.identity.devnode.as_deref())?;
     rep.report(Report::Begin(Phase::Write, format!("writing {} bytes through Katapult", image.len())));
     let t = StdInstant::now();
-    let mut session = KatapultSession::new(tty, Policy::default());
     let mut on_event = |e: &FlashEvent| rep.report(Report::Flash(e.clone()));
     let flash = session.flash(&image, &expect, &mut on_event);
     let report = tokio::time::timeout(ctx.secs(|t| t.flash_secs), flash)

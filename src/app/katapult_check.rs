@@ -9,8 +9,7 @@ use tokio::time::Instant;
 
 use super::flash::{find_connected, Phase, Report, Reporter};
 use crate::error::Result;
-use crate::flash::katapult::{KatapultSession, Policy};
-use crate::flash::serial::Tty;
+use crate::flash::katapult::KatapultSession;
 use crate::flash::{usb, FlashError};
 use crate::hotplug::{Board, Hotplug};
 use crate::identity::Mode;
@@ -74,10 +73,7 @@ async fn probe(hp: &Hotplug, board: &Board, boot_deadline: Instant, back_deadlin
     match usb::enter_bootloader(hp, board, boot_deadline).await {
         Ok(boot) => {
             // It has Katapult. Send it back to the application: CONNECT, then COMPLETE.
-            let devnode = boot.identity.devnode.clone().unwrap_or_default();
-            let tty = Tty::open(std::path::Path::new(&devnode)).map_err(|e| FlashError::Io { path: devnode.clone(), message: e.to_string() })?;
-            let mut session = KatapultSession::new(tty, Policy::default());
-            let info = session.start_application().await?;
+            let info = KatapultSession::open(boot.identity.devnode.as_deref())?.start_application().await?;
             let back = usb::await_application(hp, &original, back_deadline).await;
             Ok(KatapultCheck {
                 board: String::new(),

@@ -24,6 +24,8 @@ pub struct BuildOutcome {
     pub cached: bool,
     pub key: CacheKey,
     pub elapsed: Duration,
+    /// make's OUT directory for this board (what `make flash` must be given).
+    pub build_dir: PathBuf,
     /// The board's config, for checks against the bootloader later.
     #[serde(skip)]
     pub config: KConfig,
@@ -58,7 +60,7 @@ pub async fn firmware_for(reg: &Registry, board: &BoardEntry, opts: &BuildOption
     let key = CacheKey::compute(&klipper, &config_path, &config).await?;
     if !opts.rebuild {
         if let Some(firmware) = cache.lookup(&board.key, &key)? {
-            return Ok(BuildOutcome { firmware, cached: true, key, elapsed: started.elapsed(), config });
+            return Ok(BuildOutcome { firmware, cached: true, key, elapsed: started.elapsed(), build_dir: cache.build_dir(&board.key), config });
         }
     }
 
@@ -79,7 +81,7 @@ pub async fn firmware_for(reg: &Registry, board: &BoardEntry, opts: &BuildOption
     let built = Firmware::from_out_dir(&out_dir)?;
     build::check_built_mcu(&config, &built)?;
     let firmware = cache.store(&board.key, &key, &out_dir)?;
-    Ok(BuildOutcome { firmware, cached: false, key, elapsed: started.elapsed(), config })
+    Ok(BuildOutcome { firmware, cached: false, key, elapsed: started.elapsed(), build_dir: out_dir, config })
 }
 
 fn jobs(setting: u32) -> u32 {

@@ -97,6 +97,16 @@ fn name(cmd: &Command) -> &'static str {
     }
 }
 
+impl KatapultSession<Tty> {
+    /// A session on the bootloader's tty, with flashtool's retry policy.
+    pub fn open(devnode: Option<&str>) -> Result<Self, FlashError> {
+        let devnode = devnode.ok_or_else(|| FlashError::Tool("the bootloader has no device node".into()))?;
+        let tty = Tty::open(std::path::Path::new(devnode))
+            .map_err(|e| FlashError::Io { path: devnode.to_string(), message: e.to_string() })?;
+        Ok(KatapultSession::new(tty, Policy::default()))
+    }
+}
+
 impl<L: Link> KatapultSession<L> {
     pub fn new(link: L, policy: Policy) -> Self {
         KatapultSession { link, decoder: FrameDecoder::new(), policy }
