@@ -1,7 +1,7 @@
 //! The `kflash` command: parse arguments, call the library, print what it returns.
 
 use std::collections::HashMap;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -282,12 +282,7 @@ async fn katapult_check(dir: &std::path::Path, a: KatapultCheckArgs) -> Result<(
     reg.get(&a.key)?;
     let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
     let mut reporter = ui::FlashReporter::new(false, a.json);
-    let result = tokio::select! {
-        biased;
-        sig = kflash::service::shutdown_signal() => Err(Error::Interrupted(sig)),
-        r = kflash::app::katapult_check::katapult_check(&reg, &a.key, &hp, &mut reporter) => r,
-    };
-    let check = result?;
+    let check = interruptible(kflash::app::katapult_check::katapult_check(&reg, &a.key, &hp, &mut reporter)).await?;
     if a.json {
         print_json(&check);
     } else {
@@ -375,13 +370,7 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
     let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
     let opts = kflash::app::flash::FlashOptions { force: a.force, method: a.method, no_build: a.no_build, ..Default::default() };
     let mut reporter = ui::FlashReporter::new(a.yes, a.json);
-    // Signal handlers are installed before the flash starts (biased select polls them
-    // first); a signal drops the flash future, whose Klipper guard then starts Klipper.
-    let result = tokio::select! {
-        biased;
-        sig = kflash::service::shutdown_signal() => Err(Error::Interrupted(sig)),
-        r = kflash::app::flash::flash_one(&reg, &a.key, &hp, &opts, &mut reporter) => r,
-    };
+    let result = interruptible(kflash::app::flash::flash_one(&reg, &a.key, &hp, &opts, &mut reporter)).await;
     if let Err(Error::Interrupted(sig)) = &result {
         if let Err(e) = kflash::app::flash::record_interruption(&reg, &a.key, &opts, sig) {
             eprintln!("warning: the interrupted flash was not recorded in the history: {e}");
@@ -394,6 +383,17 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
         ui::print_flash_summary(&summary);
     }
     Ok(())
+}
+
+/// Run `work` until it ends or SIGINT/SIGTERM/SIGHUP arrives. The handlers are installed
+/// before `work` first runs (biased select polls them first); a signal drops `work`, and with
+/// it any Klipper guard inside, which starts Klipper again.
+async fn interruptible<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::select! {
+        biased;
+        sig = kflash::service::shutdown_signal() => Err(Error::Interrupted(sig)),
+        r = work => r,
+    }
 }
 
 fn print_json(v: &impl serde::Serialize) {
@@ -491,7 +491,7 @@ fn add_wizard(reg: &Registry, connected: &[Board], a: &AddArgs) -> Result<(Board
             let pick = if candidates.len() == 1 {
                 0
             } else {
-                ask_until(&format!("Board number [1-{}]", candidates.len()), None, |s| match s.parse::<usize>() {
+                ui::ask_until(&format!("Board number [1-{}]", candidates.len()), None, |s| match s.parse::<usize>() {
                     Ok(n) if (1..=candidates.len()).contains(&n) => Ok(n - 1),
                     _ => Err(format!("enter a number from 1 to {}", candidates.len())),
                 })?
@@ -502,7 +502,7 @@ fn add_wizard(reg: &Registry, connected: &[Board], a: &AddArgs) -> Result<(Board
     let reported = board.identity.mcu.clone().unwrap_or_default();
     let name = match &a.name {
         Some(n) => n.clone(),
-        None => ask_until("Display name", None, |s| {
+        None => ui::ask_until("Display name", None, |s| {
             if s.is_empty() {
                 return Err("a name is required".into());
             }
@@ -514,50 +514,13 @@ fn add_wizard(reg: &Registry, connected: &[Board], a: &AddArgs) -> Result<(Board
     };
     let mcu = match &a.mcu {
         Some(m) => m.clone(),
-        None => ask_until("MCU", Some(&reported), |s| if s.is_empty() { Err("an MCU is required".into()) } else { Ok(s.to_string()) })?,
+        None => ui::ask_until("MCU", Some(&reported), |s| if s.is_empty() { Err("an MCU is required".into()) } else { Ok(s.to_string()) })?,
     };
-    let method = ask_until("Flash method (katapult, make-flash, default)", Some(a.method.as_str()), |s| {
+    let method = ui::ask_until("Flash method (katapult, make-flash, flashtool, default)", Some(a.method.as_str()), |s| {
         FlashMethod::parse(s).map_err(|e| e.to_string())
     })?;
-    let exclude = ask_until("Exclude from flash-all? [y/N]", Some("n"), |s| match s.to_ascii_lowercase().as_str() {
-        "y" | "yes" => Ok(true),
-        "n" | "no" => Ok(false),
-        _ => Err("answer y or n".into()),
-    })?;
+    let exclude = ui::confirm("Exclude from flash-all?")?;
     Ok((board, AddRequest { name, key: a.key.clone(), mcu: Some(mcu), flash_method: method, exclude }))
-}
-
-/// Prompt until `parse` accepts the answer (three tries); an empty answer takes `default`.
-fn ask_until<T>(question: &str, default: Option<&str>, parse: impl Fn(&str) -> std::result::Result<T, String>) -> Result<T> {
-    let stdin = std::io::stdin();
-    for _ in 0..3 {
-        match default {
-            Some(d) => print!("{question} [{d}]: "),
-            None => print!("{question}: "),
-        }
-        let _ = std::io::stdout().flush();
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line).map_err(|e| Error::io("read", "standard input", e))? == 0 {
-            return Err(Error::InvalidInput("no answer: standard input is closed".into()));
-        }
-        let answer = match line.trim() {
-            "" => default.unwrap_or(""),
-            s => s,
-        };
-        match parse(answer) {
-            Ok(v) => return Ok(v),
-            Err(why) => println!("  {why}"),
-        }
-    }
-    Err(Error::InvalidInput(format!("no valid answer to '{question}'")))
-}
-
-fn confirm(question: &str) -> Result<bool> {
-    ask_until(&format!("{question} [y/N]"), Some("n"), |s| match s.to_ascii_lowercase().as_str() {
-        "y" | "yes" => Ok(true),
-        "n" | "no" => Ok(false),
-        _ => Err("answer y or n".into()),
-    })
 }
 
 fn remove(dir: &std::path::Path, a: RemoveArgs) -> Result<()> {
@@ -567,7 +530,7 @@ fn remove(dir: &std::path::Path, a: RemoveArgs) -> Result<()> {
         if !std::io::stdin().is_terminal() {
             return Err(Error::InvalidInput(format!("not a terminal: add --yes to remove '{}'", a.key)));
         }
-        if !confirm(&format!("Remove '{}' ({})?", entry.name, entry.key))? {
+        if !ui::confirm(&format!("Remove '{}' ({})?", entry.name, entry.key))? {
             println!("Nothing removed.");
             return Ok(());
         }
@@ -731,7 +694,7 @@ async fn watch(dir: &std::path::Path, json: bool) -> Result<()> {
     for b in &present {
         emit(WatchRecord::present(b, &names, chrono::Local::now()));
     }
-    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut shutdown = std::pin::pin!(kflash::service::shutdown_signal());
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
@@ -745,17 +708,5 @@ async fn watch(dir: &std::path::Path, json: bool) -> Result<()> {
             },
             _ = &mut shutdown => return Ok(()),
         }
-    }
-}
-
-/// Ctrl-C, SIGTERM or SIGHUP: the ways a watch is asked to stop.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let mut hup = signal(SignalKind::hangup()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
-        _ = async { match hup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
     }
 }

@@ -98,11 +98,7 @@ impl Reporter for FlashReporter {
             eprintln!("{question} no (not a terminal; pass --yes to continue)");
             return false;
         }
-        eprint!("{question} [y/N]: ");
-        let _ = std::io::stderr().flush();
-        let mut line = String::new();
-        let _ = std::io::stdin().read_line(&mut line);
-        matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+        confirm(question).unwrap_or(false)
     }
 }
 
@@ -130,4 +126,40 @@ pub fn print_flash_summary(s: &FlashSummary) {
         f(t.klipper_downtime),
         t.total
     );
+}
+
+/// Prompt until `parse` accepts the answer (three tries); an empty answer takes `default`.
+/// Prompts go to stderr so stdout stays the command's data.
+pub fn ask_until<T>(question: &str, default: Option<&str>, parse: impl Fn(&str) -> Result<T, String>) -> kflash::Result<T> {
+    use std::io::BufRead;
+    for _ in 0..3 {
+        match default {
+            Some(d) => eprint!("{question} [{d}]: "),
+            None => eprint!("{question}: "),
+        }
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        let read = std::io::stdin().lock().read_line(&mut line).map_err(|e| kflash::Error::io("read", "standard input", e))?;
+        if read == 0 {
+            return Err(kflash::Error::InvalidInput("no answer: standard input is closed".into()));
+        }
+        let answer = match line.trim() {
+            "" => default.unwrap_or(""),
+            s => s,
+        };
+        match parse(answer) {
+            Ok(v) => return Ok(v),
+            Err(why) => eprintln!("  {why}"),
+        }
+    }
+    Err(kflash::Error::InvalidInput(format!("no valid answer to '{question}'")))
+}
+
+/// A yes/no question whose default is no.
+pub fn confirm(question: &str) -> kflash::Result<bool> {
+    ask_until(&format!("{question} [y/N]"), Some("n"), |s| match s.to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(true),
+        "n" | "no" => Ok(false),
+        _ => Err("answer y or n".into()),
+    })
 }
