@@ -29,6 +29,22 @@ struct Shared {
     failure: Option<String>,
 }
 
+impl Shared {
+    /// A receiver of every later event; `None` once the source has ended.
+    fn listen(&self) -> Option<broadcast::Receiver<BoardEvent>> {
+        self.events.as_ref().map(|tx| tx.subscribe())
+    }
+
+    fn armed(&self) -> Armed {
+        self.listen().map_or(Armed::Ended, Armed::Listening)
+    }
+}
+
+/// A receiver that reports the stream closed at once, for a source that has ended.
+fn closed() -> broadcast::Receiver<BoardEvent> {
+    broadcast::channel(1).1
+}
+
 /// A running discovery service. Dropping it stops the source.
 pub struct Hotplug {
     shared: Arc<Mutex<Shared>>,
@@ -76,11 +92,7 @@ impl Hotplug {
 
     /// Every board event from now on. The stream ends if the source dies.
     pub fn subscribe(&self) -> broadcast::Receiver<BoardEvent> {
-        let s = self.shared.lock().unwrap();
-        match &s.events {
-            Some(tx) => tx.subscribe(),
-            None => broadcast::channel(1).1, // closed at once
-        }
+        self.shared.lock().unwrap().listen().unwrap_or_else(closed)
     }
 
     /// The boards present now and every event after that moment, taken atomically: a board
@@ -88,11 +100,7 @@ impl Hotplug {
     pub fn subscribe_with_snapshot(&self) -> (Vec<Board>, broadcast::Receiver<BoardEvent>) {
         let s = self.shared.lock().unwrap();
         let boards = s.snapshot.boards().cloned().collect();
-        let rx = match &s.events {
-            Some(tx) => tx.subscribe(),
-            None => broadcast::channel(1).1,
-        };
-        (boards, rx)
+        (boards, s.listen().unwrap_or_else(closed))
     }
 
     /// Why the source stopped, if it did.
@@ -115,10 +123,7 @@ impl Hotplug {
         let s = self.shared.lock().unwrap();
         let state = match s.snapshot.find(&matcher) {
             Some(b) => Armed::Found(Box::new(b)),
-            None => match &s.events {
-                Some(tx) => Armed::Listening(tx.subscribe()),
-                None => Armed::Ended,
-            },
+            None => s.armed(),
         };
         Waiter { hotplug: self, what: what.to_string(), matcher, state, armed_at: Instant::now(), events_only: false }
     }
@@ -126,11 +131,7 @@ impl Hotplug {
     /// Like [`Hotplug::arm`], but only a future event counts, not what is present now: for
     /// "the board re-enumerates" while the old device is still listed.
     pub fn arm_next<M: Fn(&Board) -> bool>(&self, what: &str, matcher: M) -> Waiter<'_, M> {
-        let s = self.shared.lock().unwrap();
-        let state = match &s.events {
-            Some(tx) => Armed::Listening(tx.subscribe()),
-            None => Armed::Ended,
-        };
+        let state = self.shared.lock().unwrap().armed();
         Waiter { hotplug: self, what: what.to_string(), matcher, state, armed_at: Instant::now(), events_only: true }
     }
 
