@@ -179,20 +179,21 @@ impl<M: Fn(&Board) -> bool> Waiter<'_, M> {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Ok(ev)) if ev.action != Action::Removed && matcher(&ev.board) => return Ok(ev.board),
                 Ok(Ok(_)) => {}
-                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                // Missed events: the snapshot has the truth, unless only new events count.
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) if !events_only => {
                     if let Some(b) = hotplug.shared.lock().unwrap().snapshot.find(&matcher) {
                         return Ok(b);
                     }
                 }
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
                 Ok(Err(broadcast::error::RecvError::Closed)) => return Err(hotplug.ended()),
-                Err(_) if events_only => {
-                    return Err(Error::Timeout { what, secs: (Instant::now() - armed_at).as_secs_f64() });
-                }
                 Err(_) => {
-                    hotplug.rescan_now().await;
-                    if let Some(b) = hotplug.shared.lock().unwrap().snapshot.find(&matcher) {
-                        tracing::warn!("{what} was found only by re-enumerating; a udev event was lost");
-                        return Ok(b);
+                    if !events_only {
+                        hotplug.rescan_now().await;
+                        if let Some(b) = hotplug.shared.lock().unwrap().snapshot.find(&matcher) {
+                            tracing::warn!("{what} was found only by re-enumerating; a udev event was lost");
+                            return Ok(b);
+                        }
                     }
                     return Err(Error::Timeout { what, secs: (Instant::now() - armed_at).as_secs_f64() });
                 }
