@@ -390,9 +390,7 @@ pub fn method_order(chosen: FlashMethod, allow_fallback: bool) -> Vec<FlashMetho
 /// refusal (wrong MCU, wrong application start) is never retried with another method, nor
 /// is a board that went away. The first method's error is the one reported.
 async fn write_with_fallback(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<FlashMethod> {
-    let refused = |e: &Error| {
-        matches!(e, Error::Flash(FlashError::WrongMcu { .. } | FlashError::WrongAppStart { .. } | FlashError::ImageMcu { .. } | FlashError::NoAppAddress))
-    };
+    let refused = |e: &Error| matches!(e, Error::Flash(f) if f.is_refusal());
     if method != FlashMethod::Katapult {
         if let Err(e) = precheck(ctx, boot, built, rep).await {
             if refused(&e) {

@@ -52,6 +52,12 @@ pub enum FlashError {
 }
 
 impl FlashError {
+    /// kflash refused to write because the bootloader, config or image disagree: nothing was
+    /// written, and no other method may try.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, FlashError::WrongMcu { .. } | FlashError::WrongAppStart { .. } | FlashError::ImageMcu { .. } | FlashError::NoAppAddress)
+    }
+
     pub fn help(&self) -> String {
         match self {
             FlashError::WrongMcu { .. } | FlashError::ImageMcu { .. } => {
