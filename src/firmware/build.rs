@@ -17,6 +17,13 @@ use crate::protocol::klipper::DataDictionary;
 
 /// Lines of build output kept for the failure report.
 pub const KEPT_OUTPUT_LINES: usize = 200;
+/// Lines of it shown in the error message.
+const SHOWN_OUTPUT_LINES: usize = 20;
+
+/// The last `n` of `lines`, indented, for an error message quoting a tool's output.
+pub(crate) fn indented_tail(lines: &[&str], n: usize) -> String {
+    lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
 
 /// What to build and where.
 #[derive(Debug, Clone)]
@@ -146,12 +153,12 @@ pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn Bu
         }
     };
     if !status.success() {
-        let shown: Vec<&String> = tail.iter().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+        let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
         return Err(Error::Tool {
             program: "make".into(),
             message: format!(
                 "the build failed ({status}); last lines:\n{}",
-                shown.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+                indented_tail(&lines, SHOWN_OUTPUT_LINES)
             ),
         });
     }

@@ -30,7 +30,7 @@ async fn run(program: &str, cmd: &mut tokio::process::Command, timeout: Duration
 
 fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(TAIL)..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    crate::firmware::build::indented_tail(&lines, TAIL)
 }
 
 /// `python3 <katapult_dir>/scripts/flashtool.py -d <device> -f <image>`.
