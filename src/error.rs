@@ -39,7 +39,12 @@ pub enum Error {
     FileInvalid { path: PathBuf, message: String },
 
     #[error("could not {action} {}: {source}", path.display())]
-    Io { action: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("no board with key '{0}' is registered")]
     UnknownBoard(String),
@@ -126,7 +131,10 @@ impl Error {
 
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::FileParse { .. } | Error::FileInvalid { .. } | Error::McuMismatch { .. } | Error::ConfigRejected { .. } => exit::CONFIG,
+            Error::FileParse { .. }
+            | Error::FileInvalid { .. }
+            | Error::McuMismatch { .. }
+            | Error::ConfigRejected { .. } => exit::CONFIG,
             Error::Io { .. } => exit::FAILURE,
             Error::UnknownBoard(_) | Error::BoardConflict(_) | Error::DeviceNotFound(_) => exit::BOARD,
             Error::InvalidInput(_) => exit::USAGE,

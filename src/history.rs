@@ -15,7 +15,12 @@ pub const HISTORY_FILE: &str = "history.jsonl";
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
     #[error("could not {action} the flash history {}: {source}", path.display())]
-    Io { action: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl HistoryError {
@@ -190,7 +195,8 @@ mod tests {
         r.version_after = Some("v0.13.0-730-g84104bbbd".into());
         r.firmware_sha256 = Some("ab".repeat(32));
         r.firmware_size = Some(31_337);
-        r.durations = Durations { build: Some(41.5), flash: Some(3.25), klipper_downtime: Some(12.0), ..Default::default() };
+        r.durations =
+            Durations { build: Some(41.5), flash: Some(3.25), klipper_downtime: Some(12.0), ..Default::default() };
         r
     }
 

@@ -19,11 +19,8 @@ pub const PID_KLIPPER: &str = "614e";
 pub const PID_KATAPULT: &str = "6177";
 
 /// Mask ROM bootloaders a board can fall into instead of Katapult.
-const ROM_BOOTLOADERS: &[(&str, &str, &str)] = &[
-    ("0483", "df11", "STM32 ROM DFU"),
-    ("2e8a", "0003", "RP2040 BOOTSEL"),
-    ("2e8a", "000f", "RP2350 BOOTSEL"),
-];
+const ROM_BOOTLOADERS: &[(&str, &str, &str)] =
+    &[("0483", "df11", "STM32 ROM DFU"), ("2e8a", "0003", "RP2040 BOOTSEL"), ("2e8a", "000f", "RP2350 BOOTSEL")];
 
 /// What the device is running right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -106,19 +103,10 @@ impl BoardIdentity {
 
         let vendor_id = pick("ID_USB_VENDOR_ID", "ID_VENDOR_ID").map(|v| v.to_ascii_lowercase());
         let product_id = pick("ID_USB_MODEL_ID", "ID_MODEL_ID").map(|v| v.to_ascii_lowercase());
-        let links: Vec<&str> = rec
-            .properties
-            .get("DEVLINKS")
-            .map(|l| l.split_whitespace().collect())
-            .unwrap_or_default();
-        let by_id = links
-            .iter()
-            .find(|l| l.starts_with("/dev/serial/by-id/"))
-            .map(|s| s.to_string());
-        let by_path = links
-            .iter()
-            .find(|l| l.starts_with("/dev/serial/by-path/"))
-            .map(|s| s.to_string());
+        let links: Vec<&str> =
+            rec.properties.get("DEVLINKS").map(|l| l.split_whitespace().collect()).unwrap_or_default();
+        let by_id = links.iter().find(|l| l.starts_with("/dev/serial/by-id/")).map(|s| s.to_string());
+        let by_path = links.iter().find(|l| l.starts_with("/dev/serial/by-path/")).map(|s| s.to_string());
         let usb_device = usb_device_of(&rec.syspath);
 
         if rec.subsystem == "usb" {
@@ -159,16 +147,11 @@ impl BoardIdentity {
         }
 
         let name = by_id.as_deref().and_then(ByIdName::from_link);
-        let manufacturer = pick("ID_USB_VENDOR", "ID_VENDOR")
-            .or_else(|| name.as_ref().map(|n| n.vendor.clone()));
-        let mode = classify(
-            vendor_id.as_deref(),
-            product_id.as_deref(),
-            manufacturer.as_deref(),
-        );
+        let manufacturer = pick("ID_USB_VENDOR", "ID_VENDOR").or_else(|| name.as_ref().map(|n| n.vendor.clone()));
+        let mode = classify(vendor_id.as_deref(), product_id.as_deref(), manufacturer.as_deref());
         let model = pick("ID_USB_MODEL", "ID_MODEL").or_else(|| name.as_ref().map(|n| n.model.clone()));
-        let serial = pick("ID_USB_SERIAL_SHORT", "ID_SERIAL_SHORT")
-            .or_else(|| name.as_ref().and_then(|n| n.serial.clone()));
+        let serial =
+            pick("ID_USB_SERIAL_SHORT", "ID_SERIAL_SHORT").or_else(|| name.as_ref().and_then(|n| n.serial.clone()));
         let mcu = if mode.is_eligible() { model } else { None };
 
         Some(BoardIdentity {
@@ -225,10 +208,7 @@ fn classify(vid: Option<&str>, pid: Option<&str>, manufacturer: Option<&str>) ->
 }
 
 fn rom_bootloader_name(vid: &str, pid: &str) -> Option<&'static str> {
-    ROM_BOOTLOADERS
-        .iter()
-        .find(|(v, p, _)| *v == vid && *p == pid)
-        .map(|(_, _, n)| *n)
+    ROM_BOOTLOADERS.iter().find(|(v, p, _)| *v == vid && *p == pid).map(|(_, _, n)| *n)
 }
 
 /// `PRODUCT=483/df11/2200` (kernel uevent, hex without leading zeros) → ("0483", "df11").
@@ -338,7 +318,9 @@ mod tests {
 
     #[test]
     fn klipper_stm32_from_properties() {
-        let id = BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h723xx", "29001A001151313531383332", 0)).unwrap();
+        let id =
+            BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h723xx", "29001A001151313531383332", 0))
+                .unwrap();
         assert_eq!(id.mode, Mode::Klipper);
         assert_eq!(id.mcu.as_deref(), Some("stm32h723xx"));
         assert_eq!(id.serial.as_deref(), Some("29001A001151313531383332"));
@@ -352,7 +334,9 @@ mod tests {
     fn katapult_and_legacy_canboot() {
         let k = BoardIdentity::from_record(&tty("katapult", "1d50", "6177", "rp2040", "E661640843545B2E", 1)).unwrap();
         assert_eq!((k.mode, k.mcu.as_deref()), (Mode::Katapult, Some("rp2040")));
-        let c = BoardIdentity::from_record(&tty("CanBoot", "1d50", "6177", "stm32f446xx", "3E0033000851303531373732", 0)).unwrap();
+        let c =
+            BoardIdentity::from_record(&tty("CanBoot", "1d50", "6177", "stm32f446xx", "3E0033000851303531373732", 0))
+                .unwrap();
         assert_eq!((c.mode, c.mcu.as_deref()), (Mode::Katapult, Some("stm32f446xx")));
     }
 
@@ -411,7 +395,10 @@ mod tests {
         assert_eq!(n.mode(), Mode::Klipper);
 
         let n = ByIdName::parse("usb-katapult_rp2040_E661640843545B2E-if00").unwrap();
-        assert_eq!((n.mode(), n.model.as_str(), n.serial.as_deref()), (Mode::Katapult, "rp2040", Some("E661640843545B2E")));
+        assert_eq!(
+            (n.mode(), n.model.as_str(), n.serial.as_deref()),
+            (Mode::Katapult, "rp2040", Some("E661640843545B2E"))
+        );
 
         let n = ByIdName::parse("usb-CanBoot_stm32f446xx_3E0033000851303531373732-if00").unwrap();
         assert_eq!((n.mode(), n.model.as_str()), (Mode::Katapult, "stm32f446xx"));
@@ -426,17 +413,25 @@ mod tests {
 
     #[test]
     fn same_board_across_klipper_katapult_klipper() {
-        let app = BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h723xx", "29001A001151313531383332", 0)).unwrap();
+        let app =
+            BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h723xx", "29001A001151313531383332", 0))
+                .unwrap();
         // Katapult comes back on ttyACM1 because something still held ttyACM0.
-        let boot = BoardIdentity::from_record(&tty("katapult", "1d50", "6177", "stm32h723xx", "29001A001151313531383332", 1)).unwrap();
+        let boot =
+            BoardIdentity::from_record(&tty("katapult", "1d50", "6177", "stm32h723xx", "29001A001151313531383332", 1))
+                .unwrap();
         assert!(app.same_board(&boot));
-        let other = BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h723xx", "0D0031000A51333234383230", 0)).unwrap();
+        let other =
+            BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h723xx", "0D0031000A51333234383230", 0))
+                .unwrap();
         assert!(!app.same_board(&other), "same port but another chip id is another board");
     }
 
     #[test]
     fn rom_bootloader_matches_by_port() {
-        let app = BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h723xx", "29001A001151313531383332", 0)).unwrap();
+        let app =
+            BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h723xx", "29001A001151313531383332", 0))
+                .unwrap();
         let dfu = DeviceRecord {
             syspath: "/sys/devices/platform/dummy_hcd.0/usb1/1-1".into(),
             subsystem: "usb".into(),
@@ -449,7 +444,10 @@ mod tests {
 
     #[test]
     fn usb_device_path_parsing() {
-        assert_eq!(usb_device_of("/devices/pci0000:00/0000:00:14.0/usb3/3-2/3-2.4/3-2.4:1.0/tty/ttyACM2").as_deref(), Some("/devices/pci0000:00/0000:00:14.0/usb3/3-2/3-2.4"));
+        assert_eq!(
+            usb_device_of("/devices/pci0000:00/0000:00:14.0/usb3/3-2/3-2.4/3-2.4:1.0/tty/ttyACM2").as_deref(),
+            Some("/devices/pci0000:00/0000:00:14.0/usb3/3-2/3-2.4")
+        );
         assert_eq!(usb_device_of("/devices/platform/serial8250/tty/ttyS0"), None);
     }
 }

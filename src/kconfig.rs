@@ -131,7 +131,10 @@ mod tests {
         assert!(check_mcu(&board("stm32h723xx"), p, &c).is_ok());
         assert!(check_mcu(&board("stm32h723"), p, &c).is_ok());
         let e = check_mcu(&board("rp2040"), p, &c).unwrap_err();
-        assert_eq!(e.to_string(), "board 'octopus' is an rp2040 but its firmware config /c/octopus.config is for stm32h723xx");
+        assert_eq!(
+            e.to_string(),
+            "board 'octopus' is an rp2040 but its firmware config /c/octopus.config is for stm32h723xx"
+        );
         let e = check_mcu(&board("rp2040"), p, &KConfig::parse("")).unwrap_err();
         assert!(e.to_string().contains("no CONFIG_MCU"));
     }

@@ -16,7 +16,11 @@ use kflash::registry::{self, import, FlashMethod, Registry};
 mod ui;
 
 #[derive(Parser)]
-#[command(name = "kflash", version, about = "Build, flash and verify Klipper/Kalico firmware on every board, driven by udev events")]
+#[command(
+    name = "kflash",
+    version,
+    about = "Build, flash and verify Klipper/Kalico firmware on every board, driven by udev events"
+)]
 struct Cli {
     /// Config directory (boards.toml, settings.toml, configs/). Default: $XDG_CONFIG_HOME/kflash.
     #[arg(long, global = true, env = "KFLASH_CONFIG_DIR", value_name = "DIR")]
@@ -300,7 +304,12 @@ fn history(a: HistoryArgs) -> Result<()> {
     let state = registry::default_state_dir();
     let all = kflash::history::read_all(&state)?;
     for c in &all.corrupt {
-        eprintln!("warning: {} line {}: {} (skipped)", kflash::history::history_path(&state).display(), c.line, c.message);
+        eprintln!(
+            "warning: {} line {}: {} (skipped)",
+            kflash::history::history_path(&state).display(),
+            c.line,
+            c.message
+        );
     }
     let records: Vec<_> = all.records.iter().filter(|r| a.key.as_deref().is_none_or(|k| r.board_key == k)).collect();
     if a.json {
@@ -358,8 +367,20 @@ async fn build(dir: &std::path::Path, a: BuildArgs) -> Result<()> {
         print_json(&out);
     } else {
         let how = if out.cached { "from cache (nothing changed since the last build)" } else { "built" };
-        println!("{}: {} {} for {}, {how} in {:.1} s", board.key, out.firmware.app.as_deref().unwrap_or("firmware"), out.firmware.version, out.firmware.mcu, out.elapsed.as_secs_f64());
-        println!("  {} ({} bytes, sha256 {})", out.firmware.image.display(), out.firmware.size, &out.firmware.sha256[..16]);
+        println!(
+            "{}: {} {} for {}, {how} in {:.1} s",
+            board.key,
+            out.firmware.app.as_deref().unwrap_or("firmware"),
+            out.firmware.version,
+            out.firmware.mcu,
+            out.elapsed.as_secs_f64()
+        );
+        println!(
+            "  {} ({} bytes, sha256 {})",
+            out.firmware.image.display(),
+            out.firmware.size,
+            &out.firmware.sha256[..16]
+        );
     }
     Ok(())
 }
@@ -368,7 +389,12 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
     let reg = Registry::open(dir)?;
     reg.get(&a.key)?;
     let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
-    let opts = kflash::app::flash::FlashOptions { force: a.force, method: a.method, no_build: a.no_build, ..Default::default() };
+    let opts = kflash::app::flash::FlashOptions {
+        force: a.force,
+        method: a.method,
+        no_build: a.no_build,
+        ..Default::default()
+    };
     let mut reporter = ui::FlashReporter::new(a.yes, a.json);
     let result = interruptible(kflash::app::flash::flash_one(&reg, &a.key, &hp, &opts, &mut reporter)).await;
     if let Err(Error::Interrupted(sig)) = &result {
@@ -422,7 +448,14 @@ async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
             _ => "absent".to_string(),
         };
         let flags = if r.flashable { "" } else { "  [excluded]" };
-        println!("  {:<20} {:<24} {:<12} {:<28} {}{flags}", r.key, r.name, r.mcu, state, r.devnode.as_deref().unwrap_or("-"));
+        println!(
+            "  {:<20} {:<24} {:<12} {:<28} {}{flags}",
+            r.key,
+            r.name,
+            r.mcu,
+            state,
+            r.devnode.as_deref().unwrap_or("-")
+        );
     }
     if !view.unregistered.is_empty() {
         println!("\nUnregistered boards (register with `kflash add`):");
@@ -441,7 +474,11 @@ async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
         println!("\nOther serial devices (not eligible):");
         for o in &view.other {
             let id = &o.board.identity;
-            let name = id.by_id_name().map(str::to_string).or_else(|| id.devnode.clone()).unwrap_or_else(|| id.syspath.clone());
+            let name = id
+                .by_id_name()
+                .map(str::to_string)
+                .or_else(|| id.devnode.clone())
+                .unwrap_or_else(|| id.syspath.clone());
             println!("  {name:<50} {}", o.reason);
         }
     }
@@ -461,7 +498,13 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
         add_wizard(&reg, &connected, &a)?
     } else {
         let board = boards::select_device(&connected, a.device.as_deref().unwrap_or_default())?.clone();
-        let req = AddRequest { name: a.name.clone().unwrap_or_default(), key: a.key, mcu: a.mcu, flash_method: a.method, exclude: a.exclude };
+        let req = AddRequest {
+            name: a.name.clone().unwrap_or_default(),
+            key: a.key,
+            mcu: a.mcu,
+            flash_method: a.method,
+            exclude: a.exclude,
+        };
         (board, req)
     };
     let entry = boards::add_board(&mut reg, &board, &req)?;
@@ -469,7 +512,13 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
     if a.json {
         print_json(&entry);
     } else {
-        println!("Registered '{}' as {} ({}, serial {}).", entry.name, entry.key, entry.mcu, entry.serial.as_deref().unwrap_or("-"));
+        println!(
+            "Registered '{}' as {} ({}, serial {}).",
+            entry.name,
+            entry.key,
+            entry.mcu,
+            entry.serial.as_deref().unwrap_or("-")
+        );
         println!("Next: `kflash config {}` to set up its firmware.", entry.key);
     }
     Ok(())
@@ -486,7 +535,14 @@ fn add_wizard(reg: &Registry, connected: &[Board], a: &AddArgs) -> Result<(Board
             println!("Connected boards that are not registered:");
             for (i, b) in candidates.iter().enumerate() {
                 let id = &b.identity;
-                println!("  {}) {} {} serial {} at {}", i + 1, id.mode, id.mcu.as_deref().unwrap_or("?"), id.serial.as_deref().unwrap_or("-"), id.devnode.as_deref().unwrap_or("-"));
+                println!(
+                    "  {}) {} {} serial {} at {}",
+                    i + 1,
+                    id.mode,
+                    id.mcu.as_deref().unwrap_or("?"),
+                    id.serial.as_deref().unwrap_or("-"),
+                    id.devnode.as_deref().unwrap_or("-")
+                );
             }
             let pick = if candidates.len() == 1 {
                 0
@@ -514,11 +570,18 @@ fn add_wizard(reg: &Registry, connected: &[Board], a: &AddArgs) -> Result<(Board
     };
     let mcu = match &a.mcu {
         Some(m) => m.clone(),
-        None => ui::ask_until("MCU", Some(&reported), |s| if s.is_empty() { Err("an MCU is required".into()) } else { Ok(s.to_string()) })?,
+        None => ui::ask_until("MCU", Some(&reported), |s| {
+            if s.is_empty() {
+                Err("an MCU is required".into())
+            } else {
+                Ok(s.to_string())
+            }
+        })?,
     };
-    let method = ui::ask_until("Flash method (katapult, make-flash, flashtool, default)", Some(a.method.as_str()), |s| {
-        FlashMethod::parse(s).map_err(|e| e.to_string())
-    })?;
+    let method =
+        ui::ask_until("Flash method (katapult, make-flash, flashtool, default)", Some(a.method.as_str()), |s| {
+            FlashMethod::parse(s).map_err(|e| e.to_string())
+        })?;
     let exclude = ui::confirm("Exclude from flash-all?")?;
     Ok((board, AddRequest { name, key: a.key.clone(), mcu: Some(mcu), flash_method: method, exclude }))
 }
@@ -640,7 +703,9 @@ fn config(dir: &std::path::Path, a: ConfigArgs) -> Result<()> {
     }
     match kflash::app::config::edit_config(&reg, &a.key)? {
         kflash::app::config::Edited::Saved { path, mcu } => println!("Saved {} (MCU {mcu}).", path.display()),
-        kflash::app::config::Edited::NothingSaved { path } => println!("menuconfig saved nothing; {} was not created.", path.display()),
+        kflash::app::config::Edited::NothingSaved { path } => {
+            println!("menuconfig saved nothing; {} was not created.", path.display())
+        }
     }
     Ok(())
 }
@@ -651,7 +716,9 @@ fn import_cmd(dir: &std::path::Path, a: ImportArgs) -> Result<()> {
         Some(p) => import::resolve_source(p)
             .ok_or_else(|| Error::InvalidInput(format!("no kalico-flash devices.json at {}", p.display())))?,
         None => import::default_sources().into_iter().find(|p| p.is_file()).ok_or_else(|| {
-            Error::InvalidInput("no kalico-flash installation found in ~/kalico_flash; give its path: `kflash import PATH`".into())
+            Error::InvalidInput(
+                "no kalico-flash installation found in ~/kalico_flash; give its path: `kflash import PATH`".into(),
+            )
         })?,
     };
     let configs = a.configs.clone().unwrap_or_else(import::default_configs_root);

@@ -68,7 +68,8 @@ impl MoonrakerError {
                     .into()
             }
             MoonrakerError::Unauthorized { key_sent: true, .. } => {
-                "moonraker_api_key is wrong: set the current key with `kflash settings set moonraker_api_key KEY`".into()
+                "moonraker_api_key is wrong: set the current key with `kflash settings set moonraker_api_key KEY`"
+                    .into()
             }
             MoonrakerError::KlippyNotConnected { .. } => {
                 "check that Klipper runs (`systemctl status klipper`) and read klippy.log".into()
@@ -240,9 +241,8 @@ impl Moonraker {
     pub async fn mcus(&self) -> Result<Vec<McuStatus>, MoonrakerError> {
         let list_path = "/printer/objects/list";
         let list = self.get(list_path).await?;
-        let objects = field(&list, "objects", list_path)?
-            .as_array()
-            .ok_or_else(|| missing(list_path, "objects (a list)"))?;
+        let objects =
+            field(&list, "objects", list_path)?.as_array().ok_or_else(|| missing(list_path, "objects (a list)"))?;
         let names: Vec<&str> =
             objects.iter().filter_map(Value::as_str).filter(|o| *o == "mcu" || o.starts_with("mcu ")).collect();
         if names.is_empty() {
@@ -331,7 +331,10 @@ impl Moonraker {
             // Klippy's endpoints are registered when Klippy first connects (Moonraker's
             // klippy_connection.py), so until then they are "Not Found".
             404 if path.starts_with("/printer/") => MoonrakerError::KlippyNotConnected {
-                message: format!("Klippy has not connected since Moonraker started ({} is 404 Not Found)", endpoint(path)),
+                message: format!(
+                    "Klippy has not connected since Moonraker started ({} is 404 Not Found)",
+                    endpoint(path)
+                ),
             },
             code => MoonrakerError::Http { path: endpoint(path), status: code, message },
         }
@@ -574,7 +577,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lasting_error_ends_the_wait_at_once() {
         let err = poll_until(Instant::now() + Duration::from_secs(30), || async {
-            Err::<Probe<()>, _>(MoonrakerError::Unauthorized { status: 401, message: "Unauthorized".into(), key_sent: false })
+            Err::<Probe<()>, _>(MoonrakerError::Unauthorized {
+                status: 401,
+                message: "Unauthorized".into(),
+                key_sent: false,
+            })
         })
         .await
         .unwrap_err();
@@ -643,9 +650,15 @@ mod tests {
             }
         });
         let m = mcu_status("mcu", &status);
-        assert_eq!((m.name.as_str(), m.mcu_version.as_deref(), m.serial.as_deref()), ("mcu", Some("v1"), Some("/dev/serial/by-id/x")));
+        assert_eq!(
+            (m.name.as_str(), m.mcu_version.as_deref(), m.serial.as_deref()),
+            ("mcu", Some("v1"), Some("/dev/serial/by-id/x"))
+        );
         let e = mcu_status("mcu EBBCan", &status);
-        assert_eq!((e.name.as_str(), e.app.as_deref(), e.canbus_uuid.as_deref()), ("EBBCan", Some("Kalico"), Some("aabbccddeeff")));
+        assert_eq!(
+            (e.name.as_str(), e.app.as_deref(), e.canbus_uuid.as_deref()),
+            ("EBBCan", Some("Kalico"), Some("aabbccddeeff"))
+        );
         let n = mcu_status("mcu nhk", &status);
         assert_eq!((n.mcu_version, n.mcu, n.serial.as_deref()), (None, None, Some("/dev/ttyACM1")));
     }

@@ -34,7 +34,11 @@ const MAX_STDERR: usize = 2000;
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("could not run `{command}`: {source}")]
-    Spawn { command: String, #[source] source: std::io::Error },
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("`{command}` failed ({status}){}", stderr_suffix(.stderr))]
     CommandFailed { command: String, status: String, stderr: String },
@@ -52,7 +56,12 @@ pub enum ServiceError {
     Locked { pid: Option<u32>, doing: String, since: String },
 
     #[error("could not {action} {}: {source}", path.display())]
-    State { action: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    State {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn stderr_suffix(stderr: &str) -> String {
@@ -185,7 +194,8 @@ impl ServiceManager {
             Err(_) => {
                 // The waiting thread has not reaped the child (recv timed out), so the pid
                 // still names it.
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
                 Err(self.timeout_error(verb))
             }
         }
@@ -446,8 +456,7 @@ impl KlipperGuard {
             None => false,
         };
         let was_active = inherited || manager.is_active().await?;
-        let mut guard =
-            KlipperGuard { manager, marker, stop_began: Instant::now(), was_active, must_start: false };
+        let mut guard = KlipperGuard { manager, marker, stop_began: Instant::now(), was_active, must_start: false };
         if !was_active {
             tracing::info!("{} is not running; kflash will not start it afterwards", guard.manager.service);
             return Ok(guard);
@@ -469,9 +478,8 @@ impl KlipperGuard {
 
     /// A line for the user when kflash will not start the service again.
     pub fn note(&self) -> Option<String> {
-        (!self.was_active).then(|| {
-            format!("{} was already stopped before kflash; it will be left stopped", self.manager.service)
-        })
+        (!self.was_active)
+            .then(|| format!("{} was already stopped before kflash; it will be left stopped", self.manager.service))
     }
 
     pub fn service(&self) -> &str {
@@ -515,7 +523,10 @@ impl KlipperGuard {
     async fn undo_failed_stop(&self) {
         if let Ok(false) = self.manager.is_active().await {
             if let Err(e) = self.manager.start().await {
-                tracing::error!("{} is stopped after a failed stop and could not be started: {e}", self.manager.service);
+                tracing::error!(
+                    "{} is stopped after a failed stop and could not be started: {e}",
+                    self.manager.service
+                );
                 return; // keep the marker: the next run retries
             }
         }
@@ -739,7 +750,10 @@ mod tests {
             status: "exit status 1".into(),
             stderr: "sudo: a password is required".into(),
         };
-        assert_eq!(e.to_string(), "`sudo -n systemctl stop klipper` failed (exit status 1): sudo: a password is required");
+        assert_eq!(
+            e.to_string(),
+            "`sudo -n systemctl stop klipper` failed (exit status 1): sudo: a password is required"
+        );
         assert!(e.help().unwrap().contains("passwordless sudo"));
     }
 

@@ -44,7 +44,12 @@ pub struct FlashReporter {
 
 impl FlashReporter {
     pub fn new(yes: bool, json: bool) -> Self {
-        FlashReporter { yes, live: !json && std::io::stderr().is_terminal(), spinner: BuildSpinner::new(!json), last_percent: 101 }
+        FlashReporter {
+            yes,
+            live: !json && std::io::stderr().is_terminal(),
+            spinner: BuildSpinner::new(!json),
+            last_percent: 101,
+        }
     }
 
     fn bar(&mut self, what: &str, done: usize, total: usize) {
@@ -130,7 +135,11 @@ pub fn print_flash_summary(s: &FlashSummary) {
 
 /// Prompt until `parse` accepts the answer (three tries); an empty answer takes `default`.
 /// Prompts go to stderr so stdout stays the command's data.
-pub fn ask_until<T>(question: &str, default: Option<&str>, parse: impl Fn(&str) -> Result<T, String>) -> kflash::Result<T> {
+pub fn ask_until<T>(
+    question: &str,
+    default: Option<&str>,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> kflash::Result<T> {
     use std::io::BufRead;
     for _ in 0..3 {
         match default {
@@ -139,7 +148,8 @@ pub fn ask_until<T>(question: &str, default: Option<&str>, parse: impl Fn(&str) 
         }
         let _ = std::io::stderr().flush();
         let mut line = String::new();
-        let read = std::io::stdin().lock().read_line(&mut line).map_err(|e| kflash::Error::io("read", "standard input", e))?;
+        let read =
+            std::io::stdin().lock().read_line(&mut line).map_err(|e| kflash::Error::io("read", "standard input", e))?;
         if read == 0 {
             return Err(kflash::Error::InvalidInput("no answer: standard input is closed".into()));
         }

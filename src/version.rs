@@ -67,7 +67,9 @@ impl fmt::Display for Relation {
         match self {
             Relation::Same => write!(f, "up to date"),
             Relation::Behind(n) => write!(f, "{n} commit{} behind", if *n == 1 { "" } else { "s" }),
-            Relation::Ahead(n) => write!(f, "{n} commit{} ahead (this flash is a downgrade)", if *n == 1 { "" } else { "s" }),
+            Relation::Ahead(n) => {
+                write!(f, "{n} commit{} ahead (this flash is a downgrade)", if *n == 1 { "" } else { "s" })
+            }
             Relation::OtherBuild => write!(f, "the same commit, another build"),
             Relation::Different => write!(f, "a different version"),
         }

@@ -125,7 +125,12 @@ fn set_and_remove() {
     let out = kflash(&dir, &["set", "octopus", "--name", "Main board", "--method", "make-flash", "--exclude"]);
     assert!(out.status.success(), "{:?}", text(&out));
     let boards = std::fs::read_to_string(dir.join("boards.toml")).unwrap();
-    assert!(boards.contains("name = \"Main board\"") && boards.contains("flash_method = \"make-flash\"") && boards.contains("flashable = false"), "{boards}");
+    assert!(
+        boards.contains("name = \"Main board\"")
+            && boards.contains("flash_method = \"make-flash\"")
+            && boards.contains("flashable = false"),
+        "{boards}"
+    );
 
     let out = kflash(&dir, &["set", "nitehawk", "--name", "main BOARD"]);
     assert_eq!(out.status.code(), Some(4), "duplicate names refused: {:?}", text(&out));
@@ -181,7 +186,10 @@ fn import_a_kalico_flash_installation() {
     std::fs::create_dir_all(configs.join("octopus-pro-v1-1")).unwrap();
     std::fs::write(configs.join("octopus-pro-v1-1/.config"), "CONFIG_MCU=\"stm32h723xx\"\n").unwrap();
     let dir = root.path().join("cfg");
-    let out = kflash(&dir, &["import", root.path().join("kalico_flash").to_str().unwrap(), "--configs", configs.to_str().unwrap()]);
+    let out = kflash(
+        &dir,
+        &["import", root.path().join("kalico_flash").to_str().unwrap(), "--configs", configs.to_str().unwrap()],
+    );
     let (so, se) = text(&out);
     assert!(out.status.success(), "{so}{se}");
     assert!(so.contains("boards: octopus-pro-v1-1"), "{so}");

@@ -26,7 +26,8 @@ fn setup(mcu: &str) -> Setup {
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     let cfg_dir = root.path().join("cfg");
     std::fs::create_dir_all(cfg_dir.join("configs")).unwrap();
-    std::fs::write(cfg_dir.join("settings.toml"), format!("klipper_dir = \"{}\"\nbuild_jobs = 2\n", tree.display())).unwrap();
+    std::fs::write(cfg_dir.join("settings.toml"), format!("klipper_dir = \"{}\"\nbuild_jobs = 2\n", tree.display()))
+        .unwrap();
     let mut reg = Registry::open(&cfg_dir).unwrap();
     reg.add(BoardEntry {
         key: "nitehawk".into(),
@@ -58,7 +59,12 @@ fn setup(mcu: &str) -> Setup {
 }
 
 fn git_describe(tree: &Path) -> String {
-    let o = Command::new("git").arg("-C").arg(tree).args(["describe", "--always", "--tags", "--long", "--dirty"]).output().unwrap();
+    let o = Command::new("git")
+        .arg("-C")
+        .arg(tree)
+        .args(["describe", "--always", "--tags", "--long", "--dirty"])
+        .output()
+        .unwrap();
     String::from_utf8(o.stdout).unwrap().trim().to_string()
 }
 
@@ -75,13 +81,16 @@ async fn builds_out_of_tree_then_hits_the_cache() {
     let status = Command::new("git").arg("-C").arg(&s.tree).args(["status", "--porcelain"]).output().unwrap();
     assert!(status.stdout.is_empty(), "the tree is untouched: {}", String::from_utf8_lossy(&status.stdout));
 
-    let second = firmware::firmware_for(&s.reg, &board, &BuildOptions { cache_only: true, ..s.opts.clone() }, &mut ()).await.unwrap();
+    let second = firmware::firmware_for(&s.reg, &board, &BuildOptions { cache_only: true, ..s.opts.clone() }, &mut ())
+        .await
+        .unwrap();
     assert!(second.cached, "same inputs: cache hit");
     assert_eq!(second.firmware.sha256, first.firmware.sha256);
 
     // A changed config is a different build.
     let path = s.reg.config_path("nitehawk");
-    let text = std::fs::read_to_string(&path).unwrap().replace("CONFIG_WANT_SENSORS=y", "# CONFIG_WANT_SENSORS is not set");
+    let text =
+        std::fs::read_to_string(&path).unwrap().replace("CONFIG_WANT_SENSORS=y", "# CONFIG_WANT_SENSORS is not set");
     std::fs::write(&path, text).unwrap();
     let third = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
     assert!(!third.cached);
@@ -89,12 +98,16 @@ async fn builds_out_of_tree_then_hits_the_cache() {
 
     // A new commit in the tree is a different build with a new version.
     std::fs::write(s.tree.join("src/new.c"), "int x;\n").unwrap();
-    let err = firmware::firmware_for(&s.reg, &board, &BuildOptions { cache_only: true, ..s.opts.clone() }, &mut ()).await.unwrap_err();
+    let err = firmware::firmware_for(&s.reg, &board, &BuildOptions { cache_only: true, ..s.opts.clone() }, &mut ())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no cached firmware"), "--no-build never builds: {err}");
     let dirty = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
     assert!(!dirty.cached, "an untracked file makes the tree dirty");
     assert!(dirty.key.tree_changes.is_some());
-    let forced = firmware::firmware_for(&s.reg, &board, &BuildOptions { rebuild: true, ..s.opts.clone() }, &mut ()).await.unwrap();
+    let forced = firmware::firmware_for(&s.reg, &board, &BuildOptions { rebuild: true, ..s.opts.clone() }, &mut ())
+        .await
+        .unwrap();
     assert!(!forced.cached);
 }
 
@@ -120,7 +133,11 @@ async fn config_for_another_mcu_is_refused_before_building() {
 #[tokio::test]
 async fn a_failing_build_reports_the_tail_of_its_output() {
     let s = setup("rp2040");
-    std::fs::write(s.tree.join("Makefile"), "all:\n\t@echo compiling step one\n\t@echo 'src/foo.c:3: error: expected ;' >&2\n\t@false\n").unwrap();
+    std::fs::write(
+        s.tree.join("Makefile"),
+        "all:\n\t@echo compiling step one\n\t@echo 'src/foo.c:3: error: expected ;' >&2\n\t@false\n",
+    )
+    .unwrap();
     let board = s.reg.get("nitehawk").unwrap().clone();
     let err = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap_err();
     let msg = err.to_string();
@@ -136,7 +153,8 @@ async fn builds_against_one_tree_are_serialised() {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let dir = state.path().to_path_buf();
     tokio::spawn(async move {
-        let second = kflash::firmware::cache::TreeLock::acquire(&dir, std::path::Path::new("/some/klipper")).await.unwrap();
+        let second =
+            kflash::firmware::cache::TreeLock::acquire(&dir, std::path::Path::new("/some/klipper")).await.unwrap();
         let _ = tx.send(());
         drop(second);
     });
@@ -146,7 +164,8 @@ async fn builds_against_one_tree_are_serialised() {
         "a second build of the same tree waits while the first holds the lock"
     );
     // Another tree is independent.
-    let other = kflash::firmware::cache::TreeLock::acquire(state.path(), std::path::Path::new("/other/kalico")).await.unwrap();
+    let other =
+        kflash::firmware::cache::TreeLock::acquire(state.path(), std::path::Path::new("/other/kalico")).await.unwrap();
     drop(other);
     drop(first);
     tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.expect("released").unwrap();

@@ -116,7 +116,10 @@ impl StandIn {
 
 impl Drop for StandIn {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = self.child.wait();
     }
 }
@@ -189,7 +192,10 @@ async fn before_klippy_ever_connected_printer_endpoints_are_not_there() {
     let m = StandIn::start(Options { klipper: "inactive", ..DEFAULT });
     let err = m.client().printer_info().await.unwrap_err();
     assert!(matches!(err, MoonrakerError::KlippyNotConnected { .. }), "{err:?}");
-    assert!(err.to_string().contains("Klippy has not connected since Moonraker started (/printer/info is 404 Not Found)"), "{err}");
+    assert!(
+        err.to_string().contains("Klippy has not connected since Moonraker started (/printer/info is 404 Not Found)"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -58,7 +58,12 @@ impl Scenario {
         assert_eq!(after["mode"], "klipper", "{after}");
         assert_eq!(after["version"], klipper_tree_version().as_str(), "the board runs the flashed image: {after}");
         assert_ne!(after["version"], self.before["version"]);
-        assert_eq!(self.events.kind(OCTOPUS.0, "flash-complete").len(), 1, "one flash: {:?}", self.events.of(OCTOPUS.0));
+        assert_eq!(
+            self.events.kind(OCTOPUS.0, "flash-complete").len(),
+            1,
+            "one flash: {:?}",
+            self.events.of(OCTOPUS.0)
+        );
         self.assert_service_and_others();
         let downtime = self.log.downtime("klipper").expect("stop and start in systemctl.log");
         eprintln!("{what}: Klipper downtime {downtime:.2} s (systemctl.log stop -> start)");
@@ -69,10 +74,8 @@ impl Scenario {
 fn assert_failure(out: &Output, code: i32, needles: &[&str]) -> String {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "exit status; stderr:\n{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no `error:` line in stderr:\n{err}"));
+    let line =
+        err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no `error:` line in stderr:\n{err}"));
     for n in needles {
         assert!(line.contains(n), "the error line should say {n:?}: {line}");
     }
@@ -103,7 +106,11 @@ fn no_return_after_the_bootloader_request() {
     boardctl(&["plug", OCTOPUS.0]);
     boardctl(&["wait-ready"]);
     let back = board_json(OCTOPUS.0);
-    assert_eq!((back["mode"].clone(), back["version"].clone()), ("klipper".into(), s.before["version"].clone()), "{back}");
+    assert_eq!(
+        (back["mode"].clone(), back["version"].clone()),
+        ("klipper".into(), s.before["version"].clone()),
+        "{back}"
+    );
 }
 
 #[test]

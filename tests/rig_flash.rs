@@ -73,7 +73,12 @@ fn board_status(name: &str) -> serde_json::Value {
 }
 
 fn tree_version() -> String {
-    let o = Command::new("git").arg("-C").arg(klipper_tree()).args(["describe", "--always", "--tags", "--long", "--dirty"]).output().unwrap();
+    let o = Command::new("git")
+        .arg("-C")
+        .arg(klipper_tree())
+        .args(["describe", "--always", "--tags", "--long", "--dirty"])
+        .output()
+        .unwrap();
     String::from_utf8(o.stdout).unwrap().trim().to_string()
 }
 
@@ -111,7 +116,8 @@ fn flash_one_board_end_to_end() {
     let log_at = service_log_len();
 
     let out = f.kflash(&["flash", OCTOPUS.0, "--yes", "--json"]);
-    let summary: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    let summary: serde_json::Value =
+        serde_json::from_str(&ok(&out)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
     let version = tree_version();
     assert_eq!(summary["version_after"], version.as_str(), "{summary}");
     let after = board_status(OCTOPUS.0);
@@ -128,7 +134,8 @@ fn flash_one_board_end_to_end() {
 
     // Already at the built version: skipped without stopping Klipper, unless --force.
     let log_at = service_log_len();
-    let again: serde_json::Value = serde_json::from_str(&ok(&f.kflash(&["flash", OCTOPUS.0, "--yes", "--json"]))).unwrap();
+    let again: serde_json::Value =
+        serde_json::from_str(&ok(&f.kflash(&["flash", OCTOPUS.0, "--yes", "--json"]))).unwrap();
     assert!(again["skipped"].as_str().unwrap().contains("already runs"), "{again}");
     assert!(service_log(log_at).is_empty(), "Klipper untouched when skipping");
     let history = ok(&f.kflash(&["history", OCTOPUS.0, "--json"]));
@@ -269,7 +276,8 @@ fn flash_with_make_flash_and_flashtool() {
         .unwrap();
         let log_at = service_log_len();
         let out = f.kflash(&["flash", board.0, "--yes", "--json", "--method", method]);
-        let summary: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+        let summary: serde_json::Value =
+            serde_json::from_str(&ok(&out)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
         assert_eq!(summary["method"], method, "{summary}");
         assert_eq!(summary["version_after"], tree_version().as_str());
         assert_eq!(board_status(board.0)["version"], tree_version().as_str());
@@ -313,7 +321,11 @@ fn moonraker_gates_the_flash() {
     let log_at = service_log_len();
     let refused = f.kflash(&["flash", EBB.0, "--force"]);
     assert_eq!(refused.status.code(), Some(9), "{}", stderr(&refused));
-    assert!(stderr(&refused).contains("Moonraker is not reachable") && stderr(&refused).contains("pass --yes"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("Moonraker is not reachable") && stderr(&refused).contains("pass --yes"),
+        "{}",
+        stderr(&refused)
+    );
     assert!(service_log(log_at).is_empty());
     let forced = f.kflash(&["flash", EBB.0, "--force", "--yes"]);
     let log = stderr(&forced);

@@ -151,7 +151,8 @@ fn kill_9_leaves_a_marker_and_the_next_command_starts_klipper() {
     assert_eq!(s.log.verbs("klipper"), ["stop"], "{:?}", s.log.entries());
     assert!(!klipper_is_active(), "klipper must still be stopped after kill -9");
     let marker: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.rig.stop_marker()).expect("the stop marker survives kill -9")).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(s.rig.stop_marker()).expect("the stop marker survives kill -9"))
+            .unwrap();
     assert_eq!(marker["pid"], pid, "{marker}");
     assert_eq!(marker["service"], "klipper", "{marker}");
     assert_eq!(marker["reason"], "flash of octopus", "{marker}");

@@ -96,7 +96,8 @@ fn devices_and_add_on_rig_boards() {
     let (_t, cfg) = config_dir();
     let v: serde_json::Value = serde_json::from_str(&ok(&kflash(&cfg, &["devices", "--json"]))).unwrap();
     assert_eq!(v["registered"].as_array().unwrap().len(), 0);
-    let serials: Vec<&str> = v["unregistered"].as_array().unwrap().iter().map(|b| b["serial"].as_str().unwrap()).collect();
+    let serials: Vec<&str> =
+        v["unregistered"].as_array().unwrap().iter().map(|b| b["serial"].as_str().unwrap()).collect();
     for b in [OCTOPUS, NITEHAWK, EBB] {
         assert!(serials.contains(&b.2), "{} listed as unregistered: {v}", b.0);
     }
@@ -148,7 +149,8 @@ fn udev_rule_keeps_modemmanager_off_boards() {
     let trig = run("udevadm", &["trigger", "--action=change", "--subsystem-match=tty"]);
     assert!(trig.status.success());
     settle();
-    let prop = |link: &str| String::from_utf8_lossy(&run("udevadm", &["info", "--query=property", link]).stdout).into_owned();
+    let prop =
+        |link: &str| String::from_utf8_lossy(&run("udevadm", &["info", "--query=property", link]).stdout).into_owned();
     let klipper = prop(&by_id(OCTOPUS, "Klipper"));
     assert!(klipper.contains("ID_MM_DEVICE_IGNORE=1"), "{klipper}");
     assert!(klipper.contains("TAGS=") && klipper.contains(":kflash:"), "{klipper}");
@@ -180,5 +182,8 @@ fn add_wizard_on_a_terminal() {
     assert!(text.contains("enter a number from 1 to 3"), "a bad answer is asked again: {text}");
     assert!(text.contains("Registered 'Wizard Board' as wizard-board"), "{text}");
     let boards = std::fs::read_to_string(cfg.join("boards.toml")).unwrap();
-    assert!(boards.contains("[boards.wizard-board]") && boards.contains(&format!("serial = \"{}\"", OCTOPUS.2)), "{boards}");
+    assert!(
+        boards.contains("[boards.wizard-board]") && boards.contains(&format!("serial = \"{}\"", OCTOPUS.2)),
+        "{boards}"
+    );
 }

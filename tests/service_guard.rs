@@ -266,7 +266,10 @@ async fn recover_starts_klipper_after_a_dead_kflash_and_says_why() {
     assert!(recover_stale_stop(&rig.manager(), &rig.state).await.is_none(), "no marker, nothing to do");
     let pid = write_dead_marker(&rig);
     let msg = recover_stale_stop(&rig.manager(), &rig.state).await.unwrap().unwrap();
-    assert!(msg.starts_with(&format!("klipper was left stopped by kflash (pid {pid}, stopped at 2024-05-01 ")), "{msg}");
+    assert!(
+        msg.starts_with(&format!("klipper was left stopped by kflash (pid {pid}, stopped at 2024-05-01 ")),
+        "{msg}"
+    );
     assert!(msg.ends_with("for flash of nitehawk, which never finished); started it again"), "{msg}");
     assert!(rig.klipper_active());
     assert!(!rig.marker().exists());

@@ -72,7 +72,10 @@ pub fn edit_config(reg: &Registry, key: &str) -> Result<Edited> {
         }
         return Err(Error::ConfigRejected {
             key: key.to_string(),
-            message: format!("{mismatch}; your new config was kept at {} and the previous one restored", rejected.display()),
+            message: format!(
+                "{mismatch}; your new config was kept at {} and the previous one restored",
+                rejected.display()
+            ),
         });
     }
     Ok(Edited::Saved { path, mcu: cfg.mcu().unwrap_or("?").to_string() })

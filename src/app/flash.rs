@@ -20,8 +20,8 @@ use crate::firmware::{self, BuildOptions, BuildOutcome, BuildProgress};
 use crate::flash::katapult::{check_target, Expectation, FlashEvent, KatapultSession};
 use crate::flash::{external, identify, usb, FlashError};
 use crate::hotplug::{Board, Hotplug};
-use crate::registry::{BoardEntry, FlashMethod, Registry};
 use crate::moonraker::{mcu_for_serial, Moonraker, MoonrakerError};
+use crate::registry::{BoardEntry, FlashMethod, Registry};
 use crate::service::{FlashLock, KlipperGuard, ServiceManager};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -159,7 +159,13 @@ struct Attempt {
 }
 
 /// Flash one registered board end to end, and record the attempt in the flash history.
-pub async fn flash_one(reg: &Registry, key: &str, hp: &Hotplug, opts: &FlashOptions, rep: &mut dyn Reporter) -> Result<FlashSummary> {
+pub async fn flash_one(
+    reg: &Registry,
+    key: &str,
+    hp: &Hotplug,
+    opts: &FlashOptions,
+    rep: &mut dyn Reporter,
+) -> Result<FlashSummary> {
     let entry = reg.get(key)?.clone();
     let method = method_for(reg, &entry, opts.method);
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
@@ -179,13 +185,24 @@ pub fn record_interruption(reg: &Registry, key: &str, opts: &FlashOptions, why: 
     let entry = reg.get(key)?;
     let method = method_for(reg, entry, opts.method);
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
-    let mut r = crate::history::FlashRecord::new(&entry.key, &entry.name, &entry.mcu, method.as_str(), crate::history::FlashResult::Failed);
+    let mut r = crate::history::FlashRecord::new(
+        &entry.key,
+        &entry.name,
+        &entry.mcu,
+        method.as_str(),
+        crate::history::FlashResult::Failed,
+    );
     r.error = Some(format!("interrupted by {why}"));
     crate::history::append(&state_dir, &r)?;
     Ok(())
 }
 
-fn history_record(entry: &BoardEntry, method: FlashMethod, a: &Attempt, result: &Result<FlashSummary>) -> crate::history::FlashRecord {
+fn history_record(
+    entry: &BoardEntry,
+    method: FlashMethod,
+    a: &Attempt,
+    result: &Result<FlashSummary>,
+) -> crate::history::FlashRecord {
     use crate::history::{Durations, FlashRecord, FlashResult};
     let outcome = match result {
         Ok(s) if s.skipped.is_some() => FlashResult::Skipped,
@@ -210,7 +227,13 @@ fn history_record(entry: &BoardEntry, method: FlashMethod, a: &Attempt, result: 
     r
 }
 
-async fn run_flash(ctx: &Ctx<'_>, method: FlashMethod, opts: &FlashOptions, rep: &mut dyn Reporter, attempt: &mut Attempt) -> Result<FlashSummary> {
+async fn run_flash(
+    ctx: &Ctx<'_>,
+    method: FlashMethod,
+    opts: &FlashOptions,
+    rep: &mut dyn Reporter,
+    attempt: &mut Attempt,
+) -> Result<FlashSummary> {
     let started = StdInstant::now();
     let (reg, hp, entry) = (ctx.reg, ctx.hp, &ctx.entry);
     let key = entry.key.as_str();
@@ -310,9 +333,13 @@ async fn run_flash(ctx: &Ctx<'_>, method: FlashMethod, opts: &FlashOptions, rep:
             "Moonraker was unreachable, so Klipper's own view of the board was not checked".into(),
         )),
         (_, false) => rep.report(Report::Warning(
-            "Klipper was not running before kflash and was left stopped, so its view of the board was not checked".into(),
+            "Klipper was not running before kflash and was left stopped, so its view of the board was not checked"
+                .into(),
         )),
-        _ => verify_in_klipper(&mr, &board, &version_after, Instant::now() + ctx.secs(|t| t.klippy_ready_secs), rep).await?,
+        _ => {
+            verify_in_klipper(&mr, &board, &version_after, Instant::now() + ctx.secs(|t| t.klippy_ready_secs), rep)
+                .await?
+        }
     }
     timings.total = started.elapsed().as_secs_f64();
     Ok(FlashSummary {
@@ -363,7 +390,8 @@ async fn stopped(
 
     let t = StdInstant::now();
     rep.report(Report::Begin(Phase::Identify, "reading the running version (identify)".into()));
-    let dict = identify::read_identify(std::path::Path::new(&devnode), Instant::now() + Duration::from_secs(10)).await?;
+    let dict =
+        identify::read_identify(std::path::Path::new(&devnode), Instant::now() + Duration::from_secs(10)).await?;
     timings.identify = Some(t.elapsed().as_secs_f64());
     if dict.version != fw.version {
         return Err(FlashError::VersionMismatch { expected: fw.version.clone(), running: dict.version }.into());
@@ -389,7 +417,13 @@ pub fn method_order(chosen: FlashMethod, allow_fallback: bool) -> Vec<FlashMetho
 /// Write with the chosen method, falling back while the board is still in Katapult. A
 /// refusal (wrong MCU, wrong application start) is never retried with another method, nor
 /// is a board that went away. The first method's error is the one reported.
-async fn write_with_fallback(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<FlashMethod> {
+async fn write_with_fallback(
+    ctx: &Ctx<'_>,
+    method: FlashMethod,
+    boot: &Board,
+    built: &BuildOutcome,
+    rep: &mut dyn Reporter,
+) -> Result<FlashMethod> {
     let refused = |e: &Error| matches!(e, Error::Flash(f) if f.is_refusal());
     if method != FlashMethod::Katapult {
         if let Err(e) = precheck(ctx, boot, built, rep).await {
@@ -437,8 +471,12 @@ async fn release_untouched(ctx: &Ctx<'_>, boot: &Board, rep: &mut dyn Reporter) 
         usb::await_application(ctx.hp, &boot.identity, Instant::now() + ctx.secs(|t| t.reconnect_secs)).await
     };
     match started.await {
-        Ok(_) => rep.report(Report::Warning("nothing was written; the board was sent back to the firmware it had".into())),
-        Err(e) => rep.report(Report::Warning(format!("nothing was written, but the board stays in its bootloader: {e}"))),
+        Ok(_) => {
+            rep.report(Report::Warning("nothing was written; the board was sent back to the firmware it had".into()))
+        }
+        Err(e) => {
+            rep.report(Report::Warning(format!("nothing was written, but the board stays in its bootloader: {e}")))
+        }
     }
 }
 
@@ -453,18 +491,38 @@ async fn precheck(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: &mut d
 }
 
 fn expectation(ctx: &Ctx<'_>, built: &BuildOutcome) -> Expectation {
-    Expectation { mcu: built.config.mcu().unwrap_or(&ctx.entry.mcu).to_string(), app_start: built.config.application_address() }
+    Expectation {
+        mcu: built.config.mcu().unwrap_or(&ctx.entry.mcu).to_string(),
+        app_start: built.config.application_address(),
+    }
 }
 
-async fn write_external(ctx: &Ctx<'_>, method: FlashMethod, boot: &Board, built: &BuildOutcome, rep: &mut dyn Reporter) -> Result<()> {
+async fn write_external(
+    ctx: &Ctx<'_>,
+    method: FlashMethod,
+    boot: &Board,
+    built: &BuildOutcome,
+    rep: &mut dyn Reporter,
+) -> Result<()> {
     // by-path names the USB port, which survives the re-enumerations the tools cause.
     let device = boot.identity.by_path.clone().or_else(|| boot.identity.devnode.clone()).unwrap_or_default();
     let timeout = ctx.secs(|t| t.flash_secs);
     let t = StdInstant::now();
     rep.report(Report::Begin(Phase::Write, format!("running {} on {device}", method.as_str())));
     match method {
-        FlashMethod::Flashtool => external::flashtool(&ctx.reg.settings.katapult_dir(), &device, &built.firmware.image, timeout).await?,
-        _ => external::make_flash(&ctx.reg.settings.klipper_dir(), &ctx.reg.config_path(&ctx.entry.key), &built.build_dir, &device, timeout).await?,
+        FlashMethod::Flashtool => {
+            external::flashtool(&ctx.reg.settings.katapult_dir(), &device, &built.firmware.image, timeout).await?
+        }
+        _ => {
+            external::make_flash(
+                &ctx.reg.settings.klipper_dir(),
+                &ctx.reg.config_path(&ctx.entry.key),
+                &built.build_dir,
+                &device,
+                timeout,
+            )
+            .await?
+        }
     }
     rep.report(Report::Done(Phase::Write, format!("{} reported success", method.as_str()), t.elapsed()));
     Ok(())
@@ -478,9 +536,9 @@ async fn write_katapult(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: 
     let t = StdInstant::now();
     let mut on_event = |e: &FlashEvent| rep.report(Report::Flash(e.clone()));
     let flash = session.flash(&image, &expect, &mut on_event);
-    let report = tokio::time::timeout(ctx.secs(|t| t.flash_secs), flash)
-        .await
-        .map_err(|_| FlashError::NoResponse { command: "the flash", tries: 1, last: "timeouts.flash_secs passed".into() })??;
+    let report = tokio::time::timeout(ctx.secs(|t| t.flash_secs), flash).await.map_err(|_| {
+        FlashError::NoResponse { command: "the flash", tries: 1, last: "timeouts.flash_secs passed".into() }
+    })??;
     rep.report(Report::Done(
         Phase::Write,
         format!("{} blocks written and read back, {} pages", report.blocks, report.pages),
@@ -538,16 +596,30 @@ async fn running_version(mr: &Moonraker, board: &Board) -> Option<String> {
 
 /// Level (c): after Klipper is back, Klippy is ready and reports the new version for this
 /// board's MCU.
-async fn verify_in_klipper(mr: &Moonraker, board: &Board, version: &str, deadline: Instant, rep: &mut dyn Reporter) -> Result<()> {
+async fn verify_in_klipper(
+    mr: &Moonraker,
+    board: &Board,
+    version: &str,
+    deadline: Instant,
+    rep: &mut dyn Reporter,
+) -> Result<()> {
     let t = StdInstant::now();
     rep.report(Report::Begin(Phase::Moonraker, "waiting for Klipper to be ready".into()));
     mr.wait_klippy_ready(deadline).await?;
     match running_version(mr, board).await {
         Some(v) if v == version => {
-            rep.report(Report::Done(Phase::Moonraker, format!("Klipper is ready and reports {v} for this board"), t.elapsed()));
+            rep.report(Report::Done(
+                Phase::Moonraker,
+                format!("Klipper is ready and reports {v} for this board"),
+                t.elapsed(),
+            ));
             Ok(())
         }
-        Some(v) => Err(FlashError::VersionMismatch { expected: version.to_string(), running: format!("{v} according to Klipper") }.into()),
+        Some(v) => Err(FlashError::VersionMismatch {
+            expected: version.to_string(),
+            running: format!("{v} according to Klipper"),
+        }
+        .into()),
         None => {
             rep.report(Report::Warning(
                 "Klipper is ready, but no [mcu] section in printer.cfg uses this board's serial, so its version there was not checked".into(),

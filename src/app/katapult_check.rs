@@ -55,8 +55,20 @@ pub async fn katapult_check(reg: &Registry, key: &str, hp: &Hotplug, rep: &mut d
     }
 
     rep.report(Report::Begin(Phase::StopKlipper, format!("stopping {}", reg.settings.klipper_service)));
-    let guard = KlipperGuard::stop(ServiceManager::from_settings(&reg.settings), &state_dir, &format!("katapult-check of {key}")).await?;
-    let result = probe(hp, &board, Instant::now() + secs(t.bootloader_secs), Instant::now() + secs(t.bootloader_secs + t.reconnect_secs), rep).await;
+    let guard = KlipperGuard::stop(
+        ServiceManager::from_settings(&reg.settings),
+        &state_dir,
+        &format!("katapult-check of {key}"),
+    )
+    .await?;
+    let result = probe(
+        hp,
+        &board,
+        Instant::now() + secs(t.bootloader_secs),
+        Instant::now() + secs(t.bootloader_secs + t.reconnect_secs),
+        rep,
+    )
+    .await;
     let restart = guard.restart().await;
     if let Ok(r) = &restart {
         rep.report(Report::Done(Phase::StartKlipper, r.summary(&reg.settings.klipper_service), r.downtime));
@@ -67,7 +79,13 @@ pub async fn katapult_check(reg: &Registry, key: &str, hp: &Hotplug, rep: &mut d
     Ok(check)
 }
 
-async fn probe(hp: &Hotplug, board: &Board, boot_deadline: Instant, back_deadline: Instant, rep: &mut dyn Reporter) -> Result<KatapultCheck> {
+async fn probe(
+    hp: &Hotplug,
+    board: &Board,
+    boot_deadline: Instant,
+    back_deadline: Instant,
+    rep: &mut dyn Reporter,
+) -> Result<KatapultCheck> {
     let original = board.identity.clone();
     rep.report(Report::Begin(Phase::Bootloader, "requesting the bootloader (1200 baud)".into()));
     match usb::enter_bootloader(hp, board, boot_deadline).await {
@@ -78,7 +96,12 @@ async fn probe(hp: &Hotplug, board: &Board, boot_deadline: Instant, back_deadlin
             Ok(KatapultCheck {
                 board: String::new(),
                 has_katapult: Answer::Yes,
-                detail: format!("Katapult {} answered (MCU {}, application at {:#x})", info.version.as_deref().unwrap_or("?"), info.mcu, info.app_start),
+                detail: format!(
+                    "Katapult {} answered (MCU {}, application at {:#x})",
+                    info.version.as_deref().unwrap_or("?"),
+                    info.mcu,
+                    info.app_start
+                ),
                 katapult_version: info.version,
                 left_in: Some(if back.is_ok() { Mode::Klipper } else { Mode::Katapult }),
             })
@@ -130,4 +153,3 @@ async fn recover(hp: &Hotplug, board: &Board, deadline: Instant, why: String) ->
         }),
     }
 }
-

@@ -71,13 +71,12 @@ pub struct Firmware {
 impl Firmware {
     /// Read a build output directory: the image and its data dictionary.
     pub fn from_out_dir(out: &Path) -> Result<Firmware> {
-        let image = ["klipper.bin", "klipper.uf2"]
-            .iter()
-            .map(|n| out.join(n))
-            .find(|p| p.is_file())
-            .ok_or_else(|| Error::Tool {
-                program: "make".into(),
-                message: format!("the build finished but {} has no klipper.bin or klipper.uf2", out.display()),
+        let image =
+            ["klipper.bin", "klipper.uf2"].iter().map(|n| out.join(n)).find(|p| p.is_file()).ok_or_else(|| {
+                Error::Tool {
+                    program: "make".into(),
+                    message: format!("the build finished but {} has no klipper.bin or klipper.uf2", out.display()),
+                }
             })?;
         let dict_path = out.join("klipper.dict");
         let text = std::fs::read_to_string(&dict_path).map_err(|e| Error::io("read", &dict_path, e))?;
@@ -156,10 +155,7 @@ pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn Bu
         let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
         return Err(Error::Tool {
             program: "make".into(),
-            message: format!(
-                "the build failed ({status}); last lines:\n{}",
-                indented_tail(&lines, SHOWN_OUTPUT_LINES)
-            ),
+            message: format!("the build failed ({status}); last lines:\n{}", indented_tail(&lines, SHOWN_OUTPUT_LINES)),
         });
     }
     Ok(started.elapsed())

@@ -29,8 +29,11 @@ impl CacheKey {
     pub fn from_parts(tree: String, tree_changes: Option<String>, config_text: &[u8], toolchain: String) -> CacheKey {
         let config_sha256 = sha256_hex(config_text);
         let digest = sha256_hex(
-            format!("tree={tree}\nchanges={}\nconfig={config_sha256}\ntoolchain={toolchain}\n", tree_changes.as_deref().unwrap_or(""))
-                .as_bytes(),
+            format!(
+                "tree={tree}\nchanges={}\nconfig={config_sha256}\ntoolchain={toolchain}\n",
+                tree_changes.as_deref().unwrap_or("")
+            )
+            .as_bytes(),
         )[..16]
             .to_string();
         CacheKey { tree, tree_changes, config_sha256, toolchain, digest }
@@ -174,10 +177,11 @@ impl TreeLock {
             .open(&path)
             .map_err(|e| Error::io("open", &path, e))?;
         // A blocking flock on a worker thread: the wait ends when the other build's lock is released.
-        let lock = tokio::task::spawn_blocking(move || nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive))
-            .await
-            .expect("flock thread")
-            .map_err(|(_, e)| Error::io("lock", &path, e.into()))?;
+        let lock =
+            tokio::task::spawn_blocking(move || nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive))
+                .await
+                .expect("flock thread")
+                .map_err(|(_, e)| Error::io("lock", &path, e.into()))?;
         Ok(TreeLock { _lock: lock })
     }
 }

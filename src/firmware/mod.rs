@@ -42,7 +42,12 @@ pub struct BuildOptions {
 }
 
 /// Build (or fetch from cache) the firmware for `board`.
-pub async fn firmware_for(reg: &Registry, board: &BoardEntry, opts: &BuildOptions, progress: &mut dyn BuildProgress) -> Result<BuildOutcome> {
+pub async fn firmware_for(
+    reg: &Registry,
+    board: &BoardEntry,
+    opts: &BuildOptions,
+    progress: &mut dyn BuildProgress,
+) -> Result<BuildOutcome> {
     let started = std::time::Instant::now();
     let config_path = reg.config_path(&board.key);
     if !config_path.is_file() {
@@ -60,7 +65,14 @@ pub async fn firmware_for(reg: &Registry, board: &BoardEntry, opts: &BuildOption
     let key = CacheKey::compute(&klipper, &config_path, &config).await?;
     if !opts.rebuild {
         if let Some(firmware) = cache.lookup(&board.key, &key)? {
-            return Ok(BuildOutcome { firmware, cached: true, key, elapsed: started.elapsed(), build_dir: cache.build_dir(&board.key), config });
+            return Ok(BuildOutcome {
+                firmware,
+                cached: true,
+                key,
+                elapsed: started.elapsed(),
+                build_dir: cache.build_dir(&board.key),
+                config,
+            });
         }
     }
 
@@ -76,7 +88,12 @@ pub async fn firmware_for(reg: &Registry, board: &BoardEntry, opts: &BuildOption
     if out_dir.exists() {
         std::fs::remove_dir_all(&out_dir).map_err(|e| Error::io("clear", &out_dir, e))?;
     }
-    let plan = BuildPlan { klipper_dir: klipper, config: config_path, out_dir: out_dir.clone(), jobs: jobs(reg.settings.build_jobs) };
+    let plan = BuildPlan {
+        klipper_dir: klipper,
+        config: config_path,
+        out_dir: out_dir.clone(),
+        jobs: jobs(reg.settings.build_jobs),
+    };
     build::run_make(&plan, Duration::from_secs(reg.settings.timeouts.build_secs), progress).await?;
     let built = Firmware::from_out_dir(&out_dir)?;
     build::check_built_mcu(&config, &built)?;

@@ -2,7 +2,9 @@
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlashError {
-    #[error("the bootloader on this board is for {bootloader}, but the firmware is built for {config}: refusing to write")]
+    #[error(
+        "the bootloader on this board is for {bootloader}, but the firmware is built for {config}: refusing to write"
+    )]
     WrongMcu { bootloader: String, config: String },
 
     #[error("Katapult starts the application at {bootloader:#x}, but the firmware is built for {config:#x}: refusing to write")]
@@ -11,7 +13,9 @@ pub enum FlashError {
     #[error("the board's config has no CONFIG_FLASH_APPLICATION_ADDRESS, so the bootloader offset cannot be checked")]
     NoAppAddress,
 
-    #[error("the image embeds a data dictionary for {image}, but the bootloader is for {bootloader}: refusing to write")]
+    #[error(
+        "the image embeds a data dictionary for {image}, but the bootloader is for {bootloader}: refusing to write"
+    )]
     ImageMcu { image: String, bootloader: String },
 
     #[error("Katapult reports a block size of {0}, which is not a sane value")]
@@ -55,7 +59,13 @@ impl FlashError {
     /// kflash refused to write because the bootloader, config or image disagree: nothing was
     /// written, and no other method may try.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, FlashError::WrongMcu { .. } | FlashError::WrongAppStart { .. } | FlashError::ImageMcu { .. } | FlashError::NoAppAddress)
+        matches!(
+            self,
+            FlashError::WrongMcu { .. }
+                | FlashError::WrongAppStart { .. }
+                | FlashError::ImageMcu { .. }
+                | FlashError::NoAppAddress
+        )
     }
 
     pub fn help(&self) -> String {

@@ -16,12 +16,18 @@ const TAIL: usize = 15;
 /// alone is not proof (older versions exit 0 after some failures).
 pub const FLASHTOOL_SUCCESS: &str = "Programming Complete";
 
-async fn run(program: &str, cmd: &mut tokio::process::Command, timeout: Duration) -> Result<(bool, String), FlashError> {
+async fn run(
+    program: &str,
+    cmd: &mut tokio::process::Command,
+    timeout: Duration,
+) -> Result<(bool, String), FlashError> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let child = cmd.spawn().map_err(|e| FlashError::Tool(format!("cannot run {program}: {e}")))?;
     let out = tokio::time::timeout(timeout, child.wait_with_output())
         .await
-        .map_err(|_| FlashError::Tool(format!("{program} did not finish within {} s (timeouts.flash_secs)", timeout.as_secs())))?
+        .map_err(|_| {
+            FlashError::Tool(format!("{program} did not finish within {} s (timeouts.flash_secs)", timeout.as_secs()))
+        })?
         .map_err(|e| FlashError::Tool(format!("{program}: {e}")))?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
@@ -58,7 +64,13 @@ pub fn flashtool_verdict(exit_ok: bool, output: &str) -> Result<(), FlashError> 
 }
 
 /// `make -C <klipper> KCONFIG_CONFIG=<config> OUT=<out>/ FLASH_DEVICE=<device> flash`.
-pub async fn make_flash(klipper_dir: &Path, config: &Path, out_dir: &Path, device: &str, timeout: Duration) -> Result<(), FlashError> {
+pub async fn make_flash(
+    klipper_dir: &Path,
+    config: &Path,
+    out_dir: &Path,
+    device: &str,
+    timeout: Duration,
+) -> Result<(), FlashError> {
     let mut out = out_dir.display().to_string();
     if !out.ends_with('/') {
         out.push('/');

@@ -23,7 +23,10 @@ pub async fn read_identify(path: &Path, deadline: Instant) -> Result<DataDiction
     loop {
         let now = Instant::now();
         if now >= deadline {
-            return Err(FlashError::Identify(format!("no complete answer from {} before the deadline", path.display())));
+            return Err(FlashError::Identify(format!(
+                "no complete answer from {} before the deadline",
+                path.display()
+            )));
         }
         let n = tty.read(&mut buf, deadline.min(now + RETRANSMIT_AFTER)).await.map_err(io)?;
         if n == 0 {

@@ -239,7 +239,9 @@ pub fn check_target(info: &ConnectInfo, expect: &Expectation, image: &[u8]) -> R
     }
     match expect.app_start {
         None => return Err(FlashError::NoAppAddress),
-        Some(a) if a != info.app_start => return Err(FlashError::WrongAppStart { bootloader: info.app_start, config: a }),
+        Some(a) if a != info.app_start => {
+            return Err(FlashError::WrongAppStart { bootloader: info.app_start, config: a })
+        }
         Some(_) => {}
     }
     if !matches!(info.block_size, 64 | 128 | 256 | 512) {

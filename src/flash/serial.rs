@@ -45,9 +45,12 @@ impl Tty {
         let read = async {
             loop {
                 let mut guard = self.fd.readable().await?;
-                match guard.try_io(|fd| nix::unistd::read(fd.get_ref().as_raw_fd(), buf).map_err(std::io::Error::from)) {
+                match guard.try_io(|fd| nix::unistd::read(fd.get_ref().as_raw_fd(), buf).map_err(std::io::Error::from))
+                {
                     // A read of 0 on a tty whose device vanished: report it as an error.
-                    Ok(Ok(0)) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the device went away")),
+                    Ok(Ok(0)) => {
+                        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the device went away"))
+                    }
                     Ok(r) => return r,
                     Err(_would_block) => continue,
                 }

@@ -28,13 +28,18 @@ pub async fn enter_bootloader(hp: &Hotplug, board: &Board, deadline: Instant) ->
     let waiter = hp.arm("the board in its bootloader", move |b| {
         b.identity.same_board(&original) && matches!(b.identity.mode, Mode::Katapult | Mode::RomBootloader)
     });
-    request_bootloader(Path::new(&devnode))
-        .map_err(|e| FlashError::Io { path: devnode.clone(), message: format!("1200-baud bootloader request failed: {e}") })?;
+    request_bootloader(Path::new(&devnode)).map_err(|e| FlashError::Io {
+        path: devnode.clone(),
+        message: format!("1200-baud bootloader request failed: {e}"),
+    })?;
     let found = match waiter.until(deadline).await {
         Ok(b) => b,
         Err(Error::Timeout { secs, .. }) => {
             // Tell "ignored the request" from "left and never came back".
-            let still = hp.snapshot().into_iter().any(|b| b.identity.same_board(&board.identity) && b.identity.mode == Mode::Klipper);
+            let still = hp
+                .snapshot()
+                .into_iter()
+                .any(|b| b.identity.same_board(&board.identity) && b.identity.mode == Mode::Klipper);
             return Err(FlashError::NoBootloader(if still {
                 format!("it is still running Klipper {secs:.1} s after the 1200-baud request (it ignored it)")
             } else {
@@ -61,7 +66,8 @@ fn rom_bootloader(id: &BoardIdentity) -> FlashError {
 /// deadline.
 pub async fn await_application(hp: &Hotplug, board: &BoardIdentity, deadline: Instant) -> Result<Board, FlashError> {
     let (a, b) = (board.clone(), board.clone());
-    let klipper = hp.arm("the board running Klipper", move |x| x.identity.same_board(&a) && x.identity.mode == Mode::Klipper);
+    let klipper =
+        hp.arm("the board running Klipper", move |x| x.identity.same_board(&a) && x.identity.mode == Mode::Klipper);
     // Only a *new* appearance counts: the bootloader it is leaving may still be listed.
     let elsewhere = hp.arm_next("the board back in a bootloader", move |x| {
         x.identity.same_board(&b) && matches!(x.identity.mode, Mode::Katapult | Mode::RomBootloader)
@@ -86,7 +92,8 @@ pub async fn await_application(hp: &Hotplug, board: &BoardIdentity, deadline: In
 /// The sysfs `authorized` switch of the USB device a board sits on.
 pub fn authorized_path(board: &BoardIdentity) -> Option<PathBuf> {
     let dev = board.usb_device.as_deref()?;
-    let dev = if dev.starts_with("/sys/") { PathBuf::from(dev) } else { Path::new("/sys").join(dev.trim_start_matches('/')) };
+    let dev =
+        if dev.starts_with("/sys/") { PathBuf::from(dev) } else { Path::new("/sys").join(dev.trim_start_matches('/')) };
     Some(dev.join("authorized"))
 }
 

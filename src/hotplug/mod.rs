@@ -71,7 +71,9 @@ impl Hotplug {
                 }
             }
             Some(SourceMessage::Failed(why)) => return Err(Error::Udev(why)),
-            Some(other) => return Err(Error::Udev(format!("device source began with {other:?} instead of an enumeration"))),
+            Some(other) => {
+                return Err(Error::Udev(format!("device source began with {other:?} instead of an enumeration")))
+            }
             None => return Err(Error::Udev("device source ended before enumerating".into())),
         }
         let (tx, _) = broadcast::channel(EVENT_BUFFER);
@@ -207,7 +209,9 @@ async fn pump(mut messages: tokio::sync::mpsc::UnboundedReceiver<SourceMessage>,
         let mut s = shared.lock().unwrap();
         let (events, ack) = match msg {
             SourceMessage::Enumerated { devices, ack } => (s.snapshot.reconcile(&devices), ack),
-            SourceMessage::Added(rec) | SourceMessage::Changed(rec) => (s.snapshot.upsert(&rec).into_iter().collect(), None),
+            SourceMessage::Added(rec) | SourceMessage::Changed(rec) => {
+                (s.snapshot.upsert(&rec).into_iter().collect(), None)
+            }
             SourceMessage::Removed { syspath } => (s.snapshot.remove(&syspath).into_iter().collect(), None),
             SourceMessage::Failed(why) => {
                 tracing::error!("device source failed: {why}");

@@ -118,12 +118,8 @@ impl Snapshot {
     /// Make the snapshot equal to a fresh enumeration: whatever vanished is removed, whatever
     /// is new is added. Used at start and to recover from events the kernel dropped.
     pub fn reconcile(&mut self, devices: &[DeviceRecord]) -> Vec<BoardEvent> {
-        let gone: Vec<String> = self
-            .present
-            .keys()
-            .filter(|k| !devices.iter().any(|d| &d.syspath == *k))
-            .cloned()
-            .collect();
+        let gone: Vec<String> =
+            self.present.keys().filter(|k| !devices.iter().any(|d| &d.syspath == *k)).cloned().collect();
         let mut events: Vec<BoardEvent> = gone.iter().filter_map(|k| self.remove(k)).collect();
         events.extend(devices.iter().filter_map(|d| self.upsert(d)));
         events

@@ -14,10 +14,15 @@ use crate::identity::DeviceRecord;
 pub enum SourceMessage {
     /// A full enumeration: the first message, and the answer to every rescan request
     /// (`ack` fires once it has been applied).
-    Enumerated { devices: Vec<DeviceRecord>, ack: Option<oneshot::Sender<()>> },
+    Enumerated {
+        devices: Vec<DeviceRecord>,
+        ack: Option<oneshot::Sender<()>>,
+    },
     Added(DeviceRecord),
     Changed(DeviceRecord),
-    Removed { syspath: String },
+    Removed {
+        syspath: String,
+    },
     /// The source died; no more messages follow.
     Failed(String),
 }

@@ -23,13 +23,15 @@ fn tty(vendor: &str, pid: &str, mcu: &str, serial: &str, port: u32, acm: u32) ->
         ("ID_USB_MODEL_ID", pid.to_string()),
         ("ID_USB_SERIAL_SHORT", serial.to_string()),
         ("ID_PATH", id_path.clone()),
-        (
-            "DEVLINKS",
-            format!("/dev/serial/by-id/usb-{vendor}_{mcu}_{serial}-if00 /dev/serial/by-path/{id_path}"),
-        ),
+        ("DEVLINKS", format!("/dev/serial/by-id/usb-{vendor}_{mcu}_{serial}-if00 /dev/serial/by-path/{id_path}")),
     ];
     DeviceRecord {
-        syspath: format!("/sys/devices/platform/dummy_hcd.{port}/usb{}/{}-1/{}-1:1.0/tty/ttyACM{acm}", port + 1, port + 1, port + 1),
+        syspath: format!(
+            "/sys/devices/platform/dummy_hcd.{port}/usb{}/{}-1/{}-1:1.0/tty/ttyACM{acm}",
+            port + 1,
+            port + 1,
+            port + 1
+        ),
         subsystem: "tty".into(),
         devnode: Some(format!("/dev/ttyACM{acm}")),
         properties: props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<BTreeMap<_, _>>(),
@@ -78,7 +80,8 @@ async fn board_arriving_during_the_wait_resolves_on_its_event() {
         tokio::time::sleep(Duration::from_millis(1400)).await;
         s.add(katapult("stm32h723xx", OCTOPUS, 0, 1));
     });
-    let b = hp.wait_for("octopus in Katapult", is_octopus_in(Mode::Katapult), t0 + Duration::from_secs(10)).await.unwrap();
+    let b =
+        hp.wait_for("octopus in Katapult", is_octopus_in(Mode::Katapult), t0 + Duration::from_secs(10)).await.unwrap();
     assert_eq!(b.identity.devnode.as_deref(), Some("/dev/ttyACM1"));
     assert_eq!(Instant::now() - t0, Duration::from_millis(1400), "resolved on the event, not later");
 }
@@ -87,7 +90,10 @@ async fn board_arriving_during_the_wait_resolves_on_its_event() {
 async fn board_never_arriving_times_out_at_the_deadline() {
     let (hp, _script) = start(vec![klipper("rp2040", NITEHAWK, 1, 0)]).await;
     let t0 = Instant::now();
-    let err = hp.wait_for("octopus in Katapult", is_octopus_in(Mode::Katapult), t0 + Duration::from_secs(10)).await.unwrap_err();
+    let err = hp
+        .wait_for("octopus in Katapult", is_octopus_in(Mode::Katapult), t0 + Duration::from_secs(10))
+        .await
+        .unwrap_err();
     assert!(matches!(err, crate::error::Error::Timeout { .. }), "{err}");
     assert!(err.to_string().contains("octopus in Katapult"));
     assert_eq!(Instant::now() - t0, Duration::from_secs(10));
@@ -107,7 +113,8 @@ async fn other_boards_events_are_ignored() {
         s.remove(&klipper("stm32h723xx", OCTOPUS, 0, 1).syspath);
         s.add(katapult("stm32h723xx", OCTOPUS, 0, 2)); // ours, right mode
     });
-    let b = hp.wait_for("octopus in Katapult", is_octopus_in(Mode::Katapult), t0 + Duration::from_secs(10)).await.unwrap();
+    let b =
+        hp.wait_for("octopus in Katapult", is_octopus_in(Mode::Katapult), t0 + Duration::from_secs(10)).await.unwrap();
     assert_eq!(b.identity.devnode.as_deref(), Some("/dev/ttyACM2"));
     assert_eq!(Instant::now() - t0, Duration::from_millis(300));
 }
@@ -182,7 +189,8 @@ async fn lost_event_is_recovered_by_rescan_at_the_deadline() {
     let (hp, script) = start(vec![]).await;
     script.add_silently(katapult("stm32h723xx", OCTOPUS, 0, 0));
     let t0 = Instant::now();
-    let b = hp.wait_for("octopus in Katapult", is_octopus_in(Mode::Katapult), t0 + Duration::from_secs(3)).await.unwrap();
+    let b =
+        hp.wait_for("octopus in Katapult", is_octopus_in(Mode::Katapult), t0 + Duration::from_secs(3)).await.unwrap();
     assert_eq!(b.identity.mode, Mode::Katapult);
     assert_eq!(Instant::now() - t0, Duration::from_secs(3), "found only at the deadline");
 }

@@ -136,7 +136,9 @@ fn message_for(ev: &udev::Event) -> Option<SourceMessage> {
     match ev.event_type() {
         udev::EventType::Add => Some(SourceMessage::Added(record(&ev.device()))),
         udev::EventType::Change => Some(SourceMessage::Changed(record(&ev.device()))),
-        udev::EventType::Remove => Some(SourceMessage::Removed { syspath: ev.syspath().to_string_lossy().into_owned() }),
+        udev::EventType::Remove => {
+            Some(SourceMessage::Removed { syspath: ev.syspath().to_string_lossy().into_owned() })
+        }
         _ => None,
     }
 }

@@ -84,11 +84,7 @@ pub enum KatapultError {
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("{what}: payload is {got} bytes, need at least {need}")]
-    ShortPayload {
-        what: &'static str,
-        need: usize,
-        got: usize,
-    },
+    ShortPayload { what: &'static str, need: usize, got: usize },
     #[error("unexpected response code {0:#04x}")]
     UnknownResponse(u8),
     #[error("expected an ACK for command {expected:#04x}, got one for {got:#04x}")]
@@ -146,10 +142,7 @@ impl Frame {
         }
         let expected = bytes[3] as usize * 4 + FRAME_OVERHEAD;
         if bytes.len() != expected {
-            return Err(FrameError::LengthMismatch {
-                expected,
-                got: bytes.len(),
-            });
+            return Err(FrameError::LengthMismatch { expected, got: bytes.len() });
         }
         check_body(bytes)
     }
@@ -166,10 +159,7 @@ fn check_body(bytes: &[u8]) -> Result<Frame, FrameError> {
     if found != computed {
         return Err(FrameError::BadCrc { found, computed });
     }
-    Ok(Frame {
-        cmd: bytes[2],
-        payload: bytes[4..n - 4].to_vec(),
-    })
+    Ok(Frame { cmd: bytes[2], payload: bytes[4..n - 4].to_vec() })
 }
 
 /// Streaming frame decoder. Feed it byte chunks with [`push`](Self::push) and pull frames
@@ -202,11 +192,7 @@ impl FrameDecoder {
     /// A decoder rejecting frames longer than `max_len` (a device uses
     /// [`DEVICE_MAX_FRAME_LEN`]).
     pub fn with_max_len(max_len: usize) -> Self {
-        FrameDecoder {
-            buf: Vec::new(),
-            need_sync: false,
-            max_len: max_len.max(FRAME_OVERHEAD),
-        }
+        FrameDecoder { buf: Vec::new(), need_sync: false, max_len: max_len.max(FRAME_OVERHEAD) }
     }
 
     /// Append received bytes.
@@ -260,10 +246,7 @@ impl FrameDecoder {
         }
         let len = self.buf[3] as usize * 4 + FRAME_OVERHEAD;
         if len > self.max_len {
-            return Some(Err(self.resync(FrameError::TooLong {
-                len,
-                max: self.max_len,
-            })));
+            return Some(Err(self.resync(FrameError::TooLong { len, max: self.max_len })));
         }
         if self.buf.len() < len {
             return None;
@@ -300,11 +283,7 @@ fn le32(bytes: &[u8], at: usize) -> u32 {
 
 fn need(what: &'static str, payload: &[u8], n: usize) -> Result<(), KatapultError> {
     if payload.len() < n {
-        Err(KatapultError::ShortPayload {
-            what,
-            need: n,
-            got: payload.len(),
-        })
+        Err(KatapultError::ShortPayload { what, need: n, got: payload.len() })
     } else {
         Ok(())
     }
@@ -379,10 +358,7 @@ impl Command {
             CMD_CONNECT => Command::Connect,
             CMD_SEND_BLOCK => {
                 need("SEND_BLOCK", p, 4)?;
-                Command::SendBlock {
-                    addr: le32(p, 0),
-                    data: p[4..].to_vec(),
-                }
+                Command::SendBlock { addr: le32(p, 0), data: p[4..].to_vec() }
             }
             CMD_SEND_EOF => Command::SendEof,
             CMD_REQUEST_BLOCK => {
@@ -434,20 +410,12 @@ impl ConnectInfo {
         };
         let mcu = std::str::from_utf8(mcu).map_err(|_| KatapultError::BadString("MCU name"))?;
         let version = match version {
-            Some(v) => Some(
-                std::str::from_utf8(v)
-                    .map_err(|_| KatapultError::BadString("Katapult version"))?
-                    .to_string(),
-            ),
+            Some(v) => {
+                Some(std::str::from_utf8(v).map_err(|_| KatapultError::BadString("Katapult version"))?.to_string())
+            }
             None => None,
         };
-        Ok(ConnectInfo {
-            proto_version,
-            app_start,
-            block_size,
-            mcu: mcu.to_string(),
-            version,
-        })
+        Ok(ConnectInfo { proto_version, app_start, block_size, mcu: mcu.to_string(), version })
     }
 
     /// The ACK payload after the acknowledged-command word, laid out like the firmware does:
@@ -520,10 +488,7 @@ impl Response {
             RESP_ACK => {
                 need("ACK", &frame.payload, 4)?;
                 let acked = le32(&frame.payload, 0);
-                Ok(Response::Ack {
-                    cmd: (acked & 0xff) as u8,
-                    payload: frame.payload[4..].to_vec(),
-                })
+                Ok(Response::Ack { cmd: (acked & 0xff) as u8, payload: frame.payload[4..].to_vec() })
             }
             RESP_NACK => Ok(Response::Nack),
             RESP_COMMAND_ERROR => Ok(Response::CommandError),
@@ -594,16 +559,11 @@ impl Response {
             }
             CMD_SEND_EOF => {
                 need("SEND_EOF ack", p, 4)?;
-                AckData::SendEof {
-                    page_count: le32(p, 0),
-                }
+                AckData::SendEof { page_count: le32(p, 0) }
             }
             CMD_REQUEST_BLOCK => {
                 need("REQUEST_BLOCK ack", p, 4)?;
-                AckData::RequestBlock {
-                    addr: le32(p, 0),
-                    data: p[4..].to_vec(),
-                }
+                AckData::RequestBlock { addr: le32(p, 0), data: p[4..].to_vec() }
             }
             CMD_COMPLETE => AckData::Complete,
             CMD_GET_CANBUS_ID => {
@@ -612,10 +572,7 @@ impl Response {
                 id.copy_from_slice(&p[..6]);
                 AckData::CanbusId(id)
             }
-            other => AckData::Other {
-                cmd: other,
-                payload: p.clone(),
-            },
+            other => AckData::Other { cmd: other, payload: p.clone() },
         })
     }
 
@@ -623,10 +580,7 @@ impl Response {
     pub fn expect_ack(&self, expected: u8) -> Result<AckData, KatapultError> {
         if let Response::Ack { cmd, .. } = self {
             if *cmd != expected {
-                return Err(KatapultError::WrongAck {
-                    expected,
-                    got: *cmd,
-                });
+                return Err(KatapultError::WrongAck { expected, got: *cmd });
             }
         }
         self.ack_data()
@@ -641,10 +595,7 @@ mod tests {
     fn hex(s: &str) -> Vec<u8> {
         let digits: String = s.chars().filter(|c| c.is_ascii_hexdigit()).collect();
         assert!(digits.len().is_multiple_of(2), "odd hex string");
-        (0..digits.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-            .collect()
+        (0..digits.len()).step_by(2).map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap()).collect()
     }
 
     fn h723_info() -> ConnectInfo {
@@ -659,8 +610,7 @@ mod tests {
 
     // Worked examples from the reference, §1.5, verbatim.
     const CONNECT_REQ: &str = "01 88 11 00 f1 7c 99 03";
-    const CONNECT_ACK: &str =
-        "01 88 a0 0d | 11 00 00 00 | 00 01 01 00 | 00 00 02 08 | 40 00 00 00 |
+    const CONNECT_ACK: &str = "01 88 a0 0d | 11 00 00 00 | 00 01 01 00 | 00 00 02 08 | 40 00 00 00 |
           73 74 6d 33 32 68 37 32 33 78 78 00 | 00 00 00 00 |
           76 30 2e 30 2e 31 2d 31 30 39 2d 67 39 30 32 66 33 33 35 00 | 47 7f | 99 03";
     const SEND_BLOCK_ACK: &str = "01 88 a0 02 12 00 00 00 00 00 02 08 d1 e6 99 03";
@@ -692,83 +642,45 @@ mod tests {
     fn connect_ack_60_bytes() {
         let bytes = hex(CONNECT_ACK);
         assert_eq!(bytes.len(), 60);
-        let enc = Response::ack(&AckData::Connect(h723_info()))
-            .encode()
-            .unwrap();
+        let enc = Response::ack(&AckData::Connect(h723_info())).encode().unwrap();
         assert_eq!(enc, bytes);
         let resp = Response::decode(&bytes).unwrap();
-        assert_eq!(
-            resp.expect_ack(CMD_CONNECT).unwrap(),
-            AckData::Connect(h723_info())
-        );
+        assert_eq!(resp.expect_ack(CMD_CONNECT).unwrap(), AckData::Connect(h723_info()));
     }
 
     #[test]
     fn connect_ack_parse_variants() {
         // MCU name already a multiple of 4 ("rp2040" is not; "lpc1769x" is 8): the zero
         // word is the only separator.
-        let info = ConnectInfo {
-            mcu: "lpc1769x".into(),
-            ..h723_info()
-        };
+        let info = ConnectInfo { mcu: "lpc1769x".into(), ..h723_info() };
         let body = info.encode_body();
         assert_eq!(ConnectInfo::parse(&body).unwrap(), info);
         // No version.
-        let info = ConnectInfo {
-            version: None,
-            mcu: "rp2040".into(),
-            ..h723_info()
-        };
+        let info = ConnectInfo { version: None, mcu: "rp2040".into(), ..h723_info() };
         assert_eq!(ConnectInfo::parse(&info.encode_body()).unwrap(), info);
         // Old CanBoot (proto 1.0.0): MCU only.
-        let info = ConnectInfo {
-            proto_version: (1, 0, 0),
-            version: None,
-            ..h723_info()
-        };
+        let info = ConnectInfo { proto_version: (1, 0, 0), version: None, ..h723_info() };
         let body = info.encode_body();
         assert_eq!(body.len(), 12 + 12);
         assert_eq!(ConnectInfo::parse(&body).unwrap(), info);
-        assert!(matches!(
-            ConnectInfo::parse(&[0; 8]),
-            Err(KatapultError::ShortPayload { .. })
-        ));
+        assert!(matches!(ConnectInfo::parse(&[0; 8]), Err(KatapultError::ShortPayload { .. })));
     }
 
     #[test]
     fn send_block_request_and_ack() {
         let data: Vec<u8> = (0..64u8).collect();
-        let req = Command::SendBlock {
-            addr: 0x0802_0000,
-            data: data.clone(),
-        }
-        .encode()
-        .unwrap();
+        let req = Command::SendBlock { addr: 0x0802_0000, data: data.clone() }.encode().unwrap();
         assert_eq!(req.len(), 76);
         assert_eq!(req[..8], hex("01 88 12 11 00 00 02 08")[..]);
         assert_eq!(req[8..72], data[..]);
         assert_eq!(req[74..], [0x99, 0x03]);
         let f = Frame::decode(&req).unwrap();
-        assert_eq!(
-            Command::from_frame(&f).unwrap(),
-            Command::SendBlock {
-                addr: 0x0802_0000,
-                data
-            }
-        );
+        assert_eq!(Command::from_frame(&f).unwrap(), Command::SendBlock { addr: 0x0802_0000, data });
 
         let ack = hex(SEND_BLOCK_ACK);
+        assert_eq!(Response::ack(&AckData::SendBlock { addr: 0x0802_0000 }).encode().unwrap(), ack);
         assert_eq!(
-            Response::ack(&AckData::SendBlock { addr: 0x0802_0000 })
-                .encode()
-                .unwrap(),
-            ack
-        );
-        assert_eq!(
-            Response::decode(&ack)
-                .unwrap()
-                .expect_ack(CMD_SEND_BLOCK)
-                .unwrap(),
+            Response::decode(&ack).unwrap().expect_ack(CMD_SEND_BLOCK).unwrap(),
             AckData::SendBlock { addr: 0x0802_0000 }
         );
     }
@@ -777,48 +689,24 @@ mod tests {
     fn send_eof() {
         assert_eq!(Command::SendEof.encode().unwrap(), hex(SEND_EOF_REQ));
         let ack = hex(SEND_EOF_ACK);
-        assert_eq!(
-            Response::ack(&AckData::SendEof { page_count: 1 })
-                .encode()
-                .unwrap(),
-            ack
-        );
-        assert_eq!(
-            Response::decode(&ack).unwrap().ack_data().unwrap(),
-            AckData::SendEof { page_count: 1 }
-        );
+        assert_eq!(Response::ack(&AckData::SendEof { page_count: 1 }).encode().unwrap(), ack);
+        assert_eq!(Response::decode(&ack).unwrap().ack_data().unwrap(), AckData::SendEof { page_count: 1 });
     }
 
     #[test]
     fn request_block() {
         let req = hex(REQUEST_BLOCK_REQ);
-        assert_eq!(
-            Command::RequestBlock { addr: 0x0802_0000 }
-                .encode()
-                .unwrap(),
-            req
-        );
+        assert_eq!(Command::RequestBlock { addr: 0x0802_0000 }.encode().unwrap(), req);
         let f = Frame::decode(&req).unwrap();
-        assert_eq!(
-            Command::from_frame(&f).unwrap(),
-            Command::RequestBlock { addr: 0x0802_0000 }
-        );
+        assert_eq!(Command::from_frame(&f).unwrap(), Command::RequestBlock { addr: 0x0802_0000 });
         // ACK: 01 88 a0 12 | 14 00 00 00 | 00 00 02 08 | <64 bytes> | crc | 99 03 (80 bytes)
         let data = vec![0xffu8; 64];
-        let ack = Response::ack(&AckData::RequestBlock {
-            addr: 0x0802_0000,
-            data: data.clone(),
-        })
-        .encode()
-        .unwrap();
+        let ack = Response::ack(&AckData::RequestBlock { addr: 0x0802_0000, data: data.clone() }).encode().unwrap();
         assert_eq!(ack.len(), 80);
         assert_eq!(ack[..12], hex("01 88 a0 12 14 00 00 00 00 00 02 08")[..]);
         assert_eq!(
             Response::decode(&ack).unwrap().ack_data().unwrap(),
-            AckData::RequestBlock {
-                addr: 0x0802_0000,
-                data
-            }
+            AckData::RequestBlock { addr: 0x0802_0000, data }
         );
     }
 
@@ -827,48 +715,30 @@ mod tests {
         assert_eq!(Command::Complete.encode().unwrap(), hex(COMPLETE_REQ));
         let ack = hex(COMPLETE_ACK);
         assert_eq!(Response::ack(&AckData::Complete).encode().unwrap(), ack);
-        assert_eq!(
-            Response::decode(&ack).unwrap().ack_data().unwrap(),
-            AckData::Complete
-        );
+        assert_eq!(Response::decode(&ack).unwrap().ack_data().unwrap(), AckData::Complete);
     }
 
     #[test]
     fn get_canbus_id() {
-        assert_eq!(
-            Command::GetCanbusId.encode().unwrap(),
-            hex(GET_CANBUS_ID_REQ)
-        );
+        assert_eq!(Command::GetCanbusId.encode().unwrap(), hex(GET_CANBUS_ID_REQ));
         let ack = hex(GET_CANBUS_ID_ACK);
         let id = [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff];
         assert_eq!(Response::ack(&AckData::CanbusId(id)).encode().unwrap(), ack);
-        assert_eq!(
-            Response::decode(&ack).unwrap().ack_data().unwrap(),
-            AckData::CanbusId(id)
-        );
+        assert_eq!(Response::decode(&ack).unwrap().ack_data().unwrap(), AckData::CanbusId(id));
     }
 
     #[test]
     fn prime_and_error_frames() {
-        assert_eq!(
-            Command::Unknown(CMD_PRIME).encode().unwrap(),
-            hex(PRIME_REQ)
-        );
+        assert_eq!(Command::Unknown(CMD_PRIME).encode().unwrap(), hex(PRIME_REQ));
         let f = Frame::decode(&hex(PRIME_REQ)).unwrap();
         assert_eq!(Command::from_frame(&f).unwrap(), Command::Unknown(0x90));
         assert_eq!(Response::Nack.encode().unwrap(), hex(NACK));
         assert_eq!(Response::CommandError.encode().unwrap(), hex(CMD_ERROR));
         assert_eq!(Response::Busy.encode().unwrap(), hex(BUSY));
         assert_eq!(Response::decode(&hex(NACK)).unwrap(), Response::Nack);
-        assert_eq!(
-            Response::decode(&hex(CMD_ERROR)).unwrap(),
-            Response::CommandError
-        );
+        assert_eq!(Response::decode(&hex(CMD_ERROR)).unwrap(), Response::CommandError);
         assert_eq!(Response::decode(&hex(BUSY)).unwrap(), Response::Busy);
-        assert!(matches!(
-            Response::decode(&hex(CMD_ERROR)).unwrap().ack_data(),
-            Err(KatapultError::NotAck(_))
-        ));
+        assert!(matches!(Response::decode(&hex(CMD_ERROR)).unwrap().ack_data(), Err(KatapultError::NotAck(_))));
     }
 
     #[test]
@@ -876,32 +746,20 @@ mod tests {
         let r = Response::decode(&hex(SEND_EOF_ACK)).unwrap();
         assert_eq!(
             r.expect_ack(CMD_CONNECT),
-            Err(KatapultError::WrongAck {
-                expected: CMD_CONNECT,
-                got: CMD_SEND_EOF
-            })
+            Err(KatapultError::WrongAck { expected: CMD_CONNECT, got: CMD_SEND_EOF })
         );
     }
 
     #[test]
     fn missing_address_is_an_error() {
         let f = Frame::new(CMD_REQUEST_BLOCK, vec![]).unwrap();
-        assert!(matches!(
-            Command::from_frame(&f),
-            Err(KatapultError::ShortPayload { .. })
-        ));
+        assert!(matches!(Command::from_frame(&f), Err(KatapultError::ShortPayload { .. })));
     }
 
     #[test]
     fn frame_new_validates() {
-        assert_eq!(
-            Frame::new(1, vec![0; 3]),
-            Err(FrameError::PayloadNotWordAligned(3))
-        );
-        assert_eq!(
-            Frame::new(1, vec![0; 1024]),
-            Err(FrameError::PayloadTooLong(1024))
-        );
+        assert_eq!(Frame::new(1, vec![0; 3]), Err(FrameError::PayloadNotWordAligned(3)));
+        assert_eq!(Frame::new(1, vec![0; 1024]), Err(FrameError::PayloadTooLong(1024)));
     }
 
     #[test]
@@ -929,13 +787,7 @@ mod tests {
         assert_eq!(out[0].as_ref().unwrap().cmd, CMD_CONNECT);
         assert_eq!(out[1].as_ref().unwrap().cmd, CMD_SEND_EOF);
         let out = d.feed(&hex(COMPLETE_REQ)[5..]);
-        assert_eq!(
-            out,
-            vec![Ok(Frame {
-                cmd: CMD_COMPLETE,
-                payload: vec![]
-            })]
-        );
+        assert_eq!(out, vec![Ok(Frame { cmd: CMD_COMPLETE, payload: vec![] })]);
     }
 
     #[test]
@@ -966,31 +818,17 @@ mod tests {
         let out = d.feed(&bad);
         assert_eq!(out, vec![Err(FrameError::BadTrailer([0x99, 0]))]);
         let out = d.feed(&hex(COMPLETE_REQ));
-        assert_eq!(
-            out,
-            vec![Ok(Frame {
-                cmd: CMD_COMPLETE,
-                payload: vec![]
-            })]
-        );
+        assert_eq!(out, vec![Ok(Frame { cmd: CMD_COMPLETE, payload: vec![] })]);
     }
 
     #[test]
     fn decoder_too_long_for_device() {
         let mut d = FrameDecoder::with_max_len(DEVICE_MAX_FRAME_LEN);
-        let big = Command::SendBlock {
-            addr: 0,
-            data: vec![0; 256],
-        }
-        .encode()
-        .unwrap();
+        let big = Command::SendBlock { addr: 0, data: vec![0; 256] }.encode().unwrap();
         let mut bytes = big;
         bytes.extend(hex(CONNECT_REQ));
         let out = d.feed(&bytes);
-        assert!(matches!(
-            out[0],
-            Err(FrameError::TooLong { len: 268, max: 128 })
-        ));
+        assert!(matches!(out[0], Err(FrameError::TooLong { len: 268, max: 128 })));
         // The payload of the oversized frame contains no 0x01, so the next frame is found.
         assert_eq!(out.last().unwrap().as_ref().unwrap().cmd, CMD_CONNECT);
         assert_eq!(out.iter().filter(|r| r.is_err()).count(), 1);
@@ -1000,9 +838,6 @@ mod tests {
     fn decode_exact_rejects_length_mismatch() {
         let mut b = hex(CONNECT_REQ);
         b.push(0);
-        assert!(matches!(
-            Frame::decode(&b),
-            Err(FrameError::LengthMismatch { .. })
-        ));
+        assert!(matches!(Frame::decode(&b), Err(FrameError::LengthMismatch { .. })));
     }
 }

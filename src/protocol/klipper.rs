@@ -175,18 +175,12 @@ impl MessageBlock {
         if content.len() > MESSAGE_PAYLOAD_MAX {
             return Err(KlipperError::ContentTooLong(content.len()));
         }
-        Ok(MessageBlock {
-            seq: seq & MESSAGE_SEQ_MASK,
-            content,
-        })
+        Ok(MessageBlock { seq: seq & MESSAGE_SEQ_MASK, content })
     }
 
     /// An empty (ack/nak) block.
     pub fn ack(seq: u8) -> Self {
-        MessageBlock {
-            seq: seq & MESSAGE_SEQ_MASK,
-            content: Vec::new(),
-        }
+        MessageBlock { seq: seq & MESSAGE_SEQ_MASK, content: Vec::new() }
     }
 
     /// True for an empty ack/nak block.
@@ -210,18 +204,12 @@ impl MessageBlock {
     /// Decode exactly one complete block.
     pub fn decode(bytes: &[u8]) -> Result<MessageBlock, KlipperError> {
         if bytes.len() < MESSAGE_MIN {
-            return Err(KlipperError::LengthMismatch {
-                expected: MESSAGE_MIN,
-                got: bytes.len(),
-            });
+            return Err(KlipperError::LengthMismatch { expected: MESSAGE_MIN, got: bytes.len() });
         }
         check_header(bytes)?;
         let expected = bytes[0] as usize;
         if bytes.len() != expected {
-            return Err(KlipperError::LengthMismatch {
-                expected,
-                got: bytes.len(),
-            });
+            return Err(KlipperError::LengthMismatch { expected, got: bytes.len() });
         }
         check_block(bytes)
     }
@@ -248,10 +236,7 @@ fn check_block(bytes: &[u8]) -> Result<MessageBlock, KlipperError> {
     if found != computed {
         return Err(KlipperError::BadCrc { found, computed });
     }
-    Ok(MessageBlock {
-        seq: bytes[1] & MESSAGE_SEQ_MASK,
-        content: bytes[2..n - 3].to_vec(),
-    })
+    Ok(MessageBlock { seq: bytes[1] & MESSAGE_SEQ_MASK, content: bytes[2..n - 3].to_vec() })
 }
 
 /// Streaming block decoder with the firmware's resync rules (Klipper src/command.c
@@ -373,30 +358,18 @@ impl IdentifyRequest {
     pub fn parse(buf: &[u8]) -> Result<(IdentifyRequest, usize), KlipperError> {
         let (id, mut pos) = decode_vlq(buf)?;
         if id != ID_IDENTIFY {
-            return Err(KlipperError::WrongMessageId {
-                expected: ID_IDENTIFY,
-                got: id,
-            });
+            return Err(KlipperError::WrongMessageId { expected: ID_IDENTIFY, got: id });
         }
         let (offset, n) = decode_vlq(&buf[pos..])?;
         pos += n;
         let (count, n) = decode_vlq(&buf[pos..])?;
         pos += n;
-        Ok((
-            IdentifyRequest {
-                offset,
-                count: count as u8,
-            },
-            pos,
-        ))
+        Ok((IdentifyRequest { offset, count: count as u8 }, pos))
     }
 
     /// The message framed in a block.
     pub fn to_block(&self, seq: u8) -> MessageBlock {
-        MessageBlock {
-            seq: seq & MESSAGE_SEQ_MASK,
-            content: self.encode(),
-        }
+        MessageBlock { seq: seq & MESSAGE_SEQ_MASK, content: self.encode() }
     }
 }
 
@@ -413,10 +386,7 @@ impl IdentifyResponse {
     pub fn for_request(req: &IdentifyRequest, compressed_dict: &[u8]) -> IdentifyResponse {
         let start = (req.offset as usize).min(compressed_dict.len());
         let end = (start + req.count as usize).min(compressed_dict.len());
-        IdentifyResponse {
-            offset: req.offset,
-            data: compressed_dict[start..end].to_vec(),
-        }
+        IdentifyResponse { offset: req.offset, data: compressed_dict[start..end].to_vec() }
     }
 
     /// The encoded message.
@@ -432,22 +402,13 @@ impl IdentifyResponse {
     pub fn parse(buf: &[u8]) -> Result<(IdentifyResponse, usize), KlipperError> {
         let (id, mut pos) = decode_vlq(buf)?;
         if id != ID_IDENTIFY_RESPONSE {
-            return Err(KlipperError::WrongMessageId {
-                expected: ID_IDENTIFY_RESPONSE,
-                got: id,
-            });
+            return Err(KlipperError::WrongMessageId { expected: ID_IDENTIFY_RESPONSE, got: id });
         }
         let (offset, n) = decode_vlq(&buf[pos..])?;
         pos += n;
         let (data, n) = decode_bytes(&buf[pos..])?;
         pos += n;
-        Ok((
-            IdentifyResponse {
-                offset,
-                data: data.to_vec(),
-            },
-            pos,
-        ))
+        Ok((IdentifyResponse { offset, data: data.to_vec() }, pos))
     }
 
     /// The message framed in a block.
@@ -483,16 +444,8 @@ impl DataDictionary {
         let v: Value = serde_json::from_str(text).map_err(|e| KlipperError::Json(e.to_string()))?;
         let obj = v.as_object().ok_or(KlipperError::NotAnObject)?;
         let s = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
-        let config = obj
-            .get("config")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
-        let mcu = config
-            .get("MCU")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        let config = obj.get("config").and_then(Value::as_object).cloned().unwrap_or_default();
+        let mcu = config.get("MCU").and_then(Value::as_str).unwrap_or_default().to_string();
         Ok(DataDictionary {
             version: s("version").unwrap_or_default(),
             build_versions: s("build_versions").unwrap_or_default(),
@@ -544,14 +497,9 @@ const MAX_DICT_SIZE: u64 = 4 * 1024 * 1024;
 fn inflate_limited(compressed: &[u8], limit: u64) -> Result<(Vec<u8>, usize), KlipperError> {
     let mut out = Vec::new();
     let mut dec = flate2::bufread::ZlibDecoder::new(compressed);
-    (&mut dec)
-        .take(limit)
-        .read_to_end(&mut out)
-        .map_err(|e| KlipperError::Zlib(e.to_string()))?;
+    (&mut dec).take(limit).read_to_end(&mut out).map_err(|e| KlipperError::Zlib(e.to_string()))?;
     if out.len() as u64 >= limit {
-        return Err(KlipperError::Zlib(format!(
-            "decompressed data exceeds {limit} bytes"
-        )));
+        return Err(KlipperError::Zlib(format!("decompressed data exceeds {limit} bytes")));
     }
     Ok((out, dec.total_in() as usize))
 }
@@ -582,10 +530,7 @@ impl IdentifyAssembler {
     /// offset is an error (klippy ignores it and asks again; [`IdentifyClient`] does too).
     pub fn push(&mut self, resp: &IdentifyResponse) -> Result<bool, KlipperError> {
         if resp.offset != self.next_offset() {
-            return Err(KlipperError::OutOfOrderChunk {
-                expected: self.next_offset(),
-                got: resp.offset,
-            });
+            return Err(KlipperError::OutOfOrderChunk { expected: self.next_offset(), got: resp.offset });
         }
         if resp.data.is_empty() {
             self.complete = true;
@@ -610,8 +555,7 @@ impl IdentifyAssembler {
 pub fn compress_dictionary(json: &str) -> Vec<u8> {
     use std::io::Write;
     let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
-    enc.write_all(json.as_bytes())
-        .expect("writing to a Vec cannot fail");
+    enc.write_all(json.as_bytes()).expect("writing to a Vec cannot fail");
     enc.finish().expect("writing to a Vec cannot fail")
 }
 
@@ -640,11 +584,7 @@ pub fn find_embedded_dictionary(image: &[u8]) -> Option<EmbeddedDictionary> {
         if hdr.is_multiple_of(31) {
             if let Ok((d, used)) = DataDictionary::from_zlib_prefix(&image[at..]) {
                 if d.is_klipper_family() {
-                    return Some(EmbeddedDictionary {
-                        offset: at,
-                        compressed_len: used,
-                        dictionary: d,
-                    });
+                    return Some(EmbeddedDictionary { offset: at, compressed_len: used, dictionary: d });
                 }
             }
         }
@@ -740,12 +680,7 @@ impl IdentifyClient {
     }
 
     fn request_bytes(&self) -> Vec<u8> {
-        IdentifyRequest {
-            offset: self.assembler.next_offset(),
-            count: self.chunk,
-        }
-        .to_block(self.sent_seq)
-        .encode()
+        IdentifyRequest { offset: self.assembler.next_offset(), count: self.chunk }.to_block(self.sent_seq).encode()
     }
 
     fn retry(&mut self) -> Result<Vec<u8>, KlipperError> {
@@ -809,10 +744,7 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         let digits: String = s.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-        (0..digits.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-            .collect()
+        (0..digits.len()).step_by(2).map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap()).collect()
     }
 
     fn vlq(v: u32) -> Vec<u8> {
@@ -865,21 +797,14 @@ mod tests {
         for &(v, size) in cases {
             let enc = vlq(v as u32);
             assert_eq!(enc.len(), size, "size of {v}");
-            assert_eq!(
-                decode_vlq(&enc).unwrap(),
-                (v as u32, size),
-                "roundtrip of {v}"
-            );
+            assert_eq!(decode_vlq(&enc).unwrap(), (v as u32, size), "roundtrip of {v}");
         }
         for v in (-70000i32..70000).step_by(7) {
             let enc = vlq(v as u32);
             assert_eq!(decode_vlq(&enc).unwrap().0 as i32, v);
         }
         assert_eq!(decode_vlq(&[0x81]), Err(KlipperError::VlqTruncated));
-        assert_eq!(
-            decode_vlq(&[0x81, 0x81, 0x81, 0x81, 0x81, 0x01]),
-            Err(KlipperError::VlqTooLong)
-        );
+        assert_eq!(decode_vlq(&[0x81, 0x81, 0x81, 0x81, 0x81, 0x01]), Err(KlipperError::VlqTooLong));
     }
 
     // Block bytes below were derived by hand from Protocol.md: len = 5 + content, seq byte
@@ -895,73 +820,25 @@ mod tests {
 
     #[test]
     fn identify_blocks() {
-        assert_eq!(
-            IdentifyRequest {
-                offset: 0,
-                count: 40
-            }
-            .to_block(0)
-            .encode(),
-            hex(IDENTIFY_0)
-        );
-        assert_eq!(
-            IdentifyRequest {
-                offset: 40,
-                count: 40
-            }
-            .to_block(1)
-            .encode(),
-            hex(IDENTIFY_40)
-        );
-        assert_eq!(
-            IdentifyRequest {
-                offset: 200,
-                count: 40
-            }
-            .to_block(3)
-            .encode(),
-            hex(IDENTIFY_200)
-        );
+        assert_eq!(IdentifyRequest { offset: 0, count: 40 }.to_block(0).encode(), hex(IDENTIFY_0));
+        assert_eq!(IdentifyRequest { offset: 40, count: 40 }.to_block(1).encode(), hex(IDENTIFY_40));
+        assert_eq!(IdentifyRequest { offset: 200, count: 40 }.to_block(3).encode(), hex(IDENTIFY_200));
         assert_eq!(MessageBlock::ack(1).encode(), hex(ACK_1));
         let b = MessageBlock::decode(&hex(IDENTIFY_200)).unwrap();
         assert_eq!(b.seq, 3);
-        assert_eq!(
-            IdentifyRequest::parse(&b.content).unwrap(),
-            (
-                IdentifyRequest {
-                    offset: 200,
-                    count: 40
-                },
-                4
-            )
-        );
+        assert_eq!(IdentifyRequest::parse(&b.content).unwrap(), (IdentifyRequest { offset: 200, count: 40 }, 4));
     }
 
     #[test]
     fn identify_response_blocks() {
-        let r = IdentifyResponse {
-            offset: 0,
-            data: b"abc".to_vec(),
-        };
+        let r = IdentifyResponse { offset: 0, data: b"abc".to_vec() };
         assert_eq!(r.to_block(1).unwrap().encode(), hex(RESP_ABC));
         let b = MessageBlock::decode(&hex(RESP_END)).unwrap();
-        assert_eq!(
-            IdentifyResponse::parse(&b.content).unwrap().0,
-            IdentifyResponse {
-                offset: 3,
-                data: vec![]
-            }
-        );
+        assert_eq!(IdentifyResponse::parse(&b.content).unwrap().0, IdentifyResponse { offset: 3, data: vec![] });
         let dict = b"0123456789";
-        let req = IdentifyRequest {
-            offset: 8,
-            count: 40,
-        };
+        let req = IdentifyRequest { offset: 8, count: 40 };
         assert_eq!(IdentifyResponse::for_request(&req, dict).data, b"89");
-        let req = IdentifyRequest {
-            offset: 80,
-            count: 40,
-        };
+        let req = IdentifyRequest { offset: 80, count: 40 };
         assert!(IdentifyResponse::for_request(&req, dict).data.is_empty());
     }
 
@@ -969,23 +846,14 @@ mod tests {
     fn block_decode_errors() {
         let mut b = hex(IDENTIFY_0);
         b[5] ^= 1;
-        assert!(matches!(
-            MessageBlock::decode(&b),
-            Err(KlipperError::BadCrc { .. })
-        ));
+        assert!(matches!(MessageBlock::decode(&b), Err(KlipperError::BadCrc { .. })));
         let mut b = hex(IDENTIFY_0);
         b[7] = 0;
         assert_eq!(MessageBlock::decode(&b), Err(KlipperError::BadSync));
         let mut b = hex(IDENTIFY_0);
         b[1] = 0x20;
-        assert_eq!(
-            MessageBlock::decode(&b),
-            Err(KlipperError::BadSequence(0x20))
-        );
-        assert_eq!(
-            MessageBlock::decode(&hex("41 10 00 00 7e")),
-            Err(KlipperError::BadLength(0x41))
-        );
+        assert_eq!(MessageBlock::decode(&b), Err(KlipperError::BadSequence(0x20)));
+        assert_eq!(MessageBlock::decode(&hex("41 10 00 00 7e")), Err(KlipperError::BadLength(0x41)));
         assert!(MessageBlock::new(0, vec![0; 60]).is_err());
     }
 
@@ -1038,14 +906,8 @@ mod tests {
         assert_eq!(d.constant("CLOCK_FREQ").as_deref(), Some("520000000"));
         assert_eq!(d.raw_json, sample_json());
         assert!(d.is_klipper_family());
-        assert!(matches!(
-            DataDictionary::from_zlib(b"nope"),
-            Err(KlipperError::Zlib(_))
-        ));
-        assert!(matches!(
-            DataDictionary::from_json("[1]"),
-            Err(KlipperError::NotAnObject)
-        ));
+        assert!(matches!(DataDictionary::from_zlib(b"nope"), Err(KlipperError::Zlib(_))));
+        assert!(matches!(DataDictionary::from_json("[1]"), Err(KlipperError::NotAnObject)));
     }
 
     #[test]
@@ -1059,13 +921,7 @@ mod tests {
         let mut a = IdentifyAssembler::new();
         let mut off = 0u32;
         loop {
-            let r = IdentifyResponse::for_request(
-                &IdentifyRequest {
-                    offset: off,
-                    count: 40,
-                },
-                &z,
-            );
+            let r = IdentifyResponse::for_request(&IdentifyRequest { offset: off, count: 40 }, &z);
             let last = r.data.is_empty();
             assert_eq!(a.push(&r).unwrap(), last);
             if last {
@@ -1076,14 +932,8 @@ mod tests {
         assert_eq!(a.finish().unwrap().mcu, "stm32h723xx");
         let mut a = IdentifyAssembler::new();
         assert!(matches!(
-            a.push(&IdentifyResponse {
-                offset: 5,
-                data: vec![1]
-            }),
-            Err(KlipperError::OutOfOrderChunk {
-                expected: 0,
-                got: 5
-            })
+            a.push(&IdentifyResponse { offset: 5, data: vec![1] }),
+            Err(KlipperError::OutOfOrderChunk { expected: 0, got: 5 })
         ));
     }
 
@@ -1099,23 +949,13 @@ mod tests {
         img.extend(vec![0xff; 100]);
         let found = find_embedded_dictionary(&img).unwrap();
         assert_eq!(found.offset, at);
-        assert_eq!(
-            found.compressed_len,
-            compress_dictionary(&sample_json()).len()
-        );
+        assert_eq!(found.compressed_len, compress_dictionary(&sample_json()).len());
         assert_eq!(found.dictionary.version, "v0.12.0-300-gdeadbeef");
 
         let kalico = sample_json().replace("\"Klipper\"", "\"Kalico\"");
         let mut img = vec![0u8; 64];
         img.extend(compress_dictionary(&kalico));
-        assert_eq!(
-            find_embedded_dictionary(&img)
-                .unwrap()
-                .dictionary
-                .app
-                .as_deref(),
-            Some("Kalico")
-        );
+        assert_eq!(find_embedded_dictionary(&img).unwrap().dictionary.app.as_deref(), Some("Kalico"));
 
         assert!(find_embedded_dictionary(&[0xff; 4096]).is_none());
         assert!(find_embedded_dictionary(&[0x78]).is_none());
@@ -1149,20 +989,13 @@ mod tests {
         }
     }
 
-    fn run_client(
-        mcu: &mut FakeMcu,
-        client: &mut IdentifyClient,
-        byte_at_a_time: bool,
-    ) -> DataDictionary {
+    fn run_client(mcu: &mut FakeMcu, client: &mut IdentifyClient, byte_at_a_time: bool) -> DataDictionary {
         let mut to_mcu = client.start();
         for _ in 0..1000 {
             let reply = mcu.feed(&to_mcu);
             to_mcu = Vec::new();
-            let chunks: Vec<Vec<u8>> = if byte_at_a_time {
-                reply.iter().map(|b| vec![*b]).collect()
-            } else {
-                vec![reply]
-            };
+            let chunks: Vec<Vec<u8>> =
+                if byte_at_a_time { reply.iter().map(|b| vec![*b]).collect() } else { vec![reply] };
             for c in chunks {
                 match client.feed(&c).unwrap() {
                     IdentifyProgress::Send(b) => to_mcu.extend(b),
@@ -1180,11 +1013,7 @@ mod tests {
     #[test]
     fn identify_client_fresh_mcu() {
         let dict = compress_dictionary(&sample_json());
-        let mut mcu = FakeMcu {
-            next_seq: 0,
-            dict,
-            dec: BlockDecoder::new(),
-        };
+        let mut mcu = FakeMcu { next_seq: 0, dict, dec: BlockDecoder::new() };
         let mut c = IdentifyClient::new();
         // The first request is exactly IDENTIFY_0 preceded by a sync byte.
         let mut c2 = IdentifyClient::new();
@@ -1201,11 +1030,7 @@ mod tests {
         // A firmware that was talked to before expects sequence 9: it naks the first
         // request, the client resends with 9 and carries on.
         let dict = compress_dictionary(&sample_json());
-        let mut mcu = FakeMcu {
-            next_seq: 9,
-            dict,
-            dec: BlockDecoder::new(),
-        };
+        let mut mcu = FakeMcu { next_seq: 9, dict, dec: BlockDecoder::new() };
         let mut c = IdentifyClient::new();
         let d = run_client(&mut mcu, &mut c, true);
         assert_eq!(d.app.as_deref(), Some("Klipper"));

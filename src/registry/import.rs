@@ -26,10 +26,7 @@ pub struct ImportReport {
 
 /// Where kalico-flash usually lives: `~/kalico_flash/kflash/devices.json` (its repo checkout).
 pub fn default_sources() -> Vec<PathBuf> {
-    ["kalico_flash", "kalico-flash"]
-        .iter()
-        .map(|d| super::expand_home(&format!("~/{d}/kflash/devices.json")))
-        .collect()
+    ["kalico_flash", "kalico-flash"].iter().map(|d| super::expand_home(&format!("~/{d}/kflash/devices.json"))).collect()
 }
 
 /// kalico-flash's config cache: `$XDG_CONFIG_HOME/kalico-flash/configs/<key>/.config`.
@@ -45,7 +42,12 @@ pub fn resolve_source(path: &Path) -> Option<PathBuf> {
 }
 
 /// Import into `reg` (in memory) and, unless `dry_run`, save the registry and copy configs.
-pub fn import_kalico_flash(reg: &mut Registry, devices_json: &Path, configs_root: &Path, dry_run: bool) -> Result<ImportReport> {
+pub fn import_kalico_flash(
+    reg: &mut Registry,
+    devices_json: &Path,
+    configs_root: &Path,
+    dry_run: bool,
+) -> Result<ImportReport> {
     let text = std::fs::read_to_string(devices_json).map_err(|e| Error::io("read", devices_json, e))?;
     let root: Value = serde_json::from_str(&text).map_err(|e| Error::FileParse {
         path: devices_json.to_path_buf(),
@@ -102,10 +104,7 @@ fn board_from_json(key: &str, dev: &Value) -> std::result::Result<BoardEntry, St
     // The pattern carries the full MCU and chip id (`usb-Klipper_stm32h723xx_<id>*`); the
     // stored `mcu` is often shortened (`stm32h723`).
     let parsed = pattern.strip_suffix('*').and_then(ByIdName::parse);
-    let serial = parsed
-        .as_ref()
-        .and_then(|n| n.serial.clone())
-        .filter(|s| !s.contains(['*', '?', '[']));
+    let serial = parsed.as_ref().and_then(|n| n.serial.clone()).filter(|s| !s.contains(['*', '?', '[']));
     let mcu = match (field("mcu"), parsed.as_ref().map(|n| n.model.clone())) {
         (Some(stored), Some(full)) if super::mcu_compatible(&stored, &full) => full,
         (Some(stored), _) => stored,
@@ -143,7 +142,9 @@ fn import_global(settings: &mut Settings, root: &Value, report: &mut ImportRepor
                 settings.katapult_dir = s.clone();
                 true
             }
-            ("default_flash_method", Value::String(s)) if settings.default_flash_method == defaults.default_flash_method => {
+            ("default_flash_method", Value::String(s))
+                if settings.default_flash_method == defaults.default_flash_method =>
+            {
                 match FlashMethod::parse(s) {
                     Ok(m) if m != FlashMethod::Default => {
                         settings.default_flash_method = m;
@@ -155,7 +156,9 @@ fn import_global(settings: &mut Settings, root: &Value, report: &mut ImportRepor
                     }
                 }
             }
-            ("allow_flash_fallback", Value::Bool(b)) if settings.allow_flash_fallback == defaults.allow_flash_fallback => {
+            ("allow_flash_fallback", Value::Bool(b))
+                if settings.allow_flash_fallback == defaults.allow_flash_fallback =>
+            {
                 settings.allow_flash_fallback = *b;
                 true
             }

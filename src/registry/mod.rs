@@ -117,7 +117,8 @@ impl BoardEntry {
             return Err(format!("board '{}' needs `serial` or `serial_pattern` to be recognised", self.key));
         }
         if let Some(p) = &self.serial_pattern {
-            glob::Pattern::new(p).map_err(|e| format!("board '{}': serial_pattern '{p}' is not a valid glob: {e}", self.key))?;
+            glob::Pattern::new(p)
+                .map_err(|e| format!("board '{}': serial_pattern '{p}' is not a valid glob: {e}", self.key))?;
         }
         Ok(())
     }
@@ -254,7 +255,8 @@ impl Settings {
             return Err("service_command must not be empty".into());
         }
         for b in &self.blocked {
-            glob::Pattern::new(&b.pattern).map_err(|e| format!("blocked pattern '{}' is not a valid glob: {e}", b.pattern))?;
+            glob::Pattern::new(&b.pattern)
+                .map_err(|e| format!("blocked pattern '{}' is not a valid glob: {e}", b.pattern))?;
         }
         Ok(())
     }
@@ -280,16 +282,13 @@ impl Settings {
         let mut cursor = &mut table;
         let parts: Vec<&str> = dotted_key.split('.').collect();
         for (i, part) in parts.iter().enumerate() {
-            let t = cursor
-                .as_table_mut()
-                .ok_or_else(|| Error::InvalidInput(format!("'{dotted_key}' is not a setting")))?;
+            let t =
+                cursor.as_table_mut().ok_or_else(|| Error::InvalidInput(format!("'{dotted_key}' is not a setting")))?;
             if i + 1 == parts.len() {
                 t.insert(part.to_string(), value.clone());
                 break;
             }
-            cursor = t
-                .get_mut(*part)
-                .ok_or_else(|| Error::InvalidInput(format!("unknown setting '{dotted_key}'")))?;
+            cursor = t.get_mut(*part).ok_or_else(|| Error::InvalidInput(format!("unknown setting '{dotted_key}'")))?;
         }
         let text = toml::to_string(&table).map_err(|e| Error::InvalidInput(e.to_string()))?;
         let parsed: Settings = toml::from_str(&text)
@@ -419,10 +418,15 @@ impl Registry {
             return Err(Error::BoardConflict(format!("a board with key '{}' is already registered", entry.key)));
         }
         if let Some(other) = self.boards.values().find(|b| b.name.eq_ignore_ascii_case(&entry.name)) {
-            return Err(Error::BoardConflict(format!("the name '{}' is already used by board '{}'", entry.name, other.key)));
+            return Err(Error::BoardConflict(format!(
+                "the name '{}' is already used by board '{}'",
+                entry.name, other.key
+            )));
         }
         if let Some(serial) = &entry.serial {
-            if let Some(other) = self.boards.values().find(|b| b.serial.as_ref() == Some(serial) && mcu_compatible(&b.mcu, &entry.mcu)) {
+            if let Some(other) =
+                self.boards.values().find(|b| b.serial.as_ref() == Some(serial) && mcu_compatible(&b.mcu, &entry.mcu))
+            {
                 return Err(Error::BoardConflict(format!(
                     "the {} with serial {serial} is already registered as '{}'",
                     entry.mcu, other.key
@@ -444,7 +448,10 @@ impl Registry {
         entry.key = key.to_string();
         entry.validate().map_err(Error::InvalidInput)?;
         if let Some(other) = self.boards.values().find(|b| b.key != key && b.name.eq_ignore_ascii_case(&entry.name)) {
-            return Err(Error::BoardConflict(format!("the name '{}' is already used by board '{}'", entry.name, other.key)));
+            return Err(Error::BoardConflict(format!(
+                "the name '{}' is already used by board '{}'",
+                entry.name, other.key
+            )));
         }
         self.boards.insert(key.to_string(), entry);
         Ok(&self.boards[key])

@@ -38,10 +38,8 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// Serialize `value` as TOML (with a header comment) and replace `path` atomically.
 pub fn save_toml<T: Serialize>(path: &Path, header: &str, value: &T) -> Result<()> {
-    let body = toml::to_string_pretty(value).map_err(|e| Error::FileInvalid {
-        path: path.to_path_buf(),
-        message: format!("cannot be written: {e}"),
-    })?;
+    let body = toml::to_string_pretty(value)
+        .map_err(|e| Error::FileInvalid { path: path.to_path_buf(), message: format!("cannot be written: {e}") })?;
     write_atomic(path, format!("{header}{body}").as_bytes())
 }
 

@@ -219,10 +219,7 @@ fn import_from_kalico_flash() {
     assert_eq!(reg.settings.klipper_dir, "~/kalico");
     assert!(!reg.settings.allow_flash_fallback);
     assert_eq!(reg.settings.blocked.len(), 2);
-    assert_eq!(
-        std::fs::read_to_string(reg.config_path("octopus-pro-v1-1")).unwrap(),
-        "CONFIG_MCU=\"stm32h723xx\"\n"
-    );
+    assert_eq!(std::fs::read_to_string(reg.config_path("octopus-pro-v1-1")).unwrap(), "CONFIG_MCU=\"stm32h723xx\"\n");
 
     // A second import takes nothing twice.
     let mut reg = reg;

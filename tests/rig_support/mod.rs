@@ -21,10 +21,7 @@ pub fn by_id(board: (&str, &str, &str), vendor: &str) -> String {
 
 /// Refuse to run outside the rig: these tests drive simulated USB gadgets.
 pub fn in_rig() {
-    assert!(
-        std::env::var_os("KFLASH_RIG").is_some(),
-        "this scenario runs inside the USB rig: tests/rig/run-scenarios"
-    );
+    assert!(std::env::var_os("KFLASH_RIG").is_some(), "this scenario runs inside the USB rig: tests/rig/run-scenarios");
 }
 
 pub fn run(program: &str, args: &[&str]) -> Output {
@@ -128,9 +125,7 @@ impl Watch {
 
     /// The next line, or panic after `secs`.
     pub fn next(&self, secs: u64) -> serde_json::Value {
-        self.lines
-            .recv_timeout(Duration::from_secs(secs))
-            .unwrap_or_else(|_| panic!("no watch line within {secs} s"))
+        self.lines.recv_timeout(Duration::from_secs(secs)).unwrap_or_else(|_| panic!("no watch line within {secs} s"))
     }
 
     /// `n` lines, each within `secs`.
@@ -148,10 +143,8 @@ impl Watch {
         std::thread::spawn(move || {
             let _ = tx.send(child.wait());
         });
-        let status = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("watch did not exit within 10 s of SIGINT")
-            .unwrap();
+        let status =
+            rx.recv_timeout(Duration::from_secs(10)).expect("watch did not exit within 10 s of SIGINT").unwrap();
         assert!(status.success(), "watch exited with {status} after Ctrl-C");
         // stdout is closed now, so the reader thread has delivered everything.
         self.lines.iter().collect()
@@ -160,7 +153,8 @@ impl Watch {
 
 /// `(action, device-key-or-serial, mode)` of a watch record, for compact assertions.
 pub fn summary(v: &serde_json::Value) -> (String, String, String) {
-    let who = v["device"].as_str().map(str::to_string).unwrap_or_else(|| v["serial"].as_str().unwrap_or("?").to_string());
+    let who =
+        v["device"].as_str().map(str::to_string).unwrap_or_else(|| v["serial"].as_str().unwrap_or("?").to_string());
     (v["action"].as_str().unwrap().to_string(), who, v["mode"].as_str().unwrap().to_string())
 }
 
@@ -346,7 +340,12 @@ impl ServiceLog {
 
     /// Exactly one stop and then one start of klipper, and it is active now.
     pub fn assert_klipper_stopped_and_restarted(&self) {
-        assert_eq!(self.verbs("klipper"), ["stop", "start"], "systemctl.log since the scenario began: {:?}", self.entries());
+        assert_eq!(
+            self.verbs("klipper"),
+            ["stop", "start"],
+            "systemctl.log since the scenario began: {:?}",
+            self.entries()
+        );
         assert!(klipper_is_active(), "klipper is not active afterwards");
     }
 }
@@ -387,11 +386,8 @@ impl EventLog {
 
     /// No `flash-start` / `flash-complete` for any board but `except` since the mark.
     pub fn assert_no_writes_except(&self, except: &str) {
-        let writes: Vec<serde_json::Value> = self
-            .events()
-            .into_iter()
-            .filter(|e| e["board"] != except && is_write(e))
-            .collect();
+        let writes: Vec<serde_json::Value> =
+            self.events().into_iter().filter(|e| e["board"] != except && is_write(e)).collect();
         assert!(writes.is_empty(), "written to other boards than {except}: {writes:?}");
     }
 
@@ -500,7 +496,8 @@ impl Background {
 /// `GET path` on the Moonraker stand-in (127.0.0.1:7125); the parsed JSON body, or why not.
 pub fn try_moonraker_get(path: &str) -> Result<serde_json::Value, String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", 7125)).map_err(|e| format!("connect to the Moonraker stand-in: {e}"))?;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 7125))
+        .map_err(|e| format!("connect to the Moonraker stand-in: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
     let mut resp = String::new();

@@ -58,7 +58,11 @@ impl FakeBootloader {
     fn answer(&mut self, cmd: Command) -> Response {
         match cmd {
             Command::Connect => Response::ack(&AckData::Connect(ConnectInfo {
-                proto_version: ((PROTO_VERSION_1_1_0 >> 16) as u8, (PROTO_VERSION_1_1_0 >> 8) as u8, PROTO_VERSION_1_1_0 as u8),
+                proto_version: (
+                    (PROTO_VERSION_1_1_0 >> 16) as u8,
+                    (PROTO_VERSION_1_1_0 >> 8) as u8,
+                    PROTO_VERSION_1_1_0 as u8,
+                ),
                 app_start: self.app_start,
                 block_size: 64,
                 mcu: self.mcu.clone(),
@@ -114,7 +118,11 @@ fn expect(mcu: &str, start: u32) -> Expectation {
     Expectation { mcu: mcu.into(), app_start: Some(start) }
 }
 
-async fn run(dev: &mut FakeBootloader, img: &[u8], exp: &Expectation) -> (Result<FlashReport, FlashError>, Vec<FlashEvent>) {
+async fn run(
+    dev: &mut FakeBootloader,
+    img: &[u8],
+    exp: &Expectation,
+) -> (Result<FlashReport, FlashError>, Vec<FlashEvent>) {
     let mut events = Vec::new();
     let mut session = KatapultSession::new(dev, Policy::default());
     let r = session.flash(img, exp, &mut |e| events.push(e.clone())).await;
@@ -200,7 +208,8 @@ async fn a_silent_bootloader_times_out_after_all_tries() {
 
 #[test]
 fn missing_app_address_is_refused() {
-    let info = ConnectInfo { proto_version: (1, 1, 0), app_start: START, block_size: 64, mcu: "rp2040".into(), version: None };
+    let info =
+        ConnectInfo { proto_version: (1, 1, 0), app_start: START, block_size: 64, mcu: "rp2040".into(), version: None };
     let r = check_target(&info, &Expectation { mcu: "rp2040".into(), app_start: None }, &[]);
     assert!(matches!(r, Err(FlashError::NoAppAddress)));
 }

@@ -46,9 +46,7 @@ enum Addr {
 impl Addr {
     fn get(self, what: &str) -> Result<u32> {
         match self {
-            Addr::Int(i) => {
-                u32::try_from(i).with_context(|| format!("{what}: {i} is not a 32-bit address"))
-            }
+            Addr::Int(i) => u32::try_from(i).with_context(|| format!("{what}: {i} is not a 32-bit address")),
             Addr::Str(s) => parse_u32(&s).map_err(|e| anyhow::anyhow!("{what}: {e}")),
         }
     }
@@ -152,32 +150,20 @@ pub fn parse_boards(text: &str, base_dir: &Path) -> Result<Vec<BoardConfig>> {
         let what = format!("board '{}'", b.name);
         if b.name.is_empty()
             || b.name.len() > 32
-            || !b
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !b.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            bail!(
-                "board name '{}' must be 1-32 characters of A-Z a-z 0-9 - _",
-                b.name
-            );
+            bail!("board name '{}' must be 1-32 characters of A-Z a-z 0-9 - _", b.name);
         }
         if out.iter().any(|o| o.name == b.name) {
             bail!("board name '{}' is used twice", b.name);
         }
         for (field, v) in [("mcu", &b.mcu), ("serial", &b.serial)] {
-            if v.is_empty()
-                || v.len() > 126
-                || v.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
+            if v.is_empty() || v.len() > 126 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 bail!("{what}: {field} '{v}' must be non-empty without whitespace");
             }
         }
         let mut profile = profile_for(&b.mcu).with_context(|| {
-            format!(
-                "{what}: unknown MCU family '{}' (known: stm32f0/f1/f2/f4/g0/g4/h7, rp2040, rp2350)",
-                b.mcu
-            )
+            format!("{what}: unknown MCU family '{}' (known: stm32f0/f1/f2/f4/g0/g4/h7, rp2040, rp2350)", b.mcu)
         })?;
         if let Some(p) = b.page_size {
             if p == 0 || !p.is_power_of_two() || p < 64 {
@@ -198,10 +184,7 @@ pub fn parse_boards(text: &str, base_dir: &Path) -> Result<Vec<BoardConfig>> {
         {
             bail!("{what}: app_start {app_start:#x} is not a 64-byte aligned address inside flash");
         }
-        let app = b
-            .app
-            .or_else(|| d.app.clone())
-            .unwrap_or_else(|| "Klipper".into());
+        let app = b.app.or_else(|| d.app.clone()).unwrap_or_else(|| "Klipper".into());
         if app != "Klipper" && app != "Kalico" {
             bail!("{what}: app must be \"Klipper\" or \"Kalico\", not '{app}'");
         }
@@ -213,16 +196,10 @@ pub fn parse_boards(text: &str, base_dir: &Path) -> Result<Vec<BoardConfig>> {
         let timings = Timings {
             reboot_delay_ms: t(b.timings.reboot_delay_ms, d.timings.reboot_delay_ms, 1400),
             block_latency_ms: t(b.timings.block_latency_ms, d.timings.block_latency_ms, 0),
-            complete_delay_ms: t(
-                b.timings.complete_delay_ms,
-                d.timings.complete_delay_ms,
-                100,
-            ),
+            complete_delay_ms: t(b.timings.complete_delay_ms, d.timings.complete_delay_ms, 100),
         };
         let mode = b.mode.unwrap_or(Mode::Klipper);
-        let image = b
-            .image
-            .map(|p| if p.is_relative() { base_dir.join(p) } else { p });
+        let image = b.image.map(|p| if p.is_relative() { base_dir.join(p) } else { p });
         out.push(BoardConfig {
             katapult_serial: b.katapult_serial.unwrap_or_else(|| b.serial.clone()),
             name: b.name,
@@ -230,10 +207,7 @@ pub fn parse_boards(text: &str, base_dir: &Path) -> Result<Vec<BoardConfig>> {
             serial: b.serial,
             mode,
             plugged: b.plugged.unwrap_or(true),
-            version: b
-                .version
-                .or_else(|| d.version.clone())
-                .unwrap_or_else(|| DEFAULT_VERSION.into()),
+            version: b.version.or_else(|| d.version.clone()).unwrap_or_else(|| DEFAULT_VERSION.into()),
             app,
             app_start,
             katapult_version: b
@@ -250,20 +224,14 @@ pub fn parse_boards(text: &str, base_dir: &Path) -> Result<Vec<BoardConfig>> {
     }
     for (i, a) in out.iter().enumerate() {
         if let Some(b) = out[i + 1..].iter().find(|b| b.udc == a.udc) {
-            bail!(
-                "boards '{}' and '{}' both use dummy_udc.{}",
-                a.name,
-                b.name,
-                a.udc
-            );
+            bail!("boards '{}' and '{}' both use dummy_udc.{}", a.name, b.name, a.udc);
         }
     }
     Ok(out)
 }
 
 pub fn load_boards(path: &Path) -> Result<Vec<BoardConfig>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read boards file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read boards file {}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse_boards(&text, base).with_context(|| format!("boards file {}", path.display()))
 }
@@ -283,10 +251,7 @@ mod tests {
         assert_eq!(b[2].app_start, 0x0800_8000);
         assert_eq!(b[3].serial, "mmb_cubic");
         assert!(!b[3].plugged);
-        assert_eq!(
-            b.iter().map(|b| b.udc).collect::<Vec<_>>(),
-            vec![0, 1, 2, 3]
-        );
+        assert_eq!(b.iter().map(|b| b.udc).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
         assert_eq!(b[0].timings.reboot_delay_ms, 1400);
         assert_eq!(b[0].timings.complete_delay_ms, 100);
     }
@@ -322,20 +287,10 @@ mod tests {
         assert_eq!(b.profile.pages, PageLayout::Uniform(4096));
         assert_eq!(b.image.as_deref(), Some(Path::new("/base/img/klipper.bin")));
         assert_eq!(b.faults, vec![Fault::Busy(2), Fault::IgnoreTouch]);
-        assert_eq!(
-            b.timings,
-            Timings {
-                reboot_delay_ms: 200,
-                block_latency_ms: 5,
-                complete_delay_ms: 100
-            }
-        );
+        assert_eq!(b.timings, Timings { reboot_delay_ms: 200, block_latency_ms: 5, complete_delay_ms: 100 });
         // hex integer form
         let text = "[[board]]\nname='x'\nmcu='rp2040'\nserial='S'\napp_start=0x10008000\n";
-        assert_eq!(
-            parse_boards(text, Path::new("/")).unwrap()[0].app_start,
-            0x1000_8000
-        );
+        assert_eq!(parse_boards(text, Path::new("/")).unwrap()[0].app_start, 0x1000_8000);
     }
 
     #[test]
@@ -344,16 +299,9 @@ mod tests {
         assert!(e("").contains("no [[board]]"));
         assert!(e("[[board]]\nname='a'\nmcu='avr'\nserial='s'").contains("unknown MCU"));
         assert!(e("[[board]]\nname='a b'\nmcu='rp2040'\nserial='s'").contains("board name"));
-        assert!(
-            e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\ncolour=1").contains("unknown field")
-        );
-        assert!(
-            e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\nfaults=['nope']")
-                .contains("unknown fault")
-        );
-        assert!(
-            e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\napp_start=5").contains("app_start")
-        );
+        assert!(e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\ncolour=1").contains("unknown field"));
+        assert!(e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\nfaults=['nope']").contains("unknown fault"));
+        assert!(e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\napp_start=5").contains("app_start"));
         assert!(e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\napp='x'").contains("app must be"));
         let dup = "[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\n[[board]]\nname='b'\nmcu='rp2040'\nserial='t'\nudc=0";
         assert!(e(dup).contains("both use dummy_udc.0"));

@@ -75,28 +75,13 @@ pub struct Response {
 
 impl Response {
     pub fn ok(result: Value) -> Response {
-        Response {
-            ok: true,
-            error: None,
-            timeout: false,
-            result,
-        }
+        Response { ok: true, error: None, timeout: false, result }
     }
     pub fn err(msg: impl Into<String>) -> Response {
-        Response {
-            ok: false,
-            error: Some(msg.into()),
-            timeout: false,
-            result: Value::Null,
-        }
+        Response { ok: false, error: Some(msg.into()), timeout: false, result: Value::Null }
     }
     pub fn timeout(msg: impl Into<String>) -> Response {
-        Response {
-            ok: false,
-            error: Some(msg.into()),
-            timeout: true,
-            result: Value::Null,
-        }
+        Response { ok: false, error: Some(msg.into()), timeout: true, result: Value::Null }
     }
 }
 
@@ -144,12 +129,8 @@ pub fn call(
             },
         }
     };
-    let io_err = |e: std::io::Error| {
-        ClientError::Unreachable(format!("talking to the board simulator: {e}"))
-    };
-    stream
-        .set_read_timeout(Some(read_timeout))
-        .map_err(io_err)?;
+    let io_err = |e: std::io::Error| ClientError::Unreachable(format!("talking to the board simulator: {e}"));
+    stream.set_read_timeout(Some(read_timeout)).map_err(io_err)?;
     let mut line = serde_json::to_string(req).expect("requests serialize");
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io_err)?;
@@ -163,13 +144,10 @@ pub fn call(
         _ => io_err(e),
     })?;
     if resp.trim().is_empty() {
-        return Err(ClientError::Unreachable(
-            "the board simulator closed the connection without answering".into(),
-        ));
+        return Err(ClientError::Unreachable("the board simulator closed the connection without answering".into()));
     }
-    serde_json::from_str(&resp).map_err(|e| {
-        ClientError::Unreachable(format!("bad answer from the board simulator: {e}: {resp}"))
-    })
+    serde_json::from_str(&resp)
+        .map_err(|e| ClientError::Unreachable(format!("bad answer from the board simulator: {e}: {resp}")))
 }
 
 #[cfg(test)]
@@ -178,14 +156,8 @@ mod tests {
 
     #[test]
     fn wire_format() {
-        let r = Request::Plug {
-            board: "a".into(),
-            mode: Some(Mode::Katapult),
-        };
-        assert_eq!(
-            serde_json::to_string(&r).unwrap(),
-            r#"{"cmd":"plug","board":"a","mode":"katapult"}"#
-        );
+        let r = Request::Plug { board: "a".into(), mode: Some(Mode::Katapult) };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"cmd":"plug","board":"a","mode":"katapult"}"#);
         let r: Request = serde_json::from_str(r#"{"cmd":"wait-ready","timeout_ms":5}"#).unwrap();
         assert_eq!(r, Request::WaitReady { timeout_ms: 5 });
         let ok = serde_json::to_string(&Response::ok(Value::Null)).unwrap();

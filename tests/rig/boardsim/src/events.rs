@@ -13,17 +13,15 @@ pub struct EventLog {
 }
 
 pub fn now_unix() -> f64 {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     (d.as_millis() as f64) / 1000.0
 }
 
 impl EventLog {
     /// Create (truncate) the log file.
     pub fn create(path: &Path) -> anyhow::Result<EventLog> {
-        let file = File::create(path)
-            .map_err(|e| anyhow::anyhow!("cannot create event log {}: {e}", path.display()))?;
+        let file =
+            File::create(path).map_err(|e| anyhow::anyhow!("cannot create event log {}: {e}", path.display()))?;
         Ok(EventLog { file: Some(file) })
     }
 

@@ -37,13 +37,11 @@ impl Fault {
             None => (spec, None),
         };
         fn need<'a>(name: &str, v: Option<&'a str>) -> Result<&'a str, String> {
-            v.filter(|s| !s.is_empty())
-                .ok_or_else(|| format!("fault '{name}' needs a value ({name}=...)"))
+            v.filter(|s| !s.is_empty()).ok_or_else(|| format!("fault '{name}' needs a value ({name}=...)"))
         }
         let count = |v: Option<&str>| -> Result<u32, String> {
             let v = need(name, v)?;
-            v.parse::<u32>()
-                .map_err(|_| format!("fault '{name}': '{v}' is not a non-negative integer"))
+            v.parse::<u32>().map_err(|_| format!("fault '{name}': '{v}' is not a non-negative integer"))
         };
         let no_value = |v: Option<&str>| match v {
             None => Ok(()),
@@ -56,9 +54,8 @@ impl Fault {
             "rom-dfu" => no_value(value).map(|_| Fault::RomDfu)?,
             "slow-return" => {
                 let v = need(name, value)?;
-                let secs: f64 = v
-                    .parse()
-                    .map_err(|_| format!("fault 'slow-return': '{v}' is not a number of seconds"))?;
+                let secs: f64 =
+                    v.parse().map_err(|_| format!("fault 'slow-return': '{v}' is not a number of seconds"))?;
                 if !(0.0..=3600.0).contains(&secs) {
                     return Err(format!("fault 'slow-return': {secs} s is out of range 0..3600"));
                 }
@@ -70,9 +67,7 @@ impl Fault {
             "wrong-mcu" => Fault::WrongMcu(need(name, value)?.to_string()),
             "wrong-app-start" => {
                 let v = need(name, value)?;
-                Fault::WrongAppStart(
-                    parse_u32(v).map_err(|e| format!("fault 'wrong-app-start': {e}"))?,
-                )
+                Fault::WrongAppStart(parse_u32(v).map_err(|e| format!("fault 'wrong-app-start': {e}"))?)
             }
             other => {
                 return Err(format!(
@@ -246,24 +241,13 @@ mod tests {
     #[test]
     fn parse_all() {
         assert_eq!(Fault::parse("no-return").unwrap(), Fault::NoReturn);
-        assert_eq!(
-            Fault::parse("slow-return=2.5").unwrap(),
-            Fault::SlowReturn(2.5)
-        );
+        assert_eq!(Fault::parse("slow-return=2.5").unwrap(), Fault::SlowReturn(2.5));
         assert_eq!(Fault::parse("busy=3").unwrap(), Fault::Busy(3));
-        assert_eq!(
-            Fault::parse("wrong-app-start=0x8008000").unwrap(),
-            Fault::WrongAppStart(0x8008000)
-        );
-        assert_eq!(
-            Fault::parse("wrong-mcu=stm32f446xx").unwrap(),
-            Fault::WrongMcu("stm32f446xx".into())
-        );
+        assert_eq!(Fault::parse("wrong-app-start=0x8008000").unwrap(), Fault::WrongAppStart(0x8008000));
+        assert_eq!(Fault::parse("wrong-mcu=stm32f446xx").unwrap(), Fault::WrongMcu("stm32f446xx".into()));
         assert!(Fault::parse("busy").is_err());
         assert!(Fault::parse("no-return=1").is_err());
-        assert!(Fault::parse("frobnicate")
-            .unwrap_err()
-            .contains("unknown fault"));
+        assert!(Fault::parse("frobnicate").unwrap_err().contains("unknown fault"));
         assert!(Fault::parse("busy=x").is_err());
         for s in [
             "no-return",

@@ -2,8 +2,7 @@
 //! table followed by a zlib level-9 JSON data dictionary, like a real klipper.bin has.
 
 use kflash::protocol::klipper::{
-    compress_dictionary, find_embedded_dictionary, DataDictionary, IDENTIFY_FORMAT,
-    IDENTIFY_RESPONSE_FORMAT,
+    compress_dictionary, find_embedded_dictionary, DataDictionary, IDENTIFY_FORMAT, IDENTIFY_RESPONSE_FORMAT,
 };
 use serde_json::{json, Map};
 
@@ -74,68 +73,24 @@ pub fn profile_for(mcu: &str) -> Option<McuProfile> {
         rom_usb: STM32_DFU,
     };
     let p = if m.starts_with("stm32h7") {
-        let size = if m.starts_with("stm32h723") || m.starts_with("stm32h750") {
-            1024 * 1024
-        } else {
-            2 * 1024 * 1024
-        };
-        let clock = if m.starts_with("stm32h723") {
-            520_000_000
-        } else {
-            400_000_000
-        };
+        let size = if m.starts_with("stm32h723") || m.starts_with("stm32h750") { 1024 * 1024 } else { 2 * 1024 * 1024 };
+        let clock = if m.starts_with("stm32h723") { 520_000_000 } else { 400_000_000 };
         stm32(size, PageLayout::Uniform(128 * 1024), 0x0802_0000, clock)
     } else if m.starts_with("stm32f4") || m.starts_with("stm32f2") {
-        let size = if m.starts_with("stm32f401") || m.starts_with("stm32f446") {
-            512 * 1024
-        } else {
-            1024 * 1024
-        };
-        let clock = if m.starts_with("stm32f446") {
-            180_000_000
-        } else {
-            168_000_000
-        };
+        let size = if m.starts_with("stm32f401") || m.starts_with("stm32f446") { 512 * 1024 } else { 1024 * 1024 };
+        let clock = if m.starts_with("stm32f446") { 180_000_000 } else { 168_000_000 };
         stm32(size, PageLayout::Stm32F4, 0x0800_8000, clock)
     } else if m.starts_with("stm32f0") {
-        let page = if m.starts_with("stm32f042") {
-            1024
-        } else {
-            2048
-        };
-        stm32(
-            128 * 1024,
-            PageLayout::Uniform(page),
-            0x0800_2000,
-            48_000_000,
-        )
+        let page = if m.starts_with("stm32f042") { 1024 } else { 2048 };
+        stm32(128 * 1024, PageLayout::Uniform(page), 0x0800_2000, 48_000_000)
     } else if m.starts_with("stm32f1") {
-        stm32(
-            128 * 1024,
-            PageLayout::Uniform(1024),
-            0x0800_2000,
-            72_000_000,
-        )
+        stm32(128 * 1024, PageLayout::Uniform(1024), 0x0800_2000, 72_000_000)
     } else if m.starts_with("stm32g0") {
-        stm32(
-            512 * 1024,
-            PageLayout::Uniform(2048),
-            0x0800_2000,
-            64_000_000,
-        )
+        stm32(512 * 1024, PageLayout::Uniform(2048), 0x0800_2000, 64_000_000)
     } else if m.starts_with("stm32g4") {
-        stm32(
-            512 * 1024,
-            PageLayout::Uniform(2048),
-            0x0800_2000,
-            150_000_000,
-        )
+        stm32(512 * 1024, PageLayout::Uniform(2048), 0x0800_2000, 150_000_000)
     } else if m.starts_with("rp2040") || m.starts_with("rp2350") {
-        let rom = if m.starts_with("rp2350") {
-            (0x2e8a, 0x000f, "Raspberry Pi", "RP2350 Boot")
-        } else {
-            RP2_BOOT
-        };
+        let rom = if m.starts_with("rp2350") { (0x2e8a, 0x000f, "Raspberry Pi", "RP2350 Boot") } else { RP2_BOOT };
         McuProfile {
             flash_base: 0x1000_0000,
             flash_size: 2 * 1024 * 1024,
@@ -250,35 +205,21 @@ mod tests {
 
     #[test]
     fn standin_image_boots() {
-        let json = dictionary_json(
-            "Klipper",
-            "v0.12.0-300-gdeadbeef",
-            "stm32h723xx",
-            520_000_000,
-        );
+        let json = dictionary_json("Klipper", "v0.12.0-300-gdeadbeef", "stm32h723xx", 520_000_000);
         assert!(json.starts_with(r#"{"app":"Klipper","build_versions":"#));
         let img = standin_image(0x0802_0000, 0x2002_0000, &json);
         match AppCheck::inspect(&img) {
-            AppCheck::Klipper {
-                dictionary,
-                compressed,
-            } => {
+            AppCheck::Klipper { dictionary, compressed } => {
                 assert_eq!(dictionary.version, "v0.12.0-300-gdeadbeef");
                 assert_eq!(dictionary.mcu, "stm32h723xx");
                 assert_eq!(compressed[..2], [0x78, 0xda]);
-                assert_eq!(
-                    DataDictionary::from_zlib(&compressed).unwrap().raw_json,
-                    json
-                );
+                assert_eq!(DataDictionary::from_zlib(&compressed).unwrap().raw_json, json);
             }
             other => panic!("{other:?}"),
         }
         let mut blank = img.clone();
         blank[..4].copy_from_slice(&[0xff; 4]);
         assert_eq!(AppCheck::inspect(&blank), AppCheck::NoApplication);
-        assert_eq!(
-            AppCheck::inspect(&[0x00, 0x10, 0x00, 0x20, 1, 2, 3]),
-            AppCheck::NoDictionary
-        );
+        assert_eq!(AppCheck::inspect(&[0x00, 0x10, 0x00, 0x20, 1, 2, 3]), AppCheck::NoDictionary);
     }
 }

@@ -27,12 +27,7 @@ pub struct FlashMemory {
 
 impl FlashMemory {
     pub fn new(base: u32, size: u32, layout: PageLayout) -> Self {
-        FlashMemory {
-            base,
-            size,
-            layout,
-            pages: BTreeMap::new(),
-        }
+        FlashMemory { base, size, layout, pages: BTreeMap::new() }
     }
 
     /// One past the last flash address.
@@ -199,12 +194,7 @@ impl KatapultDevice {
     }
 
     /// Feed received bytes; returns replies and events in order. `faults` supplies `busy`.
-    pub fn feed(
-        &mut self,
-        bytes: &[u8],
-        flash: &mut FlashMemory,
-        faults: &mut Faults,
-    ) -> Vec<KatapultOutput> {
+    pub fn feed(&mut self, bytes: &[u8], flash: &mut FlashMemory, faults: &mut Faults) -> Vec<KatapultOutput> {
         self.decoder.push(bytes);
         let mut out = Vec::new();
         while let Some(item) = self.decoder.next_frame() {
@@ -216,18 +206,13 @@ impl KatapultDevice {
                     if nacked {
                         out.push(KatapultOutput::Reply(Response::Nack));
                     }
-                    out.push(KatapultOutput::Event(KatapultEvent::FramingError {
-                        error,
-                        nacked,
-                    }));
+                    out.push(KatapultOutput::Event(KatapultEvent::FramingError { error, nacked }));
                 }
                 Ok(frame) => {
                     self.need_valid = false;
                     if faults.take_busy() {
                         out.push(KatapultOutput::Reply(Response::Busy));
-                        out.push(KatapultOutput::Event(KatapultEvent::Busy {
-                            cmd: frame.cmd,
-                        }));
+                        out.push(KatapultOutput::Event(KatapultEvent::Busy { cmd: frame.cmd }));
                         continue;
                     }
                     match Command::from_frame(&frame) {
@@ -250,43 +235,28 @@ impl KatapultDevice {
         let bs = self.info.block_size;
         match cmd {
             Command::Connect => {
-                out.push(KatapultOutput::Reply(Response::ack(&AckData::Connect(
-                    self.info.clone(),
-                ))));
+                out.push(KatapultOutput::Reply(Response::ack(&AckData::Connect(self.info.clone()))));
                 out.push(KatapultOutput::Event(KatapultEvent::Connected));
             }
             Command::SendBlock { addr, data } => match self.write_block(addr, &data, flash) {
                 Ok((erased_page, retransmit)) => {
                     self.blocks_acked += 1;
-                    out.push(KatapultOutput::Reply(Response::ack(&AckData::SendBlock {
-                        addr,
-                    })));
-                    out.push(KatapultOutput::Event(KatapultEvent::BlockWritten {
-                        addr,
-                        erased_page,
-                        retransmit,
-                    }));
+                    out.push(KatapultOutput::Reply(Response::ack(&AckData::SendBlock { addr })));
+                    out.push(KatapultOutput::Event(KatapultEvent::BlockWritten { addr, erased_page, retransmit }));
                 }
                 Err(reason) => {
                     out.push(KatapultOutput::Reply(Response::CommandError));
-                    out.push(KatapultOutput::Event(KatapultEvent::BlockRejected {
-                        addr,
-                        reason,
-                    }));
+                    out.push(KatapultOutput::Event(KatapultEvent::BlockRejected { addr, reason }));
                 }
             },
             Command::SendEof => {
                 let pages = self.page_write_count;
-                out.push(KatapultOutput::Reply(Response::ack(&AckData::SendEof {
-                    page_count: pages,
-                })));
+                out.push(KatapultOutput::Reply(Response::ack(&AckData::SendEof { page_count: pages })));
                 out.push(KatapultOutput::Event(KatapultEvent::Eof { pages }));
             }
             Command::RequestBlock { addr } => {
                 let data = flash.read(addr, bs as usize);
-                out.push(KatapultOutput::Reply(Response::ack(
-                    &AckData::RequestBlock { addr, data },
-                )));
+                out.push(KatapultOutput::Reply(Response::ack(&AckData::RequestBlock { addr, data })));
             }
             Command::Complete => {
                 self.completed = true;
@@ -303,12 +273,7 @@ impl KatapultDevice {
     }
 
     /// Returns (erased a page, was an identical retransmit).
-    fn write_block(
-        &mut self,
-        addr: u32,
-        data: &[u8],
-        flash: &mut FlashMemory,
-    ) -> Result<(bool, bool), WriteError> {
+    fn write_block(&mut self, addr: u32, data: &[u8], flash: &mut FlashMemory) -> Result<(bool, bool), WriteError> {
         let bs = self.info.block_size;
         if data.len() != bs as usize {
             return Err(WriteError::WrongLength(data.len()));
@@ -328,9 +293,7 @@ impl KatapultDevice {
         if page == addr {
             if flash.is_erased(addr, page_size) {
                 // already erased
-            } else if flash.read(addr, bs as usize) == data
-                && flash.is_erased(addr + bs, page_size - bs)
-            {
+            } else if flash.read(addr, bs as usize) == data && flash.is_erased(addr + bs, page_size - bs) {
                 return Ok((false, true));
             } else {
                 erase = true;
@@ -366,18 +329,10 @@ mod tests {
             mcu: "stm32f446xx".into(),
             version: Some("v0.0.1-sim".into()),
         };
-        (
-            KatapultDevice::new(info),
-            FlashMemory::new(0x0800_0000, 512 * 1024, PageLayout::Stm32F4),
-        )
+        (KatapultDevice::new(info), FlashMemory::new(0x0800_0000, 512 * 1024, PageLayout::Stm32F4))
     }
 
-    fn send(
-        dev: &mut KatapultDevice,
-        flash: &mut FlashMemory,
-        f: &mut Faults,
-        cmd: Command,
-    ) -> Vec<Response> {
+    fn send(dev: &mut KatapultDevice, flash: &mut FlashMemory, f: &mut Faults, cmd: Command) -> Vec<Response> {
         replies(dev.feed(&cmd.encode().unwrap(), flash, f))
     }
 
@@ -391,10 +346,7 @@ mod tests {
     }
 
     fn block(addr: u32, fill: u8) -> Command {
-        Command::SendBlock {
-            addr,
-            data: vec![fill; 64],
-        }
+        Command::SendBlock { addr, data: vec![fill; 64] }
     }
 
     #[test]
@@ -402,52 +354,20 @@ mod tests {
         let (mut d, mut fl) = device();
         let mut f = Faults::default();
         let r = send(&mut d, &mut fl, &mut f, Command::Connect);
-        assert!(
-            matches!(r[0].ack_data().unwrap(), AckData::Connect(ref i) if i.app_start == START)
-        );
+        assert!(matches!(r[0].ack_data().unwrap(), AckData::Connect(ref i) if i.app_start == START));
         // Two pages: 0x08008000 (16K sector) and 0x0800C000.
         for i in 0..3u32 {
             let r = send(&mut d, &mut fl, &mut f, block(START + i * 64, i as u8));
-            assert_eq!(
-                r,
-                vec![Response::ack(&AckData::SendBlock {
-                    addr: START + i * 64
-                })]
-            );
+            assert_eq!(r, vec![Response::ack(&AckData::SendBlock { addr: START + i * 64 })]);
         }
         let r = send(&mut d, &mut fl, &mut f, block(0x0800_C000, 7));
-        assert_eq!(
-            r[0].ack_data().unwrap(),
-            AckData::SendBlock { addr: 0x0800_C000 }
-        );
+        assert_eq!(r[0].ack_data().unwrap(), AckData::SendBlock { addr: 0x0800_C000 });
         let r = send(&mut d, &mut fl, &mut f, Command::SendEof);
         assert_eq!(r[0].ack_data().unwrap(), AckData::SendEof { page_count: 2 });
-        let r = send(
-            &mut d,
-            &mut fl,
-            &mut f,
-            Command::RequestBlock { addr: START + 64 },
-        );
-        assert_eq!(
-            r[0].ack_data().unwrap(),
-            AckData::RequestBlock {
-                addr: START + 64,
-                data: vec![1; 64]
-            }
-        );
-        let r = send(
-            &mut d,
-            &mut fl,
-            &mut f,
-            Command::RequestBlock { addr: START + 4096 },
-        );
-        assert_eq!(
-            r[0].ack_data().unwrap(),
-            AckData::RequestBlock {
-                addr: START + 4096,
-                data: vec![0xff; 64]
-            }
-        );
+        let r = send(&mut d, &mut fl, &mut f, Command::RequestBlock { addr: START + 64 });
+        assert_eq!(r[0].ack_data().unwrap(), AckData::RequestBlock { addr: START + 64, data: vec![1; 64] });
+        let r = send(&mut d, &mut fl, &mut f, Command::RequestBlock { addr: START + 4096 });
+        assert_eq!(r[0].ack_data().unwrap(), AckData::RequestBlock { addr: START + 4096, data: vec![0xff; 64] });
         assert_eq!(d.blocks_acked, 4);
     }
 
@@ -458,26 +378,17 @@ mod tests {
         send(&mut d, &mut fl, &mut f, block(START, 1));
         // identical retransmit of a page's first block while the rest is erased: accepted,
         // no extra page count
-        assert!(send(&mut d, &mut fl, &mut f, block(START, 1))[0]
-            .ack_data()
-            .is_ok());
+        assert!(send(&mut d, &mut fl, &mut f, block(START, 1))[0].ack_data().is_ok());
         assert_eq!(d.page_write_count, 1);
         send(&mut d, &mut fl, &mut f, block(START + 64, 2));
         // identical retransmit inside the page: accepted
-        assert!(send(&mut d, &mut fl, &mut f, block(START + 64, 2))[0]
-            .ack_data()
-            .is_ok());
+        assert!(send(&mut d, &mut fl, &mut f, block(START + 64, 2))[0].ack_data().is_ok());
         // different data over a written block inside the page: error (out of order)
-        assert_eq!(
-            send(&mut d, &mut fl, &mut f, block(START + 64, 3)),
-            vec![Response::CommandError]
-        );
+        assert_eq!(send(&mut d, &mut fl, &mut f, block(START + 64, 3)), vec![Response::CommandError]);
         assert_eq!(d.page_write_count, 1);
         // the first block again once later blocks exist: the page is erased and counted
         // again (like the firmware), which also wipes the later blocks
-        assert!(send(&mut d, &mut fl, &mut f, block(START, 9))[0]
-            .ack_data()
-            .is_ok());
+        assert!(send(&mut d, &mut fl, &mut f, block(START, 9))[0].ack_data().is_ok());
         assert_eq!(d.page_write_count, 2);
         assert_eq!(fl.read(START, 2), vec![9, 9]);
         assert_eq!(fl.read(START + 64, 4), vec![0xff; 4]);
@@ -491,10 +402,7 @@ mod tests {
         assert_eq!(send(&mut d, &mut fl, &mut f, block(START - 64, 1)), err);
         assert_eq!(send(&mut d, &mut fl, &mut f, block(START + 4, 1)), err);
         assert_eq!(send(&mut d, &mut fl, &mut f, block(0x0808_0000, 1)), err);
-        let short = Command::SendBlock {
-            addr: START,
-            data: vec![0; 32],
-        };
+        let short = Command::SendBlock { addr: START, data: vec![0; 32] };
         assert_eq!(send(&mut d, &mut fl, &mut f, short), err);
         let no_addr = Frame::new(0x12, vec![]).unwrap().encode();
         assert_eq!(replies(d.feed(&no_addr, &mut fl, &mut f)), err);
@@ -512,10 +420,7 @@ mod tests {
         let mut bytes = bad.clone();
         bytes.extend(&bad);
         bytes.extend([0x42, 0x43]);
-        assert_eq!(
-            replies(d.feed(&bytes, &mut fl, &mut f)),
-            vec![Response::Nack]
-        );
+        assert_eq!(replies(d.feed(&bytes, &mut fl, &mut f)), vec![Response::Nack]);
         let r = send(&mut d, &mut fl, &mut f, Command::Connect);
         assert_eq!(r.len(), 1);
         assert!(r[0].ack_data().is_ok());
@@ -530,17 +435,9 @@ mod tests {
     fn busy_fault() {
         let (mut d, mut fl) = device();
         let mut f = Faults::new(vec![Fault::Busy(2)]);
-        assert_eq!(
-            send(&mut d, &mut fl, &mut f, Command::Connect),
-            vec![Response::Busy]
-        );
-        assert_eq!(
-            send(&mut d, &mut fl, &mut f, Command::Connect),
-            vec![Response::Busy]
-        );
-        assert!(send(&mut d, &mut fl, &mut f, Command::Connect)[0]
-            .ack_data()
-            .is_ok());
+        assert_eq!(send(&mut d, &mut fl, &mut f, Command::Connect), vec![Response::Busy]);
+        assert_eq!(send(&mut d, &mut fl, &mut f, Command::Connect), vec![Response::Busy]);
+        assert!(send(&mut d, &mut fl, &mut f, Command::Connect)[0].ack_data().is_ok());
     }
 
     #[test]

@@ -43,22 +43,9 @@ impl UsbIdentity {
             return None;
         }
         let clean = |s: &str| -> String {
-            s.chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || "#+-.:=@_".contains(c) {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect()
+            s.chars().map(|c| if c.is_ascii_alphanumeric() || "#+-.:=@_".contains(c) { c } else { '_' }).collect()
         };
-        Some(format!(
-            "usb-{}_{}_{}-if00",
-            clean(&self.manufacturer),
-            clean(&self.product),
-            clean(&self.serial)
-        ))
+        Some(format!("usb-{}_{}_{}-if00", clean(&self.manufacturer), clean(&self.product), clean(&self.serial)))
     }
 }
 
@@ -77,8 +64,7 @@ pub struct Gadget {
 }
 
 fn write_attr(path: &Path, value: &str) -> Result<()> {
-    fs::write(path, value)
-        .with_context(|| format!("cannot write '{}' to {}", value.trim_end(), path.display()))
+    fs::write(path, value).with_context(|| format!("cannot write '{}' to {}", value.trim_end(), path.display()))
 }
 
 fn mkdir(path: &Path) -> Result<()> {
@@ -98,10 +84,7 @@ pub fn check_environment() -> Result<Vec<String>> {
         );
     }
     let mut udcs: Vec<String> = match fs::read_dir("/sys/class/udc") {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
+        Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
         Err(_) => Vec::new(),
     };
     udcs.sort();
@@ -115,8 +98,8 @@ pub fn check_environment() -> Result<Vec<String>> {
 /// (/sys/devices/platform/dummy_hcd.N/usbB).
 pub fn host_bus(udc_index: usize) -> Result<u32> {
     let dir = format!("/sys/devices/platform/dummy_hcd.{udc_index}");
-    let rd = fs::read_dir(&dir)
-        .with_context(|| format!("cannot read {dir} (is dummy_hcd loaded with enough num=?)"))?;
+    let rd =
+        fs::read_dir(&dir).with_context(|| format!("cannot read {dir} (is dummy_hcd loaded with enough num=?)"))?;
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some(n) = name.strip_prefix("usb") {
@@ -143,15 +126,9 @@ pub struct HostView {
 
 /// Look at /sys/devices/platform/dummy_hcd.N/usbB/B-1 and /dev/serial/by-id.
 pub fn host_view(udc_index: usize, bus: u32) -> HostView {
-    let dev = PathBuf::from(format!(
-        "/sys/devices/platform/dummy_hcd.{udc_index}/usb{bus}/{bus}-1"
-    ));
+    let dev = PathBuf::from(format!("/sys/devices/platform/dummy_hcd.{udc_index}/usb{bus}/{bus}-1"));
     let mut v = HostView::default();
-    let read = |f: &str| {
-        fs::read_to_string(dev.join(f))
-            .ok()
-            .map(|s| s.trim().to_string())
-    };
+    let read = |f: &str| fs::read_to_string(dev.join(f)).ok().map(|s| s.trim().to_string());
     let (Some(vid), Some(pid)) = (read("idVendor"), read("idProduct")) else {
         return v;
     };
@@ -176,10 +153,7 @@ pub fn host_view(udc_index: usize, bus: u32) -> HostView {
         if let Ok(rd) = fs::read_dir("/dev/serial/by-id") {
             for e in rd.flatten() {
                 if fs::canonicalize(e.path()).ok().as_deref() == Some(node.as_path()) {
-                    v.by_id = Some(format!(
-                        "/dev/serial/by-id/{}",
-                        e.file_name().to_string_lossy()
-                    ));
+                    v.by_id = Some(format!("/dev/serial/by-id/{}", e.file_name().to_string_lossy()));
                     break;
                 }
             }
@@ -194,15 +168,12 @@ impl Gadget {
     pub fn create(board: &str, udc_index: usize) -> Result<Gadget> {
         let udc = format!("dummy_udc.{udc_index}");
         if !Path::new("/sys/class/udc").join(&udc).exists() {
-            let have = check_environment()
-                .map(|u| u.join(", "))
-                .unwrap_or_default();
+            let have = check_environment().map(|u| u.join(", ")).unwrap_or_default();
             bail!("board '{board}' needs {udc}, but /sys/class/udc has [{have}] (start the rig with more --udcs)");
         }
         let dir = Path::new(CONFIGFS_GADGETS).join(format!("{GADGET_PREFIX}{board}"));
         if dir.exists() {
-            remove_gadget_dir(&dir)
-                .with_context(|| format!("cannot remove stale gadget {}", dir.display()))?;
+            remove_gadget_dir(&dir).with_context(|| format!("cannot remove stale gadget {}", dir.display()))?;
         }
         mkdir(&dir)?;
         write_attr(&dir.join("bcdUSB"), "0x0200")?;
@@ -226,8 +197,7 @@ impl Gadget {
             Ok(()) => Some(ss_name),
             Err(_) => None,
         };
-        std::os::unix::fs::symlink(&acm, cfg.join(&acm_name))
-            .context("cannot link the ACM function into c.1")?;
+        std::os::unix::fs::symlink(&acm, cfg.join(&acm_name)).context("cannot link the ACM function into c.1")?;
         Ok(Gadget {
             dir,
             udc,
@@ -250,24 +220,14 @@ impl Gadget {
     }
 
     fn set_function(&mut self, f: Function) -> Result<()> {
-        let f = if f == Function::SourceSink && self.ss_name.is_none() {
-            Function::Acm
-        } else {
-            f
-        };
+        let f = if f == Function::SourceSink && self.ss_name.is_none() { Function::Acm } else { f };
         if f == self.function {
             return Ok(());
         }
         let cfg = self.dir.join("configs/c.1");
         let (old, new) = match f {
-            Function::Acm => (
-                self.ss_name.clone().unwrap_or_default(),
-                self.acm_name.clone(),
-            ),
-            Function::SourceSink => (
-                self.acm_name.clone(),
-                self.ss_name.clone().unwrap_or_default(),
-            ),
+            Function::Acm => (self.ss_name.clone().unwrap_or_default(), self.acm_name.clone()),
+            Function::SourceSink => (self.acm_name.clone(), self.ss_name.clone().unwrap_or_default()),
         };
         fs::remove_file(cfg.join(&old)).with_context(|| format!("cannot unlink {old} from c.1"))?;
         std::os::unix::fs::symlink(self.dir.join("functions").join(&new), cfg.join(&new))
@@ -289,10 +249,7 @@ impl Gadget {
         write_attr(&self.dir.join("idVendor"), &format!("0x{:04x}", id.vid))?;
         write_attr(&self.dir.join("idProduct"), &format!("0x{:04x}", id.pid))?;
         write_attr(&self.dir.join("bcdDevice"), "0x0100")?;
-        write_attr(
-            &self.dir.join("bDeviceClass"),
-            &format!("0x{:02x}", id.device_class),
-        )?;
+        write_attr(&self.dir.join("bDeviceClass"), &format!("0x{:02x}", id.device_class))?;
         let s = self.dir.join("strings/0x409");
         write_attr(&s.join("manufacturer"), &id.manufacturer)?;
         write_attr(&s.join("product"), &id.product)?;
@@ -340,12 +297,8 @@ fn remove_gadget_dir(dir: &Path) -> Result<()> {
             if let Ok(items) = fs::read_dir(&c) {
                 for it in items.flatten() {
                     let p = it.path();
-                    if fs::symlink_metadata(&p)
-                        .map(|m| m.file_type().is_symlink())
-                        .unwrap_or(false)
-                    {
-                        fs::remove_file(&p)
-                            .with_context(|| format!("cannot unlink {}", p.display()))?;
+                    if fs::symlink_metadata(&p).map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+                        fs::remove_file(&p).with_context(|| format!("cannot unlink {}", p.display()))?;
                     }
                 }
             }
@@ -355,8 +308,7 @@ fn remove_gadget_dir(dir: &Path) -> Result<()> {
     }
     if let Ok(rd) = fs::read_dir(dir.join("functions")) {
         for f in rd.flatten() {
-            fs::remove_dir(f.path())
-                .with_context(|| format!("cannot remove {}", f.path().display()))?;
+            fs::remove_dir(f.path()).with_context(|| format!("cannot remove {}", f.path().display()))?;
         }
     }
     let _ = fs::remove_dir(dir.join("strings/0x409"));
@@ -379,16 +331,10 @@ mod tests {
             serial: "29001A001151313531383332".into(),
             function: Function::Acm,
         };
-        assert_eq!(
-            id.by_id_name().unwrap(),
-            "usb-Klipper_stm32h723xx_29001A001151313531383332-if00"
-        );
+        assert_eq!(id.by_id_name().unwrap(), "usb-Klipper_stm32h723xx_29001A001151313531383332-if00");
         id.manufacturer = "STMicroelectronics".into();
         id.product = "DFU in FS Mode".into();
-        assert_eq!(
-            id.by_id_name().unwrap(),
-            "usb-STMicroelectronics_DFU_in_FS_Mode_29001A001151313531383332-if00"
-        );
+        assert_eq!(id.by_id_name().unwrap(), "usb-STMicroelectronics_DFU_in_FS_Mode_29001A001151313531383332-if00");
         id.function = Function::SourceSink;
         assert!(id.by_id_name().is_none());
         assert_eq!(id.vid_pid(), "1d50:614e");

@@ -6,8 +6,7 @@
 //! the next expected sequence too.
 
 use kflash::protocol::klipper::{
-    decode_vlq, BlockDecoder, IdentifyRequest, IdentifyResponse, MessageBlock, ID_IDENTIFY,
-    MESSAGE_SEQ_MASK,
+    decode_vlq, BlockDecoder, IdentifyRequest, IdentifyResponse, MessageBlock, ID_IDENTIFY, MESSAGE_SEQ_MASK,
 };
 
 /// Something worth logging.
@@ -44,12 +43,7 @@ pub struct KlipperDevice {
 impl KlipperDevice {
     /// A freshly booted firmware (expects sequence 0).
     pub fn new(compressed_dict: Vec<u8>) -> Self {
-        KlipperDevice {
-            decoder: BlockDecoder::new(),
-            next_seq: 0,
-            need_valid: false,
-            dict: compressed_dict,
-        }
+        KlipperDevice { decoder: BlockDecoder::new(), next_seq: 0, need_valid: false, dict: compressed_dict }
     }
 
     /// Replace the served dictionary (the firmware was changed behind the host's back).
@@ -68,10 +62,7 @@ impl KlipperDevice {
                     if !self.need_valid {
                         self.need_valid = true;
                         out.push(MessageBlock::ack(self.next_seq));
-                        ev.push(KlipperEvent::Nak {
-                            expected: self.next_seq,
-                            got: None,
-                        });
+                        ev.push(KlipperEvent::Nak { expected: self.next_seq, got: None });
                     }
                     continue;
                 }
@@ -80,10 +71,7 @@ impl KlipperDevice {
             self.need_valid = false;
             if block.seq != self.next_seq {
                 out.push(MessageBlock::ack(self.next_seq));
-                ev.push(KlipperEvent::Nak {
-                    expected: self.next_seq,
-                    got: Some(block.seq),
-                });
+                ev.push(KlipperEvent::Nak { expected: self.next_seq, got: Some(block.seq) });
                 continue;
             }
             self.next_seq = (self.next_seq + 1) & MESSAGE_SEQ_MASK;
@@ -93,12 +81,7 @@ impl KlipperDevice {
         (out, ev)
     }
 
-    fn dispatch(
-        &mut self,
-        content: &[u8],
-        out: &mut Vec<MessageBlock>,
-        ev: &mut Vec<KlipperEvent>,
-    ) {
+    fn dispatch(&mut self, content: &[u8], out: &mut Vec<MessageBlock>, ev: &mut Vec<KlipperEvent>) {
         let mut pos = 0;
         while pos < content.len() {
             let Ok((id, _)) = decode_vlq(&content[pos..]) else {
@@ -113,15 +96,9 @@ impl KlipperDevice {
             };
             pos += used;
             let resp = IdentifyResponse::for_request(&req, &self.dict);
-            ev.push(KlipperEvent::Identify {
-                offset: req.offset,
-                count: req.count,
-                sent: resp.data.len(),
-            });
+            ev.push(KlipperEvent::Identify { offset: req.offset, count: req.count, sent: resp.data.len() });
             if resp.data.is_empty() {
-                ev.push(KlipperEvent::IdentifyDone {
-                    size: self.dict.len(),
-                });
+                ev.push(KlipperEvent::IdentifyDone { size: self.dict.len() });
             }
             // count is at most 255 in the protocol but a block holds 59 content bytes: cut
             // the chunk so the response fits (Klipper's encoder does the same).
@@ -129,10 +106,7 @@ impl KlipperDevice {
             while resp.encode().len() > kflash::protocol::klipper::MESSAGE_PAYLOAD_MAX {
                 resp.data.pop();
             }
-            out.push(
-                resp.to_block(self.next_seq)
-                    .expect("response was cut to fit"),
-            );
+            out.push(resp.to_block(self.next_seq).expect("response was cut to fit"));
         }
     }
 }
@@ -143,18 +117,10 @@ mod tests {
     use kflash::protocol::klipper::{compress_dictionary, IdentifyClient, IdentifyProgress};
 
     fn dict() -> Vec<u8> {
-        compress_dictionary(&crate::firmware::dictionary_json(
-            "Kalico",
-            "v2026.01.00-1-gabc",
-            "rp2040",
-            12_000_000,
-        ))
+        compress_dictionary(&crate::firmware::dictionary_json("Kalico", "v2026.01.00-1-gabc", "rp2040", 12_000_000))
     }
 
-    fn run(
-        dev: &mut KlipperDevice,
-        client: &mut IdentifyClient,
-    ) -> kflash::protocol::klipper::DataDictionary {
+    fn run(dev: &mut KlipperDevice, client: &mut IdentifyClient) -> kflash::protocol::klipper::DataDictionary {
         let mut to_dev = client.start();
         for _ in 0..500 {
             let (blocks, _) = dev.feed(&to_dev);
@@ -183,19 +149,10 @@ mod tests {
     #[test]
     fn naks() {
         let mut dev = KlipperDevice::new(dict());
-        let req = IdentifyRequest {
-            offset: 0,
-            count: 40,
-        };
+        let req = IdentifyRequest { offset: 0, count: 40 };
         let (out, ev) = dev.feed(&req.to_block(5).encode());
         assert_eq!(out, vec![MessageBlock::ack(0)]);
-        assert_eq!(
-            ev,
-            vec![KlipperEvent::Nak {
-                expected: 0,
-                got: Some(5)
-            }]
-        );
+        assert_eq!(ev, vec![KlipperEvent::Nak { expected: 0, got: Some(5) }]);
         // corrupt blocks: one nak only
         let mut bad = req.to_block(0).encode();
         bad[3] ^= 0x55;
@@ -208,13 +165,6 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].seq, 1);
         assert_eq!(out[1], MessageBlock::ack(1));
-        assert!(matches!(
-            ev[0],
-            KlipperEvent::Identify {
-                offset: 0,
-                count: 40,
-                sent: 40
-            }
-        ));
+        assert!(matches!(ev[0], KlipperEvent::Identify { offset: 0, count: 40, sent: 40 }));
     }
 }

@@ -19,9 +19,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use kflash::protocol::katapult::{
-    AckData, Command as KCommand, FrameDecoder, Response as KResponse,
-};
+use kflash::protocol::katapult::{AckData, Command as KCommand, FrameDecoder, Response as KResponse};
 use kflash::protocol::klipper::{IdentifyClient, IdentifyProgress};
 use serde_json::{json, Value};
 
@@ -36,10 +34,7 @@ macro_rules! outln {
 use crate::ctl::{ClientError, Request};
 
 #[derive(Parser)]
-#[command(
-    name = "kflash-boardsim",
-    about = "Simulated Klipper/Katapult USB boards for the kflash test rig"
-)]
+#[command(name = "kflash-boardsim", about = "Simulated Klipper/Katapult USB boards for the kflash test rig")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -121,19 +116,14 @@ enum CtlCmd {
 }
 
 fn parse_mode(s: Option<String>) -> Result<Option<Mode>, String> {
-    s.map(|m| Mode::parse(&m).map_err(|e| e.to_string()))
-        .transpose()
+    s.map(|m| Mode::parse(&m).map_err(|e| e.to_string())).transpose()
 }
 
 fn ctl_main(state_dir: &Path, cmd: CtlCmd) -> ExitCode {
     let (req, wait_secs, human): (Request, Option<f64>, Option<bool>) = match cmd {
-        CtlCmd::WaitReady { timeout } => (
-            Request::WaitReady {
-                timeout_ms: (timeout * 1000.0) as u64,
-            },
-            Some(timeout),
-            None,
-        ),
+        CtlCmd::WaitReady { timeout } => {
+            (Request::WaitReady { timeout_ms: (timeout * 1000.0) as u64 }, Some(timeout), None)
+        }
         CtlCmd::Status { board, json } => (Request::Status { board }, None, Some(!json)),
         CtlCmd::Plug { board, mode } => match parse_mode(mode) {
             Ok(mode) => (Request::Plug { board, mode }, None, None),
@@ -146,23 +136,17 @@ fn ctl_main(state_dir: &Path, cmd: CtlCmd) -> ExitCode {
         },
         CtlCmd::Fault { board, specs } => (Request::Fault { board, specs }, None, None),
         CtlCmd::Reset { no_wait, timeout } => (
-            Request::Reset {
-                wait: !no_wait,
-                timeout_ms: (timeout * 1000.0) as u64,
-            },
+            Request::Reset { wait: !no_wait, timeout_ms: (timeout * 1000.0) as u64 },
             (!no_wait).then_some(timeout),
             None,
         ),
-        CtlCmd::SetVersion { board, version } => {
-            (Request::SetVersion { board, version }, None, None)
-        }
+        CtlCmd::SetVersion { board, version } => (Request::SetVersion { board, version }, None, None),
         CtlCmd::Mark { text } => (Request::Mark { text }, None, None),
     };
     // wait-ready may run before `serve` has created its socket: retry until the deadline.
     let is_wait_ready = matches!(req, Request::WaitReady { .. });
     let start = Instant::now();
-    let connect_deadline =
-        is_wait_ready.then(|| start + Duration::from_secs_f64(wait_secs.unwrap_or(60.0)));
+    let connect_deadline = is_wait_ready.then(|| start + Duration::from_secs_f64(wait_secs.unwrap_or(60.0)));
     let read_timeout = Duration::from_secs_f64(wait_secs.unwrap_or(0.0) + 30.0);
     let mut req = req;
     if let (Request::WaitReady { timeout_ms }, Some(d)) = (&mut req, connect_deadline) {
@@ -183,18 +167,11 @@ fn ctl_main(state_dir: &Path, cmd: CtlCmd) -> ExitCode {
     };
     if !resp.ok {
         eprintln!("boardctl: {}", resp.error.as_deref().unwrap_or("failed"));
-        return ExitCode::from(if resp.timeout {
-            ctl::EXIT_TIMEOUT
-        } else {
-            ctl::EXIT_FAILED
-        } as u8);
+        return ExitCode::from(if resp.timeout { ctl::EXIT_TIMEOUT } else { ctl::EXIT_FAILED } as u8);
     }
     match human {
         Some(true) => print_status_table(&resp.result),
-        Some(false) => outln!(
-            "{}",
-            serde_json::to_string_pretty(&resp.result).unwrap_or_default()
-        ),
+        Some(false) => outln!("{}", serde_json::to_string_pretty(&resp.result).unwrap_or_default()),
         None => {
             if !resp.result.is_null() {
                 outln!("{}", resp.result);
@@ -236,11 +213,7 @@ fn print_status_table(v: &Value) {
     for b in list {
         let faults: Vec<String> = b["faults"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|f| f.as_str().map(String::from))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|f| f.as_str().map(String::from)).collect())
             .unwrap_or_default();
         let mut mode = s(b, "mode");
         if let Some(t) = b["rebooting_to"].as_str() {
@@ -272,20 +245,14 @@ async fn probe_identify(dev: &Path, timeout: f64, full: bool) -> anyhow::Result<
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            anyhow::bail!(
-                "no complete identify answer within {timeout} s ({} bytes received)",
-                client.received()
-            );
+            anyhow::bail!("no complete identify answer within {timeout} s ({} bytes received)", client.received());
         }
-        let step =
-            match tokio::time::timeout(left.min(Duration::from_millis(500)), tty.read(&mut buf))
-                .await
-            {
-                Ok(Ok(0)) => anyhow::bail!("{} closed (board disconnected?)", dev.display()),
-                Ok(Ok(n)) => client.feed(&buf[..n])?,
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_) => IdentifyProgress::Send(client.on_timeout()?),
-            };
+        let step = match tokio::time::timeout(left.min(Duration::from_millis(500)), tty.read(&mut buf)).await {
+            Ok(Ok(0)) => anyhow::bail!("{} closed (board disconnected?)", dev.display()),
+            Ok(Ok(n)) => client.feed(&buf[..n])?,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => IdentifyProgress::Send(client.on_timeout()?),
+        };
         match step {
             IdentifyProgress::Send(b) => tty.write_all(&b).await?,
             IdentifyProgress::Pending => {}
@@ -333,10 +300,7 @@ async fn probe_katapult(dev: &Path, timeout: f64) -> anyhow::Result<Value> {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
 }
 
 fn main() -> ExitCode {
@@ -349,41 +313,35 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Serve { boards, state_dir } => {
-            match runtime().block_on(server::serve(&boards, &state_dir)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("kflash-boardsim serve: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Cmd::Ctl { state_dir, cmd } => ctl_main(&state_dir, cmd),
-        Cmd::ProbeIdentify {
-            device,
-            timeout,
-            full,
-        } => match runtime().block_on(probe_identify(&device, timeout, full)) {
-            Ok(v) => {
-                print_out(&serde_json::to_string_pretty(&v).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
+        Cmd::Serve { boards, state_dir } => match runtime().block_on(server::serve(&boards, &state_dir)) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("probe-identify {}: {e:#}", device.display());
+                eprintln!("kflash-boardsim serve: {e:#}");
                 ExitCode::FAILURE
             }
         },
-        Cmd::ProbeKatapult { device, timeout } => {
-            match runtime().block_on(probe_katapult(&device, timeout)) {
+        Cmd::Ctl { state_dir, cmd } => ctl_main(&state_dir, cmd),
+        Cmd::ProbeIdentify { device, timeout, full } => {
+            match runtime().block_on(probe_identify(&device, timeout, full)) {
                 Ok(v) => {
                     print_out(&serde_json::to_string_pretty(&v).unwrap_or_default());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("probe-katapult {}: {e:#}", device.display());
+                    eprintln!("probe-identify {}: {e:#}", device.display());
                     ExitCode::FAILURE
                 }
             }
         }
+        Cmd::ProbeKatapult { device, timeout } => match runtime().block_on(probe_katapult(&device, timeout)) {
+            Ok(v) => {
+                print_out(&serde_json::to_string_pretty(&v).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("probe-katapult {}: {e:#}", device.display());
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kflash::protocol::katapult::{
-    ConnectInfo, Response as KResponse, CMD_SEND_BLOCK, PROTO_VERSION_1_1_0,
-};
+use kflash::protocol::katapult::{ConnectInfo, Response as KResponse, CMD_SEND_BLOCK, PROTO_VERSION_1_1_0};
 use kflash::protocol::klipper::DataDictionary;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -73,24 +71,10 @@ pub enum TimerKind {
 
 pub enum Msg {
     Ctl(Request, oneshot::Sender<Response>),
-    Tty {
-        board: usize,
-        gen: u64,
-        ev: SessionEvent,
-    },
-    Usbmon {
-        board: usize,
-        setup: ControlSetup,
-    },
-    UsbmonDied {
-        board: usize,
-        error: String,
-    },
-    Timer {
-        board: usize,
-        gen: u64,
-        kind: TimerKind,
-    },
+    Tty { board: usize, gen: u64, ev: SessionEvent },
+    Usbmon { board: usize, setup: ControlSetup },
+    UsbmonDied { board: usize, error: String },
+    Timer { board: usize, gen: u64, kind: TimerKind },
     Views(oneshot::Sender<Vec<ReadyView>>),
 }
 
@@ -113,9 +97,7 @@ impl ReadyView {
         }
         let hv = gadget::host_view(self.udc_index, self.bus);
         if !self.bound {
-            return hv
-                .present
-                .then(|| "unplugged, but the host still sees a device".into());
+            return hv.present.then(|| "unplugged, but the host still sees a device".into());
         }
         let Some(id) = &self.identity else {
             return Some("no identity".into());
@@ -124,11 +106,7 @@ impl ReadyView {
             return Some("not enumerated by the host yet".into());
         }
         if hv.vid_pid.as_deref() != Some(id.vid_pid().as_str()) {
-            return Some(format!(
-                "host sees {} instead of {}",
-                hv.vid_pid.as_deref().unwrap_or("?"),
-                id.vid_pid()
-            ));
+            return Some(format!("host sees {} instead of {}", hv.vid_pid.as_deref().unwrap_or("?"), id.vid_pid()));
         }
         if id.function == Function::Acm {
             let Some(tty) = &hv.tty else {
@@ -209,11 +187,8 @@ impl Board {
     }
 
     fn katapult_info(&self) -> ConnectInfo {
-        let (a, b, c) = (
-            (PROTO_VERSION_1_1_0 >> 16) as u8,
-            (PROTO_VERSION_1_1_0 >> 8) as u8,
-            PROTO_VERSION_1_1_0 as u8,
-        );
+        let (a, b, c) =
+            ((PROTO_VERSION_1_1_0 >> 16) as u8, (PROTO_VERSION_1_1_0 >> 8) as u8, PROTO_VERSION_1_1_0 as u8);
         ConnectInfo {
             proto_version: (a, b, c),
             app_start: self.katapult_app_start(),
@@ -272,14 +247,11 @@ fn initial_flash(cfg: &BoardConfig) -> Result<FlashMemory> {
         return Ok(flash);
     }
     let image = match &cfg.image {
-        Some(path) => std::fs::read(path).with_context(|| {
-            format!("board '{}': cannot read image {}", cfg.name, path.display())
-        })?,
-        None => standin_image(
-            cfg.app_start,
-            p.initial_sp,
-            &dictionary_json(&cfg.app, &cfg.version, &cfg.mcu, p.clock_freq),
-        ),
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("board '{}': cannot read image {}", cfg.name, path.display()))?,
+        None => {
+            standin_image(cfg.app_start, p.initial_sp, &dictionary_json(&cfg.app, &cfg.version, &cfg.mcu, p.clock_freq))
+        }
     };
     flash.load(cfg.app_start, &image);
     Ok(flash)
@@ -298,16 +270,10 @@ pub struct Sim {
 
 impl Sim {
     fn find(&self, name: &str) -> Result<usize, Response> {
-        self.boards
-            .iter()
-            .position(|b| b.cfg.name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.boards.iter().map(|b| b.cfg.name.as_str()).collect();
-                Response::err(format!(
-                    "no board named '{name}' (boards: {})",
-                    names.join(", ")
-                ))
-            })
+        self.boards.iter().position(|b| b.cfg.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.boards.iter().map(|b| b.cfg.name.as_str()).collect();
+            Response::err(format!("no board named '{name}' (boards: {})", names.join(", ")))
+        })
     }
 
     fn timer(&self, board: usize, delay: Duration, kind: TimerKind) {
@@ -349,11 +315,7 @@ impl Sim {
         b.katapult = None;
         match mode {
             Mode::Klipper => {
-                if let AppCheck::Klipper {
-                    dictionary,
-                    compressed,
-                } = b.installed().clone()
-                {
+                if let AppCheck::Klipper { dictionary, compressed } = b.installed().clone() {
                     b.klipper = Some(KlipperDevice::new(compressed));
                     b.running = Some(dictionary);
                 }
@@ -369,11 +331,7 @@ impl Sim {
         b.mode = mode;
         if let Err(e) = b.gadget.set_identity(&id).and_then(|_| b.gadget.bind()) {
             say!("{name}: cannot enumerate as {}: {e:#}", mode.as_str());
-            self.log.log(
-                Some(&name),
-                "error",
-                json!({"what": "bind", "error": format!("{e:#}")}),
-            );
+            self.log.log(Some(&name), "error", json!({"what": "bind", "error": format!("{e:#}")}));
             return;
         }
         let function = match b.gadget.function() {
@@ -413,17 +371,9 @@ impl Sim {
                 }));
             }
             Err(e) => {
-                say!(
-                    "{}: cannot open {}: {e} (attempt {attempt})",
-                    b.cfg.name,
-                    b.gadget.tty.display()
-                );
+                say!("{}: cannot open {}: {e} (attempt {attempt})", b.cfg.name, b.gadget.tty.display());
                 if attempt < 40 {
-                    self.timer(
-                        i,
-                        Duration::from_millis(50),
-                        TimerKind::ReopenTty(attempt + 1),
-                    );
+                    self.timer(i, Duration::from_millis(50), TimerKind::ReopenTty(attempt + 1));
                 }
             }
         }
@@ -443,8 +393,7 @@ impl Sim {
             if let Err(e) = b.gadget.unbind() {
                 say!("{name}: unbind failed: {e:#}");
             }
-            self.log
-                .log(Some(&name), "disconnect", json!({"reason": reason}));
+            self.log.log(Some(&name), "disconnect", json!({"reason": reason}));
         }
     }
 
@@ -497,11 +446,7 @@ impl Sim {
                 self.power_down(i, "cable pulled (drop-mid-transfer)");
                 self.boards[i].plugged = false;
                 self.boards[i].pending = None;
-                self.log.log(
-                    Some(&name),
-                    "unplug",
-                    json!({"reason": "fault drop-mid-transfer"}),
-                );
+                self.log.log(Some(&name), "unplug", json!({"reason": "fault drop-mid-transfer"}));
             }
         }
     }
@@ -540,10 +485,7 @@ impl Sim {
         if b.faults.take_corrupt_crc() && bytes.len() >= crc_pos_from_end {
             let n = bytes.len();
             bytes[n - crc_pos_from_end] ^= 0xff;
-            say!(
-                "{}: corrupting the CRC of a response (fault corrupt-crc)",
-                b.cfg.name
-            );
+            say!("{}: corrupting the CRC of a response (fault corrupt-crc)", b.cfg.name);
         }
         if let Some(s) = &b.session {
             s.send(bytes, delay);
@@ -639,18 +581,12 @@ impl Sim {
                     }),
                 );
             }
-            KatapultEvent::BlockWritten {
-                addr, retransmit, ..
-            } => {
+            KatapultEvent::BlockWritten { addr, retransmit, .. } => {
                 b.installed = None;
                 b.dirty = true;
                 b.blocks_session += 1;
                 if b.blocks_session == 1 {
-                    self.log.log(
-                        Some(name),
-                        "flash-start",
-                        json!({"addr": format!("{addr:#x}")}),
-                    );
+                    self.log.log(Some(name), "flash-start", json!({"addr": format!("{addr:#x}")}));
                 }
                 if retransmit {
                     say!("{name}: identical retransmit of block {addr:#x} accepted");
@@ -678,29 +614,17 @@ impl Sim {
             }
             KatapultEvent::Eof { pages } => {
                 let blocks = b.blocks_session;
-                self.log.log(
-                    Some(name),
-                    "flash-eof",
-                    json!({"pages": pages, "blocks": blocks}),
-                );
+                self.log.log(Some(name), "flash-eof", json!({"pages": pages, "blocks": blocks}));
             }
             KatapultEvent::Complete => {
                 let delay = Duration::from_millis(b.cfg.timings.complete_delay_ms);
-                self.log.log(
-                    Some(name),
-                    "complete",
-                    json!({"jump_in_ms": delay.as_millis() as u64}),
-                );
+                self.log.log(Some(name), "complete", json!({"jump_in_ms": delay.as_millis() as u64}));
                 self.timer(i, delay, TimerKind::Jump);
             }
             KatapultEvent::FramingError { error, nacked } => {
                 say!(
                     "{name}: katapult framing error: {error} ({})",
-                    if nacked {
-                        "NACK sent"
-                    } else {
-                        "no NACK: already sent"
-                    }
+                    if nacked { "NACK sent" } else { "no NACK: already sent" }
                 );
             }
             KatapultEvent::Busy { cmd } => {
@@ -735,19 +659,11 @@ impl Sim {
         } else {
             "reboot to katapult"
         };
-        self.log.log(
-            Some(&name),
-            "touch",
-            json!({"baud": 1200, "dtr": false, "action": action}),
-        );
+        self.log.log(Some(&name), "touch", json!({"baud": 1200, "dtr": false, "action": action}));
         if b.faults.ignore_touch() {
             return;
         }
-        let target = if b.faults.rom_dfu() {
-            BootTarget::Dfu
-        } else {
-            BootTarget::Katapult
-        };
+        let target = if b.faults.rom_dfu() { BootTarget::Dfu } else { BootTarget::Katapult };
         self.reboot(i, target, "1200-baud bootloader request");
     }
 
@@ -757,19 +673,13 @@ impl Sim {
         let installed = b.installed().clone();
         let (version, app) = match (&b.running, &installed) {
             (Some(d), _) => (Some(d.version.clone()), d.app.clone()),
-            (None, AppCheck::Klipper { dictionary, .. }) => {
-                (Some(dictionary.version.clone()), dictionary.app.clone())
-            }
+            (None, AppCheck::Klipper { dictionary, .. }) => (Some(dictionary.version.clone()), dictionary.app.clone()),
             _ => (None, None),
         };
         let id = b.gadget.bound.then(|| b.identity(b.mode));
         BoardStatus {
             name: b.cfg.name.clone(),
-            mode: if b.gadget.bound {
-                b.mode.as_str()
-            } else {
-                "absent"
-            },
+            mode: if b.gadget.bound { b.mode.as_str() } else { "absent" },
             plugged: b.plugged,
             rebooting_to: b.pending.map(|t| t.as_str()),
             mcu: b.cfg.mcu.clone(),
@@ -841,11 +751,7 @@ impl Sim {
         let _ = resp.1.send(resp.0);
     }
 
-    fn ctl(
-        &mut self,
-        req: Request,
-        reply: oneshot::Sender<Response>,
-    ) -> Option<(Response, oneshot::Sender<Response>)> {
+    fn ctl(&mut self, req: Request, reply: oneshot::Sender<Response>) -> Option<(Response, oneshot::Sender<Response>)> {
         macro_rules! board {
             ($name:expr) => {
                 match self.find(&$name) {
@@ -864,27 +770,19 @@ impl Sim {
                     Some(n) => vec![board!(n)],
                     None => (0..self.boards.len()).collect(),
                 };
-                let list: Vec<Value> = idx
-                    .into_iter()
-                    .map(|i| serde_json::to_value(self.status(i)).expect("status serializes"))
-                    .collect();
+                let list: Vec<Value> =
+                    idx.into_iter().map(|i| serde_json::to_value(self.status(i)).expect("status serializes")).collect();
                 Response::ok(Value::Array(list))
             }
             Request::Plug { board, mode } => {
                 let i = board!(board);
                 let name = self.name(i);
                 if self.boards[i].plugged {
-                    Response::err(format!(
-                        "board '{name}' is already plugged in (unplug it first)"
-                    ))
+                    Response::err(format!("board '{name}' is already plugged in (unplug it first)"))
                 } else {
                     self.boards[i].plugged = true;
                     self.boards[i].dirty = true;
-                    self.log.log(
-                        Some(&name),
-                        "plug",
-                        json!({"mode": mode.map(|m| m.as_str())}),
-                    );
+                    self.log.log(Some(&name), "plug", json!({"mode": mode.map(|m| m.as_str())}));
                     let target = BootTarget::from_mode(mode);
                     let m = self.resolve(i, target);
                     self.power_up(i, m, "plugged in");
@@ -900,8 +798,7 @@ impl Sim {
                     self.power_down(i, "unplugged");
                     self.boards[i].plugged = false;
                     self.boards[i].pending = None;
-                    self.log
-                        .log(Some(&name), "unplug", json!({"reason": "ctl"}));
+                    self.log.log(Some(&name), "unplug", json!({"reason": "ctl"}));
                     Response::ok(Value::Null)
                 }
             }
@@ -923,20 +820,14 @@ impl Sim {
                 }
                 if specs.len() == 1 && specs[0] == "clear" {
                     self.boards[i].faults.clear();
-                    self.log
-                        .log(Some(&name), "fault", json!({"action": "clear"}));
+                    self.log.log(Some(&name), "fault", json!({"action": "clear"}));
                 } else {
-                    let parsed: Result<Vec<Fault>, String> =
-                        specs.iter().map(|s| Fault::parse(s)).collect();
+                    let parsed: Result<Vec<Fault>, String> = specs.iter().map(|s| Fault::parse(s)).collect();
                     match parsed {
                         Err(e) => return Some((Response::err(e), reply)),
                         Ok(list) => {
                             for f in list {
-                                self.log.log(
-                                    Some(&name),
-                                    "fault",
-                                    json!({"action": "set", "fault": f.to_string()}),
-                                );
+                                self.log.log(Some(&name), "fault", json!({"action": "set", "fault": f.to_string()}));
                                 self.boards[i].faults.set(f);
                             }
                         }
@@ -977,11 +868,7 @@ impl Sim {
                 let (app, mcu) = match b.installed() {
                     AppCheck::Klipper { dictionary, .. } => (
                         dictionary.app.clone().unwrap_or(cfg_app),
-                        if dictionary.mcu.is_empty() {
-                            cfg_mcu
-                        } else {
-                            dictionary.mcu.clone()
-                        },
+                        if dictionary.mcu.is_empty() { cfg_mcu } else { dictionary.mcu.clone() },
                     ),
                     _ => (cfg_app, cfg_mcu),
                 };
@@ -995,19 +882,14 @@ impl Sim {
                 b.installed = None;
                 b.dirty = true;
                 if b.mode == Mode::Klipper && b.gadget.bound {
-                    if let AppCheck::Klipper {
-                        dictionary,
-                        compressed,
-                    } = b.installed().clone()
-                    {
+                    if let AppCheck::Klipper { dictionary, compressed } = b.installed().clone() {
                         if let Some(k) = b.klipper.as_mut() {
                             k.set_dictionary(compressed);
                         }
                         b.running = Some(dictionary);
                     }
                 }
-                self.log
-                    .log(Some(&name), "set-version", json!({"version": version}));
+                self.log.log(Some(&name), "set-version", json!({"version": version}));
                 Response::ok(Value::Null)
             }
             Request::Mark { text } => {
@@ -1054,10 +936,7 @@ async fn wait_ready(tx: mpsc::UnboundedSender<Msg>, timeout: Duration, result: V
             return Response::err("the simulator is shutting down");
         };
         let waiting: Vec<String> = tokio::task::spawn_blocking(move || {
-            views
-                .iter()
-                .filter_map(|v| v.not_ready().map(|r| format!("{}: {r}", v.name)))
-                .collect()
+            views.iter().filter_map(|v| v.not_ready().map(|r| format!("{}: {r}", v.name))).collect()
         })
         .await
         .unwrap_or_else(|e| vec![format!("internal error: {e}")]);
@@ -1085,8 +964,7 @@ async fn serve_conn(stream: UnixStream, tx: mpsc::UnboundedSender<Msg>) {
                 if tx.send(Msg::Ctl(req, otx)).is_err() {
                     Response::err("the simulator is shutting down")
                 } else {
-                    orx.await
-                        .unwrap_or_else(|_| Response::err("the simulator dropped the request"))
+                    orx.await.unwrap_or_else(|_| Response::err("the simulator dropped the request"))
                 }
             }
             Err(e) => Response::err(format!("bad request: {e}")),
@@ -1114,26 +992,18 @@ fn start_usbmon(board: usize, name: &str, bus: u32, tx: mpsc::UnboundedSender<Ms
                 match line {
                     Ok(l) => {
                         if let Some(s) = parse_line(&l) {
-                            if s.request_type == 0x21
-                                && tx.send(Msg::Usbmon { board, setup: s }).is_err()
-                            {
+                            if s.request_type == 0x21 && tx.send(Msg::Usbmon { board, setup: s }).is_err() {
                                 return;
                             }
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(Msg::UsbmonDied {
-                            board,
-                            error: e.to_string(),
-                        });
+                        let _ = tx.send(Msg::UsbmonDied { board, error: e.to_string() });
                         return;
                     }
                 }
             }
-            let _ = tx.send(Msg::UsbmonDied {
-                board,
-                error: "end of file".into(),
-            });
+            let _ = tx.send(Msg::UsbmonDied { board, error: "end of file".into() });
         })
         .context("cannot start a usbmon thread")?;
     Ok(())
@@ -1143,26 +1013,20 @@ fn start_usbmon(board: usize, name: &str, bus: u32, tx: mpsc::UnboundedSender<Ms
 pub async fn serve(boards_file: &Path, state_dir: &Path) -> Result<()> {
     let cfgs = crate::config::load_boards(boards_file)?;
     gadget::check_environment()?;
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
+    std::fs::create_dir_all(state_dir).with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
     let sock = ctl::socket_path(state_dir);
     if sock.exists() {
         if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
-            anyhow::bail!(
-                "another kflash-boardsim serve is already listening on {}",
-                sock.display()
-            );
+            anyhow::bail!("another kflash-boardsim serve is already listening on {}", sock.display());
         }
-        std::fs::remove_file(&sock)
-            .with_context(|| format!("cannot remove stale {}", sock.display()))?;
+        std::fs::remove_file(&sock).with_context(|| format!("cannot remove stale {}", sock.display()))?;
     }
     let mut log = EventLog::create(&state_dir.join(ctl::EVENTS_NAME))?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
 
     let mut boards = Vec::new();
     for (i, cfg) in cfgs.into_iter().enumerate() {
-        let gadget =
-            Gadget::create(&cfg.name, cfg.udc).with_context(|| format!("board '{}'", cfg.name))?;
+        let gadget = Gadget::create(&cfg.name, cfg.udc).with_context(|| format!("board '{}'", cfg.name))?;
         let bus = gadget::host_bus(cfg.udc).with_context(|| format!("board '{}'", cfg.name))?;
         start_usbmon(i, &cfg.name, bus, tx.clone())?;
         say!(
@@ -1171,11 +1035,7 @@ pub async fn serve(boards_file: &Path, state_dir: &Path) -> Result<()> {
             gadget.dir.display(),
             gadget.udc,
             gadget.tty.display(),
-            if gadget.has_sourcesink() {
-                "SourceSink (no tty)"
-            } else {
-                "ACM (usb_f_ss_lb missing)"
-            }
+            if gadget.has_sourcesink() { "SourceSink (no tty)" } else { "ACM (usb_f_ss_lb missing)" }
         );
         boards.push(Board {
             flash: initial_flash(&cfg)?,
@@ -1198,17 +1058,8 @@ pub async fn serve(boards_file: &Path, state_dir: &Path) -> Result<()> {
             dirty: false,
         });
     }
-    log.log(
-        None,
-        "serve-start",
-        json!({"boards_file": boards_file.display().to_string(), "pid": std::process::id()}),
-    );
-    let mut sim = Sim {
-        boards,
-        log,
-        tx: tx.clone(),
-        state_dir: state_dir.to_path_buf(),
-    };
+    log.log(None, "serve-start", json!({"boards_file": boards_file.display().to_string(), "pid": std::process::id()}));
+    let mut sim = Sim { boards, log, tx: tx.clone(), state_dir: state_dir.to_path_buf() };
     for i in 0..sim.boards.len() {
         if sim.boards[i].cfg.plugged {
             sim.boards[i].plugged = true;
@@ -1218,12 +1069,8 @@ pub async fn serve(boards_file: &Path, state_dir: &Path) -> Result<()> {
         }
     }
 
-    let listener = UnixListener::bind(&sock)
-        .with_context(|| format!("cannot listen on {}", sock.display()))?;
-    std::fs::write(
-        state_dir.join(ctl::PID_NAME),
-        format!("{}\n", std::process::id()),
-    )?;
+    let listener = UnixListener::bind(&sock).with_context(|| format!("cannot listen on {}", sock.display()))?;
+    std::fs::write(state_dir.join(ctl::PID_NAME), format!("{}\n", std::process::id()))?;
     let ltx = tx.clone();
     tokio::spawn(async move {
         loop {
@@ -1238,11 +1085,7 @@ pub async fn serve(boards_file: &Path, state_dir: &Path) -> Result<()> {
             }
         }
     });
-    say!(
-        "serving {} boards; control socket {}",
-        sim.boards.len(),
-        sock.display()
-    );
+    say!("serving {} boards; control socket {}", sim.boards.len(), sock.display());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -17,10 +17,7 @@ pub fn open_raw(path: &Path, baud: Option<libc::speed_t>) -> io::Result<OwnedFd>
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
     // SAFETY: plain libc calls on a valid C string and a fd we own.
     unsafe {
-        let fd = libc::open(
-            c.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        );
+        let fd = libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC);
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -62,8 +59,7 @@ impl Tty {
             let mut guard = self.fd.readable().await?;
             match guard.try_io(|inner| {
                 // SAFETY: reading into a valid buffer from a valid fd.
-                let n =
-                    unsafe { libc::read(inner.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                let n = unsafe { libc::read(inner.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {
@@ -89,12 +85,7 @@ impl Tty {
                     Ok(n as usize)
                 }
             }) {
-                Ok(Ok(0)) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "tty accepted no bytes",
-                    ))
-                }
+                Ok(Ok(0)) => return Err(io::Error::new(io::ErrorKind::WriteZero, "tty accepted no bytes")),
                 Ok(Ok(n)) => data = &data[n..],
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
@@ -164,8 +155,7 @@ impl TtySession {
                     tokio::time::sleep(out.delay).await;
                 }
                 // A host that stops reading must not wedge the board: give up on this chunk.
-                match tokio::time::timeout(Duration::from_secs(5), tty.write_all(&out.bytes)).await
-                {
+                match tokio::time::timeout(Duration::from_secs(5), tty.write_all(&out.bytes)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         eprintln!("tty write failed: {e}");

@@ -66,17 +66,7 @@ pub fn parse_line(line: &str) -> Option<ControlSetup> {
         }
         data.truncate(declared);
     }
-    Some(ControlSetup {
-        event,
-        bus,
-        dev,
-        request_type,
-        request,
-        value,
-        index,
-        length,
-        data,
-    })
+    Some(ControlSetup { event, bus, dev, request_type, request, value, index, length, data })
 }
 
 /// What a line-state change means for the firmware.
@@ -118,10 +108,7 @@ impl LineState {
             CDC_SET_CONTROL_LINE_STATE => {
                 self.dtr = s.value & 1 != 0;
                 self.rts = s.value & 2 != 0;
-                LineEvent::ControlLines {
-                    dtr: self.dtr,
-                    rts: self.rts,
-                }
+                LineEvent::ControlLines { dtr: self.dtr, rts: self.rts }
             }
             _ => return None,
         };
@@ -144,8 +131,7 @@ mod tests {
 
     // The three lines from the rig facts file (host: open, DTR set, 1200 baud, DTR clear).
     const OPEN: &str = "ffff8880061b2a80 3575881862 S Co:1:002:0 s 21 22 0003 0000 0000 0";
-    const BAUD: &str =
-        "ffff8880061b2a80 3575882001 S Co:1:002:0 s 21 20 0000 0000 0007 7 = b0040000 000008";
+    const BAUD: &str = "ffff8880061b2a80 3575882001 S Co:1:002:0 s 21 20 0000 0000 0007 7 = b0040000 000008";
     const DROP: &str = "ffff8880061b2a80 3575882100 S Co:1:002:0 s 21 22 0000 0000 0000 0";
 
     #[test]
@@ -153,20 +139,14 @@ mod tests {
         let s = parse_line(BAUD).unwrap();
         assert_eq!(s.event, 'S');
         assert_eq!((s.bus, s.dev), (1, 2));
-        assert_eq!(
-            (s.request_type, s.request, s.value, s.index, s.length),
-            (0x21, 0x20, 0, 0, 7)
-        );
+        assert_eq!((s.request_type, s.request, s.value, s.index, s.length), (0x21, 0x20, 0, 0, 7));
         assert_eq!(s.data, vec![0xb0, 0x04, 0, 0, 0, 0, 8]);
         let s = parse_line(OPEN).unwrap();
         assert_eq!((s.request, s.value), (0x22, 3));
         assert!(s.data.is_empty());
         // Completions, bulk traffic and junk are not setups.
         assert!(parse_line("ffff8880061b2a80 3575882050 C Co:1:002:0 0 7 >").is_none());
-        assert!(
-            parse_line("ffff888003c7e000 3575883000 S Bo:1:002:2 -115 8 = 01881100 f17c9903")
-                .is_none()
-        );
+        assert!(parse_line("ffff888003c7e000 3575883000 S Bo:1:002:2 -115 8 = 01881100 f17c9903").is_none());
         assert!(parse_line("garbage").is_none());
         assert!(parse_line("").is_none());
         // A GET_DESCRIPTOR (control IN) parses but is not a CDC request.
@@ -180,35 +160,17 @@ mod tests {
         let mut st = LineState::default();
         assert_eq!(
             st.apply(&parse_line(OPEN).unwrap()),
-            Some((
-                LineEvent::ControlLines {
-                    dtr: true,
-                    rts: true
-                },
-                false
-            ))
+            Some((LineEvent::ControlLines { dtr: true, rts: true }, false))
         );
-        assert_eq!(
-            st.apply(&parse_line(BAUD).unwrap()),
-            Some((LineEvent::Baud(1200), false))
-        );
+        assert_eq!(st.apply(&parse_line(BAUD).unwrap()), Some((LineEvent::Baud(1200), false)));
         assert_eq!(
             st.apply(&parse_line(DROP).unwrap()),
-            Some((
-                LineEvent::ControlLines {
-                    dtr: false,
-                    rts: false
-                },
-                true
-            ))
+            Some((LineEvent::ControlLines { dtr: false, rts: false }, true))
         );
         // 250000 baud then DTR drop (a normal close): no reboot.
         let mut st = LineState::default();
         let l = "x 1 S Co:1:002:0 s 21 20 0000 0000 0007 7 = 90d00300 000008";
-        assert_eq!(
-            st.apply(&parse_line(l).unwrap()),
-            Some((LineEvent::Baud(250000), false))
-        );
+        assert_eq!(st.apply(&parse_line(l).unwrap()), Some((LineEvent::Baud(250000), false)));
         assert!(!st.apply(&parse_line(DROP).unwrap()).unwrap().1);
         // Edge detection: the close after a touch (DTR clear again) is not a second request.
         let mut st = LineState::default();
