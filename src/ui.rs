@@ -94,16 +94,16 @@ impl Reporter for FlashReporter {
         }
     }
 
-    fn confirm(&mut self, question: &str) -> bool {
+    fn confirm<'a>(&'a mut self, question: &'a str) -> futures::future::BoxFuture<'a, bool> {
         if self.yes {
             eprintln!("{question} yes (--yes)");
-            return true;
+            return Box::pin(async { true });
         }
         if !std::io::stdin().is_terminal() {
             eprintln!("{question} no (not a terminal; pass --yes to continue)");
-            return false;
+            return Box::pin(async { false });
         }
-        confirm(question).unwrap_or(false)
+        Box::pin(confirm_async(question.to_string()))
     }
 }
 
@@ -172,4 +172,14 @@ pub fn confirm(question: &str) -> kflash::Result<bool> {
         "n" | "no" => Ok(false),
         _ => Err("answer y or n".into()),
     })
+}
+
+/// [`confirm`] on a thread of its own, so the runtime keeps answering signals while the
+/// user thinks: dropping the future (Ctrl-C) abandons the read at once.
+pub async fn confirm_async(question: String) -> bool {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(confirm(&question).unwrap_or(false));
+    });
+    rx.await.unwrap_or(false)
 }

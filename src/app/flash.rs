@@ -67,8 +67,9 @@ pub enum Report {
 /// The caller's side: progress display and questions.
 pub trait Reporter: Send {
     fn report(&mut self, r: Report);
-    /// Ask a yes/no question; `--yes` answers yes, no terminal answers no.
-    fn confirm(&mut self, question: &str) -> bool;
+    /// Ask a yes/no question; `--yes` answers yes, no terminal answers no. A future, so a
+    /// signal can cancel the wait for an answer (the library never reads stdin itself).
+    fn confirm<'a>(&'a mut self, question: &'a str) -> futures::future::BoxFuture<'a, bool>;
 }
 
 #[derive(Debug, Clone, Default)]
@@ -574,7 +575,7 @@ async fn safety_check(mr: &Moonraker, rep: &mut dyn Reporter) -> Result<Moonrake
         }
         Err(e) => {
             rep.report(Report::Warning(format!("{e}: print state and versions cannot be checked")));
-            if rep.confirm("Continue without the print-safety check?") {
+            if rep.confirm("Continue without the print-safety check?").await {
                 Ok(MoonrakerView::Unreachable)
             } else {
                 Err(e.into())
