@@ -129,6 +129,30 @@ impl Error {
         })
     }
 
+    /// A stable name for the kind of error, for `--json` output and scripts.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::FileParse { .. } => "file-parse",
+            Error::FileInvalid { .. } => "file-invalid",
+            Error::Io { .. } => "io",
+            Error::UnknownBoard(_) => "unknown-board",
+            Error::BoardConflict(_) => "board-conflict",
+            Error::InvalidInput(_) => "invalid-input",
+            Error::McuMismatch { .. } => "mcu-mismatch",
+            Error::ConfigRejected { .. } => "config-rejected",
+            Error::DeviceNotFound(_) => "device-not-found",
+            Error::Udev(_) => "udev",
+            Error::Timeout { .. } => "timeout",
+            Error::Tool { .. } => "tool",
+            Error::Flash(_) => "flash",
+            Error::Service(_) => "service",
+            Error::History(_) => "history",
+            Error::Moonraker(_) => "moonraker",
+            Error::PrinterBusy(_) => "printer-busy",
+            Error::Interrupted(_) => "interrupted",
+        }
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::FileParse { .. }

@@ -174,7 +174,8 @@ struct SetArgs {
 struct SettingsArgs {
     #[command(subcommand)]
     action: Option<SettingsAction>,
-    #[arg(long)]
+    /// Print JSON (accepted before or after the action: `settings show --json`).
+    #[arg(long, global = true)]
     json: bool,
 }
 
@@ -226,18 +227,51 @@ fn main() {
             std::process::exit(exit::FAILURE);
         }
     };
+    let json = cli.command.json();
     let code = match rt.block_on(run(cli)) {
         Ok(()) => exit::OK,
         Err(e) => {
-            eprintln!("error: {e}");
-            if let Some(help) = e.help() {
-                eprintln!("  help: {help}");
-            }
+            report_error(&e, json);
             e.exit_code()
         }
     };
-    drop(rt);
+    // Not a plain drop: that would wait for blocking threads (a prompt's read, a build-lock
+    // wait) that an interruption abandoned.
+    rt.shutdown_background();
     std::process::exit(code);
+}
+
+/// `error: …` and `help: …` on stderr; under `--json` also the same as one JSON object on
+/// stdout, so a script reading stdout always gets JSON.
+fn report_error(e: &Error, json: bool) {
+    eprintln!("error: {e}");
+    let help = e.help();
+    if let Some(help) = &help {
+        eprintln!("  help: {help}");
+    }
+    if json {
+        let body = serde_json::json!({
+            "error": { "kind": e.kind(), "message": e.to_string(), "help": help, "exit_code": e.exit_code() }
+        });
+        println!("{body}");
+    }
+}
+
+impl Command {
+    /// Whether the command was asked for JSON output.
+    fn json(&self) -> bool {
+        match self {
+            Command::Devices(a) | Command::Watch(a) => a.json,
+            Command::Add(a) => a.json,
+            Command::Settings(a) => a.json,
+            Command::Import(a) => a.json,
+            Command::Build(a) => a.json,
+            Command::Flash(a) => a.json,
+            Command::History(a) => a.json,
+            Command::KatapultCheck(a) => a.json,
+            Command::Remove(_) | Command::Set(_) | Command::Config(_) => false,
+        }
+    }
 }
 
 fn init_logging(verbose: u8) {
@@ -262,19 +296,22 @@ fn init_logging(verbose: u8) {
     }
 }
 
+/// Every command that waits is cancellable: Ctrl-C, SIGTERM or SIGHUP ends it at once with
+/// exit 130. `watch` ends on a signal by design (exit 0); `flash` and `katapult-check` handle
+/// signals themselves (restart Klipper, record the interruption).
 async fn run(cli: Cli) -> Result<()> {
     let dir = cli.config_dir.clone().unwrap_or_else(registry::default_config_dir);
     recover_klipper(&dir).await;
     match cli.command {
-        Command::Devices(a) => devices(&dir, a.json).await,
-        Command::Add(a) => add(&dir, a).await,
-        Command::Remove(a) => remove(&dir, a),
+        Command::Devices(a) => interruptible(devices(&dir, a.json)).await,
+        Command::Add(a) => interruptible(add(&dir, a)).await,
+        Command::Remove(a) => interruptible(remove(&dir, a)).await,
         Command::Set(a) => set(&dir, a),
         Command::Settings(a) => settings(&dir, a),
         Command::Config(a) => config(&dir, a),
         Command::Import(a) => import_cmd(&dir, a),
         Command::Watch(a) => watch(&dir, a.json).await,
-        Command::Build(a) => build(&dir, a).await,
+        Command::Build(a) => interruptible(build(&dir, a)).await,
         Command::Flash(a) => flash(&dir, a).await,
         Command::History(a) => history(a),
         Command::KatapultCheck(a) => katapult_check(&dir, a).await,
@@ -495,7 +532,15 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
                 "not a terminal: give --device and --name (and optionally --key, --mcu, --method, --exclude)".into(),
             ));
         }
-        add_wizard(&reg, &connected, &a)?
+        let candidates = boards::add_candidates(&reg, &connected);
+        let names: Vec<String> = reg.boards().map(|b| b.name.clone()).collect();
+        let (device, name, key, mcu, method) =
+            (a.device.clone(), a.name.clone(), a.key.clone(), a.mcu.clone(), a.method);
+        let connected = connected.clone();
+        ui::prompt(move || {
+            add_wizard(&connected, &candidates, &names, WizardPresets { device, name, key, mcu, method })
+        })
+        .await?
     } else {
         let board = boards::select_device(&connected, a.device.as_deref().unwrap_or_default())?.clone();
         let req = AddRequest {
@@ -524,8 +569,22 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
     Ok(())
 }
 
-fn add_wizard(reg: &Registry, connected: &[Board], a: &AddArgs) -> Result<(Board, AddRequest)> {
-    let candidates = boards::add_candidates(reg, connected);
+/// What the add flags already answered.
+struct WizardPresets {
+    device: Option<String>,
+    name: Option<String>,
+    key: Option<String>,
+    mcu: Option<String>,
+    method: FlashMethod,
+}
+
+/// The add questions; runs on a prompt thread (see [`ui::prompt`]), so it owns its data.
+fn add_wizard(
+    connected: &[Board],
+    candidates: &[Board],
+    names: &[String],
+    a: WizardPresets,
+) -> Result<(Board, AddRequest)> {
     let board = match &a.device {
         Some(sel) => boards::select_device(connected, sel)?.clone(),
         None => {
@@ -562,7 +621,7 @@ fn add_wizard(reg: &Registry, connected: &[Board], a: &AddArgs) -> Result<(Board
             if s.is_empty() {
                 return Err("a name is required".into());
             }
-            if reg.boards().any(|b| b.name.eq_ignore_ascii_case(s)) {
+            if names.iter().any(|n| n.eq_ignore_ascii_case(s)) {
                 return Err(format!("'{s}' is already used"));
             }
             Ok(s.to_string())
@@ -583,17 +642,18 @@ fn add_wizard(reg: &Registry, connected: &[Board], a: &AddArgs) -> Result<(Board
             FlashMethod::parse(s).map_err(|e| e.to_string())
         })?;
     let exclude = ui::confirm("Exclude from flash-all?")?;
-    Ok((board, AddRequest { name, key: a.key.clone(), mcu: Some(mcu), flash_method: method, exclude }))
+    Ok((board, AddRequest { name, key: a.key, mcu: Some(mcu), flash_method: method, exclude }))
 }
 
-fn remove(dir: &std::path::Path, a: RemoveArgs) -> Result<()> {
+async fn remove(dir: &std::path::Path, a: RemoveArgs) -> Result<()> {
     let mut reg = Registry::open(dir)?;
     let entry = reg.get(&a.key)?.clone();
     if !a.yes {
         if !std::io::stdin().is_terminal() {
             return Err(Error::InvalidInput(format!("not a terminal: add --yes to remove '{}'", a.key)));
         }
-        if !ui::confirm(&format!("Remove '{}' ({})?", entry.name, entry.key))? {
+        let question = format!("Remove '{}' ({})?", entry.name, entry.key);
+        if !ui::prompt(move || ui::confirm(&question)).await? {
             println!("Nothing removed.");
             return Ok(());
         }
@@ -673,13 +733,22 @@ fn settings(dir: &std::path::Path, a: SettingsArgs) -> Result<()> {
         SettingsAction::Set { key, value } => {
             reg.settings = reg.settings.with_value(&key, &value)?;
             reg.save_settings()?;
-            println!("{key} = {value}");
+            if a.json {
+                print_json(&reg.settings);
+            } else {
+                println!("{key} = {value}");
+            }
         }
         SettingsAction::Unset { key } => {
             reg.settings = reg.settings.without_value(&key)?;
             reg.save_settings()?;
-            println!("{key} unset");
+            if a.json {
+                print_json(&reg.settings);
+            } else {
+                println!("{key} unset");
+            }
         }
+        SettingsAction::Path if a.json => print_json(&serde_json::json!({ "path": reg.dir() })),
         SettingsAction::Path => println!("{}", reg.dir().display()),
     }
     Ok(())

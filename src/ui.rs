@@ -32,6 +32,13 @@ impl BuildProgress for BuildSpinner {
             eprint!("\r  building {} ({} lines of output)", FRAMES[self.lines % 4], self.lines);
         }
     }
+
+    fn note(&mut self, text: &str) {
+        if self.live && self.lines > 0 {
+            eprint!("\r\x1b[K");
+        }
+        eprintln!("kflash: {text}");
+    }
 }
 
 /// Prints phases as `[Phase] message`, and a progress bar while blocks are written.
@@ -174,12 +181,18 @@ pub fn confirm(question: &str) -> kflash::Result<bool> {
     })
 }
 
-/// [`confirm`] on a thread of its own, so the runtime keeps answering signals while the
-/// user thinks: dropping the future (Ctrl-C) abandons the read at once.
-pub async fn confirm_async(question: String) -> bool {
+/// Run a prompt (any code that reads stdin) on a thread of its own and await its answer, so
+/// the runtime keeps answering signals while the user thinks: dropping the future (Ctrl-C)
+/// abandons the read at once, and the process exits without waiting for the thread.
+pub async fn prompt<T: Send + 'static>(ask: impl FnOnce() -> kflash::Result<T> + Send + 'static) -> kflash::Result<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(confirm(&question).unwrap_or(false));
+        let _ = tx.send(ask());
     });
-    rx.await.unwrap_or(false)
+    rx.await.unwrap_or_else(|_| Err(kflash::Error::InvalidInput("the question was not answered".into())))
+}
+
+/// [`confirm`] through [`prompt`]; an unreadable answer is no.
+pub async fn confirm_async(question: String) -> bool {
+    prompt(move || confirm(&question)).await.unwrap_or(false)
 }

@@ -147,6 +147,9 @@ impl BuildProgress for BuildLines<'_> {
     fn line(&mut self, line: &str) {
         self.0.report(Report::BuildLine(line.to_string()));
     }
+    fn note(&mut self, text: &str) {
+        self.0.report(Report::Warning(text.to_string()));
+    }
 }
 
 /// What an attempt got to, for the history whatever the outcome.

@@ -106,6 +106,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub trait BuildProgress: Send {
     /// One line of compiler output (not printed by default; counts drive a spinner).
     fn line(&mut self, _line: &str) {}
+    /// Something the user should know while the build waits or runs (shown by default).
+    fn note(&mut self, _text: &str) {}
 }
 
 impl BuildProgress for () {}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::build::{sha256_hex, Firmware};
+use super::build::{sha256_hex, BuildProgress, Firmware};
 use crate::error::{Error, Result};
 use crate::kconfig::KConfig;
 
@@ -167,7 +167,9 @@ pub struct TreeLock {
 }
 
 impl TreeLock {
-    pub async fn acquire(state_dir: &Path, tree: &Path) -> Result<TreeLock> {
+    /// Take the lock, telling `progress` when another build holds it. The wait is
+    /// cancellable: dropping the future abandons the waiting thread.
+    pub async fn acquire(state_dir: &Path, tree: &Path, progress: &mut dyn BuildProgress) -> Result<TreeLock> {
         std::fs::create_dir_all(state_dir).map_err(|e| Error::io("create directory", state_dir, e))?;
         let path = state_dir.join(format!("build-{}.lock", &sha256_hex(tree.display().to_string().as_bytes())[..12]));
         let file = std::fs::OpenOptions::new()
@@ -176,12 +178,25 @@ impl TreeLock {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io("open", &path, e))?;
-        // A blocking flock on a worker thread: the wait ends when the other build's lock is released.
-        let lock =
-            tokio::task::spawn_blocking(move || nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive))
-                .await
-                .expect("flock thread")
-                .map_err(|(_, e)| Error::io("lock", &path, e.into()))?;
+        let file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(TreeLock { _lock: lock }),
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => file,
+            Err((_, e)) => return Err(Error::io("lock", &path, e.into())),
+        };
+        progress.note(&format!(
+            "another kflash is building in {}; waiting for it to finish (Ctrl-C to stop waiting)",
+            tree.display()
+        ));
+        // A blocking flock on a thread of its own (not spawn_blocking: the runtime would wait
+        // for it at exit); the wait ends when the other build's lock is released.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive));
+        });
+        let lock = rx
+            .await
+            .map_err(|_| Error::io("lock", &path, std::io::Error::other("the lock thread ended")))?
+            .map_err(|(_, e)| Error::io("lock", &path, e.into()))?;
         Ok(TreeLock { _lock: lock })
     }
 }

@@ -83,7 +83,7 @@ pub async fn firmware_for(
         )));
     }
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
-    let _tree_lock = cache::TreeLock::acquire(&state_dir, &klipper).await?;
+    let _tree_lock = cache::TreeLock::acquire(&state_dir, &klipper, progress).await?;
     let out_dir = cache.build_dir(&board.key);
     if out_dir.exists() {
         std::fs::remove_dir_all(&out_dir).map_err(|e| Error::io("clear", &out_dir, e))?;
