@@ -61,6 +61,15 @@ pub enum Error {
     #[error("{message}")]
     ConfigRejected { key: String, message: String },
 
+    #[error("board '{key}' has no firmware config yet ({} does not exist)", path.display())]
+    NoBoardConfig { key: String, path: PathBuf },
+
+    #[error("{} is not a Klipper source tree (no Makefile)", path.display())]
+    NotKlipperTree { path: PathBuf },
+
+    #[error("there is no cached firmware for '{key}' built from the current Klipper tree and config")]
+    NoCachedFirmware { key: String },
+
     #[error("{0}")]
     DeviceNotFound(String),
 
@@ -113,6 +122,11 @@ impl Error {
                 "run `kflash config {key}` and pick the board's MCU, or fix the board's MCU with `kflash set {key} --mcu …`"
             ),
             Error::ConfigRejected { key, .. } => format!("run `kflash config {key}` again and choose the board's MCU"),
+            Error::NoBoardConfig { key, .. } => format!("run `kflash config {key}` to create it"),
+            Error::NotKlipperTree { .. } => {
+                "set klipper_dir to your Klipper or Kalico checkout: `kflash settings set klipper_dir ~/klipper`".into()
+            }
+            Error::NoCachedFirmware { key } => format!("run `kflash build {key}` first, or drop --no-build"),
             Error::DeviceNotFound(_) => "check the USB cable and run `kflash devices` to see what is connected".into(),
             Error::Udev(_) => "kflash needs udev (systemd-udevd running, /run/udev present); on a container host run it on the machine itself".into(),
             Error::Timeout { .. } => "check the board's USB connection; `kflash watch` shows what the board does".into(),
@@ -140,6 +154,9 @@ impl Error {
             Error::InvalidInput(_) => "invalid-input",
             Error::McuMismatch { .. } => "mcu-mismatch",
             Error::ConfigRejected { .. } => "config-rejected",
+            Error::NoBoardConfig { .. } => "no-board-config",
+            Error::NotKlipperTree { .. } => "not-klipper-tree",
+            Error::NoCachedFirmware { .. } => "no-cached-firmware",
             Error::DeviceNotFound(_) => "device-not-found",
             Error::Udev(_) => "udev",
             Error::Timeout { .. } => "timeout",
@@ -158,7 +175,10 @@ impl Error {
             Error::FileParse { .. }
             | Error::FileInvalid { .. }
             | Error::McuMismatch { .. }
-            | Error::ConfigRejected { .. } => exit::CONFIG,
+            | Error::ConfigRejected { .. }
+            | Error::NoBoardConfig { .. }
+            | Error::NotKlipperTree { .. } => exit::CONFIG,
+            Error::NoCachedFirmware { .. } => exit::FAILURE,
             Error::Io { .. } => exit::FAILURE,
             Error::UnknownBoard(_) | Error::BoardConflict(_) | Error::DeviceNotFound(_) => exit::BOARD,
             Error::InvalidInput(_) => exit::USAGE,

@@ -89,10 +89,7 @@ pub fn check_klipper_dir(dir: &Path) -> Result<()> {
     if dir.join("Makefile").is_file() {
         Ok(())
     } else {
-        Err(Error::InvalidInput(format!(
-            "{} is not a Klipper source tree (no Makefile); set it with `kflash settings set klipper_dir PATH`",
-            dir.display()
-        )))
+        Err(Error::NotKlipperTree { path: dir.to_path_buf() })
     }
 }
 

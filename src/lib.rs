@@ -11,6 +11,7 @@ pub mod flash;
 pub mod history;
 pub mod hotplug;
 pub mod identity;
+pub mod json;
 pub mod kconfig;
 pub mod moonraker;
 pub mod protocol;

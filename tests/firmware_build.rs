@@ -149,12 +149,13 @@ async fn a_failing_build_reports_the_tail_of_its_output() {
 async fn builds_against_one_tree_are_serialised() {
     let state = tempfile::tempdir().unwrap();
     let tree = std::path::Path::new("/some/klipper");
-    let first = kflash::firmware::cache::TreeLock::acquire(state.path(), tree).await.unwrap();
+    let first = kflash::firmware::cache::TreeLock::acquire(state.path(), tree, &mut ()).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let dir = state.path().to_path_buf();
     tokio::spawn(async move {
-        let second =
-            kflash::firmware::cache::TreeLock::acquire(&dir, std::path::Path::new("/some/klipper")).await.unwrap();
+        let second = kflash::firmware::cache::TreeLock::acquire(&dir, std::path::Path::new("/some/klipper"), &mut ())
+            .await
+            .unwrap();
         let _ = tx.send(());
         drop(second);
     });
@@ -165,7 +166,9 @@ async fn builds_against_one_tree_are_serialised() {
     );
     // Another tree is independent.
     let other =
-        kflash::firmware::cache::TreeLock::acquire(state.path(), std::path::Path::new("/other/kalico")).await.unwrap();
+        kflash::firmware::cache::TreeLock::acquire(state.path(), std::path::Path::new("/other/kalico"), &mut ())
+            .await
+            .unwrap();
     drop(other);
     drop(first);
     tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.expect("released").unwrap();

@@ -23,6 +23,8 @@ pub struct BuildOutcome {
     /// True when the cache had it and make did not run.
     pub cached: bool,
     pub key: CacheKey,
+    /// Seconds in JSON, like every duration kflash prints.
+    #[serde(serialize_with = "crate::json::serialize_secs")]
     pub elapsed: Duration,
     /// make's OUT directory for this board (what `make flash` must be given).
     pub build_dir: PathBuf,
@@ -51,10 +53,7 @@ pub async fn firmware_for(
     let started = std::time::Instant::now();
     let config_path = reg.config_path(&board.key);
     if !config_path.is_file() {
-        return Err(Error::InvalidInput(format!(
-            "board '{}' has no firmware config yet; run `kflash config {}` first",
-            board.key, board.key
-        )));
+        return Err(Error::NoBoardConfig { key: board.key.clone(), path: config_path });
     }
     let config = KConfig::load(&config_path)?;
     kconfig::check_mcu(board, &config_path, &config)?;
@@ -77,10 +76,7 @@ pub async fn firmware_for(
     }
 
     if opts.cache_only {
-        return Err(Error::InvalidInput(format!(
-            "there is no cached firmware for '{}' built from the current Klipper tree and config; run `kflash build {}` (or drop --no-build)",
-            board.key, board.key
-        )));
+        return Err(Error::NoCachedFirmware { key: board.key.clone() });
     }
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
     let _tree_lock = cache::TreeLock::acquire(&state_dir, &klipper, progress).await?;
