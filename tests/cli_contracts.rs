@@ -2,45 +2,20 @@
 //! `--json` (one object on stdout, same exit code), durations in seconds, and
 //! `settings show --json`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod host;
+use host::stand_in_tree;
 
 fn kflash(root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kflash"))
-        .arg("--config-dir")
-        .arg(root.join("cfg"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env("XDG_STATE_HOME", root.join("state"))
-        .env("XDG_CACHE_HOME", root.join("cache"))
-        .output()
-        .expect("run kflash")
+    host::kflash(root, args).output().expect("run kflash")
 }
 
-/// A config dir with one board and `klipper_dir` = `tree` (which may not exist).
 fn setup(root: &Path, tree: &Path) {
-    let dir = root.join("cfg");
-    std::fs::create_dir_all(dir.join("configs")).unwrap();
-    std::fs::write(
-        dir.join("boards.toml"),
-        "[boards.nitehawk]\nname = \"Nitehawk\"\nmcu = \"rp2040\"\nserial = \"E661640843545B2E\"\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("settings.toml"), format!("klipper_dir = \"{}\"\nbuild_jobs = 1\n", tree.display()))
-        .unwrap();
-}
-
-fn stand_in_tree(root: &Path) -> PathBuf {
-    let tree = root.join("klipper");
-    let st = Command::new(repo().join("tests/rig/standins/make-klipper-tree")).arg(&tree).output().unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    tree
+    host::config_dir(root, tree);
 }
 
 /// The one JSON error object on stdout, checked against the exit code and stderr's text.
@@ -99,15 +74,7 @@ fn build_json_durations_are_seconds() {
     let root = tempfile::tempdir().unwrap();
     let tree = stand_in_tree(root.path());
     setup(root.path(), &tree);
-    let st = Command::new("make")
-        .arg("-C")
-        .arg(&tree)
-        .arg(format!("KCONFIG_CONFIG={}", root.path().join("cfg/configs/nitehawk.config").display()))
-        .arg("menuconfig")
-        .env("RIG_MENUCONFIG_MCU", "rp2040")
-        .output()
-        .unwrap();
-    assert!(st.status.success());
+    host::menuconfig(&tree, &root.path().join("cfg"), "nitehawk", "rp2040");
     let out = kflash(root.path(), &["build", "nitehawk", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -3,53 +3,25 @@
 //! bound is loose (a loaded CI machine), the failure it catches is "waits for Enter" or
 //! "waits for the other build".
 
+mod host;
 mod pty;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use pty::PtyChild;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A config dir with two boards and the stand-in Klipper tree, configured for `nitehawk`.
-fn setup(root: &Path) -> PathBuf {
-    let tree = root.join("klipper");
-    let st = Command::new(repo().join("tests/rig/standins/make-klipper-tree")).arg(&tree).output().unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let dir = root.join("cfg");
-    std::fs::create_dir_all(dir.join("configs")).unwrap();
-    std::fs::write(
-        dir.join("boards.toml"),
-        "[boards.nitehawk]\nname = \"Nitehawk\"\nmcu = \"rp2040\"\nserial = \"E661640843545B2E\"\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("settings.toml"), format!("klipper_dir = \"{}\"\nbuild_jobs = 1\n", tree.display()))
-        .unwrap();
-    let st = Command::new("make")
-        .arg("-C")
-        .arg(&tree)
-        .arg(format!("KCONFIG_CONFIG={}", dir.join("configs/nitehawk.config").display()))
-        .arg("menuconfig")
-        .env("RIG_MENUCONFIG_MCU", "rp2040")
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    dir
+/// A config dir with one board and the stand-in Klipper tree, configured for `nitehawk`.
+fn setup(root: &Path) {
+    let tree = host::stand_in_tree(root);
+    let cfg = host::config_dir(root, &tree);
+    host::menuconfig(&tree, &cfg, "nitehawk", "rp2040");
 }
 
 fn kflash(root: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kflash"));
-    cmd.arg("--config-dir")
-        .arg(root.join("cfg"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env("XDG_STATE_HOME", root.join("state"))
-        .env("XDG_CACHE_HOME", root.join("cache"))
-        .env("TERM", "dumb");
+    let mut cmd = host::kflash(root, args);
+    cmd.env("TERM", "dumb");
     cmd
 }
 
@@ -63,7 +35,8 @@ fn assert_interrupted(what: &str, took: Duration, status: std::process::ExitStat
 #[test]
 fn ctrl_c_at_a_question_exits_130_at_once() {
     let root = tempfile::tempdir().unwrap();
-    let dir = setup(root.path());
+    setup(root.path());
+    let dir = root.path().join("cfg");
     let before = std::fs::read(dir.join("boards.toml")).unwrap();
     let mut remove = PtyChild::spawn(kflash(root.path(), &["remove", "nitehawk"]));
     remove.expect("Remove 'Nitehawk' (nitehawk)?", Duration::from_secs(20));
