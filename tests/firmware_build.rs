@@ -117,7 +117,9 @@ async fn a_board_without_config_is_refused() {
     std::fs::remove_file(s.reg.config_path("nitehawk")).unwrap();
     let board = s.reg.get("nitehawk").unwrap().clone();
     let err = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap_err();
-    assert!(err.to_string().contains("run `kflash config nitehawk` first"), "{err}");
+    assert!(matches!(err, kflash::Error::NoBoardConfig { .. }), "{err}");
+    assert!(err.help().unwrap().contains("run `kflash config nitehawk`"), "{err}");
+    assert_eq!(err.exit_code(), kflash::error::exit::CONFIG);
 }
 
 #[tokio::test]

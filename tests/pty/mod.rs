@@ -17,6 +17,8 @@ pub struct PtyChild {
     master: std::fs::File,
     output: Arc<(Mutex<String>, Condvar)>,
     exited: mpsc::Receiver<ExitStatus>,
+    /// Closed when the reader has seen the end of the output (every slave fd closed).
+    drained: mpsc::Receiver<()>,
 }
 
 impl PtyChild {
@@ -42,6 +44,7 @@ impl PtyChild {
         drop(slave);
         let master = std::fs::File::from(pty.master);
         let output = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let (drained_tx, drained) = mpsc::channel::<()>();
         {
             let mut reader = master.try_clone().expect("dup master");
             let output = output.clone();
@@ -55,6 +58,7 @@ impl PtyChild {
                     output.0.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
                     output.1.notify_all();
                 }
+                drop(drained_tx);
             });
         }
         let child = Arc::new(Mutex::new(child));
@@ -73,7 +77,7 @@ impl PtyChild {
                 drop(child);
             });
         }
-        PtyChild { child, master, output, exited }
+        PtyChild { child, master, output, exited, drained }
     }
 
     pub fn output(&self) -> String {
@@ -98,7 +102,11 @@ impl PtyChild {
         let t = Instant::now();
         self.type_bytes(b"\x03");
         match self.exited.recv_timeout(timeout) {
-            Ok(status) => (t.elapsed(), status),
+            Ok(status) => {
+                let took = t.elapsed();
+                self.drain();
+                (took, status)
+            }
             Err(_) => {
                 let out = self.output();
                 self.kill();
@@ -109,13 +117,21 @@ impl PtyChild {
 
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         match self.exited.recv_timeout(timeout) {
-            Ok(status) => status,
+            Ok(status) => {
+                self.drain();
+                status
+            }
             Err(_) => {
                 let out = self.output();
                 self.kill();
                 panic!("still running after {timeout:?}; output:\n{out}")
             }
         }
+    }
+
+    /// Wait (a little) until the reader has everything the command wrote before it exited.
+    fn drain(&self) {
+        let _ = self.drained.recv_timeout(Duration::from_secs(5));
     }
 
     pub fn kill(&self) {
