@@ -44,6 +44,7 @@ fn setup(mcu: &str) -> Setup {
         .arg("-C")
         .arg(&tree)
         .arg(format!("KCONFIG_CONFIG={}", reg.config_path("nitehawk").display()))
+        .arg(format!("OUT={}/", root.path().join("menuconfig-out").display()))
         .arg("menuconfig")
         .env("RIG_MENUCONFIG_MCU", mcu)
         .output()
