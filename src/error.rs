@@ -61,6 +61,17 @@ pub enum Error {
     #[error("{message}")]
     ConfigRejected { key: String, message: String },
 
+    /// The Klipper tree's Kconfig would change a setting the board depends on.
+    #[error("the Klipper tree's Kconfig would change critical settings of '{key}' ({}):\n{changes}", path.display())]
+    ConfigMigration { key: String, path: PathBuf, changes: String },
+
+    /// make failed: the exact command and the whole log, for running it again by hand.
+    #[error("make failed: the build failed ({status}); last lines:\n{tail}\n  command: {command}\n  full log: {}", log.display())]
+    BuildFailed { status: String, tail: String, command: String, log: PathBuf },
+
+    #[error("{0}")]
+    NeedsTerminal(String),
+
     #[error("{0}")]
     DeviceNotFound(String),
 
@@ -113,6 +124,16 @@ impl Error {
                 "run `kflash config {key}` and pick the board's MCU, or fix the board's MCU with `kflash set {key} --mcu …`"
             ),
             Error::ConfigRejected { key, .. } => format!("run `kflash config {key}` again and choose the board's MCU"),
+            Error::ConfigMigration { key, .. } => format!(
+                "run `kflash config {key}` to review the settings against the updated Klipper and save them; the config was not changed"
+            ),
+            Error::BuildFailed { log, .. } => format!(
+                "run the command above in a shell to investigate; the whole output is in {}",
+                log.display()
+            ),
+            Error::NeedsTerminal(_) => {
+                "run it in an interactive terminal (over SSH: `ssh -t`); `kflash config KEY --show` prints the config".into()
+            }
             Error::DeviceNotFound(_) => "check the USB cable and run `kflash devices` to see what is connected".into(),
             Error::Udev(_) => "kflash needs udev (systemd-udevd running, /run/udev present); on a container host run it on the machine itself".into(),
             Error::Timeout { .. } => "check the board's USB connection; `kflash watch` shows what the board does".into(),
@@ -134,7 +155,10 @@ impl Error {
             Error::FileParse { .. }
             | Error::FileInvalid { .. }
             | Error::McuMismatch { .. }
-            | Error::ConfigRejected { .. } => exit::CONFIG,
+            | Error::ConfigRejected { .. }
+            | Error::ConfigMigration { .. } => exit::CONFIG,
+            Error::BuildFailed { .. } => exit::TOOL,
+            Error::NeedsTerminal(_) => exit::USAGE,
             Error::Io { .. } => exit::FAILURE,
             Error::UnknownBoard(_) | Error::BoardConflict(_) | Error::DeviceNotFound(_) => exit::BOARD,
             Error::InvalidInput(_) => exit::USAGE,

@@ -14,6 +14,45 @@ fn kflash(dir: &Path, args: &[&str]) -> Output {
         .expect("run kflash")
 }
 
+/// Run kflash with a pseudo-terminal as stdin and stdout (menuconfig needs one); stdout in
+/// the result is what was written to the terminal.
+fn kflash_tty(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    use std::io::Read;
+    use std::os::fd::{AsFd, OwnedFd};
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let slave = |fd: &OwnedFd| std::process::Stdio::from(fd.as_fd().try_clone_to_owned().unwrap());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kflash"));
+    cmd.arg("--config-dir").arg(dir).args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdin(slave(&pty.slave))
+        .stdout(slave(&pty.slave))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kflash");
+    // The master reads EOF (EIO) only once no one holds the slave: not the Command either.
+    drop(cmd);
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the last slave closes.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    });
+    let mut out = child.wait_with_output().expect("wait for kflash");
+    out.stdout = reader.join().unwrap();
+    out
+}
+
 fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
@@ -56,11 +95,7 @@ fn setup() -> (tempfile::TempDir, PathBuf) {
 #[test]
 fn config_runs_menuconfig_on_the_boards_own_file() {
     let (root, dir) = setup();
-    let out = Command::new(env!("CARGO_BIN_EXE_kflash"))
-        .args(["--config-dir", dir.to_str().unwrap(), "config", "nitehawk"])
-        .env("MENU_MCU", "rp2040")
-        .output()
-        .unwrap();
+    let out = kflash_tty(&dir, &["config", "nitehawk"], &[("MENU_MCU", "rp2040")]);
     let (so, se) = text(&out);
     assert!(out.status.success(), "{so}{se}");
     assert!(so.contains("MCU rp2040"), "{so}");
@@ -92,11 +127,7 @@ fn menuconfig_result_for_another_mcu_is_rejected_and_previous_restored() {
     std::fs::create_dir_all(dir.join("configs")).unwrap();
     let previous = "CONFIG_MCU=\"rp2040\"\n";
     std::fs::write(dir.join("configs/nitehawk.config"), previous).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kflash"))
-        .args(["--config-dir", dir.to_str().unwrap(), "config", "nitehawk"])
-        .env("MENU_MCU", "stm32f446xx")
-        .output()
-        .unwrap();
+    let out = kflash_tty(&dir, &["config", "nitehawk"], &[("MENU_MCU", "stm32f446xx")]);
     let (_, se) = text(&out);
     assert_eq!(out.status.code(), Some(3), "{se}");
     assert_eq!(std::fs::read_to_string(dir.join("configs/nitehawk.config")).unwrap(), previous);

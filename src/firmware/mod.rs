@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod cache;
+pub mod migrate;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use serde::Serialize;
 
 pub use build::{BuildPlan, BuildProgress, Firmware};
 pub use cache::{CacheKey, FirmwareCache};
+pub use migrate::Migration;
 
 use crate::error::{Error, Result};
 use crate::kconfig::{self, KConfig};
@@ -29,6 +31,13 @@ pub struct BuildOutcome {
     /// The board's config, for checks against the bootloader later.
     #[serde(skip)]
     pub config: KConfig,
+    /// What the tree's Kconfig changed in the board's config before this build (applied),
+    /// or had to say about it (warnings); `None` when it had nothing to change or say.
+    pub migration: Option<Migration>,
+    /// The whole output of the build (`None` for a cache hit).
+    pub log: Option<PathBuf>,
+    /// The copy of the board's config make was given; `make flash` should get this one too.
+    pub built_config: PathBuf,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -42,6 +51,12 @@ pub struct BuildOptions {
 }
 
 /// Build (or fetch from cache) the firmware for `board`.
+///
+/// Before anything else the board's config is checked against the tree's Kconfig (see
+/// [`migrate`]): critical changes are refused, others applied to the board's config (the
+/// previous one kept). make then gets a private copy of that config, never the board's file
+/// itself (Klipper's Makefile would rewrite it in place when `src/Kconfig` is newer), and the
+/// cache key is taken from the copy's bytes: the config that is actually built.
 pub async fn firmware_for(
     reg: &Registry,
     board: &BoardEntry,
@@ -56,13 +71,27 @@ pub async fn firmware_for(
             board.key, board.key
         )));
     }
-    let config = KConfig::load(&config_path)?;
-    kconfig::check_mcu(board, &config_path, &config)?;
+    kconfig::check_mcu(board, &config_path, &KConfig::load(&config_path)?)?;
     let klipper = reg.settings.klipper_dir();
     kconfig::check_klipper_dir(&klipper)?;
 
+    let mut migration =
+        migrate::check(&klipper, &config_path, Duration::from_secs(reg.settings.timeouts.build_secs)).await?;
+    migrate::apply(&board.key, &config_path, &mut migration)?;
+    let migration = (migration.rewrites() || !migration.warnings.is_empty()).then_some(migration);
+    if let Some(m) = &migration {
+        progress.config_checked(m);
+    }
+    let config_bytes = std::fs::read(&config_path).map_err(|e| Error::io("read", &config_path, e))?;
+    let config = KConfig::parse(&String::from_utf8_lossy(&config_bytes));
+    kconfig::check_mcu(board, &config_path, &config)?;
+
     let cache = FirmwareCache::new(opts.cache_dir.clone().unwrap_or_else(crate::registry::default_cache_dir));
-    let key = CacheKey::compute(&klipper, &config_path, &config).await?;
+    let out_dir = cache.build_dir(&board.key);
+    // The config make is given: a copy next to (not inside) OUT, so `make clean` keeps it.
+    let built_config = cache.build_config(&board.key);
+    write_if_changed(&built_config, &config_bytes)?;
+    let key = CacheKey::compute(&klipper, &built_config, &config).await?;
     if !opts.rebuild {
         if let Some(firmware) = cache.lookup(&board.key, &key)? {
             return Ok(BuildOutcome {
@@ -70,8 +99,11 @@ pub async fn firmware_for(
                 cached: true,
                 key,
                 elapsed: started.elapsed(),
-                build_dir: cache.build_dir(&board.key),
+                build_dir: out_dir,
                 config,
+                migration,
+                log: None,
+                built_config,
             });
         }
     }
@@ -84,21 +116,40 @@ pub async fn firmware_for(
     }
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
     let _tree_lock = cache::TreeLock::acquire(&state_dir, &klipper).await?;
-    let out_dir = cache.build_dir(&board.key);
     if out_dir.exists() {
         std::fs::remove_dir_all(&out_dir).map_err(|e| Error::io("clear", &out_dir, e))?;
     }
     let plan = BuildPlan {
         klipper_dir: klipper,
-        config: config_path,
+        config: built_config,
         out_dir: out_dir.clone(),
         jobs: jobs(reg.settings.build_jobs),
+        log: cache.build_log(&board.key),
     };
     build::run_make(&plan, Duration::from_secs(reg.settings.timeouts.build_secs), progress).await?;
     let built = Firmware::from_out_dir(&out_dir)?;
     build::check_built_mcu(&config, &built)?;
     let firmware = cache.store(&board.key, &key, &out_dir)?;
-    Ok(BuildOutcome { firmware, cached: false, key, elapsed: started.elapsed(), build_dir: out_dir, config })
+    Ok(BuildOutcome {
+        firmware,
+        cached: false,
+        key,
+        elapsed: started.elapsed(),
+        build_dir: out_dir,
+        config,
+        migration,
+        log: Some(plan.log),
+        built_config: plan.config,
+    })
+}
+
+/// Write `bytes` to `path` unless it already holds them (an unchanged copy keeps its mtime,
+/// so make's `$(OUT)autoconf.h: $(KCONFIG_CONFIG)` rule does not rebuild for nothing).
+fn write_if_changed(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    if std::fs::read(path).ok().as_deref() == Some(bytes) {
+        return Ok(());
+    }
+    crate::registry::store::write_atomic(path, bytes)
 }
 
 fn jobs(setting: u32) -> u32 {
