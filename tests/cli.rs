@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::{kflash_tty, text};
+
 fn kflash(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kflash"))
         .arg("--config-dir")
@@ -12,49 +15,6 @@ fn kflash(dir: &Path, args: &[&str]) -> Output {
         .env_remove("RUST_LOG")
         .output()
         .expect("run kflash")
-}
-
-/// Run kflash with a pseudo-terminal as stdin and stdout (menuconfig needs one); stdout in
-/// the result is what was written to the terminal.
-fn kflash_tty(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    use std::io::Read;
-    use std::os::fd::{AsFd, OwnedFd};
-    let pty = nix::pty::openpty(None, None).expect("openpty");
-    let slave = |fd: &OwnedFd| std::process::Stdio::from(fd.as_fd().try_clone_to_owned().unwrap());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kflash"));
-    cmd.arg("--config-dir").arg(dir).args(args).env_remove("RUST_LOG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd
-        .stdin(slave(&pty.slave))
-        .stdout(slave(&pty.slave))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run kflash");
-    // The master reads EOF (EIO) only once no one holds the slave: not the Command either.
-    drop(cmd);
-    drop(pty.slave);
-    let mut master = std::fs::File::from(pty.master);
-    let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        // EIO once the last slave closes.
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-        out
-    });
-    let mut out = child.wait_with_output().expect("wait for kflash");
-    out.stdout = reader.join().unwrap();
-    out
-}
-
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 const BOARDS: &str = r#"[boards.octopus]
