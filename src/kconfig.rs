@@ -200,10 +200,14 @@ pub fn bootloader_offset(cfg: &KConfig) -> Option<String> {
     let boot = cfg
         .get("CONFIG_FLASH_BOOT_ADDRESS")
         .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x").trim_start_matches("0X"), 16).ok());
-    let flash_start = boot.unwrap_or(app & 0xff00_0000);
+    // The start of flash: the boot address rounded down to 4 KiB (rp2040 boots at 0x10000100,
+    // after its 256-byte second stage), else the address's top byte.
+    let flash_start = boot.map(|b| b & !0xfff).unwrap_or(app & 0xff00_0000);
     Some(match app.checked_sub(flash_start) {
         Some(0) => format!("application at {app:#x} (no bootloader)"),
-        Some(off) if off <= 0x100 => format!("application at {app:#x} (offset {off:#x}: no bootloader, boot stage)"),
+        Some(off) if off <= 0x100 => {
+            format!("application at {app:#x} (no bootloader, after the {off}-byte boot stage)")
+        }
         Some(off) => format!("application at {app:#x} ({} KiB bootloader offset)", off / 1024),
         None => format!("application at {app:#x}"),
     })
@@ -265,6 +269,13 @@ mod tests {
         assert_eq!(clock(&c).as_deref(), Some("520 MHz, 25 MHz crystal"));
         assert_eq!(interface(&c).as_deref(), Some("USB (CONFIG_STM32_USB_PA11_PA12)"));
         assert_eq!(bootloader_offset(&c).as_deref(), Some("application at 0x8020000 (128 KiB bootloader offset)"));
+        let rp = KConfig::parse("CONFIG_FLASH_BOOT_ADDRESS=0x10000100\nCONFIG_FLASH_APPLICATION_ADDRESS=0x10004000\n");
+        assert_eq!(bootloader_offset(&rp).as_deref(), Some("application at 0x10004000 (16 KiB bootloader offset)"));
+        let rp = KConfig::parse("CONFIG_FLASH_BOOT_ADDRESS=0x10000100\nCONFIG_FLASH_APPLICATION_ADDRESS=0x10000100\n");
+        assert_eq!(
+            bootloader_offset(&rp).as_deref(),
+            Some("application at 0x10000100 (no bootloader, after the 256-byte boot stage)")
+        );
         let can = KConfig::parse("CONFIG_CANSERIAL=y\nCONFIG_CANBUS_FREQUENCY=500000\n");
         assert_eq!(interface(&can).as_deref(), Some("CAN bus, 500000 bit/s"));
     }

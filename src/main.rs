@@ -359,16 +359,13 @@ async fn build(dir: &std::path::Path, a: BuildArgs) -> Result<()> {
     let reg = Registry::open(dir)?;
     let board = reg.get(&a.key)?.clone();
     let opts = kflash::firmware::BuildOptions { rebuild: a.rebuild, ..Default::default() };
-    let mut spinner = ui::BuildSpinner::new(!a.json);
-    let out = kflash::firmware::firmware_for(&reg, &board, &opts, &mut spinner).await;
-    spinner.finish();
+    let mut progress = BuildDraw { spinner: ui::BuildSpinner::new(!a.json), key: board.key.clone(), json: a.json };
+    let out = kflash::firmware::firmware_for(&reg, &board, &opts, &mut progress).await;
+    progress.spinner.finish();
     let out = out?;
     if a.json {
         print_json(&out);
     } else {
-        if let Some(m) = &out.migration {
-            print_migration(&board.key, m);
-        }
         let how = if out.cached { "from cache (nothing changed since the last build)" } else { "built" };
         println!(
             "{}: {} {} for {}, {how} in {:.1} s",
@@ -394,18 +391,31 @@ async fn build(dir: &std::path::Path, a: BuildArgs) -> Result<()> {
     Ok(())
 }
 
-/// What the tree's Kconfig changed in a board's config before the build, and its warnings.
-fn print_migration(key: &str, m: &kflash::firmware::Migration) {
-    for w in &m.warnings {
-        eprintln!("Kconfig {w}");
+/// `kflash build`'s progress: the spinner, and what the tree's Kconfig changed in the
+/// board's config (printed before make runs, so a failing build still shows it).
+struct BuildDraw {
+    spinner: ui::BuildSpinner,
+    key: String,
+    json: bool,
+}
+
+impl kflash::firmware::BuildProgress for BuildDraw {
+    fn line(&mut self, line: &str) {
+        self.spinner.line(line);
     }
-    if m.rewrites() {
-        println!("{key}: the Klipper tree's Kconfig updated the board's config:");
-        for line in m.describe() {
-            println!("  {line}");
+
+    fn config_checked(&mut self, m: &kflash::firmware::Migration) {
+        for w in &m.warnings {
+            eprintln!("Kconfig {w}");
         }
-        if let Some(prev) = &m.previous {
-            println!("  (the previous config is kept at {})", prev.display());
+        if m.rewrites() && !self.json {
+            println!("{}: the Klipper tree's Kconfig updated the board's config:", self.key);
+            for line in m.describe() {
+                println!("  {line}");
+            }
+            if let Some(prev) = &m.previous {
+                println!("  (the previous config is kept at {})", prev.display());
+            }
         }
     }
 }

@@ -341,3 +341,32 @@ fn config_show_prints_clock_interface_and_bootloader_offset() {
     }
     assert!(so.contains("application at 0x8020000 (128 KiB bootloader offset)"), "{so}");
 }
+
+#[test]
+fn the_kconfig_check_is_skipped_only_while_nothing_it_reads_changed() {
+    let r = rig();
+    r.configure("octopus", "stm32h723xx");
+    ok(&r.run(&["build", "octopus"], &[]));
+    // Break the tree's olddefconfig: an unchanged config and Kconfig do not need it.
+    let script = r.tree.join("scripts/kconfig.py");
+    let source = std::fs::read_to_string(&script).unwrap();
+    std::fs::write(
+        &script,
+        source.replace(
+            "    if cmd == \"olddefconfig\":\n",
+            "    if cmd == \"olddefconfig\":\n        sys.exit(\"olddefconfig broke\")\n",
+        ),
+    )
+    .unwrap();
+    // (Editing the script dirties the tree, so this is a rebuild: it succeeds only because
+    // the check was skipped, and make's copy of the config is newer than src/Kconfig.)
+    let so = ok(&r.run(&["build", "octopus"], &[]));
+    assert!(so.contains("built in"), "{so}");
+    // A changed Kconfig is checked again (and a failing check is reported, not ignored).
+    let kc = r.tree.join("src/Kconfig");
+    std::fs::write(&kc, std::fs::read_to_string(&kc).unwrap() + "\n").unwrap();
+    let out = r.run(&["build", "octopus"], &[]);
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(5), "{so}{se}");
+    assert!(se.contains("olddefconfig broke") && se.contains("against the tree's Kconfig failed"), "{se}");
+}

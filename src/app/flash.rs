@@ -147,6 +147,22 @@ impl BuildProgress for BuildLines<'_> {
     fn line(&mut self, line: &str) {
         self.0.report(Report::BuildLine(line.to_string()));
     }
+
+    fn config_checked(&mut self, m: &crate::firmware::Migration) {
+        for w in &m.warnings {
+            self.0.report(Report::Warning(format!("Kconfig {w}")));
+        }
+        if m.rewrites() {
+            let mut text = "the Klipper tree's Kconfig updated the board's config:".to_string();
+            for line in m.describe() {
+                text.push_str(&format!("\n     {line}"));
+            }
+            if let Some(prev) = &m.previous {
+                text.push_str(&format!("\n     (the previous config is kept at {})", prev.display()));
+            }
+            self.0.report(Report::Warning(text));
+        }
+    }
 }
 
 /// What an attempt got to, for the history whatever the outcome.

@@ -172,6 +172,11 @@ impl FirmwareCache {
         self.dir.join("build").join(format!("{board}.config"))
     }
 
+    /// The stamp of the board's last Kconfig check that had nothing to change or say.
+    pub fn kconfig_checked(&self, board: &str) -> PathBuf {
+        self.dir.join("build").join(format!("{board}.kconfig-checked"))
+    }
+
     /// The whole output of the board's last build.
     pub fn build_log(&self, board: &str) -> PathBuf {
         self.dir.join("build").join(format!("{board}.log"))

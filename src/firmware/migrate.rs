@@ -216,6 +216,32 @@ pub fn apply(key: &str, config: &Path, m: &mut Migration) -> Result<()> {
     Ok(())
 }
 
+/// A digest of the path, size and mtime of the files that decide what olddefconfig does:
+/// the Makefile, every `Kconfig*` under `src/`, and `lib/kconfiglib/`. With the config's own
+/// hash it tells whether a check can be skipped because nothing it depends on changed.
+pub fn kconfig_stamp(klipper: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let mut entries = Vec::new();
+    let mut stack = vec![klipper.join("Makefile"), klipper.join("src"), klipper.join("lib/kconfiglib")];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        if meta.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&path) {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+            continue;
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let wanted =
+            path.starts_with(klipper.join("lib/kconfiglib")) || name == "Makefile" || name.starts_with("Kconfig");
+        if wanted && !name.ends_with(".pyc") {
+            entries.push(format!("{}\0{}\0{}\0{}", path.display(), meta.len(), meta.mtime(), meta.mtime_nsec()));
+        }
+    }
+    entries.sort();
+    super::build::sha256_hex(entries.join("\n").as_bytes())
+}
+
 /// `<key>.config` → `<key>.config.prev`.
 pub fn previous_path(config: &Path) -> PathBuf {
     let mut name = config.file_name().unwrap_or_default().to_os_string();

@@ -75,18 +75,30 @@ pub async fn firmware_for(
     let klipper = reg.settings.klipper_dir();
     kconfig::check_klipper_dir(&klipper)?;
 
-    let mut migration =
-        migrate::check(&klipper, &config_path, Duration::from_secs(reg.settings.timeouts.build_secs)).await?;
-    migrate::apply(&board.key, &config_path, &mut migration)?;
-    let migration = (migration.rewrites() || !migration.warnings.is_empty()).then_some(migration);
-    if let Some(m) = &migration {
-        progress.config_checked(m);
+    let cache = FirmwareCache::new(opts.cache_dir.clone().unwrap_or_else(crate::registry::default_cache_dir));
+    // The Kconfig check is skipped when neither the config nor the tree's Kconfig files changed
+    // since a check that had nothing to change or say.
+    let checked = cache.kconfig_checked(&board.key);
+    let stamp = |config: &[u8]| format!("{}\n{}\n", build::sha256_hex(config), migrate::kconfig_stamp(&klipper));
+    let before = std::fs::read(&config_path).map_err(|e| Error::io("read", &config_path, e))?;
+    let mut migration = None;
+    if std::fs::read(&checked).ok() != Some(stamp(&before).into_bytes()) {
+        let mut m =
+            migrate::check(&klipper, &config_path, Duration::from_secs(reg.settings.timeouts.build_secs)).await?;
+        migrate::apply(&board.key, &config_path, &mut m)?;
+        if m.rewrites() || !m.warnings.is_empty() {
+            progress.config_checked(&m);
+        }
+        if m.warnings.is_empty() {
+            // Best effort: without the stamp the next build just checks again.
+            let _ = crate::registry::store::write_atomic(&checked, stamp(&m.migrated).as_bytes());
+        }
+        migration = (m.rewrites() || !m.warnings.is_empty()).then_some(m);
     }
     let config_bytes = std::fs::read(&config_path).map_err(|e| Error::io("read", &config_path, e))?;
     let config = KConfig::parse(&String::from_utf8_lossy(&config_bytes));
     kconfig::check_mcu(board, &config_path, &config)?;
 
-    let cache = FirmwareCache::new(opts.cache_dir.clone().unwrap_or_else(crate::registry::default_cache_dir));
     let out_dir = cache.build_dir(&board.key);
     // The config make is given: a copy next to (not inside) OUT, so `make clean` keeps it.
     let built_config = cache.build_config(&board.key);
