@@ -216,11 +216,11 @@ pub fn apply(key: &str, config: &Path, m: &mut Migration) -> Result<()> {
     Ok(())
 }
 
-/// A digest of the path, size and mtime of the files that decide what olddefconfig does:
-/// the Makefile, every `Kconfig*` under `src/`, and `lib/kconfiglib/`. With the config's own
-/// hash it tells whether a check can be skipped because nothing it depends on changed.
+/// A digest of the files that decide what olddefconfig does: the Makefile, every `Kconfig*`
+/// under `src/`, and `lib/kconfiglib/`. With the config's own hash it tells whether a check
+/// can be skipped because nothing it depends on changed. Contents, not mtimes: they are small
+/// (about 200 KiB in Klipper), and Kalico regenerates `src/extras/Kconfig` on every make run.
 pub fn kconfig_stamp(klipper: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
     let mut entries = Vec::new();
     let mut stack = vec![klipper.join("Makefile"), klipper.join("src"), klipper.join("lib/kconfiglib")];
     while let Some(path) = stack.pop() {
@@ -234,8 +234,9 @@ pub fn kconfig_stamp(klipper: &Path) -> String {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let wanted =
             path.starts_with(klipper.join("lib/kconfiglib")) || name == "Makefile" || name.starts_with("Kconfig");
-        if wanted && !name.ends_with(".pyc") {
-            entries.push(format!("{}\0{}\0{}\0{}", path.display(), meta.len(), meta.mtime(), meta.mtime_nsec()));
+        if wanted && !name.ends_with(".pyc") && !name.ends_with(".tmp") {
+            let content = std::fs::read(&path).unwrap_or_default();
+            entries.push(format!("{}\0{}", path.display(), super::build::sha256_hex(&content)));
         }
     }
     entries.sort();
