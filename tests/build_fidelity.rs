@@ -150,6 +150,17 @@ fn every_command_leaves_the_tree_and_its_in_tree_build_alone() {
         assert_eq!(snapshot(&r.tree), before, "`kflash {}` ({what}) changed the Klipper tree", args.join(" "));
     }
     assert!(r.config("octopus").is_file());
+    // A Klipper update (here: a new option in src/Kconfig): the Kconfig check and the
+    // migration run on copies too.
+    let kc = r.tree.join("src/Kconfig");
+    std::fs::write(&kc, std::fs::read_to_string(&kc).unwrap() + "\nconfig WANT_NEW\n    bool \"new\"\n    default y\n")
+        .unwrap();
+    let before = snapshot(&r.tree);
+    for args in [&["build", "octopus"][..], &["build", "octopus", "--rebuild"]] {
+        ok(&r.run(args, &[]));
+        assert_eq!(snapshot(&r.tree), before, "`kflash {}` changed the Klipper tree", args.join(" "));
+    }
+    assert!(std::fs::read_to_string(r.config("octopus")).unwrap().contains("CONFIG_WANT_NEW=y"));
     // The user's next plain make still builds their rp2040 firmware.
     assert_eq!(std::fs::read_link(r.tree.join("out/board")).unwrap(), r.tree.join("src/rp2040"));
     // (`kflash flash` needs udev and a board; its build step is firmware_for, as `build`.)

@@ -188,3 +188,22 @@ async fn builds_against_one_tree_are_serialised() {
     drop(first);
     tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.expect("released").unwrap();
 }
+
+#[tokio::test]
+async fn no_build_never_rewrites_the_config() {
+    let s = setup("rp2040");
+    let board = s.reg.get("nitehawk").unwrap().clone();
+    firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
+    let kc = s.tree.join("src/Kconfig");
+    std::fs::write(&kc, std::fs::read_to_string(&kc).unwrap() + "\nconfig WANT_NEW\n    bool \"new\"\n    default y\n")
+        .unwrap();
+    let path = s.reg.config_path("nitehawk");
+    let before = std::fs::read(&path).unwrap();
+    let err = firmware::firmware_for(&s.reg, &board, &BuildOptions { cache_only: true, ..s.opts.clone() }, &mut ())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("would change the config of 'nitehawk'"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "--no-build changes nothing");
+    let built = firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
+    assert_eq!(built.migration.unwrap().added, vec![("CONFIG_WANT_NEW".to_string(), Some("y".to_string()))]);
+}

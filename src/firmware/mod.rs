@@ -85,6 +85,15 @@ pub async fn firmware_for(
     if std::fs::read(&checked).ok() != Some(stamp(&before).into_bytes()) {
         let mut m =
             migrate::check(&klipper, &config_path, Duration::from_secs(reg.settings.timeouts.build_secs)).await?;
+        if opts.cache_only && m.rewrites() {
+            // Firmware from the cache was built from the config as it was; --no-build changes nothing.
+            return Err(Error::InvalidInput(format!(
+                "the Klipper tree's Kconfig would change the config of '{}' ({} changes), so there is no cached firmware for it; run `kflash build {}` to review and apply them (or drop --no-build)",
+                board.key,
+                m.describe().len(),
+                board.key
+            )));
+        }
         migrate::apply(&board.key, &config_path, &mut m)?;
         if m.rewrites() || !m.warnings.is_empty() {
             progress.config_checked(&m);
