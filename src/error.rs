@@ -69,6 +69,16 @@ pub enum Error {
 
     #[error("there is no cached firmware for '{key}' built from the current Klipper tree and config")]
     NoCachedFirmware { key: String },
+    /// The Klipper tree's Kconfig would change a setting the board depends on.
+    #[error("the Klipper tree's Kconfig would change critical settings of '{key}' ({}):\n{changes}", path.display())]
+    ConfigMigration { key: String, path: PathBuf, changes: String },
+
+    /// make failed: the exact command and the whole log, for running it again by hand.
+    #[error("make failed: the build failed ({status}); last lines:\n{tail}\n  command: {command}\n  full log: {}", log.display())]
+    BuildFailed { status: String, tail: String, command: String, log: PathBuf },
+
+    #[error("{0}")]
+    NeedsTerminal(String),
 
     #[error("{0}")]
     DeviceNotFound(String),
@@ -127,6 +137,16 @@ impl Error {
                 "set klipper_dir to your Klipper or Kalico checkout: `kflash settings set klipper_dir ~/klipper`".into()
             }
             Error::NoCachedFirmware { key } => format!("run `kflash build {key}` first, or drop --no-build"),
+            Error::ConfigMigration { key, .. } => format!(
+                "run `kflash config {key}` to review the settings against the updated Klipper and save them; the config was not changed"
+            ),
+            Error::BuildFailed { log, .. } => format!(
+                "run the command above in a shell to investigate; the whole output is in {}",
+                log.display()
+            ),
+            Error::NeedsTerminal(_) => {
+                "run it in an interactive terminal (over SSH: `ssh -t`); `kflash config KEY --show` prints the config".into()
+            }
             Error::DeviceNotFound(_) => "check the USB cable and run `kflash devices` to see what is connected".into(),
             Error::Udev(_) => "kflash needs udev (systemd-udevd running, /run/udev present); on a container host run it on the machine itself".into(),
             Error::Timeout { .. } => "check the board's USB connection; `kflash watch` shows what the board does".into(),
@@ -157,6 +177,9 @@ impl Error {
             Error::NoBoardConfig { .. } => "no-board-config",
             Error::NotKlipperTree { .. } => "not-klipper-tree",
             Error::NoCachedFirmware { .. } => "no-cached-firmware",
+            Error::ConfigMigration { .. } => "config-migration",
+            Error::BuildFailed { .. } => "build-failed",
+            Error::NeedsTerminal(_) => "needs-terminal",
             Error::DeviceNotFound(_) => "device-not-found",
             Error::Udev(_) => "udev",
             Error::Timeout { .. } => "timeout",
@@ -177,8 +200,11 @@ impl Error {
             | Error::McuMismatch { .. }
             | Error::ConfigRejected { .. }
             | Error::NoBoardConfig { .. }
-            | Error::NotKlipperTree { .. } => exit::CONFIG,
+            | Error::NotKlipperTree { .. }
+            | Error::ConfigMigration { .. } => exit::CONFIG,
             Error::NoCachedFirmware { .. } => exit::FAILURE,
+            Error::BuildFailed { .. } => exit::TOOL,
+            Error::NeedsTerminal(_) => exit::USAGE,
             Error::Io { .. } => exit::FAILURE,
             Error::UnknownBoard(_) | Error::BoardConflict(_) | Error::DeviceNotFound(_) => exit::BOARD,
             Error::InvalidInput(_) => exit::USAGE,

@@ -396,9 +396,9 @@ async fn build(dir: &std::path::Path, a: BuildArgs) -> Result<()> {
     let reg = Registry::open(dir)?;
     let board = reg.get(&a.key)?.clone();
     let opts = kflash::firmware::BuildOptions { rebuild: a.rebuild, ..Default::default() };
-    let mut spinner = ui::BuildSpinner::new(!a.json);
-    let out = kflash::firmware::firmware_for(&reg, &board, &opts, &mut spinner).await;
-    spinner.finish();
+    let mut progress = BuildDraw { spinner: ui::BuildSpinner::new(!a.json), key: board.key.clone(), json: a.json };
+    let out = kflash::firmware::firmware_for(&reg, &board, &opts, &mut progress).await;
+    progress.spinner.finish();
     let out = out?;
     if a.json {
         print_json(&out);
@@ -418,8 +418,47 @@ async fn build(dir: &std::path::Path, a: BuildArgs) -> Result<()> {
             out.firmware.size,
             &out.firmware.sha256[..16]
         );
+        if out.key.from_file_stamps() {
+            println!("  (the Klipper tree is not a git checkout: the cache is keyed on its files' sizes and times)");
+        }
+        if let Some(log) = &out.log {
+            println!("  build log: {}", log.display());
+        }
     }
     Ok(())
+}
+
+/// `kflash build`'s progress: the spinner, and what the tree's Kconfig changed in the
+/// board's config (printed before make runs, so a failing build still shows it).
+struct BuildDraw {
+    spinner: ui::BuildSpinner,
+    key: String,
+    json: bool,
+}
+
+impl kflash::firmware::BuildProgress for BuildDraw {
+    fn line(&mut self, line: &str) {
+        self.spinner.line(line);
+    }
+
+    fn note(&mut self, text: &str) {
+        self.spinner.note(text);
+    }
+
+    fn config_checked(&mut self, m: &kflash::firmware::Migration) {
+        for w in &m.warnings {
+            eprintln!("Kconfig {w}");
+        }
+        if m.rewrites() && !self.json {
+            println!("{}: the Klipper tree's Kconfig updated the board's config:", self.key);
+            for line in m.describe() {
+                println!("  {line}");
+            }
+            if let Some(prev) = &m.previous {
+                println!("  (the previous config is kept at {})", prev.display());
+            }
+        }
+    }
 }
 
 async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
@@ -758,20 +797,29 @@ fn config(dir: &std::path::Path, a: ConfigArgs) -> Result<()> {
     let reg = Registry::open(dir)?;
     if a.show {
         let summary = kflash::app::config::checked_config(&reg, &a.key)?;
-        match summary.config {
-            Some(cfg) => {
-                println!("{}", summary.path.display());
-                println!("  CONFIG_MCU={}", cfg.mcu().unwrap_or("-"));
-                if let Some(addr) = cfg.application_address() {
-                    println!("  CONFIG_FLASH_APPLICATION_ADDRESS={addr:#x}");
-                }
-            }
-            None => println!("{} (not created yet; run `kflash config {}`)", summary.path.display(), a.key),
+        if summary.config.is_none() {
+            println!("{} (not created yet; run `kflash config {}`)", summary.path.display(), a.key);
+            return Ok(());
+        }
+        println!("{}", summary.path.display());
+        for (label, value) in summary.highlights() {
+            println!("  {label:<18} {value}");
         }
         return Ok(());
     }
+    // A config for another MCU is refused first, terminal or not.
+    kflash::app::config::checked_config(&reg, &a.key)?;
+    if !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
+        return Err(Error::NeedsTerminal(format!(
+            "`kflash config {}` runs menuconfig, a full-screen editor, and needs a terminal (stdin and stdout are not one)",
+            a.key
+        )));
+    }
     match kflash::app::config::edit_config(&reg, &a.key)? {
         kflash::app::config::Edited::Saved { path, mcu } => println!("Saved {} (MCU {mcu}).", path.display()),
+        kflash::app::config::Edited::Unchanged { path } => {
+            println!("No changes: {} was left as it was.", path.display())
+        }
         kflash::app::config::Edited::NothingSaved { path } => {
             println!("menuconfig saved nothing; {} was not created.", path.display())
         }
@@ -799,6 +847,9 @@ fn import_cmd(dir: &std::path::Path, a: ImportArgs) -> Result<()> {
     let verb = if a.dry_run { "Would import" } else { "Imported" };
     println!("{verb} from {}:", report.source.display());
     println!("  boards: {}", if report.boards.is_empty() { "none".into() } else { report.boards.join(", ") });
+    for (old, new) in &report.renamed {
+        println!("  board '{old}' registered as {new}");
+    }
     for (k, p) in &report.configs {
         println!("  config of {k} → {}", p.display());
     }

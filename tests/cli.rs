@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::{kflash_tty, text};
+
 fn kflash(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kflash"))
         .arg("--config-dir")
@@ -12,10 +15,6 @@ fn kflash(dir: &Path, args: &[&str]) -> Output {
         .env_remove("RUST_LOG")
         .output()
         .expect("run kflash")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 const BOARDS: &str = r#"[boards.octopus]
@@ -56,11 +55,7 @@ fn setup() -> (tempfile::TempDir, PathBuf) {
 #[test]
 fn config_runs_menuconfig_on_the_boards_own_file() {
     let (root, dir) = setup();
-    let out = Command::new(env!("CARGO_BIN_EXE_kflash"))
-        .args(["--config-dir", dir.to_str().unwrap(), "config", "nitehawk"])
-        .env("MENU_MCU", "rp2040")
-        .output()
-        .unwrap();
+    let out = kflash_tty(&dir, &["config", "nitehawk"], &[("MENU_MCU", "rp2040")]);
     let (so, se) = text(&out);
     assert!(out.status.success(), "{so}{se}");
     assert!(so.contains("MCU rp2040"), "{so}");
@@ -92,11 +87,7 @@ fn menuconfig_result_for_another_mcu_is_rejected_and_previous_restored() {
     std::fs::create_dir_all(dir.join("configs")).unwrap();
     let previous = "CONFIG_MCU=\"rp2040\"\n";
     std::fs::write(dir.join("configs/nitehawk.config"), previous).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kflash"))
-        .args(["--config-dir", dir.to_str().unwrap(), "config", "nitehawk"])
-        .env("MENU_MCU", "stm32f446xx")
-        .output()
-        .unwrap();
+    let out = kflash_tty(&dir, &["config", "nitehawk"], &[("MENU_MCU", "stm32f446xx")]);
     let (_, se) = text(&out);
     assert_eq!(out.status.code(), Some(3), "{se}");
     assert_eq!(std::fs::read_to_string(dir.join("configs/nitehawk.config")).unwrap(), previous);

@@ -44,6 +44,7 @@ fn setup(mcu: &str) -> Setup {
         .arg("-C")
         .arg(&tree)
         .arg(format!("KCONFIG_CONFIG={}", reg.config_path("nitehawk").display()))
+        .arg(format!("OUT={}/", root.path().join("menuconfig-out").display()))
         .arg("menuconfig")
         .env("RIG_MENUCONFIG_MCU", mcu)
         .output()
@@ -137,7 +138,7 @@ async fn a_failing_build_reports_the_tail_of_its_output() {
     let s = setup("rp2040");
     std::fs::write(
         s.tree.join("Makefile"),
-        "all:\n\t@echo compiling step one\n\t@echo 'src/foo.c:3: error: expected ;' >&2\n\t@false\n",
+        "all:\n\t@for i in $$(seq 1 60); do echo compiling step $$i; done\n\t@echo 'src/foo.c:3: error: expected ;' >&2\n\t@false\nolddefconfig:\n",
     )
     .unwrap();
     let board = s.reg.get("nitehawk").unwrap().clone();
@@ -145,6 +146,23 @@ async fn a_failing_build_reports_the_tail_of_its_output() {
     let msg = err.to_string();
     assert!(msg.contains("the build failed") && msg.contains("src/foo.c:3: error: expected ;"), "{msg}");
     assert_eq!(err.exit_code(), kflash::error::exit::TOOL);
+    // The exact command, runnable by hand, and the whole log with its path in the message.
+    let cache = s.opts.cache_dir.clone().unwrap();
+    let command = format!(
+        "make -C {} KCONFIG_CONFIG={} OUT={}/ -j2",
+        s.tree.display(),
+        cache.join("build/nitehawk.config").display(),
+        cache.join("build/nitehawk").display()
+    );
+    assert!(msg.contains(&format!("command: {command}")), "{msg}");
+    let log = cache.join("build/nitehawk.log");
+    assert!(msg.contains(&format!("full log: {}", log.display())), "{msg}");
+    assert!(err.help().unwrap().contains(&log.display().to_string()), "{:?}", err.help());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("compiling step 1\n") && text.contains("compiling step 60\n"), "{text}");
+    assert!(!msg.contains("compiling step 1\n"), "only the tail is shown: {msg}");
+    let rerun = Command::new("sh").arg("-c").arg(&command).output().unwrap();
+    assert!(String::from_utf8_lossy(&rerun.stderr).contains("src/foo.c:3: error"), "the command runs by hand");
 }
 
 #[tokio::test]
@@ -174,4 +192,23 @@ async fn builds_against_one_tree_are_serialised() {
     drop(other);
     drop(first);
     tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.expect("released").unwrap();
+}
+
+#[tokio::test]
+async fn no_build_never_rewrites_the_config() {
+    let s = setup("rp2040");
+    let board = s.reg.get("nitehawk").unwrap().clone();
+    firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
+    let kc = s.tree.join("src/Kconfig");
+    std::fs::write(&kc, std::fs::read_to_string(&kc).unwrap() + "\nconfig WANT_NEW\n    bool \"new\"\n    default y\n")
+        .unwrap();
+    let path = s.reg.config_path("nitehawk");
+    let before = std::fs::read(&path).unwrap();
+    let err = firmware::firmware_for(&s.reg, &board, &BuildOptions { cache_only: true, ..s.opts.clone() }, &mut ())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("would change the config of 'nitehawk'"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "--no-build changes nothing");
+    firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
+    assert!(std::fs::read_to_string(&path).unwrap().contains("CONFIG_WANT_NEW=y"), "a build applies it");
 }

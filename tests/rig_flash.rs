@@ -45,6 +45,8 @@ fn setup(board: (&str, &str, &str), config_mcu: &str) -> Flashing {
         .arg("-C")
         .arg(klipper_tree())
         .arg(format!("KCONFIG_CONFIG={}", f.cfg.join(format!("configs/{}.config", board.0)).display()))
+        // OUT= too: like Klipper's, every make run remakes $(OUT)board-link.
+        .arg(format!("OUT={}/", f.cfg.join(format!("menuconfig-{}", board.0)).display()))
         .arg("menuconfig")
         .env("RIG_MENUCONFIG_MCU", config_mcu)
         .output()

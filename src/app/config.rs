@@ -1,6 +1,12 @@
 //! `kflash config KEY`: edit a board's own Kconfig file with `make menuconfig`, refusing a
 //! config for another MCU before anything runs and never keeping one that menuconfig made
 //! for another MCU.
+//!
+//! menuconfig runs on a private copy of the board's config with a private `OUT=`: Klipper's
+//! Makefile remakes `$(OUT)board-link` on every run (menuconfig included), so without it the
+//! tree's own `out/board` would be repointed at this board's architecture, and a config older
+//! than `src/Kconfig` would be rewritten in place (leaving `.config.old`). The board's file is
+//! only replaced, atomically, when menuconfig saved something different.
 
 use std::path::PathBuf;
 
@@ -16,11 +22,36 @@ pub struct ConfigSummary {
     pub config: Option<KConfig>,
 }
 
+impl ConfigSummary {
+    /// The settings a user checks, as (label, value) pairs: MCU, clock, interface, bootloader
+    /// offset. Missing ones say so.
+    pub fn highlights(&self) -> Vec<(&'static str, String)> {
+        let Some(cfg) = &self.config else { return Vec::new() };
+        let none = || "not set".to_string();
+        vec![
+            ("MCU", cfg.mcu().map(str::to_string).unwrap_or_else(none)),
+            ("clock", kconfig::clock(cfg).unwrap_or_else(none)),
+            ("interface", kconfig::interface(cfg).unwrap_or_else(none)),
+            ("bootloader offset", kconfig::bootloader_offset(cfg).unwrap_or_else(none)),
+            (
+                "USB serial number",
+                match (cfg.get("CONFIG_USB_SERIAL_NUMBER_CHIPID"), cfg.get("CONFIG_USB_SERIAL_NUMBER")) {
+                    (Some("y"), _) => "chip id".to_string(),
+                    (_, Some(s)) => s.to_string(),
+                    _ => none(),
+                },
+            ),
+        ]
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Edited {
     /// Saved, for this MCU.
     Saved { path: PathBuf, mcu: String },
-    /// menuconfig exited without writing a config.
+    /// menuconfig saved nothing new: the board's config is as it was.
+    Unchanged { path: PathBuf },
+    /// menuconfig exited without writing a config, and the board has none.
     NothingSaved { path: PathBuf },
 }
 
@@ -36,8 +67,8 @@ pub fn checked_config(reg: &Registry, key: &str) -> Result<ConfigSummary> {
     Ok(ConfigSummary { path, config: Some(cfg) })
 }
 
-/// Run menuconfig on the board's file (the terminal is handed to make). A result for another
-/// MCU is moved aside to `KEY.config.rejected` and the previous config put back.
+/// Run menuconfig on a copy of the board's file (the terminal is handed to make). A result
+/// for another MCU is kept aside at `KEY.config.rejected` and the board's config left alone.
 pub fn edit_config(reg: &Registry, key: &str) -> Result<Edited> {
     let board = reg.get(key)?;
     // A config for another MCU is refused before anything else happens.
@@ -49,34 +80,43 @@ pub fn edit_config(reg: &Registry, key: &str) -> Result<Edited> {
     };
     let klipper = reg.settings.klipper_dir();
     kconfig::check_klipper_dir(&klipper)?;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
-    }
-    let status = kconfig::menuconfig_command(&klipper, &path)
+    let work = tempfile::Builder::new()
+        .prefix("kflash-menuconfig-")
+        .tempdir()
+        .map_err(|e| Error::io("create a temporary directory in", std::env::temp_dir(), e))?;
+    // A new board gets an empty file: menuconfig starts from the defaults, and make does not
+    // run olddefconfig to create a default config that would look like a saved one.
+    let copy = work.path().join(format!("{key}.config"));
+    std::fs::write(&copy, before.as_deref().unwrap_or_default()).map_err(|e| Error::io("write", &copy, e))?;
+    let status = kconfig::menuconfig_command(&klipper, &copy, &work.path().join("out"))
         .status()
         .map_err(|e| Error::Tool { program: "make".into(), message: format!("cannot run make: {e}") })?;
     if !status.success() {
-        return Err(Error::Tool { program: "make menuconfig".into(), message: format!("exited with {status}") });
+        return Err(Error::Tool {
+            program: "make menuconfig".into(),
+            message: format!("exited with {status}; {} was not changed", path.display()),
+        });
     }
-    if !path.exists() {
+    let after = std::fs::read(&copy).map_err(|e| Error::io("read", &copy, e))?;
+    if after.is_empty() {
         return Ok(Edited::NothingSaved { path });
     }
-    let cfg = KConfig::load(&path)?;
+    if before.as_deref() == Some(after.as_slice()) {
+        return Ok(Edited::Unchanged { path });
+    }
+    let cfg = KConfig::parse(&String::from_utf8_lossy(&after));
     if let Err(mismatch) = kconfig::check_mcu(board, &path, &cfg) {
-        // Keep what the user made, but put the board's working config back.
+        // Keep what the user made; the board's working config was never touched.
         let rejected = path.with_extension("config.rejected");
-        std::fs::copy(&path, &rejected).map_err(|e| Error::io("keep a copy at", &rejected, e))?;
-        match &before {
-            Some(b) => store::write_atomic(&path, b)?,
-            None => std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?,
-        }
+        store::write_atomic(&rejected, &after)?;
         return Err(Error::ConfigRejected {
             key: key.to_string(),
             message: format!(
-                "{mismatch}; your new config was kept at {} and the previous one restored",
+                "{mismatch}; your new config was kept at {} and the previous one left in place",
                 rejected.display()
             ),
         });
     }
+    store::write_atomic(&path, &after)?;
     Ok(Edited::Saved { path, mcu: cfg.mcu().unwrap_or("?").to_string() })
 }

@@ -150,6 +150,22 @@ impl BuildProgress for BuildLines<'_> {
     fn note(&mut self, text: &str) {
         self.0.report(Report::Warning(text.to_string()));
     }
+
+    fn config_checked(&mut self, m: &crate::firmware::Migration) {
+        for w in &m.warnings {
+            self.0.report(Report::Warning(format!("Kconfig {w}")));
+        }
+        if m.rewrites() {
+            let mut text = "the Klipper tree's Kconfig updated the board's config:".to_string();
+            for line in m.describe() {
+                text.push_str(&format!("\n     {line}"));
+            }
+            if let Some(prev) = &m.previous {
+                text.push_str(&format!("\n     (the previous config is kept at {})", prev.display()));
+            }
+            self.0.report(Report::Warning(text));
+        }
+    }
 }
 
 /// What an attempt got to, for the history whatever the outcome.
@@ -520,7 +536,8 @@ async fn write_external(
         _ => {
             external::make_flash(
                 &ctx.reg.settings.klipper_dir(),
-                &ctx.reg.config_path(&ctx.entry.key),
+                // The copy that was built, so make's own olddefconfig never touches the board's file.
+                &built.built_config,
                 &built.build_dir,
                 &device,
                 timeout,

@@ -34,6 +34,8 @@ pub struct BuildPlan {
     /// Where make writes its output; must be private to this build.
     pub out_dir: PathBuf,
     pub jobs: u32,
+    /// The whole output of the build goes here (kept after the build, failed or not).
+    pub log: PathBuf,
 }
 
 impl BuildPlan {
@@ -50,6 +52,25 @@ impl BuildPlan {
             format!("OUT={out}"),
             format!("-j{}", self.jobs.max(1)),
         ]
+    }
+
+    /// The make command as a user can paste it into a shell.
+    pub fn command_line(&self) -> String {
+        std::iter::once("make".to_string())
+            .chain(self.make_args())
+            .map(|a| shell_quote(&a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Quote `s` for a POSIX shell (only when needed).
+pub fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-+=:,./@%".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -108,13 +129,24 @@ pub trait BuildProgress: Send {
     fn line(&mut self, _line: &str) {}
     /// Something the user should know while the build waits or runs (shown by default).
     fn note(&mut self, _text: &str) {}
+    /// The board's config was checked against the tree's Kconfig before building: the
+    /// migration applied to it (with the previous config's path) and/or Kconfig's warnings.
+    fn config_checked(&mut self, _migration: &super::Migration) {}
 }
 
 impl BuildProgress for () {}
 
-/// Run the build with a deadline. On failure the error carries the tail of the output.
+/// Run the build with a deadline, keeping its whole output in `plan.log`. On failure the
+/// error carries the exact command, the log's path and the tail of the output.
 pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn BuildProgress) -> Result<Duration> {
+    use std::io::Write;
     std::fs::create_dir_all(&plan.out_dir).map_err(|e| Error::io("create directory", &plan.out_dir, e))?;
+    if let Some(dir) = plan.log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+    }
+    let log_file = std::fs::File::create(&plan.log).map_err(|e| Error::io("create", &plan.log, e))?;
+    let mut log = std::io::BufWriter::new(log_file);
+    let _ = writeln!(log, "$ {}", plan.command_line());
     let started = Instant::now();
     let mut child = tokio::process::Command::new("make")
         .args(plan.make_args())
@@ -129,6 +161,7 @@ pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn Bu
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut keep = |l: String, progress: &mut dyn BuildProgress| {
         progress.line(&l);
+        let _ = writeln!(log, "{l}");
         if tail.len() == KEPT_OUTPUT_LINES {
             tail.pop_front();
         }
@@ -144,20 +177,31 @@ pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn Bu
         }
         child.wait().await
     };
-    let status = match tokio::time::timeout(timeout, run).await {
-        Ok(s) => s.map_err(|e| Error::Tool { program: "make".into(), message: e.to_string() })?,
-        Err(_) => {
-            return Err(Error::Tool {
-                program: "make".into(),
-                message: format!("the build did not finish within {} s (timeouts.build_secs)", timeout.as_secs()),
-            })
-        }
+    let result = tokio::time::timeout(timeout, run).await;
+    let status = match result {
+        Ok(s) => s.map_err(|e| Error::Tool { program: "make".into(), message: e.to_string() }),
+        Err(_) => Err(Error::Tool {
+            program: "make".into(),
+            message: format!(
+                "the build did not finish within {} s (timeouts.build_secs); its output so far is in {}",
+                timeout.as_secs(),
+                plan.log.display()
+            ),
+        }),
     };
+    let _ = match &status {
+        Ok(st) => writeln!(log, "[make exited: {st}]"),
+        Err(e) => writeln!(log, "[{e}]"),
+    };
+    log.flush().map_err(|e| Error::io("write", &plan.log, e))?;
+    let status = status?;
     if !status.success() {
         let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
-        return Err(Error::Tool {
-            program: "make".into(),
-            message: format!("the build failed ({status}); last lines:\n{}", indented_tail(&lines, SHOWN_OUTPUT_LINES)),
+        return Err(Error::BuildFailed {
+            status: status.to_string(),
+            tail: indented_tail(&lines, SHOWN_OUTPUT_LINES),
+            command: plan.command_line(),
+            log: plan.log.clone(),
         });
     }
     Ok(started.elapsed())
@@ -185,6 +229,7 @@ mod tests {
             config: "/home/pi/.config/kflash/configs/octopus.config".into(),
             out_dir: "/home/pi/.cache/kflash/build/octopus".into(),
             jobs: 4,
+            log: "/home/pi/.cache/kflash/build/octopus.log".into(),
         };
         assert_eq!(
             p.make_args(),
@@ -196,5 +241,17 @@ mod tests {
                 "-j4"
             ]
         );
+        assert_eq!(
+            p.command_line(),
+            "make -C /home/pi/klipper KCONFIG_CONFIG=/home/pi/.config/kflash/configs/octopus.config OUT=/home/pi/.cache/kflash/build/octopus/ -j4"
+        );
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("OUT=/a/b/"), "OUT=/a/b/");
+        assert_eq!(shell_quote("KCONFIG_CONFIG=/x/EBB 36.config"), "'KCONFIG_CONFIG=/x/EBB 36.config'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 }

@@ -1,6 +1,7 @@
 //! The firmware cache: one entry per board, keyed by what goes into a build — the Klipper
-//! tree's `git describe --dirty` (plus a hash of the changes when dirty), the board's config
-//! and the compiler version. A hit skips make entirely.
+//! tree's `git describe --dirty` (plus a hash of the changes when dirty; for a tree that is
+//! not a git checkout, a digest of the sizes and mtimes of its build inputs), the exact config
+//! make is given, and the compiler version. A hit skips make entirely.
 
 use std::path::{Path, PathBuf};
 
@@ -39,23 +40,77 @@ impl CacheKey {
         CacheKey { tree, tree_changes, config_sha256, toolchain, digest }
     }
 
+    /// The key of a build of `config_path` (the exact bytes make will be given) in `klipper`.
     pub async fn compute(klipper: &Path, config_path: &Path, config: &KConfig) -> Result<CacheKey> {
+        let text = std::fs::read(config_path).map_err(|e| Error::io("read", config_path, e))?;
+        let toolchain = toolchain_version(config).await;
+        if !is_git_tree(klipper).await {
+            // No version to key on: key on the files the build reads instead.
+            let stamp = tokio::task::spawn_blocking({
+                let klipper = klipper.to_path_buf();
+                move || content_stamp(&klipper)
+            })
+            .await
+            .expect("stamp thread");
+            return Ok(CacheKey::from_parts(NOT_GIT.to_string(), Some(stamp), &text, toolchain));
+        }
         let tree = git(klipper, &["describe", "--always", "--tags", "--long", "--dirty"])
             .await
-            .unwrap_or_else(|| "not-a-git-tree".to_string());
+            .unwrap_or_else(|| "no-version".to_string());
         let tree_changes = tree_changes(klipper).await;
-        let text = std::fs::read(config_path).map_err(|e| Error::io("read", config_path, e))?;
-        Ok(CacheKey::from_parts(tree, tree_changes, &text, toolchain_version(config).await))
+        Ok(CacheKey::from_parts(tree, tree_changes, &text, toolchain))
     }
+
+    /// True when the tree is not a git checkout and the key is taken from its files.
+    pub fn from_file_stamps(&self) -> bool {
+        self.tree == NOT_GIT
+    }
+}
+
+/// `tree` of a key taken from file sizes and modification times.
+const NOT_GIT: &str = "not-a-git-tree (keyed on file sizes and mtimes)";
+
+/// A checkout of its own (a Klipper copied into some other repository is not: its version
+/// would be the other repository's).
+async fn is_git_tree(klipper: &Path) -> bool {
+    klipper.join(".git").exists()
+        && git(klipper, &["rev-parse", "--is-inside-work-tree"]).await.as_deref() == Some("true")
+}
+
+/// The top-level entries of a Klipper tree whose files go into a build (klippy/ does not,
+/// except the version file used when there is no git).
+const BUILD_INPUTS: [&str; 5] = ["Makefile", "src", "lib", "scripts", "klippy/.version"];
+
+/// A digest of the path, size and modification time (ns) of every file the build reads.
+/// Any edit changes a file's mtime, so an edited tree never matches an old key; a `touch`
+/// costs one rebuild. Walking stats only keeps it fast on a Raspberry Pi.
+pub fn content_stamp(klipper: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let mut entries: Vec<String> = Vec::new();
+    let mut stack: Vec<PathBuf> = BUILD_INPUTS.iter().map(|p| klipper.join(p)).collect();
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        let rel = path.strip_prefix(klipper).unwrap_or(&path).display().to_string();
+        if meta.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&path) {
+                stack.extend(rd.flatten().map(|e| e.path()).filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    !matches!(name, "__pycache__" | ".git") && !name.ends_with(".pyc")
+                }));
+            }
+        } else {
+            entries.push(format!("{rel}\0{}\0{}\0{}", meta.len(), meta.mtime(), meta.mtime_nsec()));
+        }
+    }
+    entries.sort();
+    sha256_hex(entries.join("\n").as_bytes())[..16].to_string()
 }
 
 /// A hash of everything uncommitted that could change a build: the diff against HEAD and
 /// the names and contents of untracked (not ignored) files. `None` for a clean tree.
 /// `git describe --dirty` alone misses untracked files.
 async fn tree_changes(klipper: &Path) -> Option<String> {
-    let Some(status) = git(klipper, &["status", "--porcelain", "--untracked-files=all"]).await else {
-        return Some("not-a-git-tree".into());
-    };
+    let status = git(klipper, &["status", "--porcelain", "--untracked-files=all"]).await?;
     if status.is_empty() {
         return None;
     }
@@ -110,6 +165,21 @@ impl FirmwareCache {
     /// make's private OUT directory for a board.
     pub fn build_dir(&self, board: &str) -> PathBuf {
         self.dir.join("build").join(board)
+    }
+
+    /// The copy of the board's config that make is given (`KCONFIG_CONFIG=`).
+    pub fn build_config(&self, board: &str) -> PathBuf {
+        self.dir.join("build").join(format!("{board}.config"))
+    }
+
+    /// The stamp of the board's last Kconfig check that had nothing to change or say.
+    pub fn kconfig_checked(&self, board: &str) -> PathBuf {
+        self.dir.join("build").join(format!("{board}.kconfig-checked"))
+    }
+
+    /// The whole output of the board's last build.
+    pub fn build_log(&self, board: &str) -> PathBuf {
+        self.dir.join("build").join(format!("{board}.log"))
     }
 
     fn entry_dir(&self, board: &str) -> PathBuf {
@@ -220,6 +290,23 @@ mod tests {
             assert_ne!(v.digest, base.digest, "{v:?}");
         }
         assert_ne!(variants[1].digest, variants[2].digest, "different uncommitted changes");
+    }
+
+    #[test]
+    fn content_stamp_follows_edits_of_build_inputs_only() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("src/stm32")).unwrap();
+        std::fs::create_dir_all(d.path().join("klippy")).unwrap();
+        std::fs::write(d.path().join("Makefile"), "all:\n").unwrap();
+        std::fs::write(d.path().join("src/stm32/gpio.c"), "int a;\n").unwrap();
+        let a = content_stamp(d.path());
+        assert_eq!(a, content_stamp(d.path()));
+        std::fs::write(d.path().join("klippy/klippy.py"), "x\n").unwrap();
+        assert_eq!(a, content_stamp(d.path()), "klippy/ is not a build input");
+        std::fs::write(d.path().join("src/stm32/gpio.c"), "int b;\n").unwrap();
+        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        std::fs::File::options().write(true).open(d.path().join("src/stm32/gpio.c")).unwrap().set_modified(t).unwrap();
+        assert_ne!(a, content_stamp(d.path()), "an edited source");
     }
 
     #[test]

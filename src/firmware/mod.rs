@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod cache;
+pub mod migrate;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use serde::Serialize;
 
 pub use build::{BuildPlan, BuildProgress, Firmware};
 pub use cache::{CacheKey, FirmwareCache};
+pub use migrate::Migration;
 
 use crate::error::{Error, Result};
 use crate::kconfig::{self, KConfig};
@@ -31,6 +33,13 @@ pub struct BuildOutcome {
     /// The board's config, for checks against the bootloader later.
     #[serde(skip)]
     pub config: KConfig,
+    /// What the tree's Kconfig changed in the board's config before this build (applied),
+    /// or had to say about it (warnings); `None` when it had nothing to change or say.
+    pub migration: Option<Migration>,
+    /// The whole output of the build (`None` for a cache hit).
+    pub log: Option<PathBuf>,
+    /// The copy of the board's config make was given; `make flash` should get this one too.
+    pub built_config: PathBuf,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -44,6 +53,12 @@ pub struct BuildOptions {
 }
 
 /// Build (or fetch from cache) the firmware for `board`.
+///
+/// Before anything else the board's config is checked against the tree's Kconfig (see
+/// [`migrate`]): critical changes are refused, others applied to the board's config (the
+/// previous one kept). make then gets a private copy of that config, never the board's file
+/// itself (Klipper's Makefile would rewrite it in place when `src/Kconfig` is newer), and the
+/// cache key is taken from the copy's bytes: the config that is actually built.
 pub async fn firmware_for(
     reg: &Registry,
     board: &BoardEntry,
@@ -55,13 +70,48 @@ pub async fn firmware_for(
     if !config_path.is_file() {
         return Err(Error::NoBoardConfig { key: board.key.clone(), path: config_path });
     }
-    let config = KConfig::load(&config_path)?;
-    kconfig::check_mcu(board, &config_path, &config)?;
+    kconfig::check_mcu(board, &config_path, &KConfig::load(&config_path)?)?;
     let klipper = reg.settings.klipper_dir();
     kconfig::check_klipper_dir(&klipper)?;
 
     let cache = FirmwareCache::new(opts.cache_dir.clone().unwrap_or_else(crate::registry::default_cache_dir));
-    let key = CacheKey::compute(&klipper, &config_path, &config).await?;
+    // The Kconfig check is skipped when neither the config nor the tree's Kconfig files changed
+    // since a check that had nothing to change or say.
+    let checked = cache.kconfig_checked(&board.key);
+    let stamp = |config: &[u8]| format!("{}\n{}\n", build::sha256_hex(config), migrate::kconfig_stamp(&klipper));
+    let before = std::fs::read(&config_path).map_err(|e| Error::io("read", &config_path, e))?;
+    let mut migration = None;
+    if std::fs::read(&checked).ok() != Some(stamp(&before).into_bytes()) {
+        let mut m =
+            migrate::check(&klipper, &config_path, Duration::from_secs(reg.settings.timeouts.build_secs)).await?;
+        if opts.cache_only && m.rewrites() {
+            // Firmware from the cache was built from the config as it was; --no-build changes nothing.
+            return Err(Error::InvalidInput(format!(
+                "the Klipper tree's Kconfig would change the config of '{}' ({} changes), so there is no cached firmware for it; run `kflash build {}` to review and apply them (or drop --no-build)",
+                board.key,
+                m.describe().len(),
+                board.key
+            )));
+        }
+        migrate::apply(&board.key, &config_path, &mut m)?;
+        if m.rewrites() || !m.warnings.is_empty() {
+            progress.config_checked(&m);
+        }
+        if m.warnings.is_empty() {
+            // Best effort: without the stamp the next build just checks again.
+            let _ = crate::registry::store::write_atomic(&checked, stamp(&m.migrated).as_bytes());
+        }
+        migration = (m.rewrites() || !m.warnings.is_empty()).then_some(m);
+    }
+    let config_bytes = std::fs::read(&config_path).map_err(|e| Error::io("read", &config_path, e))?;
+    let config = KConfig::parse(&String::from_utf8_lossy(&config_bytes));
+    kconfig::check_mcu(board, &config_path, &config)?;
+
+    let out_dir = cache.build_dir(&board.key);
+    // The config make is given: a copy next to (not inside) OUT, so `make clean` keeps it.
+    let built_config = cache.build_config(&board.key);
+    write_if_changed(&built_config, &config_bytes)?;
+    let key = CacheKey::compute(&klipper, &built_config, &config).await?;
     if !opts.rebuild {
         if let Some(firmware) = cache.lookup(&board.key, &key)? {
             return Ok(BuildOutcome {
@@ -69,8 +119,11 @@ pub async fn firmware_for(
                 cached: true,
                 key,
                 elapsed: started.elapsed(),
-                build_dir: cache.build_dir(&board.key),
+                build_dir: out_dir,
                 config,
+                migration,
+                log: None,
+                built_config,
             });
         }
     }
@@ -80,21 +133,40 @@ pub async fn firmware_for(
     }
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
     let _tree_lock = cache::TreeLock::acquire(&state_dir, &klipper, progress).await?;
-    let out_dir = cache.build_dir(&board.key);
     if out_dir.exists() {
         std::fs::remove_dir_all(&out_dir).map_err(|e| Error::io("clear", &out_dir, e))?;
     }
     let plan = BuildPlan {
         klipper_dir: klipper,
-        config: config_path,
+        config: built_config,
         out_dir: out_dir.clone(),
         jobs: jobs(reg.settings.build_jobs),
+        log: cache.build_log(&board.key),
     };
     build::run_make(&plan, Duration::from_secs(reg.settings.timeouts.build_secs), progress).await?;
     let built = Firmware::from_out_dir(&out_dir)?;
     build::check_built_mcu(&config, &built)?;
     let firmware = cache.store(&board.key, &key, &out_dir)?;
-    Ok(BuildOutcome { firmware, cached: false, key, elapsed: started.elapsed(), build_dir: out_dir, config })
+    Ok(BuildOutcome {
+        firmware,
+        cached: false,
+        key,
+        elapsed: started.elapsed(),
+        build_dir: out_dir,
+        config,
+        migration,
+        log: Some(plan.log),
+        built_config: plan.config,
+    })
+}
+
+/// Write `bytes` to `path` unless it already holds them (an unchanged copy keeps its mtime,
+/// so make's `$(OUT)autoconf.h: $(KCONFIG_CONFIG)` rule does not rebuild for nothing).
+fn write_if_changed(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    if std::fs::read(path).ok().as_deref() == Some(bytes) {
+        return Ok(());
+    }
+    crate::registry::store::write_atomic(path, bytes)
 }
 
 fn jobs(setting: u32) -> u32 {

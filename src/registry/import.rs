@@ -16,6 +16,8 @@ pub struct ImportReport {
     pub source: PathBuf,
     /// Board keys registered.
     pub boards: Vec<String>,
+    /// kalico-flash keys that are not valid kflash keys → the key the board got.
+    pub renamed: Vec<(String, String)>,
     /// Board key → cached config copied into kflash.
     pub configs: Vec<(String, PathBuf)>,
     /// Settings taken, as `name = value`.
@@ -64,21 +66,31 @@ pub fn import_kalico_flash(
     let mut copies = Vec::new();
     for (key, dev) in &devices {
         match board_from_json(key, dev) {
-            Ok(entry) => match reg.add(entry) {
-                Ok(()) => {
-                    report.boards.push(key.clone());
-                    let cached = configs_root.join(key).join(".config");
-                    if cached.is_file() {
-                        let dest = reg.config_path(key);
-                        if dest.exists() {
-                            report.skipped.push(format!("config of '{key}': {} already exists", dest.display()));
-                        } else {
-                            copies.push((key.clone(), cached, dest));
+            Ok(entry) => {
+                // kalico-flash's key may not be a slug ("EBB36 Toolhead"): the board is
+                // registered under its slug, and its config must follow it there.
+                let new_key = entry.key.clone();
+                match reg.add(entry) {
+                    Ok(()) => {
+                        report.boards.push(new_key.clone());
+                        if new_key != *key {
+                            report.renamed.push((key.clone(), new_key.clone()));
+                        }
+                        let cached = configs_root.join(key).join(".config");
+                        if cached.is_file() {
+                            let dest = reg.config_path(&new_key);
+                            if dest.exists() {
+                                report
+                                    .skipped
+                                    .push(format!("config of '{new_key}': {} already exists", dest.display()));
+                            } else {
+                                copies.push((new_key, cached, dest));
+                            }
                         }
                     }
+                    Err(e) => report.skipped.push(format!("board '{key}': {e}")),
                 }
-                Err(e) => report.skipped.push(format!("board '{key}': {e}")),
-            },
+            }
             Err(why) => report.skipped.push(format!("board '{key}': {why}")),
         }
     }

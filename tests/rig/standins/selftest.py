@@ -107,7 +107,8 @@ class KlipperTreeTest(Tmp):
         return run(["make", "-C", tree] + list(args), env=env, check=check)
 
     def configure(self, tree, cfg, mcu="stm32h723xx", sets=""):
-        self.make(tree, "KCONFIG_CONFIG=" + cfg, "menuconfig",
+        # OUT= too: like Klipper's, every make run remakes $(OUT)board-link.
+        self.make(tree, "KCONFIG_CONFIG=" + cfg, "OUT=" + cfg + ".out/", "menuconfig",
                   env_extra={"RIG_MENUCONFIG_MCU": mcu, "RIG_MENUCONFIG_SET": sets})
 
     def assert_pristine(self, tree):
@@ -195,6 +196,51 @@ class KlipperTreeTest(Tmp):
         self.assertEqual(run(["git", "-C", tree, "status", "--porcelain", "--ignored"]).stdout,
                          "!! .config\n")
 
+    def test_any_make_run_without_out_changes_the_in_tree_build(self):
+        # Like Klipper: $(OUT)board-link is an included makefile, so even menuconfig
+        # creates out/ and repoints out/board at the config's board directory.
+        tree = self.path("inout")
+        run([MAKE_TREE, tree])
+        rp, st = self.path("rp.config"), self.path("st.config")
+        self.make(tree, "KCONFIG_CONFIG=" + rp, "menuconfig", env_extra={"RIG_MENUCONFIG_MCU": "rp2040"})
+        self.assertEqual(os.readlink(os.path.join(tree, "out", "board")),
+                         os.path.join(tree, "src", "rp2040"))
+        self.make(tree, "KCONFIG_CONFIG=" + st, "menuconfig", env_extra={"RIG_MENUCONFIG_MCU": "stm32h723xx"})
+        self.assertEqual(os.readlink(os.path.join(tree, "out", "board")),
+                         os.path.join(tree, "src", "stm32"))
+        # With OUT= elsewhere the tree's out/ is left alone.
+        os.utime(st)
+        self.make(tree, "KCONFIG_CONFIG=" + st, "OUT=" + self.path("elsewhere") + "/", "menuconfig")
+        self.assertTrue(os.path.islink(self.path("elsewhere", "board")))
+
+    def test_kconfig_update_migrates_in_place_with_warnings(self):
+        # A config older than src/Kconfig is rewritten by olddefconfig before any goal;
+        # new options get their default, removed ones are dropped, bad values warned about.
+        tree = self.path("mig")
+        run([MAKE_TREE, tree])
+        cfg, out = self.path("mig.config"), self.path("migo") + "/"
+        self.configure(tree, cfg)
+        with open(cfg) as f:
+            text = f.read()
+        with open(cfg, "w") as f:
+            f.write(text.replace("CONFIG_STACK_SIZE=512", "CONFIG_STACK_SIZE=zz"))
+        kc = os.path.join(tree, "src", "Kconfig")
+        with open(kc) as f:
+            k = f.read().replace("config WANT_LIS2DW", "config WANT_LIS2DW_GONE")
+        with open(kc, "w") as f:
+            f.write(k + "\nconfig WANT_NEW_THING\n    bool \"new\"\n    default y\n")
+        os.utime(cfg, (1, 1))
+        p = self.make(tree, "KCONFIG_CONFIG=" + cfg, "OUT=" + out, "olddefconfig")
+        self.assertIn("warning: the value 'zz' is invalid for STACK_SIZE", p.stderr)
+        with open(cfg) as f:
+            new = f.read()
+        self.assertIn("CONFIG_WANT_NEW_THING=y", new)
+        self.assertIn("CONFIG_WANT_LIS2DW_GONE=y", new)
+        self.assertNotIn("CONFIG_WANT_LIS2DW=", new)
+        self.assertIn("CONFIG_STACK_SIZE=512", new)
+        with open(cfg + ".old") as f:
+            self.assertIn("CONFIG_STACK_SIZE=zz", f.read())
+
     def test_missing_config_fails_clearly(self):
         tree = self.trees["Klipper"]
         cfg = self.path("nope.config")
@@ -279,13 +325,13 @@ class KlipperTreeTest(Tmp):
         self.assertIn("CONFIG_CANBUS_FREQUENCY=1000000", text)
         self.assertTrue(os.path.exists(cfg + ".old"))
         # An existing config without changes is only touched.
-        p = self.make(tree, "KCONFIG_CONFIG=" + cfg, "olddefconfig")
+        p = self.make(tree, "KCONFIG_CONFIG=" + cfg, "OUT=" + self.path("od") + "/", "olddefconfig")
         self.assertIn("No change to configuration in '%s'" % cfg, p.stdout)
         # A partial config is completed by olddefconfig.
         part = self.path("part.config")
         with open(part, "w") as f:
             f.write('CONFIG_MCU="stm32g0b1xx"\n')
-        p = self.make(tree, "KCONFIG_CONFIG=" + part, "olddefconfig")
+        p = self.make(tree, "KCONFIG_CONFIG=" + part, "OUT=" + self.path("od") + "/", "olddefconfig")
         self.assertIn("Configuration saved to '%s'" % part, p.stdout)
         with open(part) as f:
             self.assertIn("CONFIG_FLASH_APPLICATION_ADDRESS=0x8002000", f.read())

@@ -8,9 +8,13 @@
 #   kconfig.py genconfig HEADER      write autoconf.h for the current config
 #
 # Like kconfiglib: the file is $KCONFIG_CONFIG (default ".config"), an overwritten
-# file is saved to <file>.old first, an unchanged file is not rewritten, and symbols
+# file is saved to <file>.old first, an unchanged file is not rewritten, symbols
 # without a prompt (MCU, CLOCK_FREQ, FLASH_APPLICATION_ADDRESS, BOARD_DIRECTORY, ...)
-# are always derived from the chosen chip and bootloader offset.
+# are always derived from the chosen chip and bootloader offset, symbols the Kconfig
+# does not define are dropped, and an int/hex value that does not parse is ignored
+# with kconfiglib's warning on stderr. The options with a prompt (WANT_*, INITIAL_PINS)
+# are read from src/Kconfig ("config NAME", a type line, "default VALUE"), so a test
+# can add or remove options the way a Klipper update does.
 import sys
 sys.dont_write_bytecode = True
 import os
@@ -25,25 +29,69 @@ ARCHES = ["MACH_AVR", "MACH_ATSAM", "MACH_ATSAMD", "MACH_LPC176X", "MACH_STM32",
 CLOCK_REFS = ["8M", "12M", "16M", "20M", "24M", "25M", "INTERNAL"]
 STRING_SYMS = {"MCU", "BOARD_DIRECTORY", "USB_SERIAL_NUMBER", "INITIAL_PINS",
                "USB_MANUFACTURER", "USB_PRODUCT"}
-# Symbols with a prompt: a value in the file is kept.
-WANTS = [
-    ("WANT_GPIO_BITBANGING", "y"),
-    ("WANT_DISPLAYS", "y"),
-    ("WANT_SENSORS", "y"),
-    ("WANT_LIS2DW", "y"),
-    ("WANT_SOFTWARE_I2C", "y"),
-    ("WANT_SOFTWARE_SPI", "y"),
-    ("INITIAL_PINS", '""'),
-]
-CHIP_SYMS = sorted({m["mach"][0] for m in rigmcu.MCUS.values()})
-# Symbols resolve() may emit only for some chips/transports; a stale value of
-# one of them is dropped, not carried over as an unknown symbol.
-MODELED = {"LOW_LEVEL_OPTIONS", "STM32_SELECT", "RPXXXX_SELECT", "RP2040_HAVE_STAGE2",
-           "RPXXXX_HAVE_BOOTLOADER", "CLOCK_REF_FREQ", "USB", "USB_VENDOR_ID",
-           "USB_DEVICE_ID", "USB_SERIAL_NUMBER_CHIPID", "USB_SERIAL_NUMBER", "CANBUS",
-           "CANBUS_FREQUENCY", "SERIAL_BAUD"} | {
-               s for m in rigmcu.MCUS.values() for s in m["mach"]}
+# Types of the modelled int/hex symbols (for kconfiglib's "invalid value" warning).
+TYPES = {"CLOCK_FREQ": "int", "CLOCK_REF_FREQ": "int", "CANBUS_FREQUENCY": "int",
+         "SERIAL_BAUD": "int", "STACK_SIZE": "int", "FLASH_APPLICATION_ADDRESS": "hex",
+         "FLASH_SIZE": "hex", "FLASH_BOOT_ADDRESS": "hex", "RAM_START": "hex",
+         "RAM_SIZE": "hex", "USB_VENDOR_ID": "hex", "USB_DEVICE_ID": "hex"}
 
+
+def read_kconfig(path="src/Kconfig"):
+    """[(sym, type, default raw value)] of the `config` entries in src/Kconfig."""
+    out = []
+    cur = None
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        words = line.split(None, 1)
+        if not words:
+            continue
+        if words[0] in ("config", "menuconfig") and len(words) == 2:
+            cur = [words[1].strip(), "bool", None]
+            out.append(cur)
+        elif cur is not None and words[0] in ("bool", "string", "int", "hex"):
+            cur[1] = words[0]
+        elif cur is not None and words[0] == "default" and len(words) == 2:
+            cur[2] = words[1].strip()
+    result = []
+    for sym, typ, default in out:
+        if default is None:
+            default = '""' if typ == "string" else (None if typ == "bool" else "0")
+        elif typ == "bool":
+            default = "y" if default == "y" else None
+        elif typ == "string" and not default.startswith('"'):
+            default = '"%s"' % default
+        result.append((sym, typ, default))
+    return result
+
+
+# Symbols with a prompt: a value in the file is kept.
+WANTS = [(sym, default) for sym, _, default in read_kconfig()]
+TYPES.update((sym, typ) for sym, typ, _ in read_kconfig() if typ in ("int", "hex"))
+
+
+def valid(typ, v):
+    try:
+        int(v, 16 if typ == "hex" else 10)
+        return True
+    except ValueError:
+        return False
+
+
+def drop_invalid(vals):
+    """kconfiglib ignores an int/hex assignment that does not parse, with a warning."""
+    for sym in list(vals):
+        typ = TYPES.get(sym)
+        v = vals[sym]
+        if typ and v is not None and not valid(typ, v):
+            sys.stderr.write("warning: the value '%s' is invalid for %s (defined at src/Kconfig), "
+                             "which has type %s -- assignment ignored\n" % (v, sym, typ))
+            del vals[sym]
+    return vals
+CHIP_SYMS = sorted({m["mach"][0] for m in rigmcu.MCUS.values()})
 
 def config_path():
     return os.environ.get("KCONFIG_CONFIG") or ".config"
@@ -185,12 +233,7 @@ def resolve(cur, default_mcu):
                 "HAVE_GPIO_HARD_PWM", "HAVE_STRICT_TIMING", "HAVE_CHIPID",
                 "HAVE_BOOTLOADER_REQUEST", "INLINE_STEPPER_HACK"]:
         add((sym, "y"))
-    known = {s for s, _ in out}
-    # Symbols we do not model are kept as the user wrote them (kconfiglib would
-    # drop unknown ones; keeping them makes RIG_MENUCONFIG_SET useful for tests).
-    for sym, v in cur.items():
-        if sym not in known and sym not in MODELED and family(sym) is None:
-            add((sym, v))
+    # Symbols the Kconfig does not define are dropped, as kconfiglib does.
     return out
 
 
@@ -211,7 +254,7 @@ def load(path):
         return {}
     print("Loaded configuration '%s'" % path)
     with open(path) as f:
-        return parse(f.read())
+        return drop_invalid(parse(f.read()))
 
 
 def write(path, contents):
@@ -242,7 +285,8 @@ def cmd_menuconfig():
     path = config_path()
     print("Klipper stand-in menuconfig (non-interactive; see tests/rig/standins/README.md)")
     assignments = os.environ.get("RIG_MENUCONFIG_SET", "")
-    if os.path.exists(path) and not assignments:
+    # An empty file is a new config (menuconfig would show the defaults, saved at once here).
+    if os.path.exists(path) and os.path.getsize(path) > 0 and not assignments:
         os.utime(path)
         print("Configuration left as is (touched) in '%s'" % path)
         return
@@ -252,7 +296,7 @@ def cmd_menuconfig():
 
 def cmd_genconfig(header):
     with open(config_path()) as f:
-        pairs = resolve(parse(f.read()), default_mcu())
+        pairs = resolve(drop_invalid(parse(f.read())), default_mcu())
     lines = ["/* Automatically generated file; DO NOT EDIT. */\n",
              "/* Klipper Firmware Configuration */\n"]
     for sym, v in pairs:
