@@ -88,6 +88,9 @@ pub enum Error {
     #[error("the printer is {0}: kflash will not stop Klipper now")]
     PrinterBusy(String),
 
+    #[error(transparent)]
+    Safety(#[from] crate::safety::SafetyError),
+
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
 }
@@ -121,6 +124,7 @@ impl Error {
             Error::Service(e) => return e.help(),
             Error::History(e) => return e.help(),
             Error::Moonraker(e) => return e.help(),
+            Error::Safety(e) => return e.help(),
             Error::PrinterBusy(_) => "wait for the print to finish (or cancel it), then run kflash again".into(),
             Error::Interrupted(_) => {
                 "kflash started Klipper again if it had stopped it; a board interrupted mid-flash may be left in Katapult: run `kflash flash KEY` again".into()
@@ -145,6 +149,7 @@ impl Error {
             Error::History(_) => exit::FAILURE,
             Error::Moonraker(_) => exit::MOONRAKER,
             Error::PrinterBusy(_) => exit::BUSY,
+            Error::Safety(e) => e.exit_code(),
             Error::Interrupted(_) => exit::INTERRUPTED,
         }
     }

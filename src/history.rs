@@ -81,6 +81,10 @@ pub struct FlashRecord {
     pub error: Option<String>,
     #[serde(default)]
     pub durations: Durations,
+    /// How the print-safety check came out; `skipped` when `--skip-print-check` passed a
+    /// check that could not be answered. `None` in records from before the gate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub print_check: Option<crate::safety::PrintCheck>,
 }
 
 impl FlashRecord {
@@ -99,6 +103,7 @@ impl FlashRecord {
             result,
             error: None,
             durations: Durations::default(),
+            print_check: None,
         }
     }
 }
