@@ -335,9 +335,13 @@ async fn run_flash(
     }
     let version_after = outcome?;
     let started_again = restart?.started;
-    match (check.moonraker_answered(), started_again) {
-        (false, _) => rep.report(Report::Warning(
+    match (check, started_again) {
+        (PrintCheck::MoonrakerDown, _) => rep.report(Report::Warning(
             "Moonraker was unreachable, so Klipper's own view of the board was not checked".into(),
+        )),
+        (PrintCheck::Skipped, _) => rep.report(Report::Warning(
+            "Moonraker could not be asked (--skip-print-check), so Klipper's own view of the board was not checked"
+                .into(),
         )),
         (_, false) => rep.report(Report::Warning(
             "Klipper was not running before kflash and was left stopped, so its view of the board was not checked"
