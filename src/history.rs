@@ -206,6 +206,21 @@ mod tests {
     }
 
     #[test]
+    fn records_how_the_print_check_came_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = record("octopus", FlashResult::Ok);
+        r.print_check = Some(crate::safety::PrintCheck::Skipped);
+        append(dir.path(), &r).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(HISTORY_FILE)).unwrap();
+        assert!(text.contains(r#""print_check":"skipped""#), "{text}");
+        assert_eq!(read_all(dir.path()).unwrap().records, [r]);
+        // Records from before the gate have no print_check.
+        let old = r#"{"time":"2026-01-01T00:00:00+00:00","board_key":"a","board_name":"A","mcu":"m","method":"katapult","result":"ok"}"#;
+        let parsed: FlashRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(parsed.print_check, None);
+    }
+
+    #[test]
     fn appends_and_reads_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let a = record("octopus", FlashResult::Ok);
