@@ -130,7 +130,8 @@ pub async fn clear_to_stop_klipper(
     rep: &mut dyn Reporter,
 ) -> Result<Clearance> {
     let answered = previous.map(|c| c.check);
-    rep.report(Report::Begin(Phase::Safety, format!("asking Moonraker at {} about the printer", mr.url())));
+    let again = if previous.is_some() { " again before stopping Klipper" } else { "" };
+    rep.report(Report::Begin(Phase::Safety, format!("asking Moonraker at {} about the printer{again}", mr.url())));
     let info = match mr.server_info().await {
         Ok(info) => info,
         Err(e) => return not_answered(e, opts, answered, rep).await,
