@@ -1,8 +1,8 @@
 //! The Moonraker client and the print-safety gate against the real Moonraker (PyPI
 //! `moonraker==0.11.0`, installed by tests/setup-host), started on loopback per test.
-//! Its Klippy socket is served by nobody, so Klippy is disconnected; print states
-//! (printing, paused, shutdown) come from the stand-in in tests/moonraker_client.rs and the
-//! rig scenarios, since a real Klippy is not part of this step.
+//! Its Klippy socket is served by nobody (Klippy disconnected), or by
+//! tests/support/fake_klippy.py, which speaks Klippy's API-server protocol in a fixed state
+//! (printing, paused, shut down after an M112), since a real Klippy is not part of this step.
 
 mod support;
 
@@ -136,4 +136,68 @@ async fn moonraker_that_went_away_refuses_connections() {
     drop(m);
     let err = client(&url, None).server_info().await.unwrap_err();
     assert!(err.nothing_listens(), "{err:?}");
+}
+
+fn with_klippy(state: &'static str, job: &'static str) -> RealMoonraker {
+    RealMoonraker::start(Config {
+        trusted: true,
+        klippy: Some((state, job, "benchy.gcode", 0.42)),
+        ..Config::default()
+    })
+}
+
+/// Through the real Moonraker: a print refuses, --yes and --skip-print-check or not.
+#[tokio::test]
+async fn a_print_behind_the_real_moonraker_refuses() {
+    for job in ["printing", "paused"] {
+        let m = with_klippy("ready", job);
+        let c = client(&m.url, None);
+        let info = c.server_info().await.unwrap();
+        assert_eq!((info.klippy_connected, info.klippy_state.as_str()), (true, "ready"));
+        for opts in [GateOptions::default(), SKIP] {
+            let mut rep = Answers::yes();
+            let err = clear_to_stop_klipper(&c, opts, None, &mut rep).await.unwrap_err();
+            assert!(matches!(&err, Error::PrinterBusy(s) if *s == format!("{job} benchy.gcode (42%)")), "{err:?}");
+            assert_eq!(err.exit_code(), 10);
+            assert!(rep.questions.is_empty());
+        }
+    }
+    let m = with_klippy("ready", "standby");
+    let c = client(&m.url, None);
+    let clearance = clear_to_stop_klipper(&c, GateOptions::default(), None, &mut Answers::no()).await.unwrap();
+    assert_eq!(clearance.check(), PrintCheck::Idle);
+}
+
+/// Item 2 through the real Moonraker: a paused print behind a 401 refuses `--yes`.
+#[tokio::test]
+async fn a_paused_print_behind_a_401_refuses_yes() {
+    let m =
+        RealMoonraker::start(Config { klippy: Some(("ready", "paused", "benchy.gcode", 0.42)), ..Config::default() });
+    let mut rep = Answers::yes();
+    let err = clear_to_stop_klipper(&client(&m.url, None), GateOptions::default(), None, &mut rep).await.unwrap_err();
+    assert_unanswered(&err, "moonraker_api_key");
+    let err = clear_to_stop_klipper(&client(&m.url, Some(&m.api_key())), GateOptions::default(), None, &mut rep)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PrinterBusy(_)), "with the key Moonraker tells: {err:?}");
+    assert!(rep.questions.is_empty());
+}
+
+/// Item 4 through the real Moonraker: Klippy shut down by an M112, print_stats still paused.
+#[tokio::test]
+async fn after_an_emergency_stop_the_real_moonraker_shows_the_stale_print() {
+    let m = with_klippy("shutdown", "paused");
+    let c = client(&m.url, None);
+    assert_eq!(c.server_info().await.unwrap().klippy_state, "shutdown");
+    let mut no = Answers::no();
+    let err = clear_to_stop_klipper(&c, GateOptions::default(), None, &mut no).await.unwrap_err();
+    assert!(matches!(err, Error::Safety(SafetyError::HaltedNotConfirmed { .. })), "{err:?}");
+    assert_eq!(no.questions, ["Flash anyway?"]);
+    assert!(
+        no.text().contains("Klippy is shutdown (Shutdown due to M112 command), so nothing moves; print_stats still says paused benchy.gcode (42%)"),
+        "{}",
+        no.text()
+    );
+    let clearance = clear_to_stop_klipper(&c, GateOptions::default(), None, &mut Answers::yes()).await.unwrap();
+    assert_eq!(clearance.check(), PrintCheck::KlippyHalted);
 }

@@ -81,6 +81,7 @@ async fn https_moonraker_url_works_with_the_users_ca() {
     let m = RealMoonraker::start(Config {
         trusted: true,
         tls: Some((certs.path().join("srv.pem"), certs.path().join("srv.key"))),
+        ..Config::default()
     });
     let url = format!("https://localhost:{}", m.ssl_port.unwrap());
 

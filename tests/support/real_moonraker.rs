@@ -1,7 +1,9 @@
 //! The real Moonraker (PyPI `moonraker==0.11.0`, the upstream project's own release) on a
 //! free loopback port, with a temporary data directory and a minimal moonraker.conf. Its
 //! Klippy socket (`klippy_uds_address`) is a path nobody serves, so Klippy is disconnected
-//! and has never connected, as on a host whose Klipper is not running.
+//! and has never connected, as on a host whose Klipper is not running; or, with
+//! [`Config::klippy`], `fake_klippy.py` serves it with Klippy's API-server protocol in a
+//! fixed state (ready and printing, shut down with a stale paused print, ...).
 //!
 //! `tests/setup-host` installs it into `tests/.venv-moonraker`; without it these tests fail
 //! and say so (they never pass silently).
@@ -33,10 +35,13 @@ pub struct Config {
     pub trusted: bool,
     /// Serve HTTPS too, with this certificate chain and key (`ssl_port`).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// A Klippy on the socket: `(klippy state, print_stats state, file, progress)`.
+    pub klippy: Option<(&'static str, &'static str, &'static str, f64)>,
 }
 
 pub struct RealMoonraker {
     child: Child,
+    klippy: Option<Child>,
     dir: tempfile::TempDir,
     pub url: String,
     pub ssl_port: Option<u16>,
@@ -53,10 +58,21 @@ impl RealMoonraker {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let ssl_port = config.tls.as_ref().map(|_| free_port());
-        let mut conf = format!(
-            "[server]\nhost: 127.0.0.1\nport: {port}\nklippy_uds_address: {}\n",
-            dir.path().join("nobody-serves-klippy.sock").display()
-        );
+        let sock = dir.path().join("klippy.sock");
+        let mut klippy = config.klippy.map(|(state, job, file, progress)| {
+            let mut child = Command::new(venv().join("bin/python3"))
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_klippy.py"))
+                .arg(&sock)
+                .args([state, job, file, &progress.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("start fake_klippy.py");
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("LISTENING"), "fake_klippy.py");
+            (child, lines)
+        });
+        let mut conf = format!("[server]\nhost: 127.0.0.1\nport: {port}\nklippy_uds_address: {}\n", sock.display());
         if let (Some((cert, key)), Some(ssl)) = (&config.tls, ssl_port) {
             conf.push_str(&format!(
                 "ssl_port: {ssl}\nssl_certificate_path: {}\nssl_key_path: {}\n",
@@ -99,7 +115,12 @@ impl RealMoonraker {
         }
         // Keep draining its log so it never blocks on a full pipe.
         let drain = std::thread::spawn(move || lines.for_each(drop));
-        RealMoonraker { child, dir, url: format!("http://127.0.0.1:{port}"), ssl_port, _lines: drain }
+        // Moonraker sets Klippy's state from `info` before it subscribes.
+        let klippy = klippy.take().map(|(child, mut lines)| {
+            assert!(lines.any(|l| l.is_ok_and(|l| l == "SUBSCRIBED")), "Moonraker never subscribed to the fake Klippy");
+            child
+        });
+        RealMoonraker { child, klippy, dir, url: format!("http://127.0.0.1:{port}"), ssl_port, _lines: drain }
     }
 
     /// The API key, asked over Moonraker's Unix socket (which needs no authentication), as
@@ -153,5 +174,9 @@ impl Drop for RealMoonraker {
         let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGCONT);
         let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
+        if let Some(k) = &mut self.klippy {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
     }
 }
