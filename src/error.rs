@@ -107,6 +107,9 @@ pub enum Error {
     #[error("the printer is {0}: kflash will not stop Klipper now")]
     PrinterBusy(String),
 
+    #[error(transparent)]
+    Safety(#[from] crate::safety::SafetyError),
+
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
 }
@@ -155,6 +158,7 @@ impl Error {
             Error::Service(e) => return e.help(),
             Error::History(e) => return e.help(),
             Error::Moonraker(e) => return e.help(),
+            Error::Safety(e) => return e.help(),
             Error::PrinterBusy(_) => "wait for the print to finish (or cancel it), then run kflash again".into(),
             Error::Interrupted(_) => {
                 "kflash started Klipper again if it had stopped it; a board interrupted mid-flash may be left in Katapult: run `kflash flash KEY` again".into()
@@ -189,6 +193,9 @@ impl Error {
             Error::History(_) => "history",
             Error::Moonraker(_) => "moonraker",
             Error::PrinterBusy(_) => "printer-busy",
+            Error::Safety(crate::safety::SafetyError::Unanswered { .. }) => "print-state-unknown",
+            Error::Safety(crate::safety::SafetyError::MoonrakerDownNotConfirmed { .. }) => "moonraker-down",
+            Error::Safety(crate::safety::SafetyError::HaltedNotConfirmed { .. }) => "klippy-halted",
             Error::Interrupted(_) => "interrupted",
         }
     }
@@ -215,6 +222,7 @@ impl Error {
             Error::History(_) => exit::FAILURE,
             Error::Moonraker(_) => exit::MOONRAKER,
             Error::PrinterBusy(_) => exit::BUSY,
+            Error::Safety(e) => e.exit_code(),
             Error::Interrupted(_) => exit::INTERRUPTED,
         }
     }

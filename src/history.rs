@@ -81,6 +81,10 @@ pub struct FlashRecord {
     pub error: Option<String>,
     #[serde(default)]
     pub durations: Durations,
+    /// How the print-safety check came out; `skipped` when `--skip-print-check` passed a
+    /// check that could not be answered. `None` in records from before the gate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub print_check: Option<crate::safety::PrintCheck>,
 }
 
 impl FlashRecord {
@@ -99,6 +103,7 @@ impl FlashRecord {
             result,
             error: None,
             durations: Durations::default(),
+            print_check: None,
         }
     }
 }
@@ -198,6 +203,21 @@ mod tests {
         r.durations =
             Durations { build: Some(41.5), flash: Some(3.25), klipper_downtime: Some(12.0), ..Default::default() };
         r
+    }
+
+    #[test]
+    fn records_how_the_print_check_came_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = record("octopus", FlashResult::Ok);
+        r.print_check = Some(crate::safety::PrintCheck::Skipped);
+        append(dir.path(), &r).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(HISTORY_FILE)).unwrap();
+        assert!(text.contains(r#""print_check":"skipped""#), "{text}");
+        assert_eq!(read_all(dir.path()).unwrap().records, [r]);
+        // Records from before the gate have no print_check.
+        let old = r#"{"time":"2026-01-01T00:00:00+00:00","board_key":"a","board_name":"A","mcu":"m","method":"katapult","result":"ok"}"#;
+        let parsed: FlashRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(parsed.print_check, None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod kconfig;
 pub mod moonraker;
 pub mod protocol;
 pub mod registry;
+pub mod safety;
 pub mod service;
 pub mod version;
 

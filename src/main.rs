@@ -63,6 +63,13 @@ enum Command {
 #[derive(Args)]
 struct KatapultCheckArgs {
     key: String,
+    /// Answer yes to questions (e.g. continue when nothing listens at moonraker_url).
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Stop Klipper even when Moonraker cannot be asked about the print (401/403, no answer,
+    /// not Moonraker). A known print still refuses.
+    #[arg(long)]
+    skip_print_check: bool,
     #[arg(long)]
     json: bool,
 }
@@ -99,6 +106,10 @@ struct FlashArgs {
     /// Do not build: use the cached firmware.
     #[arg(long)]
     no_build: bool,
+    /// Stop Klipper even when Moonraker cannot be asked about the print (401/403, no answer,
+    /// not Moonraker); recorded in the history. A known print still refuses.
+    #[arg(long)]
+    skip_print_check: bool,
     /// Print the summary as JSON (progress goes to stderr).
     #[arg(long)]
     json: bool,
@@ -322,8 +333,10 @@ async fn katapult_check(dir: &std::path::Path, a: KatapultCheckArgs) -> Result<(
     let reg = Registry::open(dir)?;
     reg.get(&a.key)?;
     let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
-    let mut reporter = ui::FlashReporter::new(false, a.json);
-    let check = interruptible(kflash::app::katapult_check::katapult_check(&reg, &a.key, &hp, &mut reporter)).await?;
+    let mut reporter = ui::FlashReporter::new(a.yes, a.json);
+    let gate = kflash::safety::GateOptions { skip_print_check: a.skip_print_check };
+    let check =
+        interruptible(kflash::app::katapult_check::katapult_check(&reg, &a.key, &hp, gate, &mut reporter)).await?;
     if a.json {
         print_json(&check);
     } else {
@@ -469,6 +482,7 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
         force: a.force,
         method: a.method,
         no_build: a.no_build,
+        skip_print_check: a.skip_print_check,
         ..Default::default()
     };
     let mut reporter = ui::FlashReporter::new(a.yes, a.json);

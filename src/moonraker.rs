@@ -5,6 +5,11 @@
 //! Every answer is `{"result": …}`; every error is the HTTP status plus
 //! `{"error": {"code", "message"}}`. Each failure becomes a [`MoonrakerError`] saying what
 //! happened, with [`MoonrakerError::help`] saying what to do.
+//!
+//! Only Moonraker's own answer counts as Moonraker's word: an error status whose body is
+//! not Moonraker's error envelope (a bare 404 from another web server, a proxy's HTML page)
+//! is [`MoonrakerError::NotMoonraker`], never "Klippy is not connected". `https://` URLs
+//! work through rustls with the system's CA store (or `SSL_CERT_FILE`).
 
 use std::future::Future;
 use std::time::Duration;
@@ -19,8 +24,13 @@ use crate::registry::Settings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MoonrakerError {
+    /// `refused`: nothing listens there (connection refused), so Moonraker is not running.
     #[error("Moonraker is not reachable at {url}: {detail}")]
-    Unreachable { url: String, detail: String },
+    Unreachable { url: String, detail: String, refused: bool },
+
+    /// An error status without Moonraker's JSON error body: something else answers there.
+    #[error("{url} answered {path} with HTTP {status} and {body}, not Moonraker's JSON")]
+    NotMoonraker { url: String, path: String, status: u16, body: String },
 
     #[error("Moonraker at {url} did not answer {path} within {secs:.1} s")]
     Timeout { url: String, path: String, secs: f64 },
@@ -55,6 +65,12 @@ impl MoonrakerError {
     /// What the user should do about it.
     pub fn help(&self) -> Option<String> {
         Some(match self {
+            MoonrakerError::NotMoonraker { .. } => {
+                "moonraker_url does not point at Moonraker (or a proxy in front of it \
+                 has no Moonraker behind it): check moonraker_url (`kflash settings set moonraker_url \
+                 http://localhost:7125`) and try `curl <moonraker_url>/server/info`"
+                    .into()
+            }
             MoonrakerError::Unreachable { .. } => "check that Moonraker runs (`systemctl status moonraker`) and that \
                  moonraker_url is right (`kflash settings set moonraker_url http://localhost:7125`)"
                 .into(),
@@ -92,6 +108,13 @@ impl MoonrakerError {
                     .into(),
             },
         })
+    }
+
+    /// Nothing listens at the URL (connection refused): Moonraker is not running. The one
+    /// failure that says something about the printer (no Moonraker, no print through it);
+    /// a refusal, a hang or a stranger's answer says nothing.
+    pub fn nothing_listens(&self) -> bool {
+        matches!(self, MoonrakerError::Unreachable { refused: true, .. })
     }
 
     /// Worth retrying while waiting for Klippy: Moonraker or Klippy may just be restarting.
@@ -300,9 +323,11 @@ impl Moonraker {
         }
         let response = request.send().await.map_err(|e| self.transport_error(path, e))?;
         let status = response.status();
+        let content_type =
+            response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
         let body = response.bytes().await.map_err(|e| self.transport_error(path, e))?;
         if !status.is_success() {
-            return Err(self.status_error(path, status, &body));
+            return Err(self.status_error(path, status, content_type.as_deref(), &body));
         }
         let mut json: Value = serde_json::from_slice(&body)
             .map_err(|e| MoonrakerError::InvalidJson { path: endpoint(path), detail: invalid_json_detail(&body, e) })?;
@@ -317,19 +342,35 @@ impl Moonraker {
                 secs: self.timeout.as_secs_f64(),
             };
         }
-        MoonrakerError::Unreachable { url: self.url.clone(), detail: error_chain(&e) }
+        MoonrakerError::Unreachable { url: self.url.clone(), detail: error_chain(&e), refused: is_refused(&e) }
     }
 
-    fn status_error(&self, path: &str, status: reqwest::StatusCode, body: &[u8]) -> MoonrakerError {
-        let message = envelope_message(body)
-            .unwrap_or_else(|| status.canonical_reason().unwrap_or("no reason given").to_string());
-        match status.as_u16() {
-            401 | 403 => {
-                MoonrakerError::Unauthorized { status: status.as_u16(), message, key_sent: self.api_key.is_some() }
-            }
+    fn status_error(
+        &self,
+        path: &str,
+        status: reqwest::StatusCode,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> MoonrakerError {
+        let code = status.as_u16();
+        let reason = || status.canonical_reason().unwrap_or("no reason given").to_string();
+        // A refusal is a refusal whoever sends it (Moonraker, or a proxy in front of it).
+        if code == 401 || code == 403 {
+            let message = envelope_message(body).unwrap_or_else(reason);
+            return MoonrakerError::Unauthorized { status: code, message, key_sent: self.api_key.is_some() };
+        }
+        let Some(message) = envelope_message(body) else {
+            return MoonrakerError::NotMoonraker {
+                url: self.url.clone(),
+                path: endpoint(path),
+                status: code,
+                body: describe_body(content_type, body),
+            };
+        };
+        match code {
             503 => MoonrakerError::KlippyNotConnected { message },
             // Klippy's endpoints are registered when Klippy first connects (Moonraker's
-            // klippy_connection.py), so until then they are "Not Found".
+            // klippy_connection.py), so until then Moonraker answers them "Not Found".
             404 if path.starts_with("/printer/") => MoonrakerError::KlippyNotConnected {
                 message: format!(
                     "Klippy has not connected since Moonraker started ({} is 404 Not Found)",
@@ -341,9 +382,41 @@ impl Moonraker {
     }
 }
 
-/// `{"error": {"message": "..."}}`, if the body is that.
+/// Was the connection refused (nothing listens)? reqwest wraps the `io::Error`.
+fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// "an empty body", "a text/html body (<html><head><title>404…)".
+fn describe_body(content_type: Option<&str>, body: &[u8]) -> String {
+    if body.is_empty() {
+        return "an empty body".into();
+    }
+    let text = String::from_utf8_lossy(body);
+    let mut start: String = text.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(60).collect();
+    if text.chars().count() > 60 {
+        start.push('…');
+    }
+    match content_type.and_then(|c| c.split(';').next()).map(str::trim).filter(|c| !c.is_empty()) {
+        Some(ct) => format!("a {ct} body ({start})"),
+        None => format!("a body ({start})"),
+    }
+}
+
+/// Moonraker's error envelope `{"error": {"code": 404, "message": "..."}}`, if the body is
+/// that (application.py's `write_error`).
 fn envelope_message(body: &[u8]) -> Option<String> {
     let json: Value = serde_json::from_slice(body).ok()?;
+    json.pointer("/error/code").filter(|c| c.is_i64() || c.is_u64())?;
     json.pointer("/error/message").and_then(Value::as_str).map(String::from)
 }
 

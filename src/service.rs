@@ -444,7 +444,17 @@ impl KlipperGuard {
     /// Stop the service for `reason` (e.g. "flash of octopus"). The marker is written
     /// before the stop, so there is no moment where Klipper is stopped and unmarked.
     /// A service that is not running is neither stopped nor started later.
-    pub async fn stop(manager: ServiceManager, state_dir: &Path, reason: &str) -> Result<KlipperGuard, ServiceError> {
+    ///
+    /// `clearance` is the print-safety gate's permission
+    /// ([`crate::safety::clear_to_stop_klipper`]), the only way to get one: Klipper is
+    /// never stopped without asking Moonraker about the print first.
+    pub async fn stop(
+        manager: ServiceManager,
+        state_dir: &Path,
+        reason: &str,
+        clearance: crate::safety::Clearance,
+    ) -> Result<KlipperGuard, ServiceError> {
+        tracing::info!("stopping {} for {reason}; print check: {}", manager.service, clearance.check().as_str());
         let marker = marker_path(state_dir);
         // A marker left by a dead kflash means Klipper is down only because of kflash:
         // it must run afterwards even though it is inactive now.

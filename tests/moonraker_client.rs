@@ -11,7 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+mod support;
+
 use kflash::moonraker::{mcu_for_serial, Moonraker, MoonrakerError};
+use kflash::safety::{clear_to_stop_klipper, GateOptions, PrintCheck, SafetyError};
+use kflash::Error;
+use support::Answers;
 use tokio::time::Instant;
 
 const OCTOPUS_SERIAL: &str = "29001A001151313531383332";
@@ -219,8 +224,14 @@ async fn malformed_answers_are_named_by_endpoint() {
 
     m.switch("malformed", "html");
     let err = c.print_status().await.unwrap_err();
-    assert!(matches!(err, MoonrakerError::Http { status: 502, .. }), "{err:?}");
-    assert_eq!(err.to_string(), "Moonraker answered /printer/objects/query with HTTP 502: Bad Gateway");
+    assert!(matches!(err, MoonrakerError::NotMoonraker { status: 502, .. }), "{err:?}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "{} answered /printer/objects/query with HTTP 502 and a text/html body (<html><head><title>502",
+            m.url
+        )),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -322,4 +333,100 @@ async fn wait_klippy_ready_gives_the_last_state_at_the_deadline() {
     let err = m.client().wait_klippy_ready(Instant::now() + Duration::from_millis(600)).await.unwrap_err();
     assert_eq!(err.to_string(), "Klippy is in state disconnected");
     assert!(err.help().unwrap().contains("systemctl status klipper"));
+}
+
+// ---- the print-safety gate on the stand-in's print states ------------------------------
+
+async fn gate(m: &StandIn, rep: &mut Answers) -> kflash::Result<PrintCheck> {
+    clear_to_stop_klipper(&m.client(), GateOptions::default(), None, rep).await.map(|c| c.check())
+}
+
+#[tokio::test]
+async fn gate_refuses_a_print_even_with_yes_and_skip() {
+    let m = StandIn::start(DEFAULT);
+    assert_eq!(gate(&m, &mut Answers::no()).await.unwrap(), PrintCheck::Idle);
+    for (switch, said) in [("printing", "printing benchy.gcode (42%)"), ("paused", "paused benchy.gcode (42%)")] {
+        m.switch(switch, "");
+        let mut rep = Answers::yes();
+        let err = gate(&m, &mut rep).await.unwrap_err();
+        assert!(matches!(&err, Error::PrinterBusy(s) if s == said), "{err:?}");
+        assert_eq!(err.exit_code(), 10);
+        assert!(rep.questions.is_empty());
+        let skip = GateOptions { skip_print_check: true };
+        let err = clear_to_stop_klipper(&m.client(), skip, None, &mut rep).await.unwrap_err();
+        assert!(matches!(err, Error::PrinterBusy(_)), "--skip-print-check never passes a known print: {err:?}");
+        m.switch_off(switch);
+    }
+}
+
+/// Item 4: after an emergency stop Klippy is shut down and print_stats stays paused: say
+/// so, show the stale state and ask.
+#[tokio::test]
+async fn gate_after_an_emergency_stop_shows_the_stale_print_and_asks() {
+    let m = StandIn::start(DEFAULT);
+    m.switch("paused", "benchy.gcode\n0.42\n");
+    m.switch("klippy-shutdown", "");
+    let mut no = Answers::no();
+    let err = gate(&m, &mut no).await.unwrap_err();
+    assert!(matches!(err, Error::Safety(SafetyError::HaltedNotConfirmed { .. })), "{err:?}");
+    assert_eq!(err.exit_code(), 10);
+    assert_eq!(no.questions, ["Flash anyway?"]);
+    let said = no.text();
+    assert!(
+        said.contains("Klippy is shutdown (Shutdown due to M112 command), so nothing moves; print_stats still says paused benchy.gcode (42%)"),
+        "{said}"
+    );
+    let help = err.help().unwrap();
+    assert!(help.contains("--yes") && !help.contains("wait for the print"), "{help}");
+
+    let mut yes = Answers::yes();
+    assert_eq!(gate(&m, &mut yes).await.unwrap(), PrintCheck::KlippyHalted);
+    assert_eq!(yes.questions.len(), 1);
+}
+
+#[tokio::test]
+async fn gate_klippy_disconnected_goes_on_with_a_note() {
+    let m = StandIn::start(DEFAULT);
+    m.switch("printing", "");
+    m.switch("klippy-disconnected", "");
+    let mut rep = Answers::no();
+    assert_eq!(gate(&m, &mut rep).await.unwrap(), PrintCheck::KlippyDisconnected);
+    assert!(rep.questions.is_empty());
+}
+
+/// Item 2: refusals (401 from Moonraker, 403 from a proxy) and a hang refuse with exit 9;
+/// --yes is never asked.
+#[tokio::test]
+async fn gate_refuses_what_it_cannot_answer() {
+    let m = StandIn::start(DEFAULT);
+    m.switch("paused", "");
+    for (switch, contents, help) in [
+        ("api-key", "s3cret", "moonraker_api_key"),
+        ("forbidden", "", "moonraker_api_key"),
+        ("malformed", "html", "moonraker_url"),
+    ] {
+        m.switch(switch, contents);
+        let mut rep = Answers::yes();
+        let err = gate(&m, &mut rep).await.unwrap_err();
+        assert!(matches!(err, Error::Safety(SafetyError::Unanswered { .. })), "{switch}: {err:?}");
+        assert_eq!(err.exit_code(), 9);
+        assert!(err.help().unwrap().contains(help), "{switch}: {:?}", err.help());
+        assert!(rep.questions.is_empty());
+        m.switch_off(switch);
+    }
+    let err = m.client().server_info().await;
+    assert!(err.is_ok());
+
+    m.switch("forbidden", "");
+    let err = m.client().server_info().await.unwrap_err();
+    assert!(matches!(err, MoonrakerError::Unauthorized { status: 403, .. }), "{err:?}");
+    m.switch_off("forbidden");
+
+    m.switch("delay", "30");
+    let c = Moonraker::new(&m.url, None, Duration::from_millis(500));
+    let err = clear_to_stop_klipper(&c, GateOptions::default(), None, &mut Answers::yes()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Safety(SafetyError::Unanswered { cause: MoonrakerError::Timeout { .. } })),
+        "{err:?}"
+    );
 }

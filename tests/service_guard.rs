@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use kflash::app::flash::{Report, Reporter};
+use kflash::moonraker::Moonraker;
+use kflash::safety::{clear_to_stop_klipper, Clearance, GateOptions, PrintCheck};
 use kflash::service::{
     recover_stale_stop, FlashLock, KlipperGuard, ServiceError, ServiceManager, ShutdownSignals, STOP_MARKER_FILE,
 };
@@ -14,6 +17,26 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 const REASON: &str = "flash of octopus";
+
+/// Says yes to the gate's question.
+struct Yes;
+
+impl Reporter for Yes {
+    fn report(&mut self, _: Report) {}
+    fn confirm<'a>(&'a mut self, _: &'a str) -> futures::future::BoxFuture<'a, bool> {
+        Box::pin(async { true })
+    }
+}
+
+/// The guard needs the print-safety gate's clearance: ask the real gate, with nothing
+/// listening at the Moonraker URL (a printer host without Moonraker) and a yes.
+async fn cleared() -> Clearance {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mr = Moonraker::new(&format!("http://127.0.0.1:{port}"), None, Duration::from_secs(5));
+    let clearance = clear_to_stop_klipper(&mr, GateOptions::default(), None, &mut Yes).await.unwrap();
+    assert_eq!(clearance.check(), PrintCheck::MoonrakerDown);
+    clearance
+}
 
 /// A rig state directory with a `klipper` unit, and a kflash state directory.
 struct Rig {
@@ -91,7 +114,7 @@ fn rt() -> tokio::runtime::Runtime {
 #[tokio::test]
 async fn stop_and_restart_records_both_and_reports_downtime() {
     let rig = Rig::new("active");
-    let guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON).await.unwrap();
+    let guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON, cleared().await).await.unwrap();
     assert!(guard.was_active() && guard.note().is_none());
     assert!(!rig.klipper_active());
     let marker: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(rig.marker()).unwrap()).unwrap();
@@ -116,7 +139,7 @@ async fn stop_and_restart_records_both_and_reports_downtime() {
 }
 
 async fn flash_that_fails(rig: &Rig) -> Result<(), ServiceError> {
-    let _guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON).await?;
+    let _guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON, cleared().await).await?;
     assert!(!rig.klipper_active());
     Err(ServiceError::Timeout { command: "flashtool".into(), secs: 1.0 })?;
     unreachable!()
@@ -137,7 +160,7 @@ fn panic_while_holding_the_guard_restarts() {
     let (manager, state) = (rig.manager(), rig.state.clone());
     let result = std::thread::spawn(move || {
         rt().block_on(async {
-            let _guard = KlipperGuard::stop(manager, &state, REASON).await.unwrap();
+            let _guard = KlipperGuard::stop(manager, &state, REASON, cleared().await).await.unwrap();
             panic!("flash blew up");
         })
     })
@@ -153,7 +176,7 @@ async fn dropped_future_restarts() {
     let rig = Rig::new("active");
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
     let flash = async {
-        let _guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON).await.unwrap();
+        let _guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON, cleared().await).await.unwrap();
         stopped_tx.send(()).unwrap();
         std::future::pending::<()>().await;
     };
@@ -170,7 +193,7 @@ async fn dropped_future_restarts() {
 #[tokio::test]
 async fn inactive_service_is_not_started_afterwards() {
     let rig = Rig::new("inactive");
-    let guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON).await.unwrap();
+    let guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON, cleared().await).await.unwrap();
     assert!(!guard.was_active());
     assert!(guard.note().unwrap().contains("will be left stopped"), "{:?}", guard.note());
     assert!(!rig.marker().exists(), "no marker: nothing for a later run to start");
@@ -181,7 +204,7 @@ async fn inactive_service_is_not_started_afterwards() {
     assert!(rig.verbs().is_empty(), "{:?}", rig.verbs());
 
     // Dropped instead of restarted: still not started.
-    drop(KlipperGuard::stop(rig.manager(), &rig.state, REASON).await.unwrap());
+    drop(KlipperGuard::stop(rig.manager(), &rig.state, REASON, cleared().await).await.unwrap());
     assert!(!rig.klipper_active());
 }
 
@@ -189,7 +212,7 @@ async fn inactive_service_is_not_started_afterwards() {
 async fn stop_failure_is_an_error_and_leaves_no_marker() {
     let rig = Rig::new("active");
     rig.fault("systemctl-stop-fails");
-    let err = KlipperGuard::stop(rig.manager(), &rig.state, REASON).await.unwrap_err();
+    let err = KlipperGuard::stop(rig.manager(), &rig.state, REASON, cleared().await).await.unwrap_err();
     let text = err.to_string();
     assert!(text.contains("systemctl stop klipper` failed (exit status 1)"), "{text}");
     assert!(text.contains("Job for klipper.service failed"), "stderr is carried: {text}");
@@ -202,7 +225,7 @@ async fn stop_failure_is_an_error_and_leaves_no_marker() {
 #[tokio::test]
 async fn start_failure_keeps_the_marker_and_says_how_to_start() {
     let rig = Rig::new("active");
-    let guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON).await.unwrap();
+    let guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON, cleared().await).await.unwrap();
     rig.fault("systemctl-start-fails");
     let err = guard.restart().await.unwrap_err();
     assert!(matches!(err, ServiceError::NotRestarted { .. }), "{err:?}");
@@ -219,7 +242,7 @@ async fn start_failure_keeps_the_marker_and_says_how_to_start() {
 async fn missing_program_is_a_spawn_error() {
     let rig = Rig::new("active");
     let manager = ServiceManager::new(vec!["/nonexistent/systemctl".into()], "klipper", Duration::from_secs(5));
-    let err = KlipperGuard::stop(manager, &rig.state, REASON).await.unwrap_err();
+    let err = KlipperGuard::stop(manager, &rig.state, REASON, cleared().await).await.unwrap_err();
     assert!(err.to_string().starts_with("could not run `/nonexistent/systemctl is-active klipper`"), "{err}");
     assert!(err.help().unwrap().contains("service_command"));
     assert!(!rig.marker().exists());
@@ -240,7 +263,7 @@ async fn slow_command_times_out() {
 async fn a_stop_left_by_a_dead_kflash_is_started_even_though_klipper_is_inactive() {
     let rig = Rig::new("inactive");
     write_dead_marker(&rig);
-    let guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON).await.unwrap();
+    let guard = KlipperGuard::stop(rig.manager(), &rig.state, REASON, cleared().await).await.unwrap();
     assert!(guard.was_active(), "inactive only because of the dead kflash");
     guard.restart().await.unwrap();
     assert!(rig.klipper_active());
@@ -291,7 +314,7 @@ fn guard_child() {
         let flash = async {
             let _lock = FlashLock::acquire(&state, "flash of octopus").unwrap();
             let manager = ServiceManager::new(command, "klipper", Duration::from_secs(20));
-            let _guard = KlipperGuard::stop(manager, &state, REASON).await.unwrap();
+            let _guard = KlipperGuard::stop(manager, &state, REASON, cleared().await).await.unwrap();
             println!("GUARD-READY");
             // Bounded, so a test that never sends its signal fails instead of hanging.
             tokio::time::sleep(Duration::from_secs(60)).await;
@@ -353,7 +376,9 @@ fn kill_9_leaves_the_marker_and_the_next_run_recovers() {
         rt.block_on(recover_stale_stop(&rig.manager(), &rig.state)).is_none(),
         "the kflash holding Klipper stopped is alive: leave it alone"
     );
-    let err = rt.block_on(KlipperGuard::stop(rig.manager(), &rig.state, "flash of ebb")).unwrap_err();
+    let err = rt
+        .block_on(async { KlipperGuard::stop(rig.manager(), &rig.state, "flash of ebb", cleared().await).await })
+        .unwrap_err();
     assert!(matches!(err, ServiceError::StoppedByOther { pid: p, .. } if p == pid), "{err:?}");
 
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();

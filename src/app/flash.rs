@@ -1,7 +1,7 @@
 //! `kflash flash KEY`: the whole job for one board, as an explicit sequence of phases.
 //!
 //! ```text
-//! (lock) → Safety → Build → version check → StopKlipper → Bootloader → Write → Reconnect
+//! (lock) → Safety → Build → version check → Safety again → StopKlipper → Bootloader → Write → Reconnect
 //!        → Identify → StartKlipper → Moonraker
 //! ```
 //!
@@ -20,8 +20,9 @@ use crate::firmware::{self, BuildOptions, BuildOutcome, BuildProgress};
 use crate::flash::katapult::{check_target, Expectation, FlashEvent, KatapultSession};
 use crate::flash::{external, identify, usb, FlashError};
 use crate::hotplug::{Board, Hotplug};
-use crate::moonraker::{mcu_for_serial, Moonraker, MoonrakerError};
+use crate::moonraker::{mcu_for_serial, Moonraker};
 use crate::registry::{BoardEntry, FlashMethod, Registry};
+use crate::safety::{clear_to_stop_klipper, GateOptions, PrintCheck};
 use crate::service::{FlashLock, KlipperGuard, ServiceManager};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -81,6 +82,8 @@ pub struct FlashOptions {
     pub no_build: bool,
     pub state_dir: Option<PathBuf>,
     pub cache_dir: Option<PathBuf>,
+    /// `--skip-print-check`: pass a print check that cannot be answered (recorded).
+    pub skip_print_check: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -176,6 +179,8 @@ struct Attempt {
     version_before: Option<String>,
     /// The method that wrote the image (differs from the chosen one after a fallback).
     method_used: Option<FlashMethod>,
+    /// The last print-safety check's outcome.
+    print_check: Option<PrintCheck>,
 }
 
 /// Flash one registered board end to end, and record the attempt in the flash history.
@@ -235,6 +240,7 @@ fn history_record(
     r.firmware_sha256 = a.firmware.as_ref().map(|f| f.sha256.clone());
     r.firmware_size = a.firmware.as_ref().map(|f| f.size);
     r.error = result.as_ref().err().map(|e| e.to_string());
+    r.print_check = a.print_check;
     let t = &a.timings;
     let sum = |xs: &[Option<f64>]| xs.iter().flatten().copied().reduce(|x, y| x + y);
     r.durations = Durations {
@@ -261,7 +267,9 @@ async fn run_flash(
     let _lock = FlashLock::acquire(&ctx.state_dir, &format!("flash of {key}"))?;
 
     let mr = Moonraker::from_settings(&reg.settings);
-    let view = safety_check(&mr, rep).await?;
+    let gate = GateOptions { skip_print_check: opts.skip_print_check };
+    let first = clear_to_stop_klipper(&mr, gate, None, rep).await?;
+    attempt.print_check = Some(first.check());
 
     // Build while Klipper still runs: the printer is down only for the flash itself.
     rep.report(Report::Begin(Phase::Build, format!("firmware for {}", entry.name)));
@@ -288,7 +296,7 @@ async fn run_flash(
     timings.build = Some(built.elapsed.as_secs_f64());
 
     let board = find_connected(hp, entry)?;
-    if view == MoonrakerView::Answered {
+    if first.check() == PrintCheck::Idle {
         // Klippy's MCU versions are what it saw when it last connected; only trust them
         // while it is ready (after a shutdown or error they may be stale).
         attempt.version_before = match mr.server_info().await {
@@ -319,17 +327,15 @@ async fn run_flash(
                 });
             }
         }
-        // Once more right before stopping Klipper: a print may have started meanwhile.
-        if let Ok(p) = mr.print_status().await {
-            if p.is_busy() {
-                return Err(Error::PrinterBusy(p.describe()));
-            }
-        }
     }
+    // Once more right before stopping Klipper: a print may have started during the build.
+    let clearance = clear_to_stop_klipper(&mr, gate, Some(&first), rep).await?;
+    let check = clearance.check();
+    attempt.print_check = Some(check);
 
     rep.report(Report::Begin(Phase::StopKlipper, format!("stopping {}", reg.settings.klipper_service)));
     let manager = ServiceManager::from_settings(&reg.settings);
-    let guard = KlipperGuard::stop(manager, &ctx.state_dir, &format!("flash of {key}")).await?;
+    let guard = KlipperGuard::stop(manager, &ctx.state_dir, &format!("flash of {key}"), clearance).await?;
     if let Some(note) = guard.note() {
         rep.report(Report::Warning(note));
     }
@@ -348,9 +354,13 @@ async fn run_flash(
     }
     let version_after = outcome?;
     let started_again = restart?.started;
-    match (view, started_again) {
-        (MoonrakerView::Unreachable, _) => rep.report(Report::Warning(
+    match (check, started_again) {
+        (PrintCheck::MoonrakerDown, _) => rep.report(Report::Warning(
             "Moonraker was unreachable, so Klipper's own view of the board was not checked".into(),
+        )),
+        (PrintCheck::Skipped, _) => rep.report(Report::Warning(
+            "Moonraker could not be asked (--skip-print-check), so Klipper's own view of the board was not checked"
+                .into(),
         )),
         (_, false) => rep.report(Report::Warning(
             "Klipper was not running before kflash and was left stopped, so its view of the board was not checked"
@@ -566,42 +576,6 @@ async fn write_katapult(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: 
         t.elapsed(),
     ));
     Ok(())
-}
-
-/// What Moonraker could tell before the flash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MoonrakerView {
-    /// Print state known (and not printing).
-    Answered,
-    /// Moonraker is up but Klippy is not connected: nothing can be printing.
-    KlippyDown,
-    /// No answer; the user chose to go on.
-    Unreachable,
-}
-
-/// Refuse during a print. An unreachable Moonraker needs the user's go-ahead; a Moonraker
-/// whose Klippy is down means no print can be running.
-async fn safety_check(mr: &Moonraker, rep: &mut dyn Reporter) -> Result<MoonrakerView> {
-    rep.report(Report::Begin(Phase::Safety, format!("asking Moonraker at {} about the printer", mr.url())));
-    match mr.print_status().await {
-        Ok(p) if p.is_busy() => Err(Error::PrinterBusy(p.describe())),
-        Ok(p) => {
-            rep.report(Report::Done(Phase::Safety, format!("printer is {}", p.describe()), Duration::ZERO));
-            Ok(MoonrakerView::Answered)
-        }
-        Err(MoonrakerError::KlippyNotConnected { .. }) => {
-            rep.report(Report::Warning("Klipper is not connected to Moonraker, so nothing is printing".into()));
-            Ok(MoonrakerView::KlippyDown)
-        }
-        Err(e) => {
-            rep.report(Report::Warning(format!("{e}: print state and versions cannot be checked")));
-            if rep.confirm("Continue without the print-safety check?").await {
-                Ok(MoonrakerView::Unreachable)
-            } else {
-                Err(e.into())
-            }
-        }
-    }
 }
 
 /// What Klipper says this board runs, by the board's configured serial path.

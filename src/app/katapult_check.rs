@@ -1,6 +1,7 @@
 //! `kflash katapult-check KEY`: does this board have Katapult? Ask for the bootloader and
 //! await it by event; if nothing appears, recover the board with a USB reset and await it
-//! running Klipper again. Klipper is stopped around the check and started afterwards.
+//! running Klipper again. Klipper is stopped around the check and started afterwards, after
+//! the print-safety gate has asked Moonraker about the printer.
 
 use std::time::Duration;
 
@@ -13,7 +14,9 @@ use crate::flash::katapult::KatapultSession;
 use crate::flash::{usb, FlashError};
 use crate::hotplug::{Board, Hotplug};
 use crate::identity::Mode;
+use crate::moonraker::Moonraker;
 use crate::registry::Registry;
+use crate::safety::{clear_to_stop_klipper, GateOptions};
 use crate::service::{FlashLock, KlipperGuard, ServiceManager};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -36,7 +39,13 @@ pub struct KatapultCheck {
     pub left_in: Option<Mode>,
 }
 
-pub async fn katapult_check(reg: &Registry, key: &str, hp: &Hotplug, rep: &mut dyn Reporter) -> Result<KatapultCheck> {
+pub async fn katapult_check(
+    reg: &Registry,
+    key: &str,
+    hp: &Hotplug,
+    gate: GateOptions,
+    rep: &mut dyn Reporter,
+) -> Result<KatapultCheck> {
     let entry = reg.get(key)?.clone();
     let state_dir = crate::registry::default_state_dir();
     let _lock = FlashLock::acquire(&state_dir, &format!("katapult-check of {key}"))?;
@@ -54,11 +63,13 @@ pub async fn katapult_check(reg: &Registry, key: &str, hp: &Hotplug, rep: &mut d
         });
     }
 
+    let clearance = clear_to_stop_klipper(&Moonraker::from_settings(&reg.settings), gate, None, rep).await?;
     rep.report(Report::Begin(Phase::StopKlipper, format!("stopping {}", reg.settings.klipper_service)));
     let guard = KlipperGuard::stop(
         ServiceManager::from_settings(&reg.settings),
         &state_dir,
         &format!("katapult-check of {key}"),
+        clearance,
     )
     .await?;
     let result = probe(

@@ -207,8 +207,27 @@ class Rig:
             self.run.update(time.time(), boards, err, self.mapping_file(),
                             self.number("startup-secs", self.args.startup_secs),
                             self.number("connect-timeout", self.args.connect_timeout))
+            self.emergency_stop()
             self.ever_connected = True
             return self.run, boards
+
+    def emergency_stop(self):
+        """Switch `klippy-shutdown`: an M112 (or any shutdown) of the ready Klippy run. Like
+        Klippy's invoke_shutdown it latches until the next start/restart; the switch is
+        consumed so the next run comes up normally. print_stats is left as it was (the real
+        one stays `paused` forever after an M112 during a print)."""
+        if self.run.state != "ready":
+            return
+        path = os.path.join(self.switch_dir, "klippy-shutdown")
+        text = self.switch("klippy-shutdown")
+        if text is None:
+            return
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        reason = text.strip() or "Shutdown due to M112 command"
+        self.run.fail("shutdown", reason + MSG_SHUTDOWN)
 
     def connected_run(self, dynamic=True):
         run, boards = self.klippy()
@@ -513,6 +532,8 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         key = rig.switch("api-key")
         if key is not None and key.strip() and self.headers.get("X-Api-Key") != key.strip():
             return self.send_error_envelope(401, "Unauthorized")
+        if rig.switch("forbidden") is not None:
+            return self.send_forbidden()
         malformed = rig.switch("malformed")
         if malformed is not None:
             return self.send_malformed(malformed.strip() or "truncated")
@@ -544,6 +565,17 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         except ApiError as e:
             return self.send_error_envelope(e.code, e.message)
         self.send_json(200, {"result": result})
+
+    def send_forbidden(self):
+        """A reverse proxy in front of Moonraker that denies this client (nginx `deny`)."""
+        body = (b"<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n"
+                b"<center><h1>403 Forbidden</h1></center>\r\n<hr><center>nginx/1.22.1</center>\r\n"
+                b"</body>\r\n</html>\r\n")
+        self.send_response(403)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def send_malformed(self, mode):
         if mode == "html":
