@@ -1,15 +1,53 @@
 //! The Klipper firmware side of the message-block protocol (pure, no I/O): sequence
-//! numbers, ack/nak and `identify`. Rules from Klipper docs/Protocol.md "Message flow":
-//! every valid block in sequence is acked with an empty block carrying the next expected
-//! sequence; an out-of-sequence block is answered with such an empty block (a nak) and
-//! dropped; a corrupt block is nak'ed once until a valid block arrives. Responses carry
-//! the next expected sequence too.
+//! numbers, ack/nak, and the commands Klippy uses to bring an MCU up. Rules from Klipper's
+//! docs/Protocol.md and src/command.c, src/basecmd.c, src/sched.c:
+//!
+//! * every valid block in sequence is dispatched and then acked with an empty block carrying
+//!   the next expected sequence; an out-of-sequence block is answered with such an empty block
+//!   (a nak) and dropped; a corrupt block is nak'ed once until a valid block arrives. Every
+//!   response is its own block and carries the next expected sequence too;
+//! * commands are decoded with the data dictionary the firmware serves (ids and parameter
+//!   formats), responses encoded with it; an id the dictionary does not have shuts the
+//!   firmware down ("Invalid command") like the real one;
+//! * `identify`, `get_uptime` / `get_clock` (a model clock at CLOCK_FREQ from the time given
+//!   to [`KlipperDevice::feed`], i.e. since boot), `get_config`, `allocate_oids`,
+//!   `finalize_config` (stores the CRC; `move_count` 1024), `emergency_stop` (shutdown
+//!   "Command request"), `clear_shutdown`, `config_reset`, `reset` (the caller reboots the
+//!   board: [`KlipperEvent::Reset`]); other known commands are accepted and do nothing;
+//! * in shutdown only the commands Klipper flags HF_IN_SHUTDOWN run; any other is answered with
+//!   `is_shutdown static_string_id=…`. The configuration stays until the board reboots.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use kflash::protocol::klipper::{
-    decode_vlq, BlockDecoder, IdentifyRequest, IdentifyResponse, MessageBlock, ID_IDENTIFY, MESSAGE_SEQ_MASK,
+    decode_bytes, decode_vlq, encode_bytes, encode_vlq, encode_vlq_i32, BlockDecoder, DataDictionary,
+    IdentifyRequest, IdentifyResponse, MessageBlock, ID_IDENTIFY, MESSAGE_PAYLOAD_MAX, MESSAGE_SEQ_MASK,
 };
+use serde_json::Value;
 
-/// Something worth logging.
+/// Commands Klipper declares with HF_IN_SHUTDOWN (they also run while shut down).
+const IN_SHUTDOWN: &[&str] = &[
+    "identify",
+    "get_config",
+    "get_clock",
+    "get_uptime",
+    "emergency_stop",
+    "clear_shutdown",
+    "config_reset",
+    "reset",
+    "debug_read",
+    "debug_write",
+    "debug_ping",
+    "debug_nop",
+    "get_canbus_status",
+    "get_canbus_id",
+];
+
+/// `move_count` reported after `finalize_config` (Klipper allocates at most 1024 moves).
+pub const MOVE_COUNT: u32 = 1024;
+
+/// Something worth logging (or, for `Reset`, acting on).
 #[derive(Debug, Clone, PartialEq)]
 pub enum KlipperEvent {
     Identify {
@@ -25,10 +63,126 @@ pub enum KlipperEvent {
         expected: u8,
         got: Option<u8>,
     },
-    /// A command the simulator does not implement; the rest of the block was skipped.
+    /// An id the dictionary does not declare (the firmware shut down).
     UnknownCommand {
-        id: u32,
+        id: i32,
     },
+    /// `finalize_config`: the host configured the board.
+    Configured {
+        oids: u8,
+        crc: u32,
+    },
+    /// The firmware entered the shutdown state.
+    Shutdown {
+        reason: String,
+    },
+    /// `clear_shutdown` / `config_reset` left the shutdown state.
+    ShutdownCleared,
+    /// `reset`: the firmware resets itself now (the caller reboots the board). Nothing after
+    /// the command is processed or acked.
+    Reset,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParamType {
+    Int,
+    Bytes,
+}
+
+#[derive(Debug, Clone)]
+struct MsgFormat {
+    name: String,
+    params: Vec<(String, ParamType)>,
+}
+
+impl MsgFormat {
+    fn parse(format: &str) -> MsgFormat {
+        let mut words = format.split_whitespace();
+        let name = words.next().unwrap_or_default().to_string();
+        let params = words
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, t)| (k.to_string(), if t.ends_with('s') { ParamType::Bytes } else { ParamType::Int }))
+            .collect();
+        MsgFormat { name, params }
+    }
+}
+
+/// A decoded parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Int(u32),
+    Bytes(Vec<u8>),
+}
+
+impl Arg {
+    fn int(&self) -> u32 {
+        match self {
+            Arg::Int(v) => *v,
+            Arg::Bytes(_) => 0,
+        }
+    }
+}
+
+/// What the firmware knows from its own data dictionary.
+#[derive(Debug, Clone, Default)]
+struct Protocol {
+    commands: HashMap<i32, MsgFormat>,
+    responses: HashMap<String, (i32, MsgFormat)>,
+    static_strings: HashMap<String, u32>,
+    clock_freq: u64,
+}
+
+impl Protocol {
+    fn from_compressed(dict: &[u8]) -> Protocol {
+        let Ok(d) = DataDictionary::from_zlib(dict) else {
+            return Protocol::default();
+        };
+        let json = d.json();
+        let ids = |key: &str| -> Vec<(String, i32)> {
+            json.get(key)
+                .and_then(Value::as_object)
+                .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_i64()? as i32))).collect())
+                .unwrap_or_default()
+        };
+        let commands = ids("commands").into_iter().map(|(f, id)| (id, MsgFormat::parse(&f))).collect();
+        let responses = ids("responses")
+            .into_iter()
+            .map(|(f, id)| {
+                let m = MsgFormat::parse(&f);
+                (m.name.clone(), (id, m))
+            })
+            .collect();
+        let static_strings = json
+            .pointer("/enumerations/static_string_id")
+            .and_then(Value::as_object)
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()? as u32))).collect())
+            .unwrap_or_default();
+        let clock_freq = d.constant("CLOCK_FREQ").and_then(|c| c.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+        Protocol { commands, responses, static_strings, clock_freq }
+    }
+
+    /// Encode a response by name; `None` when the dictionary does not declare it.
+    fn encode(&self, name: &str, args: &[Arg]) -> Option<Vec<u8>> {
+        let (id, fmt) = self.responses.get(name)?;
+        let mut out = Vec::new();
+        encode_vlq_i32(*id, &mut out);
+        for ((_, t), a) in fmt.params.iter().zip(args) {
+            match (t, a) {
+                (ParamType::Int, Arg::Int(v)) => encode_vlq(*v, &mut out),
+                (ParamType::Bytes, Arg::Bytes(b)) => encode_bytes(b, &mut out),
+                (ParamType::Int, Arg::Bytes(_)) => encode_vlq(0, &mut out),
+                (ParamType::Bytes, Arg::Int(_)) => encode_bytes(&[], &mut out),
+            }
+        }
+        Some(out)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Config {
+    oids: Option<u8>,
+    finalized: bool,
+    crc: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -38,24 +192,72 @@ pub struct KlipperDevice {
     need_valid: bool,
     /// zlib-compressed data dictionary served through identify.
     dict: Vec<u8>,
+    proto: Protocol,
+    config: Config,
+    /// static_string_id of the shutdown reason while shut down.
+    shutdown: Option<u32>,
+    /// `reset` was executed: the firmware is gone until the caller reboots it.
+    reset: bool,
+}
+
+/// Why the rest of a block is not processed.
+enum Stop {
+    /// The firmware shut down in the middle of the block (Klipper longjmps out of it).
+    Shutdown,
+    /// `reset`.
+    Reset,
 }
 
 impl KlipperDevice {
-    /// A freshly booted firmware (expects sequence 0).
+    /// A freshly booted firmware (expects sequence 0, not configured).
     pub fn new(compressed_dict: Vec<u8>) -> Self {
-        KlipperDevice { decoder: BlockDecoder::new(), next_seq: 0, need_valid: false, dict: compressed_dict }
+        KlipperDevice {
+            decoder: BlockDecoder::new(),
+            next_seq: 0,
+            need_valid: false,
+            proto: Protocol::from_compressed(&compressed_dict),
+            dict: compressed_dict,
+            config: Config::default(),
+            shutdown: None,
+            reset: false,
+        }
     }
 
-    /// Replace the served dictionary (the firmware was changed behind the host's back).
+    /// Replace the served dictionary (the firmware was changed behind the host's back). The
+    /// running firmware keeps its message ids.
     pub fn set_dictionary(&mut self, compressed_dict: Vec<u8>) {
         self.dict = compressed_dict;
     }
 
-    /// Feed received bytes; returns the blocks to send (encoded) and events.
-    pub fn feed(&mut self, bytes: &[u8]) -> (Vec<MessageBlock>, Vec<KlipperEvent>) {
-        self.decoder.push(bytes);
+    /// Configured (`finalize_config` seen since boot)?
+    pub fn is_configured(&self) -> bool {
+        self.config.finalized
+    }
+
+    /// The CRC stored by `finalize_config` (0 before).
+    pub fn config_crc(&self) -> u32 {
+        self.config.crc
+    }
+
+    /// Shut down?
+    pub fn is_shutdown(&self) -> bool {
+        self.shutdown.is_some()
+    }
+
+    /// The firmware's clock `since_boot` after boot (64 bits).
+    pub fn clock_at(&self, since_boot: Duration) -> u64 {
+        (since_boot.as_nanos() * self.proto.clock_freq as u128 / 1_000_000_000) as u64
+    }
+
+    /// Feed received bytes at `since_boot` (the model clock's time); returns the blocks to
+    /// send (in order) and events.
+    pub fn feed(&mut self, bytes: &[u8], since_boot: Duration) -> (Vec<MessageBlock>, Vec<KlipperEvent>) {
         let mut out = Vec::new();
         let mut ev = Vec::new();
+        if self.reset {
+            return (out, ev);
+        }
+        self.decoder.push(bytes);
         while let Some(item) = self.decoder.next_block() {
             let block = match item {
                 Err(_) => {
@@ -75,39 +277,181 @@ impl KlipperDevice {
                 continue;
             }
             self.next_seq = (self.next_seq + 1) & MESSAGE_SEQ_MASK;
-            self.dispatch(&block.content, &mut out, &mut ev);
+            if let Err(Stop::Reset) = self.dispatch(&block.content, since_boot, &mut out, &mut ev) {
+                self.reset = true;
+                self.decoder.clear();
+                return (out, ev);
+            }
             out.push(MessageBlock::ack(self.next_seq));
         }
         (out, ev)
     }
 
-    fn dispatch(&mut self, content: &[u8], out: &mut Vec<MessageBlock>, ev: &mut Vec<KlipperEvent>) {
+    fn respond(&self, name: &str, args: &[Arg], out: &mut Vec<MessageBlock>) {
+        if let Some(content) = self.proto.encode(name, args) {
+            if let Ok(b) = MessageBlock::new(self.next_seq, content) {
+                out.push(b);
+            }
+        }
+    }
+
+    fn enter_shutdown(&mut self, reason: &str, now: Duration, out: &mut Vec<MessageBlock>, ev: &mut Vec<KlipperEvent>) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        let id = self.proto.static_strings.get(reason).copied().unwrap_or(0);
+        self.shutdown = Some(id);
+        let clock = self.clock_at(now) as u32;
+        self.respond("shutdown", &[Arg::Int(clock), Arg::Int(id)], out);
+        ev.push(KlipperEvent::Shutdown { reason: reason.to_string() });
+    }
+
+    fn dispatch(
+        &mut self,
+        content: &[u8],
+        now: Duration,
+        out: &mut Vec<MessageBlock>,
+        ev: &mut Vec<KlipperEvent>,
+    ) -> Result<(), Stop> {
         let mut pos = 0;
         while pos < content.len() {
-            let Ok((id, _)) = decode_vlq(&content[pos..]) else {
-                return;
+            let Ok((id, used)) = decode_vlq(&content[pos..]) else {
+                self.enter_shutdown("Command parser error", now, out, ev);
+                return Err(Stop::Shutdown);
             };
-            if id != ID_IDENTIFY {
-                ev.push(KlipperEvent::UnknownCommand { id });
-                return;
+            if id == ID_IDENTIFY {
+                // Served from the dictionary bytes even when they do not parse.
+                let Ok((req, used)) = IdentifyRequest::parse(&content[pos..]) else {
+                    self.enter_shutdown("Command parser error", now, out, ev);
+                    return Err(Stop::Shutdown);
+                };
+                pos += used;
+                self.identify(req, out, ev);
+                continue;
             }
-            let Ok((req, used)) = IdentifyRequest::parse(&content[pos..]) else {
-                return;
+            let id = id as i32;
+            let Some(fmt) = self.proto.commands.get(&id).cloned() else {
+                ev.push(KlipperEvent::UnknownCommand { id });
+                self.enter_shutdown("Invalid command", now, out, ev);
+                return Err(Stop::Shutdown);
             };
             pos += used;
-            let resp = IdentifyResponse::for_request(&req, &self.dict);
-            ev.push(KlipperEvent::Identify { offset: req.offset, count: req.count, sent: resp.data.len() });
-            if resp.data.is_empty() {
-                ev.push(KlipperEvent::IdentifyDone { size: self.dict.len() });
+            let mut args = Vec::with_capacity(fmt.params.len());
+            for (_, t) in &fmt.params {
+                let parsed = match t {
+                    ParamType::Int => decode_vlq(&content[pos..]).map(|(v, n)| (Arg::Int(v), n)),
+                    ParamType::Bytes => decode_bytes(&content[pos..]).map(|(b, n)| (Arg::Bytes(b.to_vec()), n)),
+                };
+                let Ok((a, n)) = parsed else {
+                    self.enter_shutdown("Command parser error", now, out, ev);
+                    return Err(Stop::Shutdown);
+                };
+                pos += n;
+                args.push(a);
             }
-            // count is at most 255 in the protocol but a block holds 59 content bytes: cut
-            // the chunk so the response fits (Klipper's encoder does the same).
-            let mut resp = resp;
-            while resp.encode().len() > kflash::protocol::klipper::MESSAGE_PAYLOAD_MAX {
-                resp.data.pop();
+            if self.shutdown.is_some() && !IN_SHUTDOWN.contains(&fmt.name.as_str()) {
+                let id = self.shutdown.unwrap_or(0);
+                self.respond("is_shutdown", &[Arg::Int(id)], out);
+                continue;
             }
-            out.push(resp.to_block(self.next_seq).expect("response was cut to fit"));
+            self.run(&fmt.name, &args, now, out, ev)?;
         }
+        Ok(())
+    }
+
+    fn identify(&mut self, req: IdentifyRequest, out: &mut Vec<MessageBlock>, ev: &mut Vec<KlipperEvent>) {
+        let mut resp = IdentifyResponse::for_request(&req, &self.dict);
+        ev.push(KlipperEvent::Identify { offset: req.offset, count: req.count, sent: resp.data.len() });
+        if resp.data.is_empty() {
+            ev.push(KlipperEvent::IdentifyDone { size: self.dict.len() });
+        }
+        // count is at most 255 in the protocol but a block holds 59 content bytes: cut the
+        // chunk so the response fits (Klipper's encoder does the same).
+        while resp.encode().len() > MESSAGE_PAYLOAD_MAX {
+            resp.data.pop();
+        }
+        out.push(resp.to_block(self.next_seq).expect("response was cut to fit"));
+    }
+
+    fn run(
+        &mut self,
+        name: &str,
+        args: &[Arg],
+        now: Duration,
+        out: &mut Vec<MessageBlock>,
+        ev: &mut Vec<KlipperEvent>,
+    ) -> Result<(), Stop> {
+        let arg = |i: usize| args.get(i).map(Arg::int).unwrap_or(0);
+        match name {
+            "get_uptime" => {
+                let clock = self.clock_at(now);
+                self.respond("uptime", &[Arg::Int((clock >> 32) as u32), Arg::Int(clock as u32)], out);
+            }
+            "get_clock" => {
+                let clock = self.clock_at(now);
+                self.respond("clock", &[Arg::Int(clock as u32)], out);
+            }
+            "get_config" => {
+                let c = &self.config;
+                let move_count = if c.finalized { MOVE_COUNT } else { 0 };
+                let a = [
+                    Arg::Int(c.finalized as u32),
+                    Arg::Int(c.crc),
+                    Arg::Int(self.shutdown.is_some() as u32),
+                    Arg::Int(move_count),
+                ];
+                self.respond("config", &a, out);
+            }
+            "allocate_oids" => {
+                if self.config.oids.is_some() {
+                    self.enter_shutdown("oids already allocated", now, out, ev);
+                    return Err(Stop::Shutdown);
+                }
+                self.config.oids = Some(arg(0) as u8);
+            }
+            "finalize_config" => {
+                if self.config.finalized {
+                    self.enter_shutdown("Already finalized", now, out, ev);
+                    return Err(Stop::Shutdown);
+                }
+                self.config.finalized = true;
+                self.config.crc = arg(0);
+                ev.push(KlipperEvent::Configured { oids: self.config.oids.unwrap_or(0), crc: self.config.crc });
+            }
+            "emergency_stop" => {
+                self.enter_shutdown("Command request", now, out, ev);
+                return Err(Stop::Shutdown);
+            }
+            "clear_shutdown" => {
+                if self.shutdown.is_none() {
+                    self.enter_shutdown("Shutdown cleared when not shutdown", now, out, ev);
+                    return Err(Stop::Shutdown);
+                }
+                self.shutdown = None;
+                ev.push(KlipperEvent::ShutdownCleared);
+            }
+            "config_reset" => {
+                if self.shutdown.is_none() {
+                    self.enter_shutdown("config_reset only available when shutdown", now, out, ev);
+                    return Err(Stop::Shutdown);
+                }
+                self.config = Config::default();
+                self.shutdown = None;
+                ev.push(KlipperEvent::ShutdownCleared);
+            }
+            "reset" => {
+                ev.push(KlipperEvent::Reset);
+                return Err(Stop::Reset);
+            }
+            "debug_ping" => {
+                let data = args.first().cloned().unwrap_or(Arg::Bytes(Vec::new()));
+                self.respond("pong", &[data], out);
+            }
+            // Everything else the dictionary declares is accepted (pins, sensors, steppers
+            // are not simulated).
+            _ => {}
+        }
+        Ok(())
     }
 }
 
