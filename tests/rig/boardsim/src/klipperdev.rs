@@ -230,16 +230,19 @@ impl KlipperDevice {
     }
 
     /// Configured (`finalize_config` seen since boot)?
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn is_configured(&self) -> bool {
         self.config.finalized
     }
 
     /// The CRC stored by `finalize_config` (0 before).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn config_crc(&self) -> u32 {
         self.config.crc
     }
 
     /// Shut down?
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn is_shutdown(&self) -> bool {
         self.shutdown.is_some()
     }
@@ -467,7 +470,7 @@ mod tests {
     fn run(dev: &mut KlipperDevice, client: &mut IdentifyClient) -> kflash::protocol::klipper::DataDictionary {
         let mut to_dev = client.start();
         for _ in 0..500 {
-            let (blocks, _) = dev.feed(&to_dev);
+            let (blocks, _) = dev.feed(&to_dev, Duration::ZERO);
             to_dev.clear();
             let bytes: Vec<u8> = blocks.iter().flat_map(|b| b.encode()).collect();
             match client.feed(&bytes).unwrap() {
@@ -494,7 +497,7 @@ mod tests {
     fn naks() {
         let mut dev = KlipperDevice::new(dict());
         let req = IdentifyRequest { offset: 0, count: 40 };
-        let (out, ev) = dev.feed(&req.to_block(5).encode());
+        let (out, ev) = dev.feed(&req.to_block(5).encode(), Duration::ZERO);
         assert_eq!(out, vec![MessageBlock::ack(0)]);
         assert_eq!(ev, vec![KlipperEvent::Nak { expected: 0, got: Some(5) }]);
         // corrupt blocks: one nak only
@@ -502,13 +505,217 @@ mod tests {
         bad[3] ^= 0x55;
         let mut bytes = bad.clone();
         bytes.extend(&bad);
-        let (out, _) = dev.feed(&bytes);
+        let (out, _) = dev.feed(&bytes, Duration::ZERO);
         assert_eq!(out, vec![MessageBlock::ack(0)]);
         // valid in-sequence block: response + ack, both with seq 1
-        let (out, ev) = dev.feed(&req.to_block(0).encode());
+        let (out, ev) = dev.feed(&req.to_block(0).encode(), Duration::ZERO);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].seq, 1);
         assert_eq!(out[1], MessageBlock::ack(1));
         assert!(matches!(ev[0], KlipperEvent::Identify { offset: 0, count: 40, sent: 40 }));
+    }
+
+    // ---- the bring-up exchange, driven like Klippy does it -------------------------------
+
+    /// A host side for tests: encodes commands and decodes responses with the dictionary.
+    struct Host {
+        dict: serde_json::Value,
+        seq: u8,
+    }
+
+    impl Host {
+        fn new(dev_dict: &[u8]) -> Host {
+            Host { dict: DataDictionary::from_zlib(dev_dict).unwrap().json(), seq: 0 }
+        }
+        fn cmd(&mut self, text: &str) -> MessageBlock {
+            self.cmds(&[text])
+        }
+        /// Encode "name k=v ..." commands into one block.
+        fn cmds(&mut self, texts: &[&str]) -> MessageBlock {
+            let mut content = Vec::new();
+            for text in texts {
+                let name = text.split_whitespace().next().unwrap();
+                let (fmt, id) = self.dict["commands"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .find(|(f, _)| f.split_whitespace().next() == Some(name))
+                    .map(|(f, id)| (f.clone(), id.as_i64().unwrap() as i32))
+                    .unwrap_or_else(|| panic!("no command {name}"));
+                encode_vlq_i32(id, &mut content);
+                let vals: HashMap<&str, &str> = text.split_whitespace().skip(1).filter_map(|w| w.split_once('=')).collect();
+                for p in MsgFormat::parse(&fmt).params {
+                    let v = vals[p.0.as_str()];
+                    match p.1 {
+                        ParamType::Int => encode_vlq(v.parse::<i64>().unwrap() as u32, &mut content),
+                        ParamType::Bytes => encode_bytes(v.as_bytes(), &mut content),
+                    }
+                }
+            }
+            let b = MessageBlock::new(self.seq, content).unwrap();
+            self.seq = (self.seq + 1) & MESSAGE_SEQ_MASK;
+            b
+        }
+        /// Decode a response block into (name, params).
+        fn decode(&self, b: &MessageBlock) -> (String, Vec<u32>) {
+            let (id, mut pos) = decode_vlq(&b.content).unwrap();
+            let (fmt, _) = self.dict["responses"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .find(|(_, v)| v.as_i64() == Some(id as i32 as i64))
+                .expect("a declared response");
+            let f = MsgFormat::parse(fmt);
+            let mut vals = Vec::new();
+            for (_, t) in &f.params {
+                match t {
+                    ParamType::Int => {
+                        let (v, n) = decode_vlq(&b.content[pos..]).unwrap();
+                        vals.push(v);
+                        pos += n;
+                    }
+                    ParamType::Bytes => {
+                        let (d, n) = decode_bytes(&b.content[pos..]).unwrap();
+                        vals.push(d.len() as u32);
+                        pos += n;
+                    }
+                }
+            }
+            assert_eq!(pos, b.content.len());
+            (f.name, vals)
+        }
+        fn call(&mut self, dev: &mut KlipperDevice, text: &str, t: f64) -> Vec<(String, Vec<u32>)> {
+            let b = self.cmd(text);
+            self.send(dev, b, t)
+        }
+        /// Send one block at `t` seconds; returns the decoded responses (acks checked).
+        fn send(&mut self, dev: &mut KlipperDevice, b: MessageBlock, t: f64) -> Vec<(String, Vec<u32>)> {
+            let (out, _) = dev.feed(&b.encode(), Duration::from_secs_f64(t));
+            let (acks, resp): (Vec<_>, Vec<_>) = out.into_iter().partition(|b| b.is_ack());
+            assert_eq!(acks, vec![MessageBlock::ack(self.seq)], "one ack with the next sequence");
+            resp.iter().inspect(|r| assert_eq!(r.seq, self.seq)).map(|r| self.decode(r)).collect()
+        }
+    }
+
+    fn h723() -> Vec<u8> {
+        compress_dictionary(&crate::firmware::dictionary_json("Klipper", "v0.13.0-1-gabc", "stm32h723xx", 520_000_000))
+    }
+
+    #[test]
+    fn clock_follows_the_model_time() {
+        let dict = h723();
+        let mut dev = KlipperDevice::new(dict.clone());
+        let mut host = Host::new(&dict);
+        let r = host.call(&mut dev, "get_uptime", 2.0);
+        assert_eq!(r, vec![("uptime".into(), vec![0, 1_040_000_000])]);
+        // 10 s at 520 MHz is past 2^32: high word 1, low word wrapped.
+        let r = host.call(&mut dev, "get_uptime", 10.0);
+        let ticks: u64 = 5_200_000_000;
+        assert_eq!(r, vec![("uptime".into(), vec![(ticks >> 32) as u32, ticks as u32])]);
+        let r = host.call(&mut dev, "get_clock", 10.5);
+        assert_eq!(r, vec![("clock".into(), vec![(5_460_000_000u64 & 0xffff_ffff) as u32])]);
+        assert_eq!(dev.clock_at(Duration::from_millis(1)), 520_000);
+    }
+
+    #[test]
+    fn configure_stays_until_reboot() {
+        let dict = h723();
+        let mut dev = KlipperDevice::new(dict.clone());
+        let mut host = Host::new(&dict);
+        let r = host.call(&mut dev, "get_config", 0.1);
+        assert_eq!(r, vec![("config".into(), vec![0, 0, 0, 0])]);
+        let b = host.cmds(&["allocate_oids count=3", "finalize_config crc=3912464276"]);
+        assert_eq!(host.send(&mut dev, b, 0.2), vec![]);
+        assert!(dev.is_configured());
+        assert_eq!(dev.config_crc(), 3_912_464_276);
+        let r = host.call(&mut dev, "get_config", 0.3);
+        assert_eq!(r, vec![("config".into(), vec![1, 3_912_464_276, 0, MOVE_COUNT])]);
+        // A new host session (Klippy restarted) starts its sequence at 0: nak'ed, then resynced
+        // by the host; the configuration is still there.
+        let (out, ev) = dev.feed(&IdentifyRequest { offset: 0, count: 40 }.to_block(0).encode(), Duration::from_secs(5));
+        assert_eq!(out, vec![MessageBlock::ack(host.seq)]);
+        assert!(matches!(ev[0], KlipperEvent::Nak { .. }));
+        let r = host.call(&mut dev, "get_config", 5.1);
+        assert_eq!(r[0].1[..2], [1, 3_912_464_276]);
+        // finalize twice: shutdown "Already finalized", reported with the dictionary's id.
+        let r = host.call(&mut dev, "finalize_config crc=1", 5.2);
+        let sid = host.dict["enumerations"]["static_string_id"]["Already finalized"].as_u64().unwrap() as u32;
+        assert_eq!(r, vec![("shutdown".into(), vec![dev.clock_at(Duration::from_secs_f64(5.2)) as u32, sid])]);
+    }
+
+    #[test]
+    fn emergency_stop_shutdown_and_clear() {
+        let dict = h723();
+        let mut dev = KlipperDevice::new(dict.clone());
+        let mut host = Host::new(&dict);
+        let b = host.cmds(&["allocate_oids count=0", "finalize_config crc=7"]);
+        host.send(&mut dev, b, 0.1);
+        let sids = host.dict["enumerations"]["static_string_id"].clone();
+        let req = sids["Command request"].as_u64().unwrap() as u32;
+        let r = host.call(&mut dev, "emergency_stop", 1.0);
+        assert_eq!(r, vec![("shutdown".into(), vec![520_000_000, req])]);
+        assert!(dev.is_shutdown());
+        // HF_IN_SHUTDOWN commands still run; others get is_shutdown.
+        let r = host.call(&mut dev, "get_config", 1.1);
+        assert_eq!(r, vec![("config".into(), vec![1, 7, 1, MOVE_COUNT])]);
+        let r = host.call(&mut dev, "queue_digital_out oid=0 clock=5 on_ticks=1", 1.2);
+        assert_eq!(r, vec![("is_shutdown".into(), vec![req])]);
+        // a second emergency_stop does not report again
+        assert_eq!(host.call(&mut dev, "emergency_stop", 1.3), vec![]);
+        assert_eq!(host.call(&mut dev, "clear_shutdown", 1.4), vec![]);
+        assert!(!dev.is_shutdown());
+        let r = host.call(&mut dev, "get_config", 1.5);
+        assert_eq!(r, vec![("config".into(), vec![1, 7, 0, MOVE_COUNT])]);
+        // clear_shutdown when not shut down shuts down
+        let r = host.call(&mut dev, "clear_shutdown", 1.6);
+        let id = sids["Shutdown cleared when not shutdown"].as_u64().unwrap() as u32;
+        assert_eq!(r[0], ("shutdown".into(), vec![dev.clock_at(Duration::from_secs_f64(1.6)) as u32, id]));
+    }
+
+    #[test]
+    fn reset_stops_the_firmware() {
+        let dict = h723();
+        let mut dev = KlipperDevice::new(dict.clone());
+        let mut host = Host::new(&dict);
+        let b = host.cmds(&["reset", "get_clock"]);
+        let (out, ev) = dev.feed(&b.encode(), Duration::from_secs(1));
+        assert_eq!(out, vec![], "no answer, no ack: the MCU is resetting");
+        assert_eq!(ev, vec![KlipperEvent::Reset]);
+        let b = host.cmd("get_clock");
+        let (out, _) = dev.feed(&b.encode(), Duration::from_secs(2));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn unknown_id_is_invalid_command() {
+        let dict = h723();
+        let mut dev = KlipperDevice::new(dict.clone());
+        let host = Host::new(&dict);
+        let (out, ev) = dev.feed(&MessageBlock::new(0, vec![0x7f, 0x01]).unwrap().encode(), Duration::from_secs(1));
+        assert_eq!(ev[0], KlipperEvent::UnknownCommand { id: -1 });
+        let sid = host.dict["enumerations"]["static_string_id"]["Invalid command"].as_u64().unwrap() as u32;
+        assert_eq!(host.decode(&out[0]), ("shutdown".into(), vec![520_000_000, sid]));
+        assert_eq!(out[1], MessageBlock::ack(1));
+    }
+
+    #[test]
+    fn debug_ping_and_negative_ids() {
+        let dict = h723();
+        let mut dev = KlipperDevice::new(dict.clone());
+        let mut host = Host::new(&dict);
+        // some messages have one-byte negative ids (encoded 96..127), as in real dictionaries
+        let ids: Vec<i64> = host.dict["commands"].as_object().unwrap().values().map(|v| v.as_i64().unwrap()).collect();
+        assert!(ids.iter().any(|&i| i < 0));
+        let r = host.call(&mut dev, "debug_ping data=hello", 0.5);
+        assert_eq!(r, vec![("pong".into(), vec![5])]);
+    }
+
+    #[test]
+    fn old_dictionary_without_commands_still_identifies() {
+        // A dictionary with only identify: other ids shut the firmware down, identify works.
+        let json = r#"{"app":"Klipper","commands":{"identify offset=%u count=%c":1},"config":{"MCU":"rp2040"},"responses":{"identify_response offset=%u data=%.*s":0},"version":"v1"}"#;
+        let mut dev = KlipperDevice::new(compress_dictionary(json));
+        let d = run(&mut dev, &mut IdentifyClient::new());
+        assert_eq!(d.version, "v1");
     }
 }
