@@ -336,4 +336,55 @@ mod tests {
         assert_eq!(AppCheck::inspect(&blank), AppCheck::NoApplication);
         assert_eq!(AppCheck::inspect(&[0x00, 0x10, 0x00, 0x20, 1, 2, 3]), AppCheck::NoDictionary);
     }
+
+    #[test]
+    fn realistic_dictionary() {
+        let d: Value = serde_json::from_str(&dictionary_json("Klipper", "v0.13.0-1-gabc", "stm32h723xx", 520_000_000)).unwrap();
+        let n = |k: &str| d[k].as_object().unwrap().len();
+        assert!(n("commands") > 100 && n("responses") >= 25, "{} {}", n("commands"), n("responses"));
+        assert_eq!(d["commands"]["identify offset=%u count=%c"], 1);
+        assert_eq!(d["responses"]["identify_response offset=%u data=%.*s"], 0);
+        assert_eq!(d["commands"]["allocate_oids count=%c"], 2);
+        assert_eq!(d["config"]["CLOCK_FREQ"], 520_000_000);
+        assert_eq!(d["config"]["RESERVE_PINS_USB"], "PA11,PA12");
+        assert_eq!(d["enumerations"]["pin"]["PA0"], json!([0, 16]));
+        assert_eq!(d["enumerations"]["static_string_id"]["sentinel timer called"], 2);
+        assert_eq!(d["build_versions"], BUILD_VERSIONS);
+        // every id is unique and ids 96..127 appear as -32..-1
+        let mut ids: Vec<i64> = ["commands", "responses"]
+            .iter()
+            .flat_map(|k| d[*k].as_object().unwrap().values().map(|v| v.as_i64().unwrap()))
+            .collect();
+        ids.sort();
+        let len = ids.len();
+        ids.dedup();
+        assert_eq!(ids.len(), len);
+        assert_eq!(ids[0], -32);
+        assert!(!ids.contains(&96));
+        let rp: Value = serde_json::from_str(&dictionary_json("Kalico", "v2026.01.00", "rp2040", 12_000_000)).unwrap();
+        assert_eq!(rp["enumerations"]["pin"]["gpio0"], json!([0, 30]));
+        assert!(rp["config"].get("RESERVE_PINS_USB").is_none());
+    }
+
+    /// The stand-in Klipper tree's rigdict.py (what its buildcommands.py embeds in klipper.bin)
+    /// and this module build byte-identical dictionaries.
+    #[test]
+    fn same_dictionary_as_the_standin_tree() {
+        let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/../standins/klipper-tree/scripts");
+        for (app, mcu, clock) in [("Klipper", "stm32h723xx", 520_000_000u64), ("Kalico", "rp2040", 12_000_000)] {
+            let code = format!(
+                "import sys, rigdict; sys.stdout.write(rigdict.dictionary({app:?}, 'v0.13.0-3-g0123abc', {BUILD_VERSIONS:?}, {mcu:?}, {clock}))"
+            );
+            let out = match std::process::Command::new("python3").args(["-B", "-c", &code]).current_dir(scripts).output() {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("skipped: python3 not runnable ({e})");
+                    return;
+                }
+            };
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let py = String::from_utf8(out.stdout).unwrap();
+            assert_eq!(py, protocol_dictionary_json(app, "v0.13.0-3-g0123abc", BUILD_VERSIONS, mcu, clock));
+        }
+    }
 }
