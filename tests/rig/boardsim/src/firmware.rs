@@ -139,7 +139,8 @@ fn module_applies(module: &Value, mcu: &str, transport: &str) -> bool {
     let Some(when) = module.get("when") else {
         return true;
     };
-    let list = |k: &str| when.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>());
+    let list =
+        |k: &str| when.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>());
     if let Some(arch) = when.get("arch").and_then(Value::as_str) {
         if arch != arch_of(mcu) {
             return false;
@@ -339,7 +340,8 @@ mod tests {
 
     #[test]
     fn realistic_dictionary() {
-        let d: Value = serde_json::from_str(&dictionary_json("Klipper", "v0.13.0-1-gabc", "stm32h723xx", 520_000_000)).unwrap();
+        let d: Value =
+            serde_json::from_str(&dictionary_json("Klipper", "v0.13.0-1-gabc", "stm32h723xx", 520_000_000)).unwrap();
         let n = |k: &str| d[k].as_object().unwrap().len();
         assert!(n("commands") > 100 && n("responses") >= 25, "{} {}", n("commands"), n("responses"));
         assert_eq!(d["commands"]["identify offset=%u count=%c"], 1);
@@ -375,13 +377,14 @@ mod tests {
             let code = format!(
                 "import sys, rigdict; sys.stdout.write(rigdict.dictionary({app:?}, 'v0.13.0-3-g0123abc', {BUILD_VERSIONS:?}, {mcu:?}, {clock}))"
             );
-            let out = match std::process::Command::new("python3").args(["-B", "-c", &code]).current_dir(scripts).output() {
-                Ok(o) => o,
-                Err(e) => {
-                    eprintln!("skipped: python3 not runnable ({e})");
-                    return;
-                }
-            };
+            let out =
+                match std::process::Command::new("python3").args(["-B", "-c", &code]).current_dir(scripts).output() {
+                    Ok(o) => o,
+                    Err(e) => {
+                        eprintln!("skipped: python3 not runnable ({e})");
+                        return;
+                    }
+                };
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let py = String::from_utf8(out.stdout).unwrap();
             assert_eq!(py, protocol_dictionary_json(app, "v0.13.0-3-g0123abc", BUILD_VERSIONS, mcu, clock));

@@ -21,8 +21,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use kflash::protocol::klipper::{
-    decode_bytes, decode_vlq, encode_bytes, encode_vlq, encode_vlq_i32, BlockDecoder, DataDictionary,
-    IdentifyRequest, IdentifyResponse, MessageBlock, ID_IDENTIFY, MESSAGE_PAYLOAD_MAX, MESSAGE_SEQ_MASK,
+    decode_bytes, decode_vlq, encode_bytes, encode_vlq, encode_vlq_i32, BlockDecoder, DataDictionary, IdentifyRequest,
+    IdentifyResponse, MessageBlock, ID_IDENTIFY, MESSAGE_PAYLOAD_MAX, MESSAGE_SEQ_MASK,
 };
 use serde_json::Value;
 
@@ -543,7 +543,8 @@ mod tests {
                     .map(|(f, id)| (f.clone(), id.as_i64().unwrap() as i32))
                     .unwrap_or_else(|| panic!("no command {name}"));
                 encode_vlq_i32(id, &mut content);
-                let vals: HashMap<&str, &str> = text.split_whitespace().skip(1).filter_map(|w| w.split_once('=')).collect();
+                let vals: HashMap<&str, &str> =
+                    text.split_whitespace().skip(1).filter_map(|w| w.split_once('=')).collect();
                 for p in MsgFormat::parse(&fmt).params {
                     let v = vals[p.0.as_str()];
                     match p.1 {
@@ -632,7 +633,8 @@ mod tests {
         assert_eq!(r, vec![("config".into(), vec![1, 3_912_464_276, 0, MOVE_COUNT])]);
         // A new host session (Klippy restarted) starts its sequence at 0: nak'ed, then resynced
         // by the host; the configuration is still there.
-        let (out, ev) = dev.feed(&IdentifyRequest { offset: 0, count: 40 }.to_block(0).encode(), Duration::from_secs(5));
+        let (out, ev) =
+            dev.feed(&IdentifyRequest { offset: 0, count: 40 }.to_block(0).encode(), Duration::from_secs(5));
         assert_eq!(out, vec![MessageBlock::ack(host.seq)]);
         assert!(matches!(ev[0], KlipperEvent::Nak { .. }));
         let r = host.call(&mut dev, "get_config", 5.1);

@@ -75,6 +75,18 @@ enum Cmd {
         #[arg(long, default_value_t = 5.0)]
         timeout: f64,
     },
+    /// Write the simulator's stand-in firmware image (klipper.bin from the application
+    /// address, with the realistic data dictionary) to a file.
+    StandinImage {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "stm32h723xx")]
+        mcu: String,
+        #[arg(long, default_value = "v0.13.0-0-gdeadbeef")]
+        version: String,
+        #[arg(long, default_value = "Klipper")]
+        app: String,
+    },
     /// Serve one Klipper-mode board on a host pty (no USB): LINK becomes a symlink to the pty
     /// slave for Klippy's `serial:`. The image is re-read at every boot (after `reset`).
     Pty {
@@ -350,6 +362,16 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("probe-identify {}: {e:#}", device.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::StandinImage { out, mcu, version, app } => {
+            let image = pty::ImageSource::Standin { app, version, mcu }.load();
+            match image.and_then(|img| std::fs::write(&out, img).map_err(Into::into)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kflash-boardsim standin-image: {e:#}");
                     ExitCode::FAILURE
                 }
             }

@@ -26,7 +26,7 @@ pub enum ImageSource {
 }
 
 impl ImageSource {
-    fn load(&self) -> Result<Vec<u8>> {
+    pub fn load(&self) -> Result<Vec<u8>> {
         match self {
             ImageSource::File(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display())),
             ImageSource::Standin { app, version, mcu } => {
