@@ -4,7 +4,7 @@
 use kflash::protocol::klipper::{
     compress_dictionary, find_embedded_dictionary, DataDictionary, IDENTIFY_FORMAT, IDENTIFY_RESPONSE_FORMAT,
 };
-use serde_json::{json, Map};
+use serde_json::{json, Map, Value};
 
 /// How flash is divided into erase pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,29 +106,144 @@ pub fn profile_for(mcu: &str) -> Option<McuProfile> {
     Some(p)
 }
 
-/// The JSON data dictionary a stand-in firmware carries (compact, keys sorted like
-/// Klipper's buildcommands.py).
-pub fn dictionary_json(app: &str, version: &str, mcu: &str, clock_freq: u64) -> String {
-    let mut commands = Map::new();
-    commands.insert(IDENTIFY_FORMAT.into(), json!(1));
-    let mut responses = Map::new();
-    responses.insert(IDENTIFY_RESPONSE_FORMAT.into(), json!(0));
+/// The declarations of the Klipper stand-in tree (what a real build's compile-time requests
+/// hold, per source file); its scripts/rigdict.py builds klipper.dict from the same file.
+pub const RIG_DECLS_JSON: &str = include_str!("../../standins/klipper-tree/scripts/rigdecls.json");
+
+/// `build_versions` of stand-in images (the Arm GNU toolchain of Debian bookworm's
+/// gcc-arm-none-eabi, as the stand-in tree's rigmcu.py says).
+pub const BUILD_VERSIONS: &str = "gcc: (15:13.2.rel1-2) 13.2.1 20231009 binutils: (2.42-1+18) 2.42";
+
+/// Klipper's first static_string_id (0 and 1 are reserved).
+const STATIC_STRING_MIN: u64 = 2;
+
+/// The id a message with encoded id `encoded` has in the data dictionary: ids 96..127 are
+/// one VLQ byte with the sign bits set, so they read as -32..-1 (Klipper's buildcommands.py).
+pub fn msgid_of_encoded(encoded: i64) -> i64 {
+    if (96..128).contains(&encoded) {
+        encoded - 128
+    } else {
+        encoded
+    }
+}
+
+fn arch_of(mcu: &str) -> &'static str {
+    if mcu.starts_with("rp") {
+        "rp2040"
+    } else {
+        "stm32"
+    }
+}
+
+fn module_applies(module: &Value, mcu: &str, transport: &str) -> bool {
+    let Some(when) = module.get("when") else {
+        return true;
+    };
+    let list =
+        |k: &str| when.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>());
+    if let Some(arch) = when.get("arch").and_then(Value::as_str) {
+        if arch != arch_of(mcu) {
+            return false;
+        }
+    }
+    if let Some(prefixes) = list("mcu") {
+        if !prefixes.iter().any(|p| mcu.starts_with(p)) {
+            return false;
+        }
+    }
+    if let Some(transports) = list("transport") {
+        if !transports.contains(&transport) {
+            return false;
+        }
+    }
+    true
+}
+
+/// The data dictionary a stand-in build for `mcu` carries (compact JSON, keys sorted like
+/// Klipper's buildcommands.py): commands, responses, constants and enumerations from
+/// [`RIG_DECLS_JSON`], message and static-string ids assigned as Klipper does. The same text
+/// as the stand-in tree's `rigdict.dictionary(app, version, BUILD_VERSIONS, mcu, clock)`.
+pub fn protocol_dictionary_json(app: &str, version: &str, build_versions: &str, mcu: &str, clock_freq: u64) -> String {
+    let decls: Value = serde_json::from_str(RIG_DECLS_JSON).expect("rigdecls.json is valid JSON");
+    let transport = "USBSERIAL";
+    let mut commands: Vec<String> = Vec::new();
+    let mut responses: Vec<String> = Vec::new();
+    let mut constants = Map::new();
+    let mut enums: Map<String, Value> = Map::new();
+    let mut strings: Vec<String> = Vec::new();
+    let modules = decls["modules"].as_array().expect("rigdecls.json has modules");
+    for m in modules.iter().filter(|m| module_applies(m, mcu, transport)) {
+        for c in m.get("commands").and_then(Value::as_array).into_iter().flatten() {
+            let f = c[0].as_str().expect("command format").to_string();
+            if !commands.contains(&f) {
+                commands.push(f);
+            }
+        }
+        for r in m.get("responses").and_then(Value::as_array).into_iter().flatten() {
+            let f = r.as_str().expect("response format").to_string();
+            if !responses.contains(&f) {
+                responses.push(f);
+            }
+        }
+        for (k, v) in m.get("constants").and_then(Value::as_object).into_iter().flatten() {
+            let v = match v.as_str() {
+                Some("@MCU@") => json!(mcu),
+                Some("@CLOCK_FREQ@") => json!(clock_freq),
+                Some("@SERIAL_BAUD@") => json!(250_000),
+                Some("@CANBUS_FREQUENCY@") => json!(1_000_000),
+                _ => v.clone(),
+            };
+            constants.insert(k.clone(), v);
+        }
+        for (name, vals) in m.get("enumerations").and_then(Value::as_object).into_iter().flatten() {
+            let e = enums.entry(name.clone()).or_insert_with(|| json!({}));
+            for (k, v) in vals.as_object().into_iter().flatten() {
+                e[k] = v.clone();
+            }
+        }
+        for s in m.get("static_strings").and_then(Value::as_array).into_iter().flatten() {
+            let s = s.as_str().expect("static string").to_string();
+            if !strings.contains(&s) {
+                strings.push(s);
+            }
+        }
+    }
+    // identify_response 0 and identify 1 are fixed; the rest follow in declaration order.
+    let mut ids: Vec<(String, i64)> = vec![(IDENTIFY_RESPONSE_FORMAT.into(), 0), (IDENTIFY_FORMAT.into(), 1)];
+    let mut next = 1;
+    for msg in commands.iter().chain(responses.iter()) {
+        if !ids.iter().any(|(m, _)| m == msg) {
+            next += 1;
+            ids.push((msg.clone(), next));
+        }
+    }
+    let mut cmd_map = Map::new();
+    let mut resp_map = Map::new();
+    for (msg, enc) in ids {
+        let target = if commands.contains(&msg) { &mut cmd_map } else { &mut resp_map };
+        target.insert(msg, json!(msgid_of_encoded(enc)));
+    }
+    let sids: Map<String, Value> =
+        strings.iter().enumerate().map(|(i, s)| (s.clone(), json!(i as u64 + STATIC_STRING_MIN))).collect();
+    enums.insert("static_string_id".into(), Value::Object(sids));
     let dict = json!({
         "app": app,
-        "build_versions": "gcc: (kflash-boardsim) binutils: (kflash-boardsim)",
-        "commands": commands,
-        "config": {
-            "CLOCK_FREQ": clock_freq,
-            "MCU": mcu,
-            "STATS_SUMTIME": 5000,
-        },
-        "enumerations": {},
+        "build_versions": build_versions,
+        "commands": cmd_map,
+        "config": constants,
+        "enumerations": enums,
         "license": "GNU GPLv3",
-        "responses": responses,
+        "responses": resp_map,
         "version": version,
     });
     // serde_json's Map is a BTreeMap (no preserve_order), so keys come out sorted.
     serde_json::to_string(&dict).expect("a JSON value always serializes")
+}
+
+/// The data dictionary the simulator's built-in stand-in image carries (see
+/// [`protocol_dictionary_json`]).
+pub fn dictionary_json(app: &str, version: &str, mcu: &str, clock_freq: u64) -> String {
+    protocol_dictionary_json(app, version, BUILD_VERSIONS, mcu, clock_freq)
 }
 
 /// A stand-in firmware image: `[initial SP][reset vector][0 x 56][zlib dictionary]`.
@@ -221,5 +336,58 @@ mod tests {
         blank[..4].copy_from_slice(&[0xff; 4]);
         assert_eq!(AppCheck::inspect(&blank), AppCheck::NoApplication);
         assert_eq!(AppCheck::inspect(&[0x00, 0x10, 0x00, 0x20, 1, 2, 3]), AppCheck::NoDictionary);
+    }
+
+    #[test]
+    fn realistic_dictionary() {
+        let d: Value =
+            serde_json::from_str(&dictionary_json("Klipper", "v0.13.0-1-gabc", "stm32h723xx", 520_000_000)).unwrap();
+        let n = |k: &str| d[k].as_object().unwrap().len();
+        assert!(n("commands") > 100 && n("responses") >= 25, "{} {}", n("commands"), n("responses"));
+        assert_eq!(d["commands"]["identify offset=%u count=%c"], 1);
+        assert_eq!(d["responses"]["identify_response offset=%u data=%.*s"], 0);
+        assert_eq!(d["commands"]["allocate_oids count=%c"], 2);
+        assert_eq!(d["config"]["CLOCK_FREQ"], 520_000_000);
+        assert_eq!(d["config"]["RESERVE_PINS_USB"], "PA11,PA12");
+        assert_eq!(d["enumerations"]["pin"]["PA0"], json!([0, 16]));
+        assert_eq!(d["enumerations"]["static_string_id"]["sentinel timer called"], 2);
+        assert_eq!(d["build_versions"], BUILD_VERSIONS);
+        // every id is unique and ids 96..127 appear as -32..-1
+        let mut ids: Vec<i64> = ["commands", "responses"]
+            .iter()
+            .flat_map(|k| d[*k].as_object().unwrap().values().map(|v| v.as_i64().unwrap()))
+            .collect();
+        ids.sort();
+        let len = ids.len();
+        ids.dedup();
+        assert_eq!(ids.len(), len);
+        assert_eq!(ids[0], -32);
+        assert!(!ids.contains(&96));
+        let rp: Value = serde_json::from_str(&dictionary_json("Kalico", "v2026.01.00", "rp2040", 12_000_000)).unwrap();
+        assert_eq!(rp["enumerations"]["pin"]["gpio0"], json!([0, 30]));
+        assert!(rp["config"].get("RESERVE_PINS_USB").is_none());
+    }
+
+    /// The stand-in Klipper tree's rigdict.py (what its buildcommands.py embeds in klipper.bin)
+    /// and this module build byte-identical dictionaries.
+    #[test]
+    fn same_dictionary_as_the_standin_tree() {
+        let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/../standins/klipper-tree/scripts");
+        for (app, mcu, clock) in [("Klipper", "stm32h723xx", 520_000_000u64), ("Kalico", "rp2040", 12_000_000)] {
+            let code = format!(
+                "import sys, rigdict; sys.stdout.write(rigdict.dictionary({app:?}, 'v0.13.0-3-g0123abc', {BUILD_VERSIONS:?}, {mcu:?}, {clock}))"
+            );
+            let out =
+                match std::process::Command::new("python3").args(["-B", "-c", &code]).current_dir(scripts).output() {
+                    Ok(o) => o,
+                    Err(e) => {
+                        eprintln!("skipped: python3 not runnable ({e})");
+                        return;
+                    }
+                };
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let py = String::from_utf8(out.stdout).unwrap();
+            assert_eq!(py, protocol_dictionary_json(app, "v0.13.0-3-g0123abc", BUILD_VERSIONS, mcu, clock));
+        }
     }
 }

@@ -9,6 +9,7 @@ mod firmware;
 mod flash;
 mod gadget;
 mod klipperdev;
+mod pty;
 mod server;
 mod tty;
 mod usbmon;
@@ -73,6 +74,38 @@ enum Cmd {
         device: PathBuf,
         #[arg(long, default_value_t = 5.0)]
         timeout: f64,
+    },
+    /// Write the simulator's stand-in firmware image (klipper.bin from the application
+    /// address, with the realistic data dictionary) to a file.
+    StandinImage {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "stm32h723xx")]
+        mcu: String,
+        #[arg(long, default_value = "v0.13.0-0-gdeadbeef")]
+        version: String,
+        #[arg(long, default_value = "Klipper")]
+        app: String,
+    },
+    /// Serve one Klipper-mode board on a host pty (no USB): LINK becomes a symlink to the pty
+    /// slave for Klippy's `serial:`. The image is re-read at every boot (after `reset`).
+    Pty {
+        /// Symlink to create (replaced if it exists).
+        #[arg(long)]
+        link: PathBuf,
+        /// Firmware image (klipper.bin from the application address); default: the
+        /// simulator's stand-in image for --mcu/--version/--app.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long, default_value = "stm32h723xx")]
+        mcu: String,
+        #[arg(long, default_value = "v0.13.0-0-gdeadbeef")]
+        version: String,
+        #[arg(long, default_value = "Klipper")]
+        app: String,
+        /// How long a `reset` keeps the port away.
+        #[arg(long, default_value_t = 1400)]
+        reboot_delay_ms: u64,
     },
 }
 
@@ -329,6 +362,29 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("probe-identify {}: {e:#}", device.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::StandinImage { out, mcu, version, app } => {
+            let image = pty::ImageSource::Standin { app, version, mcu }.load();
+            match image.and_then(|img| std::fs::write(&out, img).map_err(Into::into)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kflash-boardsim standin-image: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Pty { link, image, mcu, version, app, reboot_delay_ms } => {
+            let source = match image {
+                Some(p) => pty::ImageSource::File(p),
+                None => pty::ImageSource::Standin { app, version, mcu },
+            };
+            match pty::run(source, &link, Duration::from_millis(reboot_delay_ms)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kflash-boardsim pty: {e:#}");
                     ExitCode::FAILURE
                 }
             }

@@ -164,6 +164,8 @@ struct Board {
     faults: Faults,
     line: LineState,
     klipper: Option<KlipperDevice>,
+    /// When the running Klipper firmware booted (its model clock starts there).
+    klipper_boot: Instant,
     katapult: Option<KatapultDevice>,
     session: Option<TtySession>,
     blocks_session: u32,
@@ -317,6 +319,7 @@ impl Sim {
             Mode::Klipper => {
                 if let AppCheck::Klipper { dictionary, compressed } = b.installed().clone() {
                     b.klipper = Some(KlipperDevice::new(compressed));
+                    b.klipper_boot = Instant::now();
                     b.running = Some(dictionary);
                 }
             }
@@ -516,15 +519,21 @@ impl Sim {
 
     fn klipper_data(&mut self, i: usize, data: &[u8]) {
         let name = self.name(i);
+        let since_boot = self.boards[i].klipper_boot.elapsed();
         let Some(dev) = self.boards[i].klipper.as_mut() else {
             return;
         };
-        let (blocks, events) = dev.feed(data);
+        let (blocks, events) = dev.feed(data, since_boot);
         for blk in blocks {
             self.send(i, blk.encode(), 3, Duration::ZERO);
         }
         for ev in events {
             match ev {
+                KlipperEvent::Reset => {
+                    say!("{name}: klipper: reset command");
+                    self.reboot(i, BootTarget::Normal, "klipper reset command");
+                    return;
+                }
                 KlipperEvent::IdentifyDone { size } => {
                     let d = self.boards[i].running.as_ref();
                     self.log.log(
@@ -539,6 +548,12 @@ impl Sim {
                     );
                 }
                 KlipperEvent::Identify { .. } => {}
+                KlipperEvent::Configured { oids, crc } => {
+                    self.log.log(Some(&name), "configured", json!({"oids": oids, "crc": crc}));
+                }
+                KlipperEvent::Shutdown { reason } => {
+                    self.log.log(Some(&name), "shutdown", json!({"reason": reason}));
+                }
                 other => say!("{name}: klipper: {other:?}"),
             }
         }
@@ -1051,6 +1066,7 @@ pub async fn serve(boards_file: &Path, state_dir: &Path) -> Result<()> {
             running: None,
             line: LineState::default(),
             klipper: None,
+            klipper_boot: Instant::now(),
             katapult: None,
             session: None,
             blocks_session: 0,

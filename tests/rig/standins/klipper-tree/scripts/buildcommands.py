@@ -12,7 +12,10 @@
 # * klipper.dict = compact JSON with sorted keys; compile_time_request.c carries the
 #   zlib level 9 compressed dictionary like Klipper's command_identify_data[].
 # * prints "Version: <version>".
-# The constants come from OUT/autoconf.h (next to the .c file).
+# The constants come from OUT/autoconf.h (next to the .c file); commands, responses,
+# constants and enumerations from the declarations in scripts/rigdecls.json, built like a
+# real build of that MCU and transport would (scripts/rigdict.py: message ids and
+# static_string ids assigned as Klipper assigns them).
 import sys
 sys.dont_write_bytecode = True
 import json
@@ -23,39 +26,10 @@ import subprocess
 import time
 import zlib
 
+import rigdict
 import rigmcu
 
 APP = "@APP@"
-
-COMMANDS = [
-    "allocate_oids count=%c",
-    "clear_shutdown",
-    "config_digital_out oid=%c pin=%u value=%c default_value=%c max_duration=%u",
-    "config_endstop oid=%c pin=%c pull_up=%c",
-    "config_stepper oid=%c step_pin=%c dir_pin=%c invert_step=%c step_pulse_ticks=%u",
-    "config_trsync oid=%c",
-    "debug_nop",
-    "emergency_stop",
-    "finalize_config crc=%u",
-    "get_clock",
-    "get_config",
-    "get_uptime",
-    "queue_digital_out oid=%c clock=%u on_ticks=%u",
-    "queue_step oid=%c interval=%u count=%hu add=%hi",
-    "reset",
-]
-RESPONSES = [
-    "clock clock=%u",
-    "config is_config=%c crc=%u is_shutdown=%c move_count=%hu",
-    "endstop_state oid=%c homing=%c next_clock=%u pin_value=%c",
-    "is_shutdown static_string_id=%hu",
-    "shutdown clock=%u static_string_id=%hu",
-    "stats count=%u sum=%u sumsq=%u",
-    "stepper_position oid=%c pos=%i",
-    "trsync_state oid=%c can_trigger=%c trigger_reason=%c clock=%u",
-    "uptime high=%u clock=%u",
-]
-
 
 def git_version():
     if not os.path.exists(".git"):
@@ -121,24 +95,16 @@ def main():
     version = build_version()
     sys.stdout.write("Version: %s\n" % version)
 
-    # Message ids: identify_response 0 and identify 1 as in Klipper, then the rest.
-    responses = {"identify_response offset=%u data=%.*s": 0}
-    responses.update((m, 2 + i) for i, m in enumerate(RESPONSES))
-    commands = {"identify offset=%u count=%c": 1}
-    commands.update((m, 2 + len(RESPONSES) + i) for i, m in enumerate(COMMANDS))
-    data = {
+    clock = cfg.get("CLOCK_FREQ") or rigmcu.lookup(cfg["MCU"])["clock"]
+    data = rigdict.build(cfg["MCU"], clock, transport=transport,
+                         serial_baud=cfg.get("SERIAL_BAUD", 250000),
+                         canbus_frequency=cfg.get("CANBUS_FREQUENCY", 1000000))
+    data.update({
         "app": APP,
         "build_versions": rigmcu.BUILD_VERSIONS,
-        "commands": commands,
-        "config": rigmcu.constants(cfg["MCU"], clock=cfg.get("CLOCK_FREQ"),
-                                   transport=transport,
-                                   canbus_frequency=cfg.get("CANBUS_FREQUENCY", 1000000),
-                                   serial_baud=cfg.get("SERIAL_BAUD", 250000)),
-        "enumerations": {},
         "license": "GNU GPLv3",
-        "responses": responses,
         "version": version,
-    }
+    })
     datadict = json.dumps(data, separators=(",", ":"), sort_keys=True)
     if options.write_dictionary:
         with open(options.write_dictionary, "w") as f:

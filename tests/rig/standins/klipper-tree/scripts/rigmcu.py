@@ -93,36 +93,9 @@ def mcu_for_mach(symbols):
 
 def constants(mcu, clock=None, transport="USBSERIAL", canbus_frequency=1000000,
               serial_baud=250000):
-    """The `config` part of klipper.dict / `mcu_constants` in Klippy."""
+    """The `config` part of klipper.dict / `mcu_constants` in Klippy (rigdict.py builds it
+    from rigdecls.json)."""
+    import rigdict
     m = lookup(mcu)
-    c = {
-        "MCU": mcu,
-        "CLOCK_FREQ": int(clock if clock is not None else m["clock"]),
-        "STATS_SUMSQ_BASE": 256,
-        "ADC_MAX": 4095,
-        "PWM_MAX": 255,
-        "RECEIVE_WINDOW": 192,
-    }
-    if m["arch"] == "stm32":
-        c["BUS_PINS_spi1"] = "PA6,PA7,PA5"
-        c["BUS_PINS_i2c1"] = "PB6,PB7"
-    else:
-        c["BUS_PINS_spi0_gpio4_gpio3_gpio2"] = "gpio4,gpio3,gpio2"
-        c["BUS_PINS_i2c0a"] = "gpio0,gpio1"
-        c["STEPPER_BOTH_EDGE"] = 1
-    if transport == "USBSERIAL" and m["usb_pins"]:
-        c["RESERVE_PINS_USB"] = m["usb_pins"]
-    elif transport == "USBCANBUS":
-        if m["usb_pins"]:
-            c["RESERVE_PINS_USB"] = m["usb_pins"]
-        c["RESERVE_PINS_CAN"] = m["can_pins"]
-        c["CANBUS_BRIDGE"] = 1
-        c["CANBUS_FREQUENCY"] = int(canbus_frequency)
-    elif transport == "CANSERIAL":
-        c["RESERVE_PINS_CAN"] = m["can_pins"]
-        c["CANBUS_FREQUENCY"] = int(canbus_frequency)
-    elif transport == "SERIAL":
-        c["SERIAL_BAUD"] = int(serial_baud)
-        c["RESERVE_PINS_serial"] = "PA10,PA9" if m["arch"] == "stm32" else "gpio1,gpio0"
-    return c
-
+    return rigdict.build(mcu, int(clock if clock is not None else m["clock"]), transport=transport,
+                         serial_baud=serial_baud, canbus_frequency=canbus_frequency)["config"]

