@@ -28,10 +28,12 @@ struct RealStack;
 impl RealStack {
     fn start() -> RealStack {
         systemctl(&["stop", "klipper", "moonraker"]);
+        // The guard first: a failed start below still brings the stand-ins back.
+        let guard = RealStack;
         std::fs::write(switch("real-stack"), "").unwrap();
         std::fs::write(rig_state_dir().join("moonraker/mcus.json"), r#"{"mcu": "octopus", "mcu ebb": "ebb"}"#).unwrap();
         systemctl(&["start", "klipper", "moonraker"]);
-        RealStack
+        guard
     }
 }
 

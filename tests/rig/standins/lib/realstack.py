@@ -12,7 +12,7 @@ import sys
 
 import rigcommon
 
-REPO = os.path.dirname(os.path.dirname(rigcommon.STANDINS))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(rigcommon.STANDINS)))
 
 
 def enabled(state):
