@@ -54,6 +54,11 @@ pub enum MoonrakerError {
     KlippyNotReady { state: String, message: String, waited_secs: f64 },
 }
 
+/// Klippy stopped in `error` or `shutdown`: it stays there until a (firmware) restart.
+fn is_halted(e: &MoonrakerError) -> bool {
+    matches!(e, MoonrakerError::KlippyNotReady { state, .. } if state == "error" || state == "shutdown")
+}
+
 fn first_line_suffix(message: &str) -> String {
     match message.lines().map(str::trim).find(|l| !l.is_empty()) {
         Some(line) => format!(": {line}"),
@@ -296,6 +301,32 @@ impl Moonraker {
         })
     }
 
+    /// Wait until Klippy has settled after a start: `ready`, or stuck in `error` /
+    /// `shutdown` (returned as [`MoonrakerError::KlippyNotReady`] at once, not at the
+    /// deadline, so the caller can act on the message).
+    pub async fn wait_klippy_settled(&self, deadline: Instant) -> Result<ServerInfo, MoonrakerError> {
+        let started = Instant::now();
+        let settled = poll_until(deadline, || async {
+            match self.ready_probe().await? {
+                Probe::NotYet(e @ MoonrakerError::KlippyNotReady { .. }) if is_halted(&e) => Ok(Probe::Done(Err(e))),
+                Probe::NotYet(e) => Ok(Probe::NotYet(e)),
+                Probe::Done(info) => Ok(Probe::Done(Ok(info))),
+            }
+        })
+        .await;
+        settled.and_then(|r| r).map_err(|e| match e {
+            MoonrakerError::KlippyNotReady { state, message, .. } => {
+                MoonrakerError::KlippyNotReady { state, message, waited_secs: started.elapsed().as_secs_f64() }
+            }
+            other => other,
+        })
+    }
+
+    /// `FIRMWARE_RESTART`: Klippy resets every MCU and reconnects (the way out of a shutdown).
+    pub async fn firmware_restart(&self) -> Result<(), MoonrakerError> {
+        self.request(reqwest::Method::POST, "/printer/firmware_restart").await.map(|_| ())
+    }
+
     /// One look at Klippy: ready, or why not (with `/printer/info`'s message when Klippy
     /// is connected, since `/server/info` has only the state).
     async fn ready_probe(&self) -> Result<Probe<ServerInfo>, MoonrakerError> {
@@ -317,7 +348,11 @@ impl Moonraker {
 
     /// GET `path` and return the `result` of the envelope.
     async fn get(&self, path: &str) -> Result<Value, MoonrakerError> {
-        let mut request = self.client.get(format!("{}{path}", self.url)).timeout(self.timeout);
+        self.request(reqwest::Method::GET, path).await
+    }
+
+    async fn request(&self, method: reqwest::Method, path: &str) -> Result<Value, MoonrakerError> {
+        let mut request = self.client.request(method, format!("{}{path}", self.url)).timeout(self.timeout);
         if let Some(key) = &self.api_key {
             request = request.header("X-Api-Key", key);
         }

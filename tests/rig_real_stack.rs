@@ -3,7 +3,9 @@
 //! (switches/real-stack, see tests/rig/standins/lib/realstack.py). Klippy configures the
 //! boards over the real USB stack and reaches `ready`; Moonraker reports each board's
 //! `mcu_version`; `kflash flash` stops the real Klippy, flashes, and its level (c) check is
-//! done by the real Klippy and the real Moonraker reporting the new version.
+//! done by the real Klippy and the real Moonraker reporting the new version. Real print
+//! states (a file of dwells through `virtual_sdcard`: printing, paused, and after M112 a
+//! shutdown with a stale `paused`) gate the flash.
 
 mod rig_support;
 
@@ -96,4 +98,83 @@ fn real_klippy_and_moonraker_verify_a_flash() {
     assert!(log.contains(&format!("Klipper is ready and reports {new} for this board")), "level (c): {log}");
     assert_eq!(mcu_version("mcu ebb"), new, "the real Moonraker reports the new version");
     assert_ne!(before, new);
+}
+
+/// `print_stats.state` as the real Moonraker reports it.
+fn print_state() -> String {
+    let v = moonraker_get("/printer/objects/query?print_stats");
+    v["result"]["status"]["print_stats"]["state"].as_str().unwrap_or("?").to_string()
+}
+
+fn wait_print_state(want: &str, timeout: Duration) {
+    let t = Instant::now();
+    while print_state() != want {
+        assert!(t.elapsed() < timeout, "print_stats not {want} after {timeout:?}: {}", print_state());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn wait_klippy(want: &str, timeout: Duration) {
+    let t = Instant::now();
+    loop {
+        let state = try_moonraker_get("/server/info")
+            .map(|v| v["result"]["klippy_state"].as_str().unwrap_or("?").to_string())
+            .unwrap_or_else(|e| e);
+        if state == want {
+            return;
+        }
+        assert!(t.elapsed() < timeout, "Klippy not {want} after {timeout:?}: {state}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn real_print_states_gate_the_flash() {
+    in_rig();
+    reset_boards();
+    let _clean = LeaveRigClean;
+    let _stack = RealStack::start();
+    wait_ready(Duration::from_secs(180));
+    let rig = FlashRig::new(EBB, EBB.1, &[("klippy_ready_secs", 180)]);
+    ok(&rig.kflash(&["build", EBB.0]));
+
+    // Half-second dwells, so PAUSE takes effect between two of them.
+    let gcodes = home().join("printer_data/gcodes");
+    std::fs::create_dir_all(&gcodes).unwrap();
+    std::fs::write(gcodes.join("dwell.gcode"), "G4 P500\n".repeat(4000)).unwrap();
+    moonraker_post("/printer/print/start?filename=dwell.gcode");
+    wait_print_state("printing", Duration::from_secs(60));
+
+    let log = ServiceLog::start();
+    let out = rig.kflash_logged(&["flash", EBB.0, "--force", "--yes"]);
+    assert_eq!(out.status.code(), Some(10), "a real print refuses, --yes or not");
+    assert!(text(&out.stderr).contains("printing dwell.gcode"), "{}", text(&out.stderr));
+    assert!(log.verbs("klipper").is_empty(), "Klipper untouched while printing: {:?}", log.entries());
+
+    moonraker_post("/printer/print/pause");
+    wait_print_state("paused", Duration::from_secs(60));
+    let out = rig.kflash_logged(&["flash", EBB.0, "--force", "--yes", "--skip-print-check"]);
+    assert_eq!(out.status.code(), Some(10), "a known pause refuses even with --skip-print-check");
+    assert!(text(&out.stderr).contains("paused dwell.gcode"), "{}", text(&out.stderr));
+    assert!(log.verbs("klipper").is_empty(), "Klipper untouched while paused: {:?}", log.entries());
+
+    // M112: Klippy shuts down, print_stats stays "paused" for good.
+    moonraker_post("/printer/emergency_stop");
+    wait_klippy("shutdown", Duration::from_secs(60));
+    assert_eq!(print_state(), "paused", "the real print_stats keeps the stale state");
+    let out = rig.kflash_logged(&["flash", EBB.0, "--force"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "not confirmed (no terminal): {err}");
+    assert!(err.contains("shutdown") && err.contains("paused"), "says why: {err}");
+    assert!(log.verbs("klipper").is_empty(), "nothing stopped without a yes: {:?}", log.entries());
+
+    let out = rig.kflash_logged(&["flash", EBB.0, "--force", "--yes"]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "after M112, --yes flashes: {err}");
+    // The octopus is still shut down from the M112, so the restarted Klippy cannot configure
+    // it; kflash sends the FIRMWARE_RESTART a user would, and verifies after that.
+    assert!(err.contains("so kflash sends FIRMWARE_RESTART"), "{err}");
+    assert_eq!(log.verbs("klipper"), ["stop", "start"]);
+    assert_eq!(mcu_version("mcu ebb"), klipper_tree_version(), "the real Moonraker reports the new version");
 }

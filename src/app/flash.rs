@@ -20,7 +20,7 @@ use crate::firmware::{self, BuildOptions, BuildOutcome, BuildProgress};
 use crate::flash::katapult::{check_target, Expectation, FlashEvent, KatapultSession};
 use crate::flash::{external, identify, usb, FlashError};
 use crate::hotplug::{Board, Hotplug};
-use crate::moonraker::{mcu_for_serial, Moonraker};
+use crate::moonraker::{mcu_for_serial, Moonraker, MoonrakerError};
 use crate::registry::{BoardEntry, FlashMethod, Registry};
 use crate::safety::{clear_to_stop_klipper, GateOptions, PrintCheck};
 use crate::service::{FlashLock, KlipperGuard, ServiceManager};
@@ -367,8 +367,8 @@ async fn run_flash(
                 .into(),
         )),
         _ => {
-            verify_in_klipper(&mr, &board, &version_after, Instant::now() + ctx.secs(|t| t.klippy_ready_secs), rep)
-                .await?
+            let deadline = Instant::now() + ctx.secs(|t| t.klippy_ready_secs);
+            verify_in_klipper(&mr, &board, &version_after, check, deadline, rep).await?
         }
     }
     timings.total = started.elapsed().as_secs_f64();
@@ -591,15 +591,34 @@ async fn running_version(mr: &Moonraker, board: &Board) -> Option<String> {
 
 /// Level (c): after Klipper is back, Klippy is ready and reports the new version for this
 /// board's MCU.
+///
+/// After an emergency stop (the gate's `KlippyHalted`, which the user confirmed) the other
+/// boards are still shut down, and a restarted Klippy stops in `error` ("Can not update MCU
+/// 'mcu' config as it is shutdown"): then kflash sends the FIRMWARE_RESTART the user would.
 async fn verify_in_klipper(
     mr: &Moonraker,
     board: &Board,
     version: &str,
+    check: PrintCheck,
     deadline: Instant,
     rep: &mut dyn Reporter,
 ) -> Result<()> {
     let t = StdInstant::now();
     rep.report(Report::Begin(Phase::Moonraker, "waiting for Klipper to be ready".into()));
+    if check == PrintCheck::KlippyHalted {
+        match mr.wait_klippy_settled(deadline).await {
+            Err(MoonrakerError::KlippyNotReady { state, message, .. }) if message.contains("shutdown") => {
+                rep.report(Report::Warning(format!(
+                    "Klippy is in state {state}: {}; the other boards are still shut down from the emergency stop, \
+                     so kflash sends FIRMWARE_RESTART",
+                    message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("")
+                )));
+                mr.firmware_restart().await?;
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+    }
     mr.wait_klippy_ready(deadline).await?;
     match running_version(mr, board).await {
         Some(v) if v == version => {

@@ -506,6 +506,18 @@ pub fn try_moonraker_get(path: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(body).map_err(|e| format!("Moonraker stand-in answered {resp:?}: {e}"))
 }
 
+/// `POST path` (no body) on Moonraker at 127.0.0.1:7125; the parsed JSON body.
+pub fn moonraker_post(path: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 7125)).unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("POST {path}: {resp:?}: {e}"))
+}
+
 pub fn moonraker_get(path: &str) -> serde_json::Value {
     try_moonraker_get(path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
