@@ -221,6 +221,14 @@ impl Faults {
         })
     }
 
+    /// The board leaves Katapult: the noisy Katapult link (`corrupt-crc`) goes with that
+    /// session. Returns the spec that was dropped, if any.
+    pub fn end_katapult_session(&mut self) -> Option<String> {
+        let left = self.list.iter().find(|f| matches!(f, Fault::CorruptCrc(_)))?.to_string();
+        self.consume("corrupt-crc");
+        Some(left)
+    }
+
     /// Remove a one-shot fault after it fired.
     pub fn consume(&mut self, kind: &str) {
         self.list.retain(|f| f.kind() != kind);
@@ -300,6 +308,9 @@ mod tests {
         assert_eq!(f.flash_slowdown(), 1.0);
         f.set(Fault::SlowFlash(4.0));
         assert_eq!(f.flash_slowdown(), 4.0);
+        assert_eq!(f.end_katapult_session().as_deref(), Some("corrupt-crc=3"));
+        assert_eq!(f.end_katapult_session(), None);
+        assert_eq!(f.specs(), vec!["ignore-touch", "slow-flash=4"], "other faults stay");
         assert!(f.ignore_touch());
         f.clear();
         assert!(f.specs().is_empty());

@@ -391,8 +391,7 @@ impl Sim {
         let b = &mut self.boards[i];
         // The noisy Katapult link goes with the Katapult session.
         if b.katapult.is_some() {
-            if let Some(left) = b.faults.specs().into_iter().find(|f| f.starts_with("corrupt-crc=")) {
-                b.faults.consume("corrupt-crc");
+            if let Some(left) = b.faults.end_katapult_session() {
                 self.log.log(
                     Some(&name),
                     "fault",
