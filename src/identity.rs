@@ -178,10 +178,14 @@ impl BoardIdentity {
 
     /// Is `other` the same physical board, possibly in another mode? Serial + MCU decide when
     /// both sides know them; otherwise the USB port does. The by-id name never decides,
-    /// because it changes with the mode.
+    /// because it changes with the mode. Between Klipper and Katapult the serial alone
+    /// decides: each reports its own CONFIG_MCU, and a bootloader built for another MCU
+    /// variant is still this board (and must be found, so that CONNECT's check refuses it).
     pub fn same_board(&self, other: &BoardIdentity) -> bool {
         if let (Some(a), Some(b), Some(ma), Some(mb)) = (&self.serial, &other.serial, &self.mcu, &other.mcu) {
-            return a == b && ma == mb;
+            let app_and_bootloader =
+                matches!((self.mode, other.mode), (Mode::Klipper, Mode::Katapult) | (Mode::Katapult, Mode::Klipper));
+            return a == b && (ma == mb || app_and_bootloader);
         }
         match (&self.usb_device, &other.usb_device) {
             (Some(a), Some(b)) => a == b,
@@ -425,6 +429,16 @@ mod tests {
             BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h723xx", "0D0031000A51333234383230", 0))
                 .unwrap();
         assert!(!app.same_board(&other), "same port but another chip id is another board");
+        // Katapult built for another MCU variant (its USB product is its CONFIG_MCU): the
+        // chip id still says it is this board.
+        let foreign =
+            BoardIdentity::from_record(&tty("katapult", "1d50", "6177", "stm32h743xx", "29001A001151313531383332", 1))
+                .unwrap();
+        assert!(app.same_board(&foreign) && foreign.same_board(&app));
+        let twin =
+            BoardIdentity::from_record(&tty("Klipper", "1d50", "614e", "stm32h743xx", "29001A001151313531383332", 1))
+                .unwrap();
+        assert!(!app.same_board(&twin), "two Klipper boards: serial and MCU both decide");
     }
 
     #[test]

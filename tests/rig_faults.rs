@@ -164,8 +164,7 @@ fn cable_pulled_mid_transfer() {
     assert_eq!(fired(&s, "drop-mid-transfer"), 1);
     let now = board_json(OCTOPUS.0);
     assert_eq!(now["mode"], "absent", "{now}");
-    let written = now["blocks_written"].as_u64().unwrap();
-    assert!((20..100).contains(&written), "about 20 blocks were written before the cable went: {now}");
+    assert_eq!(now["blocks_written"], 20, "exactly 20 blocks were acked before the cable went: {now}");
     assert!(s.events.kind(OCTOPUS.0, "complete").is_empty(), "never COMPLETEd");
     assert!(s.events.kind(OCTOPUS.0, "flash-complete").is_empty(), "never jumped");
     // Plugged in again, the half-written board stays in Katapult (no valid application).
@@ -176,6 +175,8 @@ fn cable_pulled_mid_transfer() {
     assert!(back["version"].is_null(), "no valid application installed: {back}");
 }
 
+/// A noisy cable on the Katapult link: two Katapult answers arrive with a bad CRC; kflash
+/// retries those commands. The noise is the Katapult session's: none is left for Klipper.
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn corrupt_crc_answers_are_retried() {
@@ -185,13 +186,17 @@ fn corrupt_crc_answers_are_retried() {
     assert!(board_json(OCTOPUS.0)["faults"].as_array().unwrap().is_empty(), "both corrupt answers were used up");
 }
 
+/// A slow flash (erases and programs at 1.8x the datasheet's typical times; the H7's
+/// first 128 KiB sector erase then takes 1.8 s, under kflash's 2 s reply timeout): the
+/// write takes longer and succeeds.
 #[test]
 #[ignore = "runs inside the USB rig"]
-fn busy_answers_are_retried() {
-    let s = Scenario::begin("busy", &[], &["busy=2"]);
+fn slow_flash_still_succeeds() {
+    let s = Scenario::begin("slow-flash", &[], &["slow-flash=1.8"]);
     let out = s.flash();
-    s.assert_success(&out, "busy=2");
-    assert!(board_json(OCTOPUS.0)["faults"].as_array().unwrap().is_empty(), "both busy answers were used up");
+    s.assert_success(&out, "slow-flash=1.8");
+    let eof = s.events.kind(OCTOPUS.0, "flash-eof");
+    assert_eq!(eof.len(), 1, "{eof:?}");
 }
 
 #[test]
@@ -212,6 +217,8 @@ fn bootloader_request_ignored() {
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn katapult_for_another_mcu_is_refused_before_any_write() {
+    // Katapult built for another MCU: its USB product and its CONNECT both say stm32f446xx
+    // (both come from its CONFIG_MCU); the chip id still identifies the board.
     let s = Scenario::begin("wrong-mcu", &[], &["wrong-mcu=stm32f446xx"]);
     let out = s.flash();
     let line = assert_failure(&out, 7, &["stm32f446xx", "stm32h723xx", "refusing to write"]);

@@ -12,7 +12,8 @@ use rig_support::*;
 /// line that announces that phase.
 #[derive(Clone, Copy)]
 enum Phase {
-    /// Inside the Katapult session: CONNECT is answered "busy" 4 times (1.5 s back-off each).
+    /// Inside the Katapult session: the flash is slow (`slow-flash=1.8`), so the first
+    /// SEND_BLOCK's 128 KiB sector erase alone keeps the H7 busy 1.8 s (1 s typical).
     Writing,
     /// Waiting for the board to re-enumerate in Katapult (the reboot takes 6 s).
     Bootloader,
@@ -23,7 +24,7 @@ enum Phase {
 impl Phase {
     fn faults(self) -> &'static [&'static str] {
         match self {
-            Phase::Writing => &["busy=4"],
+            Phase::Writing => &["slow-flash=1.8"],
             Phase::Bootloader | Phase::Verify => &["slow-return=6"],
         }
     }

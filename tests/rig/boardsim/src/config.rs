@@ -58,6 +58,7 @@ struct RawTimings {
     reboot_delay_ms: Option<u64>,
     block_latency_ms: Option<u64>,
     complete_delay_ms: Option<u64>,
+    flash_time_scale: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -103,11 +104,15 @@ struct RawFile {
     board: Vec<RawBoard>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Timings {
     pub reboot_delay_ms: u64,
+    /// Fixed extra delay of every SEND_BLOCK ack (on top of the modelled flash time).
     pub block_latency_ms: u64,
     pub complete_delay_ms: u64,
+    /// Multiplies the modelled flash erase / program times (firmware.rs, datasheet typ
+    /// figures); 1 = realistic (default), 0 = off.
+    pub flash_time_scale: f64,
 }
 
 /// One board, with every default filled in.
@@ -197,7 +202,11 @@ pub fn parse_boards(text: &str, base_dir: &Path) -> Result<Vec<BoardConfig>> {
             reboot_delay_ms: t(b.timings.reboot_delay_ms, d.timings.reboot_delay_ms, 1400),
             block_latency_ms: t(b.timings.block_latency_ms, d.timings.block_latency_ms, 0),
             complete_delay_ms: t(b.timings.complete_delay_ms, d.timings.complete_delay_ms, 100),
+            flash_time_scale: b.timings.flash_time_scale.or(d.timings.flash_time_scale).unwrap_or(1.0),
         };
+        if !(0.0..=100.0).contains(&timings.flash_time_scale) {
+            bail!("{what}: flash_time_scale {} must be 0 (off) .. 100", timings.flash_time_scale);
+        }
         let mode = b.mode.unwrap_or(Mode::Klipper);
         let image = b.image.map(|p| if p.is_relative() { base_dir.join(p) } else { p });
         out.push(BoardConfig {
@@ -254,6 +263,7 @@ mod tests {
         assert_eq!(b.iter().map(|b| b.udc).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
         assert_eq!(b[0].timings.reboot_delay_ms, 1400);
         assert_eq!(b[0].timings.complete_delay_ms, 100);
+        assert_eq!(b[0].timings.flash_time_scale, 1.0, "realistic flash timing by default");
     }
 
     #[test]
@@ -275,8 +285,8 @@ mod tests {
             page_size = 4096
             empty_flash = true
             image = "img/klipper.bin"
-            faults = ["busy=2", "ignore-touch"]
-            timings = { block_latency_ms = 5 }
+            faults = ["corrupt-crc=2", "ignore-touch"]
+            timings = { block_latency_ms = 5, flash_time_scale = 0.5 }
         "#;
         let b = &parse_boards(text, Path::new("/base")).unwrap()[0];
         assert_eq!(b.mode, Mode::Katapult);
@@ -286,8 +296,11 @@ mod tests {
         assert_eq!(b.udc, 2);
         assert_eq!(b.profile.pages, PageLayout::Uniform(4096));
         assert_eq!(b.image.as_deref(), Some(Path::new("/base/img/klipper.bin")));
-        assert_eq!(b.faults, vec![Fault::Busy(2), Fault::IgnoreTouch]);
-        assert_eq!(b.timings, Timings { reboot_delay_ms: 200, block_latency_ms: 5, complete_delay_ms: 100 });
+        assert_eq!(b.faults, vec![Fault::CorruptCrc(2), Fault::IgnoreTouch]);
+        assert_eq!(
+            b.timings,
+            Timings { reboot_delay_ms: 200, block_latency_ms: 5, complete_delay_ms: 100, flash_time_scale: 0.5 }
+        );
         // hex integer form
         let text = "[[board]]\nname='x'\nmcu='rp2040'\nserial='S'\napp_start=0x10008000\n";
         assert_eq!(parse_boards(text, Path::new("/")).unwrap()[0].app_start, 0x1000_8000);
@@ -303,6 +316,8 @@ mod tests {
         assert!(e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\nfaults=['nope']").contains("unknown fault"));
         assert!(e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\napp_start=5").contains("app_start"));
         assert!(e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\napp='x'").contains("app must be"));
+        assert!(e("[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\ntimings={flash_time_scale=-1}")
+            .contains("flash_time_scale"));
         let dup = "[[board]]\nname='a'\nmcu='rp2040'\nserial='s'\n[[board]]\nname='b'\nmcu='rp2040'\nserial='t'\nudc=0";
         assert!(e(dup).contains("both use dummy_udc.0"));
     }

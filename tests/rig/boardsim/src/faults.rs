@@ -11,12 +11,16 @@ pub enum Fault {
     ReturnKatapult,
     /// Every reboot takes this many seconds instead of `reboot_delay_ms`.
     SlowReturn(f64),
-    /// The cable is pulled after this many SEND_BLOCKs of a Katapult session (one-shot).
+    /// The cable is pulled right after the Nth SEND_BLOCK of a Katapult session was acked
+    /// (one-shot): the board processes nothing after that ack.
     DropMidTransfer(u32),
-    /// The next N responses (Katapult frames or Klipper blocks) carry a wrong CRC.
+    /// A noisy cable on the Katapult link: the next N Katapult responses arrive with a wrong
+    /// CRC. Only Katapult frames are hit; what is left is dropped when the board leaves
+    /// Katapult (the noise belongs to that session's link).
     CorruptCrc(u32),
-    /// Katapult answers the next N commands with "busy" (0xf3).
-    Busy(u32),
+    /// The flash erases and programs FACTOR times slower than the datasheet's typical
+    /// figures (a worn or cold part; datasheet maxima are 2-9x typ). Kept until cleared.
+    SlowFlash(f64),
     /// Klipper ignores the 1200-baud bootloader request.
     IgnoreTouch,
     /// Katapult's CONNECT reports this MCU instead of the real one.
@@ -63,7 +67,14 @@ impl Fault {
             }
             "drop-mid-transfer" => Fault::DropMidTransfer(count(value)?),
             "corrupt-crc" => Fault::CorruptCrc(count(value)?),
-            "busy" => Fault::Busy(count(value)?),
+            "slow-flash" => {
+                let v = need(name, value)?;
+                let k: f64 = v.parse().map_err(|_| format!("fault 'slow-flash': '{v}' is not a number"))?;
+                if !(1.0..=100.0).contains(&k) {
+                    return Err(format!("fault 'slow-flash': factor {k} is out of range 1..100"));
+                }
+                Fault::SlowFlash(k)
+            }
             "wrong-mcu" => Fault::WrongMcu(need(name, value)?.to_string()),
             "wrong-app-start" => {
                 let v = need(name, value)?;
@@ -72,7 +83,7 @@ impl Fault {
             other => {
                 return Err(format!(
                     "unknown fault '{other}' (known: no-return, return-katapult, slow-return=SECS, \
-                     drop-mid-transfer=BLOCKS, corrupt-crc=N, busy=N, ignore-touch, wrong-mcu=NAME, \
+                     drop-mid-transfer=BLOCKS, corrupt-crc=N, slow-flash=FACTOR, ignore-touch, wrong-mcu=NAME, \
                      wrong-app-start=ADDR, rom-dfu)"
                 ))
             }
@@ -87,7 +98,7 @@ impl Fault {
             Fault::SlowReturn(_) => "slow-return",
             Fault::DropMidTransfer(_) => "drop-mid-transfer",
             Fault::CorruptCrc(_) => "corrupt-crc",
-            Fault::Busy(_) => "busy",
+            Fault::SlowFlash(_) => "slow-flash",
             Fault::IgnoreTouch => "ignore-touch",
             Fault::WrongMcu(_) => "wrong-mcu",
             Fault::WrongAppStart(_) => "wrong-app-start",
@@ -102,7 +113,7 @@ impl fmt::Display for Fault {
             Fault::SlowReturn(s) => write!(f, "slow-return={s}"),
             Fault::DropMidTransfer(n) => write!(f, "drop-mid-transfer={n}"),
             Fault::CorruptCrc(n) => write!(f, "corrupt-crc={n}"),
-            Fault::Busy(n) => write!(f, "busy={n}"),
+            Fault::SlowFlash(k) => write!(f, "slow-flash={k}"),
             Fault::WrongMcu(m) => write!(f, "wrong-mcu={m}"),
             Fault::WrongAppStart(a) => write!(f, "wrong-app-start={a:#x}"),
             other => f.write_str(other.kind()),
@@ -141,7 +152,7 @@ impl Faults {
     pub fn set(&mut self, fault: Fault) {
         self.list.retain(|f| f.kind() != fault.kind());
         match fault {
-            Fault::CorruptCrc(0) | Fault::Busy(0) | Fault::DropMidTransfer(0) => {}
+            Fault::CorruptCrc(0) | Fault::DropMidTransfer(0) => {}
             f => self.list.push(f),
         }
     }
@@ -192,11 +203,30 @@ impl Faults {
         })
     }
 
+    /// How much slower than typical the flash is (1 without `slow-flash`).
+    pub fn flash_slowdown(&self) -> f64 {
+        self.list
+            .iter()
+            .find_map(|f| match f {
+                Fault::SlowFlash(k) => Some(*k),
+                _ => None,
+            })
+            .unwrap_or(1.0)
+    }
+
     pub fn drop_after(&self) -> Option<u32> {
         self.list.iter().find_map(|f| match f {
             Fault::DropMidTransfer(n) => Some(*n),
             _ => None,
         })
+    }
+
+    /// The board leaves Katapult: the noisy Katapult link (`corrupt-crc`) goes with that
+    /// session. Returns the spec that was dropped, if any.
+    pub fn end_katapult_session(&mut self) -> Option<String> {
+        let left = self.list.iter().find(|f| matches!(f, Fault::CorruptCrc(_)))?.to_string();
+        self.consume("corrupt-crc");
+        Some(left)
     }
 
     /// Remove a one-shot fault after it fired.
@@ -211,17 +241,12 @@ impl Faults {
         self.take_counted(|f| matches!(f, Fault::CorruptCrc(_)))
     }
 
-    /// Take one unit of `busy`.
-    pub fn take_busy(&mut self) -> bool {
-        self.take_counted(|f| matches!(f, Fault::Busy(_)))
-    }
-
     fn take_counted(&mut self, is: impl Fn(&Fault) -> bool) -> bool {
         let Some(i) = self.list.iter().position(&is) else {
             return false;
         };
         let left = match &mut self.list[i] {
-            Fault::CorruptCrc(n) | Fault::Busy(n) => {
+            Fault::CorruptCrc(n) => {
                 *n -= 1;
                 *n
             }
@@ -242,20 +267,22 @@ mod tests {
     fn parse_all() {
         assert_eq!(Fault::parse("no-return").unwrap(), Fault::NoReturn);
         assert_eq!(Fault::parse("slow-return=2.5").unwrap(), Fault::SlowReturn(2.5));
-        assert_eq!(Fault::parse("busy=3").unwrap(), Fault::Busy(3));
+        assert_eq!(Fault::parse("slow-flash=3").unwrap(), Fault::SlowFlash(3.0));
+        assert!(Fault::parse("busy=3").unwrap_err().contains("unknown fault"), "Katapult has no busy answer");
+        assert!(Fault::parse("slow-flash=0.5").is_err());
         assert_eq!(Fault::parse("wrong-app-start=0x8008000").unwrap(), Fault::WrongAppStart(0x8008000));
         assert_eq!(Fault::parse("wrong-mcu=stm32f446xx").unwrap(), Fault::WrongMcu("stm32f446xx".into()));
-        assert!(Fault::parse("busy").is_err());
+        assert!(Fault::parse("corrupt-crc").is_err());
         assert!(Fault::parse("no-return=1").is_err());
         assert!(Fault::parse("frobnicate").unwrap_err().contains("unknown fault"));
-        assert!(Fault::parse("busy=x").is_err());
+        assert!(Fault::parse("corrupt-crc=x").is_err());
         for s in [
             "no-return",
             "return-katapult",
             "slow-return=3",
             "drop-mid-transfer=10",
             "corrupt-crc=2",
-            "busy=1",
+            "slow-flash=2.5",
             "ignore-touch",
             "wrong-mcu=rp2040",
             "wrong-app-start=0x10004000",
@@ -267,18 +294,23 @@ mod tests {
 
     #[test]
     fn counted_faults() {
-        let mut f = Faults::new(vec![Fault::Busy(2), Fault::IgnoreTouch]);
-        assert!(f.take_busy());
-        assert_eq!(f.specs(), vec!["busy=1", "ignore-touch"]);
-        assert!(f.take_busy());
-        assert!(!f.take_busy());
+        let mut f = Faults::new(vec![Fault::CorruptCrc(2), Fault::IgnoreTouch]);
+        assert!(f.take_corrupt_crc());
+        assert_eq!(f.specs(), vec!["corrupt-crc=1", "ignore-touch"]);
+        assert!(f.take_corrupt_crc());
         assert!(!f.take_corrupt_crc());
         assert_eq!(f.specs(), vec!["ignore-touch"]);
         f.set(Fault::CorruptCrc(1));
         f.set(Fault::CorruptCrc(3)); // replaces
         assert_eq!(f.specs(), vec!["ignore-touch", "corrupt-crc=3"]);
-        f.set(Fault::Busy(0)); // zero count = nothing
+        f.set(Fault::DropMidTransfer(0)); // zero count = nothing
         assert_eq!(f.specs().len(), 2);
+        assert_eq!(f.flash_slowdown(), 1.0);
+        f.set(Fault::SlowFlash(4.0));
+        assert_eq!(f.flash_slowdown(), 4.0);
+        assert_eq!(f.end_katapult_session().as_deref(), Some("corrupt-crc=3"));
+        assert_eq!(f.end_katapult_session(), None);
+        assert_eq!(f.specs(), vec!["ignore-touch", "slow-flash=4"], "other faults stay");
         assert!(f.ignore_touch());
         f.clear();
         assert!(f.specs().is_empty());

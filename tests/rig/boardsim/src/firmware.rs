@@ -41,12 +41,99 @@ impl PageLayout {
     }
 }
 
+/// Which of Katapult's flash drivers the MCU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteRules {
+    /// katapult src/stm32/flash.c: every SEND_BLOCK is programmed at once; the first block
+    /// of a page erases it; SEND_EOF counts erase pages.
+    Stm32,
+    /// katapult src/rp2040/flash.c: blocks are collected in a 256-byte page buffer; the
+    /// buffer is written (erasing the 4 KiB sector first when the page starts one) when a
+    /// block outside it arrives and at SEND_EOF; SEND_EOF counts 256-byte pages.
+    Rp2040,
+}
+
+/// Typical flash timings of an MCU family (datasheet "typ" figures, not max).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlashTiming {
+    /// Bytes one program operation writes (the flash's programming unit as Katapult uses it).
+    pub program_unit: u32,
+    /// Typical time of one program operation, in microseconds.
+    pub program_us: f64,
+    /// Typical erase time in milliseconds per erase-page size in bytes. A size not listed
+    /// scales linearly from the first entry.
+    pub erase_ms: &'static [(u32, f64)],
+}
+
+impl FlashTiming {
+    /// Time to program `len` bytes.
+    pub fn program(&self, len: u32) -> std::time::Duration {
+        let ops = len.div_ceil(self.program_unit.max(1));
+        std::time::Duration::from_secs_f64(ops as f64 * self.program_us / 1e6)
+    }
+
+    /// Time to erase one page or sector of `size` bytes.
+    pub fn erase(&self, size: u32) -> std::time::Duration {
+        let ms = match self.erase_ms.iter().find(|(s, _)| *s == size) {
+            Some((_, ms)) => *ms,
+            None => match self.erase_ms.first() {
+                Some((s, ms)) => ms * size as f64 / *s as f64,
+                None => 0.0,
+            },
+        };
+        std::time::Duration::from_secs_f64(ms / 1e3)
+    }
+}
+
+// Datasheet figures ("typ" column) behind the flash timing model. Program unit = what
+// Katapult's driver writes per operation on that family.
+//
+// STM32F2/F4: DS8626 (STM32F405/407) Table "Flash memory programming" and DS10693
+// (STM32F446) same table, x32 parallelism (VDD 2.7-3.6 V, Katapult writes 32-bit words):
+// t_prog word 16 us; t_ERASE16KB 250 ms, t_ERASE64KB 550 ms, t_ERASE128KB 1 s (max 2 s).
+// DS6329 (STM32F205/207) gives the same x32 figures.
+const STM32F4_TIMING: FlashTiming = FlashTiming {
+    program_unit: 4,
+    program_us: 16.0,
+    erase_ms: &[(16 * 1024, 250.0), (64 * 1024, 550.0), (128 * 1024, 1000.0)],
+};
+// STM32H7: DS13313 (STM32H723/733) Table "Flash memory programming" (x64 parallelism):
+// t_prog 256-bit flash word (Katapult writes 8 words per flash word) 50 us typ;
+// t_ERASE128KB sector erase 1 s typ (2 s max at x64). DS12110 (STM32H743) gives the same
+// order (sector erase 1 s typ at x64).
+const STM32H7_TIMING: FlashTiming =
+    FlashTiming { program_unit: 32, program_us: 50.0, erase_ms: &[(128 * 1024, 1000.0)] };
+// STM32G0: DS13560 (STM32G0B1) Table "Flash memory characteristics": t_prog 64-bit double
+// word 85 us typ; t_ERASE page (2 KiB) 22 ms typ (40 ms max).
+const STM32G0_TIMING: FlashTiming = FlashTiming { program_unit: 8, program_us: 85.0, erase_ms: &[(2048, 22.0)] };
+// STM32G4: DS12288 (STM32G431) Table "Flash memory characteristics": t_prog 64-bit double
+// word 81.7 us typ; t_ERASE page (2 KiB) 22 ms typ (40 ms max).
+const STM32G4_TIMING: FlashTiming = FlashTiming { program_unit: 8, program_us: 81.7, erase_ms: &[(2048, 22.0)] };
+// STM32F0: DS9826 (STM32F072) Table "Flash memory characteristics": t_prog 16-bit
+// half-word 53.5 us typ; t_ERASE page 30 ms typ (40 ms max) -- the 1 KiB and 2 KiB pages of
+// the family have the same figure.
+const STM32F0_TIMING: FlashTiming =
+    FlashTiming { program_unit: 2, program_us: 53.5, erase_ms: &[(1024, 30.0), (2048, 30.0)] };
+// STM32F1: DS5319 (STM32F103x8/xB) Table "Flash memory characteristics": t_prog 16-bit
+// half-word 52.5 us typ; t_ERASE page (1 KiB) 20 ms min / 40 ms max (no typ given; 30 ms
+// used).
+const STM32F1_TIMING: FlashTiming =
+    FlashTiming { program_unit: 2, program_us: 52.5, erase_ms: &[(1024, 30.0), (2048, 30.0)] };
+// RP2040/RP2350: external QSPI NOR flash. Winbond W25Q16JV datasheet (Raspberry Pi Pico's
+// flash), section 9.6 "AC Electrical Characteristics": t_PP page program (256 B) 0.4 ms typ
+// (3 ms max); t_SE sector erase (4 KiB) 45 ms typ (400 ms max).
+const QSPI_NOR_TIMING: FlashTiming = FlashTiming { program_unit: 256, program_us: 400.0, erase_ms: &[(4096, 45.0)] };
+
 /// What the simulator needs to know about an MCU family.
 #[derive(Debug, Clone, PartialEq)]
 pub struct McuProfile {
     pub flash_base: u32,
     pub flash_size: u32,
     pub pages: PageLayout,
+    /// Katapult's flash driver for the family.
+    pub rules: WriteRules,
+    /// Typical program / erase times.
+    pub timing: FlashTiming,
     /// Katapult's `CONFIG_LAUNCH_APP_ADDRESS` default for this family.
     pub app_start: u32,
     /// Initial stack pointer written into stand-in images.
@@ -63,10 +150,12 @@ const RP2_BOOT: (u16, u16, &str, &str) = (0x2e8a, 0x0003, "Raspberry Pi", "RP2 B
 /// The profile for a `CONFIG_MCU` name, or `None` for an unknown family.
 pub fn profile_for(mcu: &str) -> Option<McuProfile> {
     let m = mcu.to_ascii_lowercase();
-    let stm32 = |size: u32, pages: PageLayout, app_start: u32, clock: u64| McuProfile {
+    let stm32 = |size: u32, pages: PageLayout, app_start: u32, clock: u64, timing: FlashTiming| McuProfile {
         flash_base: 0x0800_0000,
         flash_size: size,
         pages,
+        rules: WriteRules::Stm32,
+        timing,
         app_start,
         initial_sp: 0x2002_0000,
         clock_freq: clock,
@@ -75,26 +164,29 @@ pub fn profile_for(mcu: &str) -> Option<McuProfile> {
     let p = if m.starts_with("stm32h7") {
         let size = if m.starts_with("stm32h723") || m.starts_with("stm32h750") { 1024 * 1024 } else { 2 * 1024 * 1024 };
         let clock = if m.starts_with("stm32h723") { 520_000_000 } else { 400_000_000 };
-        stm32(size, PageLayout::Uniform(128 * 1024), 0x0802_0000, clock)
+        stm32(size, PageLayout::Uniform(128 * 1024), 0x0802_0000, clock, STM32H7_TIMING)
     } else if m.starts_with("stm32f4") || m.starts_with("stm32f2") {
         let size = if m.starts_with("stm32f401") || m.starts_with("stm32f446") { 512 * 1024 } else { 1024 * 1024 };
         let clock = if m.starts_with("stm32f446") { 180_000_000 } else { 168_000_000 };
-        stm32(size, PageLayout::Stm32F4, 0x0800_8000, clock)
+        stm32(size, PageLayout::Stm32F4, 0x0800_8000, clock, STM32F4_TIMING)
     } else if m.starts_with("stm32f0") {
         let page = if m.starts_with("stm32f042") { 1024 } else { 2048 };
-        stm32(128 * 1024, PageLayout::Uniform(page), 0x0800_2000, 48_000_000)
+        stm32(128 * 1024, PageLayout::Uniform(page), 0x0800_2000, 48_000_000, STM32F0_TIMING)
     } else if m.starts_with("stm32f1") {
-        stm32(128 * 1024, PageLayout::Uniform(1024), 0x0800_2000, 72_000_000)
+        stm32(128 * 1024, PageLayout::Uniform(1024), 0x0800_2000, 72_000_000, STM32F1_TIMING)
     } else if m.starts_with("stm32g0") {
-        stm32(512 * 1024, PageLayout::Uniform(2048), 0x0800_2000, 64_000_000)
+        stm32(512 * 1024, PageLayout::Uniform(2048), 0x0800_2000, 64_000_000, STM32G0_TIMING)
     } else if m.starts_with("stm32g4") {
-        stm32(512 * 1024, PageLayout::Uniform(2048), 0x0800_2000, 150_000_000)
+        stm32(512 * 1024, PageLayout::Uniform(2048), 0x0800_2000, 150_000_000, STM32G4_TIMING)
     } else if m.starts_with("rp2040") || m.starts_with("rp2350") {
         let rom = if m.starts_with("rp2350") { (0x2e8a, 0x000f, "Raspberry Pi", "RP2350 Boot") } else { RP2_BOOT };
         McuProfile {
             flash_base: 0x1000_0000,
             flash_size: 2 * 1024 * 1024,
+            // 4 KiB erase sectors; Katapult programs 256-byte pages inside them.
             pages: PageLayout::Uniform(4096),
+            rules: WriteRules::Rp2040,
+            timing: QSPI_NOR_TIMING,
             app_start: 0x1000_4000,
             initial_sp: 0x2004_2000,
             clock_freq: 12_000_000,

@@ -221,7 +221,9 @@ impl Board {
                 pid: 0x6177,
                 device_class: 0x02,
                 manufacturer: "katapult".into(),
-                product: self.cfg.mcu.clone(),
+                // Katapult's USB product string is its CONFIG_MCU, like CONNECT's answer:
+                // a bootloader built for another MCU shows that MCU in both.
+                product: self.faults.wrong_mcu().unwrap_or(&self.cfg.mcu).to_string(),
                 serial: self.cfg.katapult_serial.clone(),
                 function: Function::Acm,
             },
@@ -324,7 +326,8 @@ impl Sim {
                 }
             }
             Mode::Katapult => {
-                b.katapult = Some(KatapultDevice::new(b.katapult_info()));
+                let (rules, timing) = (b.cfg.profile.rules, b.cfg.profile.timing);
+                b.katapult = Some(KatapultDevice::new(b.katapult_info(), rules, timing));
                 b.blocks_session = 0;
             }
             Mode::Dfu => {}
@@ -386,6 +389,16 @@ impl Sim {
     fn power_down(&mut self, i: usize, reason: &str) {
         let name = self.name(i);
         let b = &mut self.boards[i];
+        // The noisy Katapult link goes with the Katapult session.
+        if b.katapult.is_some() {
+            if let Some(left) = b.faults.end_katapult_session() {
+                self.log.log(
+                    Some(&name),
+                    "fault",
+                    json!({"action": "clear", "fault": left, "note": "the board left Katapult"}),
+                );
+            }
+        }
         b.session = None;
         b.klipper = None;
         b.katapult = None;
@@ -483,9 +496,11 @@ impl Sim {
         self.reboot(i, BootTarget::App, "katapult COMPLETE");
     }
 
-    fn send(&mut self, i: usize, mut bytes: Vec<u8>, crc_pos_from_end: usize, delay: Duration) {
+    /// Write a response; `katapult` ones may be hit by `corrupt-crc` (the noisy Katapult link).
+    fn send(&mut self, i: usize, mut bytes: Vec<u8>, katapult: bool, delay: Duration) {
         let b = &mut self.boards[i];
-        if b.faults.take_corrupt_crc() && bytes.len() >= crc_pos_from_end {
+        let crc_pos_from_end = 4; // Katapult frame: ... crc16 (2) + 0x7e 0x03
+        if katapult && bytes.len() >= crc_pos_from_end && b.faults.take_corrupt_crc() {
             let n = bytes.len();
             bytes[n - crc_pos_from_end] ^= 0xff;
             say!("{}: corrupting the CRC of a response (fault corrupt-crc)", b.cfg.name);
@@ -525,7 +540,7 @@ impl Sim {
         };
         let (blocks, events) = dev.feed(data, since_boot);
         for blk in blocks {
-            self.send(i, blk.encode(), 3, Duration::ZERO);
+            self.send(i, blk.encode(), false, Duration::ZERO);
         }
         for ev in events {
             match ev {
@@ -565,20 +580,42 @@ impl Sim {
         let Some(dev) = b.katapult.as_mut() else {
             return;
         };
-        let out = dev.feed(data, &mut b.flash, &mut b.faults);
+        if let Some(n) = b.faults.drop_after() {
+            dev.halt_after_blocks = Some(n);
+        }
+        let out = dev.feed(data, &mut b.flash);
         let latency = Duration::from_millis(b.cfg.timings.block_latency_ms);
+        let scale = b.cfg.timings.flash_time_scale * b.faults.flash_slowdown();
+        // Modelled erase/program time since the last reply: the next reply waits for it.
+        let mut work = Duration::ZERO;
+        let mut last_delay = Duration::ZERO;
         for o in out {
             match o {
+                KatapultOutput::Work(d) => work += d.mul_f64(scale),
                 KatapultOutput::Reply(r) => {
-                    let delay = match &r {
-                        KResponse::Ack { cmd, .. } if *cmd == CMD_SEND_BLOCK => latency,
-                        _ => Duration::ZERO,
-                    };
+                    let mut delay = std::mem::take(&mut work);
+                    if matches!(&r, KResponse::Ack { cmd, .. } if *cmd == CMD_SEND_BLOCK) {
+                        delay += latency;
+                    }
+                    last_delay = delay;
                     let bytes = r.encode().expect("device responses always encode");
-                    self.send(i, bytes, 4, delay);
+                    self.send(i, bytes, true, delay);
                 }
                 KatapultOutput::Event(ev) => self.katapult_event(i, &name, ev),
             }
+        }
+        // drop-mid-transfer: the device stopped right after the Nth ack.
+        let b = &mut self.boards[i];
+        let acked = b.katapult.as_ref().map_or(0, |k| k.blocks_acked);
+        if let Some(n) = b.faults.drop_after().filter(|n| acked >= *n) {
+            b.faults.consume("drop-mid-transfer");
+            self.log.log(
+                Some(&name),
+                "fault",
+                json!({"action": "fired", "fault": format!("drop-mid-transfer={n}"), "blocks": acked}),
+            );
+            // Let the Nth ack go out (after its modelled flash time), then pull the cable.
+            self.timer(i, last_delay + Duration::from_millis(20), TimerKind::DropCable);
         }
     }
 
@@ -606,19 +643,6 @@ impl Sim {
                 if retransmit {
                     say!("{name}: identical retransmit of block {addr:#x} accepted");
                 }
-                let acked = b.katapult.as_ref().map_or(0, |k| k.blocks_acked);
-                if let Some(n) = b.faults.drop_after() {
-                    if acked >= n {
-                        b.faults.consume("drop-mid-transfer");
-                        self.log.log(
-                            Some(name),
-                            "fault",
-                            json!({"action": "fired", "fault": format!("drop-mid-transfer={n}"), "blocks": acked}),
-                        );
-                        // Let the last ack go out, then pull the cable.
-                        self.timer(i, Duration::from_millis(20), TimerKind::DropCable);
-                    }
-                }
             }
             KatapultEvent::BlockRejected { addr, reason } => {
                 self.log.log(
@@ -628,6 +652,8 @@ impl Sim {
                 );
             }
             KatapultEvent::Eof { pages } => {
+                // rp2040 writes its last buffered page at EOF.
+                b.installed = None;
                 let blocks = b.blocks_session;
                 self.log.log(Some(name), "flash-eof", json!({"pages": pages, "blocks": blocks}));
             }
@@ -641,9 +667,6 @@ impl Sim {
                     "{name}: katapult framing error: {error} ({})",
                     if nacked { "NACK sent" } else { "no NACK: already sent" }
                 );
-            }
-            KatapultEvent::Busy { cmd } => {
-                say!("{name}: answered command {cmd:#04x} with busy (fault)")
             }
             KatapultEvent::UnknownCommand { cmd } => {
                 say!("{name}: command {cmd:#04x} -> command error")
