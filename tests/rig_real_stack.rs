@@ -14,37 +14,22 @@ use std::time::{Duration, Instant};
 
 use rig_support::*;
 
-fn switch(name: &str) -> PathBuf {
-    rig_state_dir().join("switches").join(name)
+/// The real stack with printer.cfg naming two boards, `[mcu]` octopus and `[mcu ebb]`, for
+/// the length of a scenario; dropped (passed or failed), the rig's default comes back.
+struct RealStack {
+    _host: UsePrinterHost,
 }
-
-fn systemctl(args: &[&str]) {
-    let out = run("systemctl", args);
-    assert!(out.status.success(), "systemctl {args:?}: {}", text(&out.stderr));
-}
-
-/// The real stack for the length of a scenario; dropped (passed or failed), the stand-ins
-/// come back for the scenarios that follow.
-struct RealStack;
 
 impl RealStack {
     fn start() -> RealStack {
-        systemctl(&["stop", "klipper", "moonraker"]);
-        // The guard first: a failed start below still brings the stand-ins back.
-        let guard = RealStack;
-        std::fs::write(switch("real-stack"), "").unwrap();
         std::fs::write(rig_state_dir().join("moonraker/mcus.json"), r#"{"mcu": "octopus", "mcu ebb": "ebb"}"#).unwrap();
-        systemctl(&["start", "klipper", "moonraker"]);
-        guard
+        RealStack { _host: UsePrinterHost::new(PrinterHost::Real) }
     }
 }
 
 impl Drop for RealStack {
     fn drop(&mut self) {
-        let _ = run("systemctl", &["stop", "klipper", "moonraker"]);
-        let _ = std::fs::remove_file(switch("real-stack"));
         let _ = std::fs::remove_file(rig_state_dir().join("moonraker/mcus.json"));
-        let _ = run("systemctl", &["start", "klipper", "moonraker"]);
     }
 }
 

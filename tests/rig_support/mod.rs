@@ -533,7 +533,8 @@ fn try_restart_klipper_and_wait_ready() -> Result<(), String> {
     if !out.status.success() {
         return Err(format!("systemctl restart klipper: {}", text(&out.stderr)));
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // The real Klippy takes 10-20 s in the guest to configure the boards.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let state = try_moonraker_get("/server/info")
             .map(|v| v["result"]["klippy_state"].as_str().unwrap_or("?").to_string())
@@ -542,7 +543,7 @@ fn try_restart_klipper_and_wait_ready() -> Result<(), String> {
             return Ok(());
         }
         if std::time::Instant::now() >= deadline {
-            return Err(format!("Klippy not ready 30 s after a restart: {state}"));
+            return Err(format!("Klippy not ready 120 s after a restart: {state}"));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -580,6 +581,64 @@ impl Drop for Background {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Which printer host runs as the klipper and moonraker units: the real Klippy and Moonraker
+/// (the rig's default, `switches/real-stack`) or the stand-ins, kept for the faults the real
+/// programs cannot show (a hung Moonraker, a proxy's 403, scripted print states).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PrinterHost {
+    Real,
+    StandIn,
+}
+
+fn real_stack_switch() -> PathBuf {
+    rig_state_dir().join("switches").join("real-stack")
+}
+
+fn set_printer_host(host: PrinterHost) -> Result<(), String> {
+    let sys = |args: &[&str]| {
+        let out = run("systemctl", args);
+        out.status.success().then_some(()).ok_or_else(|| format!("systemctl {args:?}: {}", text(&out.stderr)))
+    };
+    sys(&["stop", "klipper", "moonraker"])?;
+    match host {
+        PrinterHost::Real => std::fs::write(real_stack_switch(), "").map_err(|e| e.to_string())?,
+        PrinterHost::StandIn => {
+            let _ = std::fs::remove_file(real_stack_switch());
+        }
+    }
+    sys(&["start", "klipper", "moonraker"])
+}
+
+/// The printer host the rig runs now.
+pub fn printer_host() -> PrinterHost {
+    if real_stack_switch().exists() {
+        PrinterHost::Real
+    } else {
+        PrinterHost::StandIn
+    }
+}
+
+/// Run the scenario on `host`; dropped (passed or failed), the previous host comes back.
+pub struct UsePrinterHost {
+    previous: PrinterHost,
+}
+
+impl UsePrinterHost {
+    pub fn new(host: PrinterHost) -> UsePrinterHost {
+        let guard = UsePrinterHost { previous: printer_host() };
+        set_printer_host(host).unwrap_or_else(|e| panic!("{e}"));
+        guard
+    }
+}
+
+impl Drop for UsePrinterHost {
+    fn drop(&mut self) {
+        if let Err(e) = set_printer_host(self.previous) {
+            eprintln!("cleanup: {e}");
         }
     }
 }

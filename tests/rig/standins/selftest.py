@@ -1310,7 +1310,8 @@ class StartScriptTest(Tmp):
             json.dump(BOARDS, f)
         env = dict(os.environ, HOME=self.path("home"), KFLASH_RIG_STATE=self.path("state"),
                    KFLASH_RIG_MOONRAKER_PORT=str(port),
-                   KFLASH_RIG_BOARDS_JSON=self.path("boards.json"))
+                   KFLASH_RIG_BOARDS_JSON=self.path("boards.json"),
+                   KFLASH_RIG_STANDIN_HOST="1")  # this tests the stand-ins themselves
         ctl = [SYSTEMCTL]
         self.addCleanup(run, ctl + ["stop", "moonraker"], env=env, check=False)
         run([os.path.join(HERE, "start")], env=env)
