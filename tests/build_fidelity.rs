@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::{kflash_env, kflash_tty, text};
+use common::{kflash_env, kflash_tty, text, BOARDS};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -20,17 +20,6 @@ struct Rig {
     tree: PathBuf,
     cfg: PathBuf,
 }
-
-const BOARDS: &str = r#"[boards.octopus]
-name = "Octopus Pro"
-mcu = "stm32h723xx"
-serial = "29001A001151313531383332"
-
-[boards.nitehawk]
-name = "Nitehawk"
-mcu = "rp2040"
-serial = "E661640843545B2E"
-"#;
 
 fn make_tree(dest: &Path) {
     let st =

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::{kflash_tty, text};
+use common::{kflash_tty, text, BOARDS};
 
 fn kflash(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kflash"))
@@ -16,17 +16,6 @@ fn kflash(dir: &Path, args: &[&str]) -> Output {
         .output()
         .expect("run kflash")
 }
-
-const BOARDS: &str = r#"[boards.octopus]
-name = "Octopus Pro"
-mcu = "stm32h723xx"
-serial = "29001A001151313531383332"
-
-[boards.nitehawk]
-name = "Nitehawk"
-mcu = "rp2040"
-serial = "E661640843545B2E"
-"#;
 
 /// A Klipper-like tree whose menuconfig writes $(KCONFIG_CONFIG) for the MCU in $MENU_MCU
 /// and which leaves a marker so tests can tell whether make ran at all.

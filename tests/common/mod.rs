@@ -4,6 +4,18 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// Two registered boards, as `boards.toml`.
+pub const BOARDS: &str = r#"[boards.octopus]
+name = "Octopus Pro"
+mcu = "stm32h723xx"
+serial = "29001A001151313531383332"
+
+[boards.nitehawk]
+name = "Nitehawk"
+mcu = "rp2040"
+serial = "E661640843545B2E"
+"#;
+
 /// Run kflash with a pseudo-terminal as stdin and stdout (menuconfig needs one) and `env` set;
 /// stdout in the result is what was written to the terminal.
 pub fn kflash_tty(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {

@@ -341,15 +341,9 @@ impl KatapultDevice {
         }
     }
 
-    /// katapult src/flashcmd.c `command_write_block` + src/rp2040/flash.c
-    /// `flash_write_block`: length, app start, alignment and flash bounds are checked; the
-    /// block lands in the page buffer, which is flushed first when the block lies outside it.
-    fn write_block_rp2040(
-        &mut self,
-        addr: u32,
-        data: &[u8],
-        flash: &mut FlashMemory,
-    ) -> Result<(bool, bool, Duration), WriteError> {
+    /// katapult src/flashcmd.c `command_write_block`: length, app start, alignment and flash
+    /// bounds, the same for every family. Returns the block size.
+    fn check_block(&self, addr: u32, data: &[u8], flash: &FlashMemory) -> Result<u32, WriteError> {
         let bs = self.info.block_size;
         if data.len() != bs as usize {
             return Err(WriteError::WrongLength(data.len()));
@@ -363,6 +357,19 @@ impl KatapultDevice {
         if !flash.contains(addr, bs) {
             return Err(WriteError::OutOfFlash);
         }
+        Ok(bs)
+    }
+
+    /// katapult src/flashcmd.c `command_write_block` + src/rp2040/flash.c
+    /// `flash_write_block`: length, app start, alignment and flash bounds are checked; the
+    /// block lands in the page buffer, which is flushed first when the block lies outside it.
+    fn write_block_rp2040(
+        &mut self,
+        addr: u32,
+        data: &[u8],
+        flash: &mut FlashMemory,
+    ) -> Result<(bool, bool, Duration), WriteError> {
+        let bs = self.check_block(addr, data, flash)?;
         let page = RP2040_PAGE.max(bs);
         let inside = matches!(&self.buffer, Some((start, _)) if addr >= *start && addr + bs <= *start + page);
         let (work, erased) = if inside { (Duration::ZERO, false) } else { self.flush_rp2040(flash) };
@@ -397,19 +404,7 @@ impl KatapultDevice {
         data: &[u8],
         flash: &mut FlashMemory,
     ) -> Result<(bool, bool, Duration), WriteError> {
-        let bs = self.info.block_size;
-        if data.len() != bs as usize {
-            return Err(WriteError::WrongLength(data.len()));
-        }
-        if addr < self.app_start {
-            return Err(WriteError::BelowAppStart);
-        }
-        if addr & (bs - 1) != 0 {
-            return Err(WriteError::Misaligned);
-        }
-        if !flash.contains(addr, bs) {
-            return Err(WriteError::OutOfFlash);
-        }
+        let bs = self.check_block(addr, data, flash)?;
         let page_size = flash.layout.page_size(addr);
         let page = flash.layout.page_start(addr);
         let mut erase = false;
