@@ -192,12 +192,16 @@ async fn halted(
         ));
         return Ok(Clearance { check: PrintCheck::KlippyHalted });
     };
+    if answered == Some(PrintCheck::KlippyHalted) {
+        // The same halt the first check showed and the user confirmed: not said twice.
+        return Ok(Clearance { check: PrintCheck::KlippyHalted });
+    }
     rep.report(Report::Warning(format!(
         "Klippy is {state}{why}, so nothing moves; print_stats still says {} from before the {state}, \
          and that print cannot be resumed",
         p.describe()
     )));
-    if answered == Some(PrintCheck::KlippyHalted) || rep.confirm("Flash anyway?").await {
+    if rep.confirm("Flash anyway?").await {
         Ok(Clearance { check: PrintCheck::KlippyHalted })
     } else {
         Err(SafetyError::HaltedNotConfirmed { state: state.to_string(), print: p.describe() }.into())

@@ -160,6 +160,7 @@ fn real_print_states_gate_the_flash() {
     // The octopus is still shut down from the M112, so the restarted Klippy cannot configure
     // it; kflash sends the FIRMWARE_RESTART a user would, and verifies after that.
     assert!(err.contains("so kflash sends FIRMWARE_RESTART"), "{err}");
+    assert_eq!(err.matches("so nothing moves").count(), 1, "the halt is said once: {err}");
     assert_eq!(log.verbs("klipper"), ["stop", "start"]);
     assert_eq!(mcu_version("mcu ebb"), klipper_tree_version(), "the real Moonraker reports the new version");
 }
