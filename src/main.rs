@@ -462,13 +462,12 @@ impl kflash::firmware::BuildProgress for BuildDraw {
         for w in &m.warnings {
             eprintln!("Kconfig {w}");
         }
-        if m.rewrites() && !self.json {
-            println!("{}: the Klipper tree's Kconfig updated the board's config:", self.key);
-            for line in m.describe() {
-                println!("  {line}");
-            }
-            if let Some(prev) = &m.previous {
-                println!("  (the previous config is kept at {})", prev.display());
+        if !self.json {
+            for (i, line) in m.report_lines().iter().enumerate() {
+                match i {
+                    0 => println!("{}: {line}", self.key),
+                    _ => println!("{line}"),
+                }
             }
         }
     }

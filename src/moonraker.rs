@@ -59,8 +59,13 @@ fn is_halted(e: &MoonrakerError) -> bool {
     matches!(e, MoonrakerError::KlippyNotReady { state, .. } if state == "error" || state == "shutdown")
 }
 
+/// The first non-empty line of one of Klippy's multi-line state messages.
+pub fn first_line(message: &str) -> Option<&str> {
+    message.lines().map(str::trim).find(|l| !l.is_empty())
+}
+
 fn first_line_suffix(message: &str) -> String {
-    match message.lines().map(str::trim).find(|l| !l.is_empty()) {
+    match first_line(message) {
         Some(line) => format!(": {line}"),
         None => String::new(),
     }
@@ -292,23 +297,22 @@ impl Moonraker {
     /// recommend polling `server.info` at startup. The interval starts at 250 ms and
     /// grows to 1 s; no request runs past the deadline.
     pub async fn wait_klippy_ready(&self, deadline: Instant) -> Result<ServerInfo, MoonrakerError> {
-        let started = Instant::now();
-        poll_until(deadline, || self.ready_probe()).await.map_err(|e| match e {
-            MoonrakerError::KlippyNotReady { state, message, .. } => {
-                MoonrakerError::KlippyNotReady { state, message, waited_secs: started.elapsed().as_secs_f64() }
-            }
-            other => other,
-        })
+        self.wait_klippy(deadline, false).await
     }
 
     /// Wait until Klippy has settled after a start: `ready`, or stuck in `error` /
     /// `shutdown` (returned as [`MoonrakerError::KlippyNotReady`] at once, not at the
     /// deadline, so the caller can act on the message).
     pub async fn wait_klippy_settled(&self, deadline: Instant) -> Result<ServerInfo, MoonrakerError> {
+        self.wait_klippy(deadline, true).await
+    }
+
+    /// Poll until Klippy is ready; with `settle`, also end as soon as it is halted.
+    async fn wait_klippy(&self, deadline: Instant, settle: bool) -> Result<ServerInfo, MoonrakerError> {
         let started = Instant::now();
         let settled = poll_until(deadline, || async {
             match self.ready_probe().await? {
-                Probe::NotYet(e @ MoonrakerError::KlippyNotReady { .. }) if is_halted(&e) => Ok(Probe::Done(Err(e))),
+                Probe::NotYet(e) if settle && is_halted(&e) => Ok(Probe::Done(Err(e))),
                 Probe::NotYet(e) => Ok(Probe::NotYet(e)),
                 Probe::Done(info) => Ok(Probe::Done(Ok(info))),
             }
@@ -419,16 +423,14 @@ impl Moonraker {
 
 /// Was the connection refused (nothing listens)? reqwest wraps the `io::Error`.
 fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        next = err.source();
-    }
-    false
+    causes(e).any(|err| {
+        err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+}
+
+/// `e` and its sources, outermost first.
+fn causes<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
 }
 
 /// "an empty body", "a text/html body (<html><head><title>404…)".
@@ -478,11 +480,7 @@ fn field<'a>(value: &'a Value, key: &str, path: &str) -> Result<&'a Value, Moonr
 /// reqwest's top-level message is generic ("error sending request"); the cause
 /// ("Connection refused") is at the bottom of the chain.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut root: &dyn std::error::Error = e;
-    while let Some(next) = root.source() {
-        root = next;
-    }
-    root.to_string()
+    causes(e).last().map(|root| root.to_string()).unwrap_or_default()
 }
 
 /// Percent-encode a query component: object names such as `mcu toolhead` have spaces.

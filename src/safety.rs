@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::flash::{Phase, Report, Reporter};
 use crate::error::{Error, Result};
-use crate::moonraker::{Moonraker, MoonrakerError, PrintStatus};
+use crate::moonraker::{first_line, Moonraker, MoonrakerError, PrintStatus};
 
 /// How the print check came out, for the user and the flash history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,11 +50,6 @@ impl PrintCheck {
             PrintCheck::MoonrakerDown => "moonraker-down",
             PrintCheck::Skipped => "skipped",
         }
-    }
-
-    /// Moonraker answered, so its later answers (versions, readiness) are worth asking for.
-    pub fn moonraker_answered(self) -> bool {
-        !matches!(self, PrintCheck::MoonrakerDown | PrintCheck::Skipped)
     }
 }
 
@@ -180,7 +175,7 @@ async fn halted(
     rep: &mut dyn Reporter,
 ) -> Result<Clearance> {
     let why = match mr.printer_info().await {
-        Ok(p) => p.state_message.lines().map(str::trim).find(|l| !l.is_empty()).map(|l| format!(" ({l})")),
+        Ok(p) => first_line(&p.state_message).map(|l| format!(" ({l})")),
         Err(_) => None,
     }
     .unwrap_or_default();
@@ -226,10 +221,14 @@ async fn not_answered(
     if !e.nothing_listens() {
         return Err(SafetyError::Unanswered { cause: e }.into());
     }
+    if answered == Some(PrintCheck::MoonrakerDown) {
+        // Still down, as the first check found and the user accepted: not said twice.
+        return Ok(Clearance { check: PrintCheck::MoonrakerDown });
+    }
     rep.report(Report::Warning(format!(
         "{e}: nothing listens there, so Moonraker is not running; the print state cannot be checked"
     )));
-    if answered == Some(PrintCheck::MoonrakerDown) || rep.confirm("Continue without the print-safety check?").await {
+    if rep.confirm("Continue without the print-safety check?").await {
         Ok(Clearance { check: PrintCheck::MoonrakerDown })
     } else {
         Err(SafetyError::MoonrakerDownNotConfirmed { cause: e }.into())

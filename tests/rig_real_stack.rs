@@ -33,20 +33,21 @@ impl Drop for RealStack {
     }
 }
 
-/// Wait for Klippy `ready` as the real Moonraker reports it; the time it took.
-fn wait_ready(timeout: Duration) -> Duration {
+/// Wait for Klippy's state (as the real Moonraker reports it) to be `want`; the time it took.
+/// Polled: over HTTP Moonraker pushes nothing.
+fn wait_klippy(want: &str, timeout: Duration) -> Duration {
     let t = Instant::now();
     loop {
         let state = try_moonraker_get("/server/info")
             .map(|v| v["result"]["klippy_state"].as_str().unwrap_or("?").to_string())
             .unwrap_or_else(|e| e);
-        if state == "ready" {
+        if state == want {
             return t.elapsed();
         }
         if t.elapsed() > timeout {
             let log = std::fs::read_to_string(home().join("printer_data/logs/klippy.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!("Klippy not ready after {timeout:?} (last: {state}); klippy.log tail:\n{}", tail.join("\n"));
+            panic!("Klippy not {want} after {timeout:?} (last: {state}); klippy.log tail:\n{}", tail.join("\n"));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -68,7 +69,7 @@ fn real_klippy_and_moonraker_verify_a_flash() {
     reset_boards();
     let _clean = LeaveRigClean;
     let _stack = RealStack::start();
-    let took = wait_ready(Duration::from_secs(180));
+    let took = wait_klippy("ready", Duration::from_secs(180));
     println!("real Klippy + Moonraker: start to ready {:.1} s", took.as_secs_f64());
 
     let before = mcu_version("mcu ebb");
@@ -99,20 +100,6 @@ fn wait_print_state(want: &str, timeout: Duration) {
     }
 }
 
-fn wait_klippy(want: &str, timeout: Duration) {
-    let t = Instant::now();
-    loop {
-        let state = try_moonraker_get("/server/info")
-            .map(|v| v["result"]["klippy_state"].as_str().unwrap_or("?").to_string())
-            .unwrap_or_else(|e| e);
-        if state == want {
-            return;
-        }
-        assert!(t.elapsed() < timeout, "Klippy not {want} after {timeout:?}: {state}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn real_print_states_gate_the_flash() {
@@ -120,7 +107,7 @@ fn real_print_states_gate_the_flash() {
     reset_boards();
     let _clean = LeaveRigClean;
     let _stack = RealStack::start();
-    wait_ready(Duration::from_secs(180));
+    wait_klippy("ready", Duration::from_secs(180));
     let rig = FlashRig::new(EBB, EBB.1, &[("klippy_ready_secs", 180)]);
     ok(&rig.kflash(&["build", EBB.0]));
 

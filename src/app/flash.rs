@@ -158,15 +158,9 @@ impl BuildProgress for BuildLines<'_> {
         for w in &m.warnings {
             self.0.report(Report::Warning(format!("Kconfig {w}")));
         }
-        if m.rewrites() {
-            let mut text = "the Klipper tree's Kconfig updated the board's config:".to_string();
-            for line in m.describe() {
-                text.push_str(&format!("\n     {line}"));
-            }
-            if let Some(prev) = &m.previous {
-                text.push_str(&format!("\n     (the previous config is kept at {})", prev.display()));
-            }
-            self.0.report(Report::Warning(text));
+        let lines = m.report_lines();
+        if !lines.is_empty() {
+            self.0.report(Report::Warning(lines.join("\n   ")));
         }
     }
 }
@@ -611,7 +605,7 @@ async fn verify_in_klipper(
                 rep.report(Report::Warning(format!(
                     "Klippy is in state {state}: {}; the other boards are still shut down from the emergency stop, \
                      so kflash sends FIRMWARE_RESTART",
-                    message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("")
+                    crate::moonraker::first_line(&message).unwrap_or("")
                 )));
                 mr.firmware_restart().await?;
             }

@@ -53,6 +53,20 @@ impl Migration {
         self.migrated != self.original
     }
 
+    /// What a build tells the user when the config was updated: a heading, the changes and
+    /// where the previous config is kept. Empty when nothing was rewritten.
+    pub fn report_lines(&self) -> Vec<String> {
+        if !self.rewrites() {
+            return Vec::new();
+        }
+        let mut lines = vec!["the Klipper tree's Kconfig updated the board's config:".to_string()];
+        lines.extend(self.describe().into_iter().map(|l| format!("  {l}")));
+        if let Some(prev) = &self.previous {
+            lines.push(format!("  (the previous config is kept at {})", prev.display()));
+        }
+        lines
+    }
+
     /// The changes as lines for a person: `+ CONFIG_X=y (new)`, `- CONFIG_Y=y (removed)`,
     /// `~ CONFIG_Z: a -> b`, critical ones marked.
     pub fn describe(&self) -> Vec<String> {

@@ -268,6 +268,17 @@ fn print_status_table(v: &Value) {
     }
 }
 
+/// A subcommand's result as the process status; the error on stderr.
+fn exit_code(command: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kflash-boardsim {command}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn probe_identify(dev: &Path, timeout: f64, full: bool) -> anyhow::Result<Value> {
     // 250000 baud: anything but 1200 (which would ask the board to reboot on close).
     let tty = tty::Tty::new(tty::open_raw(dev, Some(libc::B230400))?)?;
@@ -368,26 +379,14 @@ fn main() -> ExitCode {
         }
         Cmd::StandinImage { out, mcu, version, app } => {
             let image = pty::ImageSource::Standin { app, version, mcu }.load();
-            match image.and_then(|img| std::fs::write(&out, img).map_err(Into::into)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("kflash-boardsim standin-image: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            exit_code("standin-image", image.and_then(|img| std::fs::write(&out, img).map_err(Into::into)))
         }
         Cmd::Pty { link, image, mcu, version, app, reboot_delay_ms } => {
             let source = match image {
                 Some(p) => pty::ImageSource::File(p),
                 None => pty::ImageSource::Standin { app, version, mcu },
             };
-            match pty::run(source, &link, Duration::from_millis(reboot_delay_ms)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("kflash-boardsim pty: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            exit_code("pty", pty::run(source, &link, Duration::from_millis(reboot_delay_ms)))
         }
         Cmd::ProbeKatapult { device, timeout } => match runtime().block_on(probe_katapult(&device, timeout)) {
             Ok(v) => {
