@@ -133,7 +133,9 @@ impl ServiceManager {
         )
     }
 
-    pub async fn stop(&self) -> Result<(), ServiceError> {
+    /// Crate-private: outside, Klipper is stopped only through [`KlipperGuard::stop`], which
+    /// takes the print-safety gate's clearance.
+    pub(crate) async fn stop(&self) -> Result<(), ServiceError> {
         self.run_checked("stop").await
     }
 

@@ -254,7 +254,7 @@ async fn slow_command_times_out() {
     std::fs::create_dir_all(rig.rig_state.join("faults")).unwrap();
     std::fs::write(rig.rig_state.join("faults/systemctl-stop-delay"), "5").unwrap();
     let manager = ServiceManager { timeout: Duration::from_millis(1500), ..rig.manager() };
-    let err = manager.stop().await.unwrap_err();
+    let err = KlipperGuard::stop(manager, &rig.state, REASON, cleared().await).await.unwrap_err();
     assert!(matches!(err, ServiceError::Timeout { .. }), "{err:?}");
     assert!(err.to_string().ends_with("systemctl stop klipper` did not finish within 1.5 s"), "{err}");
 }
