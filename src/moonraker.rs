@@ -50,8 +50,25 @@ pub enum MoonrakerError {
     #[error("Moonraker's answer from {path} is missing {what}")]
     MissingField { path: String, what: String },
 
-    #[error("Klippy is in state {state}{}", first_line_suffix(.message))]
-    KlippyNotReady { state: String, message: String, waited_secs: f64 },
+    #[error("Klippy is in state {state}{}{}", first_line_suffix(.message), diagnosis_suffix(.diagnosis))]
+    KlippyNotReady {
+        state: String,
+        message: String,
+        waited_secs: f64,
+        /// Which MCU Klippy is stuck on and why, when kflash could tell ([`Moonraker::mcu_diagnosis`]).
+        diagnosis: Option<String>,
+    },
+
+    /// Moonraker answers for itself (`/server/info`) but a request it forwards to Klippy
+    /// hangs: its connection to Klippy went stale, or Klippy hangs. Seen with the real
+    /// Moonraker after Klippy restarted on an exception: `/server/info` said `error` while
+    /// Klippy was ready, and every `/printer/*` request hung for over 100 s. So the state it
+    /// reports may be old news, and says nothing about a print.
+    #[error(
+        "Moonraker says Klippy is {state}, but {path} (answered by Klippy through Moonraker) did not answer \
+         within {secs:.1} s: Moonraker's connection to Klippy is stale, or Klippy hangs"
+    )]
+    KlippyUnresponsive { state: String, path: String, secs: f64 },
 }
 
 /// Klippy stopped in `error` or `shutdown`: it stays there until a (firmware) restart.
@@ -62,6 +79,10 @@ fn is_halted(e: &MoonrakerError) -> bool {
 /// The first non-empty line of one of Klippy's multi-line state messages.
 pub fn first_line(message: &str) -> Option<&str> {
     message.lines().map(str::trim).find(|l| !l.is_empty())
+}
+
+fn diagnosis_suffix(diagnosis: &Option<String>) -> String {
+    diagnosis.as_deref().map(|d| format!("; {d}")).unwrap_or_default()
 }
 
 fn first_line_suffix(message: &str) -> String {
@@ -105,6 +126,14 @@ impl MoonrakerError {
                 "moonraker_url may point at something that is not Moonraker: try `curl <moonraker_url>/server/info`"
                     .into()
             }
+            MoonrakerError::KlippyUnresponsive { .. } => "restart Moonraker (`sudo systemctl restart moonraker`) and \
+                 check that `curl <moonraker_url>/printer/info` answers; if it still hangs, Klippy itself hangs: \
+                 read klippy.log, make sure nothing is printing, and restart Klipper"
+                .into(),
+            MoonrakerError::KlippyNotReady { diagnosis: Some(_), .. } => "check that board: its USB cable and power \
+                 (`kflash devices` lists what is connected), power-cycle it if it hangs; then run FIRMWARE_RESTART \
+                 (from Mainsail/Fluidd or the console), and read klippy.log if it does not help"
+                .into(),
             MoonrakerError::KlippyNotReady { state, waited_secs, .. } => match state.as_str() {
                 "startup" => format!(
                     "Klippy was still starting after {waited_secs:.0} s: read klippy.log, or raise \
@@ -127,11 +156,23 @@ impl MoonrakerError {
         matches!(self, MoonrakerError::Unreachable { refused: true, .. })
     }
 
+    /// A request Moonraker forwards to Klippy (`/printer/…`) timed out although Moonraker
+    /// itself just answered `/server/info` with `klippy_state`: the stale connection.
+    pub fn behind_moonraker(self, klippy_state: &str) -> MoonrakerError {
+        match self {
+            MoonrakerError::Timeout { path, secs, .. } if path.starts_with("/printer/") => {
+                MoonrakerError::KlippyUnresponsive { state: klippy_state.to_string(), path, secs }
+            }
+            other => other,
+        }
+    }
+
     /// Worth retrying while waiting for Klippy: Moonraker or Klippy may just be restarting.
     fn is_transient(&self) -> bool {
         match self {
             MoonrakerError::Unreachable { .. }
             | MoonrakerError::Timeout { .. }
+            | MoonrakerError::KlippyUnresponsive { .. }
             | MoonrakerError::KlippyNotConnected { .. }
             | MoonrakerError::KlippyNotReady { .. } => true,
             MoonrakerError::Http { status, .. } => *status >= 500,
@@ -307,7 +348,8 @@ impl Moonraker {
         self.wait_klippy(deadline, true).await
     }
 
-    /// Poll until Klippy is ready; with `settle`, also end as soon as it is halted.
+    /// Poll until Klippy is ready; with `settle`, also end as soon as it is halted. When it
+    /// is stuck connecting to an MCU, the error says which one and why if kflash can tell.
     async fn wait_klippy(&self, deadline: Instant, settle: bool) -> Result<ServerInfo, MoonrakerError> {
         let started = Instant::now();
         let settled = poll_until(deadline, || async {
@@ -318,12 +360,26 @@ impl Moonraker {
             }
         })
         .await;
-        settled.and_then(|r| r).map_err(|e| match e {
-            MoonrakerError::KlippyNotReady { state, message, .. } => {
-                MoonrakerError::KlippyNotReady { state, message, waited_secs: started.elapsed().as_secs_f64() }
+        match settled.and_then(|r| r) {
+            Err(MoonrakerError::KlippyNotReady { state, message, .. }) => {
+                let waited_secs = started.elapsed().as_secs_f64();
+                let diagnosis = match stuck_connecting(&state, &message) {
+                    true => self.mcu_diagnosis().await,
+                    false => None,
+                };
+                Err(MoonrakerError::KlippyNotReady { state, message, waited_secs, diagnosis })
             }
             other => other,
-        })
+        }
+    }
+
+    /// Which MCU Klippy has not connected to, and whether its serial port exists on this
+    /// host (kflash runs on the Klipper host). Klippy connects to the MCUs one after the
+    /// other and an MCU reports `mcu_version` once it identified, so the first without one
+    /// is the one Klippy is stuck on. `None` when Moonraker cannot tell (within 3 s).
+    pub async fn mcu_diagnosis(&self) -> Option<String> {
+        let mcus = tokio::time::timeout(DIAGNOSIS_TIME, self.mcus()).await.ok()?.ok()?;
+        unconnected_mcu(&mcus, |path| std::path::Path::new(path).exists())
     }
 
     /// `FIRMWARE_RESTART`: Klippy resets every MCU and reconnects (the way out of a shutdown).
@@ -339,10 +395,19 @@ impl Moonraker {
             return Ok(Probe::Done(info));
         }
         let message = match info.klippy_connected {
-            true => self.printer_info().await.map(|p| p.state_message).unwrap_or_default(),
+            true => match self.printer_info().await {
+                Ok(p) => p.state_message,
+                Err(e @ MoonrakerError::Timeout { .. }) => return Err(e.behind_moonraker(&info.klippy_state)),
+                Err(_) => String::new(),
+            },
             false => String::new(),
         };
-        Ok(Probe::NotYet(MoonrakerError::KlippyNotReady { state: info.klippy_state, message, waited_secs: 0.0 }))
+        Ok(Probe::NotYet(MoonrakerError::KlippyNotReady {
+            state: info.klippy_state,
+            message,
+            waited_secs: 0.0,
+            diagnosis: None,
+        }))
     }
 
     async fn get_as<T: DeserializeOwned>(&self, path: &str) -> Result<T, MoonrakerError> {
@@ -523,6 +588,36 @@ fn json_pointer_escape(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 
+/// How long the look at the MCUs after a failed wait may take.
+const DIAGNOSIS_TIME: Duration = Duration::from_secs(3);
+
+/// Klippy is still connecting to its MCUs (`startup`), or gave up on one ("mcu 'mcu':
+/// Unable to connect", after 90 s of retries).
+fn stuck_connecting(state: &str, message: &str) -> bool {
+    state == "startup" || (state == "error" && message.contains("Unable to connect"))
+}
+
+/// The first MCU without a version (see [`Moonraker::mcu_diagnosis`]), said with what its
+/// configured port tells: `exists` looks a path up on this host.
+pub fn unconnected_mcu(mcus: &[McuStatus], exists: impl Fn(&str) -> bool) -> Option<String> {
+    let m = mcus.iter().find(|m| m.mcu_version.is_none())?;
+    let section = &m.object;
+    Some(match (m.serial.as_deref(), m.canbus_uuid.as_deref()) {
+        (Some(port), _) if !exists(port) => format!(
+            "Klippy has not connected to [{section}]: its serial {port} does not exist, so the board is unplugged \
+             or not running Klipper"
+        ),
+        (Some(port), _) => format!(
+            "Klippy has not connected to [{section}]: its serial {port} exists, but the board does not answer \
+             Klippy (it may hang)"
+        ),
+        (None, Some(uuid)) => {
+            format!("Klippy has not connected to [{section}]: canbus_uuid {uuid} does not answer on the CAN bus")
+        }
+        (None, None) => format!("Klippy has not connected to [{section}]"),
+    })
+}
+
 /// The MCU whose configured `serial:` is `device`: a by-id path (matched exactly), a
 /// by-path or other path (matched exactly, or as the same device file), or a bare chip-id
 /// serial (matched against the serial inside a configured by-id name). Never matched by
@@ -602,6 +697,7 @@ where
         state: "unknown".into(),
         message: "Moonraker did not answer before the deadline".into(),
         waited_secs: 0.0,
+        diagnosis: None,
     }))
 }
 
@@ -611,7 +707,12 @@ mod tests {
     use std::cell::Cell;
 
     fn not_ready(state: &str) -> MoonrakerError {
-        MoonrakerError::KlippyNotReady { state: state.into(), message: String::new(), waited_secs: 0.0 }
+        MoonrakerError::KlippyNotReady {
+            state: state.into(),
+            message: String::new(),
+            waited_secs: 0.0,
+            diagnosis: None,
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -770,11 +871,51 @@ mod tests {
     }
 
     #[test]
+    fn the_first_mcu_without_a_version_is_where_klippy_is_stuck() {
+        let plugged = "/dev/serial/by-id/usb-Klipper_stm32h723xx_AAA111-if00";
+        let gone = "/dev/serial/by-id/usb-Klipper_stm32f446xx_BBB222-if00";
+        let with = |object: &str, version: Option<&str>, serial: &str| McuStatus {
+            mcu_version: version.map(String::from),
+            ..mcu(object, Some(serial))
+        };
+        let exists = |p: &str| p == plugged;
+        // Identified ones are skipped; [mcu ebb] waits behind [mcu] and is not named.
+        let stuck = [with("mcu", None, plugged), with("mcu ebb", None, gone)];
+        let said = unconnected_mcu(&stuck, exists).unwrap();
+        assert!(said.starts_with("Klippy has not connected to [mcu]: its serial"), "{said}");
+        assert!(said.contains("exists, but the board does not answer Klippy (it may hang)"), "{said}");
+        let unplugged = [with("mcu", Some("v1"), plugged), with("mcu ebb", None, gone)];
+        assert_eq!(
+            unconnected_mcu(&unplugged, exists).unwrap(),
+            format!(
+                "Klippy has not connected to [mcu ebb]: its serial {gone} does not exist, so the board is unplugged \
+                 or not running Klipper"
+            )
+        );
+        let can = McuStatus { canbus_uuid: Some("aabbccddeeff".into()), ..mcu("mcu tool", None) };
+        assert!(unconnected_mcu(&[can], exists).unwrap().contains("canbus_uuid aabbccddeeff does not answer"));
+        assert_eq!(unconnected_mcu(&[with("mcu", Some("v1"), plugged)], exists), None, "all connected");
+    }
+
+    #[test]
+    fn a_hung_klippy_request_behind_an_answering_moonraker_is_the_stale_connection() {
+        let timeout = |path: &str| MoonrakerError::Timeout { url: "http://x".into(), path: path.into(), secs: 5.0 };
+        let e = timeout("/printer/objects/query").behind_moonraker("error");
+        assert!(matches!(&e, MoonrakerError::KlippyUnresponsive { state, .. } if state == "error"), "{e:?}");
+        assert!(e.to_string().contains("Moonraker's connection to Klippy is stale, or Klippy hangs"), "{e}");
+        assert!(e.help().unwrap().contains("restart Moonraker"), "{:?}", e.help());
+        assert!(e.is_transient(), "a wait for Klippy goes on: Moonraker may reconnect");
+        // Moonraker's own endpoint hanging is Moonraker hanging.
+        assert!(matches!(timeout("/server/info").behind_moonraker("ready"), MoonrakerError::Timeout { .. }));
+    }
+
+    #[test]
     fn not_ready_message_is_its_first_line() {
         let e = MoonrakerError::KlippyNotReady {
             state: "error".into(),
             message: "mcu 'mcu': Unable to connect\nOnce the underlying issue is corrected, ...\n".into(),
             waited_secs: 60.0,
+            diagnosis: None,
         };
         assert_eq!(e.to_string(), "Klippy is in state error: mcu 'mcu': Unable to connect");
         assert!(e.help().unwrap().contains("FIRMWARE_RESTART"));

@@ -14,6 +14,7 @@
 //! | Klippy `shutdown`/`error`, not printing | clear, with a note |
 //! | nothing listens at `moonraker_url` (connection refused) | warn and ask (`--yes` answers) |
 //! | 401/403, a timeout, an answer that is not Moonraker's | refuse (exit 9); only `--skip-print-check` passes |
+//! | `/server/info` answers but the print query hangs (a stale connection; whatever state it says) | refuse (exit 9); only `--skip-print-check` passes |
 //!
 //! `--yes` answers questions; it never passes a check that could not be answered.
 
@@ -138,6 +139,11 @@ pub async fn clear_to_stop_klipper(
         Ok(p) => Some(p),
         // Moonraker's own 503 body: Klippy went away since /server/info.
         Err(MoonrakerError::KlippyNotConnected { message }) => return Ok(klippy_disconnected(&message, rep)),
+        // Moonraker answered, but the query it forwards to Klippy hangs: its word on Klippy's
+        // state may be stale (it said `error` while Klippy was ready), so nothing is known.
+        Err(e @ MoonrakerError::Timeout { .. }) => {
+            return not_answered(e.behind_moonraker(&info.klippy_state), opts, answered, rep).await
+        }
         // Klippy is not ready: it may not answer object queries, and nothing moves.
         Err(_) if info.klippy_state != "ready" => None,
         Err(e) => return not_answered(e, opts, answered, rep).await,

@@ -326,8 +326,17 @@ async fn wait_klippy_ready_gives_the_last_state_at_the_deadline() {
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(1000) && waited <= Duration::from_millis(1700), "{waited:?}");
     assert!(matches!(&err, MoonrakerError::KlippyNotReady { state, .. } if state == "error"), "{err:?}");
-    assert_eq!(err.to_string(), "Klippy is in state error: mcu 'toolhead': Unable to connect");
+    // The Spider's by-id link does not exist on this host: kflash says so.
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "Klippy is in state error: mcu 'toolhead': Unable to connect; Klippy has not connected to \
+             [mcu toolhead]: its serial {} does not exist, so the board is unplugged or not running Klipper",
+            by_id(SPIDER_SERIAL)
+        )
+    );
     assert!(err.help().unwrap().contains("FIRMWARE_RESTART"));
+    assert!(err.help().unwrap().contains("USB cable"), "{:?}", err.help());
 
     m.switch("klippy-disconnected", "");
     let err = m.client().wait_klippy_ready(Instant::now() + Duration::from_millis(600)).await.unwrap_err();
@@ -429,4 +438,59 @@ async fn gate_refuses_what_it_cannot_answer() {
         matches!(&err, Error::Safety(SafetyError::Unanswered { cause: MoonrakerError::Timeout { .. } })),
         "{err:?}"
     );
+}
+
+// ---- the stale connection (stand-in switch `stale-klippy`) -------------------------------
+
+/// Seen with the real Moonraker after Klippy restarted on an exception: `/server/info` said
+/// `error` while Klippy was ready, and every `/printer/*` request hung. The gate must not
+/// take `error` at its word ("nothing moves"): it refuses at the request's deadline.
+#[tokio::test]
+async fn gate_refuses_a_stale_connection_at_the_deadline() {
+    let m = StandIn::start(DEFAULT);
+    m.switch("printing", "");
+    for state in ["error", "ready"] {
+        m.switch("stale-klippy", state);
+        let c = Moonraker::new(&m.url, None, Duration::from_millis(800));
+        let info = c.server_info().await.unwrap();
+        assert_eq!((info.klippy_connected, info.klippy_state.as_str()), (true, state));
+        let started = std::time::Instant::now();
+        let mut rep = Answers::yes();
+        let err = clear_to_stop_klipper(&c, GateOptions::default(), None, &mut rep).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "{state}: refused at the request deadline, not later: {took:?}");
+        assert!(
+            matches!(&err, Error::Safety(SafetyError::Unanswered { cause: MoonrakerError::KlippyUnresponsive { .. } })),
+            "{state}: {err:?}"
+        );
+        assert_eq!(err.exit_code(), 9);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "Moonraker says Klippy is {state}, but /printer/objects/query (answered by Klippy through Moonraker) \
+                 did not answer within 0.8 s: Moonraker's connection to Klippy is stale, or Klippy hangs; so kflash \
+                 cannot tell whether the printer is printing, and did not stop Klipper"
+            )
+        );
+        let help = err.help().unwrap();
+        assert!(help.contains("restart Moonraker") && help.contains("--skip-print-check"), "{help}");
+        assert!(rep.questions.is_empty(), "--yes does not pass it: {:?}", rep.questions);
+        assert!(!rep.text().contains("nothing moves"), "a stale `error` is not a halt: {}", rep.text());
+    }
+}
+
+/// After a flash, a stale connection is not "Klippy is in state error … FIRMWARE_RESTART":
+/// the wait ends at its deadline and says the connection is stale.
+#[tokio::test]
+async fn wait_klippy_ready_on_a_stale_connection_says_so_at_the_deadline() {
+    let m = StandIn::start(DEFAULT);
+    m.switch("stale-klippy", "");
+    let c = Moonraker::new(&m.url, None, Duration::from_millis(700));
+    let started = Instant::now();
+    let err = c.wait_klippy_ready(started + Duration::from_secs(3)).await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(2000) && waited <= Duration::from_millis(3300), "{waited:?}");
+    assert!(matches!(&err, MoonrakerError::KlippyUnresponsive { state, .. } if state == "error"), "{err:?}");
+    assert!(err.to_string().contains("/printer/info"), "{err}");
+    assert!(!err.help().unwrap().contains("FIRMWARE_RESTART"), "{:?}", err.help());
 }

@@ -294,7 +294,7 @@ async fn run_flash(
         // Klippy's MCU versions are what it saw when it last connected; only trust them
         // while it is ready (after a shutdown or error they may be stale).
         attempt.version_before = match mr.server_info().await {
-            Ok(si) if si.klippy_state == "ready" => running_version(&mr, &board).await,
+            Ok(si) if si.klippy_state == "ready" => running_version(&mr, &board).await.ok().flatten(),
             Ok(si) => {
                 rep.report(Report::Warning(format!(
                     "Klippy is {}, so its view of the board's version is not trusted; flashing",
@@ -572,15 +572,16 @@ async fn write_katapult(ctx: &Ctx<'_>, boot: &Board, built: &BuildOutcome, rep: 
     Ok(())
 }
 
-/// What Klipper says this board runs, by the board's configured serial path.
-async fn running_version(mr: &Moonraker, board: &Board) -> Option<String> {
-    let mcus = mr.mcus().await.ok()?;
+/// What Klipper says this board runs, by the board's configured serial path (`None`: no
+/// `[mcu]` section uses it, or Klippy has no version for it).
+async fn running_version(mr: &Moonraker, board: &Board) -> Result<Option<String>, MoonrakerError> {
+    let mcus = mr.mcus().await?;
     let id = &board.identity;
     let found = [id.by_id.as_deref(), id.by_path.as_deref(), id.serial.as_deref()]
         .into_iter()
         .flatten()
-        .find_map(|d| mcu_for_serial(&mcus, d))?;
-    found.mcu_version.clone()
+        .find_map(|d| mcu_for_serial(&mcus, d));
+    Ok(found.and_then(|m| m.mcu_version.clone()))
 }
 
 /// Level (c): after Klipper is back, Klippy is ready and reports the new version for this
@@ -597,6 +598,10 @@ async fn verify_in_klipper(
     deadline: Instant,
     rep: &mut dyn Reporter,
 ) -> Result<()> {
+    // Klippy not ready, or Moonraker unable to say: the flash was good, the check was not had.
+    let unconfirmed = |cause: MoonrakerError| -> Error {
+        FlashError::KlipperUnconfirmed { version: version.to_string(), cause }.into()
+    };
     let t = StdInstant::now();
     rep.report(Report::Begin(Phase::Moonraker, "waiting for Klipper to be ready".into()));
     if check == PrintCheck::KlippyHalted {
@@ -607,14 +612,15 @@ async fn verify_in_klipper(
                      so kflash sends FIRMWARE_RESTART",
                     crate::moonraker::first_line(&message).unwrap_or("")
                 )));
-                mr.firmware_restart().await?;
+                mr.firmware_restart().await.map_err(unconfirmed)?;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(unconfirmed(e)),
             Ok(_) => {}
         }
     }
-    mr.wait_klippy_ready(deadline).await?;
-    match running_version(mr, board).await {
+    let info = mr.wait_klippy_ready(deadline).await.map_err(unconfirmed)?;
+    let running = running_version(mr, board).await.map_err(|e| unconfirmed(e.behind_moonraker(&info.klippy_state)))?;
+    match running {
         Some(v) if v == version => {
             rep.report(Report::Done(
                 Phase::Moonraker,

@@ -48,6 +48,11 @@ pub enum FlashError {
     #[error("the board runs {running}, not the flashed {expected}")]
     VersionMismatch { expected: String, running: String },
 
+    /// Level (c) failed after a good flash: the board itself reported the new version
+    /// (level b), but Klippy did not get ready, or Moonraker could not say what it runs.
+    #[error("the board runs the flashed {version} (it said so itself), but Klipper did not confirm it: {cause}")]
+    KlipperUnconfirmed { version: String, cause: crate::moonraker::MoonrakerError },
+
     #[error("could not read the running firmware's identify data: {0}")]
     Identify(String),
 
@@ -92,6 +97,10 @@ impl FlashError {
                 "`kflash watch` shows what the board does; if it is just slow raise timeouts.reconnect_secs, else power-cycle it and run `kflash flash KEY` again".into()
             }
             FlashError::VersionMismatch { .. } => "flash again with `kflash flash KEY --force`; if it persists, the write did not take".into(),
+            FlashError::KlipperUnconfirmed { cause, .. } => format!(
+                "the flash itself is done and Klipper was started again; {}",
+                cause.help().unwrap_or_else(|| "read klippy.log".into())
+            ),
             FlashError::Identify(_) => "check that nothing else holds the board's tty, and that it runs Klipper".into(),
             FlashError::Tool(_) => "read the tool's output above".into(),
         }

@@ -54,6 +54,9 @@ MSG_CONFIG = ("\nOnce the underlying issue is corrected, use the \"RESTART\"\nco
               "reload the config and restart the host software.\nPrinter is halted\n")
 
 
+# A stale connection's /printer/* requests hang (seen: over 100 s); a client gives up first.
+STALE_HANG_SECS = 300
+
 class ApiError(Exception):
     def __init__(self, code, message):
         super().__init__(message)
@@ -354,7 +357,13 @@ class Rig:
     def server_info(self, args):
         run, _ = self.klippy()
         connected = not isinstance(run, Disconnected)
-        return {"klippy_connected": connected, "klippy_state": run.state,
+        state = run.state
+        stale = self.switch("stale-klippy")
+        if stale is not None:
+            # Moonraker's last word from a connection that went stale (seen: `error` while
+            # Klippy was ready again).
+            connected, state = True, stale.strip() or "error"
+        return {"klippy_connected": connected, "klippy_state": state,
                 "components": COMPONENTS, "failed_components": [],
                 "registered_directories": ["config", "logs", "gcodes", "config_examples", "docs"],
                 "warnings": [], "websocket_count": 0, "moonraker_version": MOONRAKER_VERSION,
@@ -528,6 +537,10 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         if delay:
             time.sleep(delay)  # simulated slow Moonraker
         if rig.switch("unreachable") is not None:
+            return self.abort_connection()
+        if rig.switch("stale-klippy") is not None and url.path.startswith("/printer/"):
+            # The stale connection: the request is forwarded to a Klippy that never answers.
+            time.sleep(STALE_HANG_SECS)
             return self.abort_connection()
         key = rig.switch("api-key")
         if key is not None and key.strip() and self.headers.get("X-Api-Key") != key.strip():

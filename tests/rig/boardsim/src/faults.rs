@@ -23,6 +23,10 @@ pub enum Fault {
     SlowFlash(f64),
     /// Klipper ignores the 1200-baud bootloader request.
     IgnoreTouch,
+    /// The firmware hangs (a stuck main loop): the tty stays, but nothing sent to it is read
+    /// or answered, and the 1200-baud request goes unseen too (Klipper's USB requests are
+    /// served by the same main loop). Kept until cleared.
+    Mute,
     /// Katapult's CONNECT reports this MCU instead of the real one.
     WrongMcu(String),
     /// Katapult is built for this application start address (reported and enforced).
@@ -55,6 +59,7 @@ impl Fault {
             "no-return" => no_value(value).map(|_| Fault::NoReturn)?,
             "return-katapult" => no_value(value).map(|_| Fault::ReturnKatapult)?,
             "ignore-touch" => no_value(value).map(|_| Fault::IgnoreTouch)?,
+            "mute" => no_value(value).map(|_| Fault::Mute)?,
             "rom-dfu" => no_value(value).map(|_| Fault::RomDfu)?,
             "slow-return" => {
                 let v = need(name, value)?;
@@ -83,7 +88,7 @@ impl Fault {
             other => {
                 return Err(format!(
                     "unknown fault '{other}' (known: no-return, return-katapult, slow-return=SECS, \
-                     drop-mid-transfer=BLOCKS, corrupt-crc=N, slow-flash=FACTOR, ignore-touch, wrong-mcu=NAME, \
+                     drop-mid-transfer=BLOCKS, corrupt-crc=N, slow-flash=FACTOR, ignore-touch, mute, wrong-mcu=NAME, \
                      wrong-app-start=ADDR, rom-dfu)"
                 ))
             }
@@ -100,6 +105,7 @@ impl Fault {
             Fault::CorruptCrc(_) => "corrupt-crc",
             Fault::SlowFlash(_) => "slow-flash",
             Fault::IgnoreTouch => "ignore-touch",
+            Fault::Mute => "mute",
             Fault::WrongMcu(_) => "wrong-mcu",
             Fault::WrongAppStart(_) => "wrong-app-start",
             Fault::RomDfu => "rom-dfu",
@@ -177,6 +183,9 @@ impl Faults {
     }
     pub fn ignore_touch(&self) -> bool {
         self.has("ignore-touch")
+    }
+    pub fn mute(&self) -> bool {
+        self.has("mute")
     }
     pub fn rom_dfu(&self) -> bool {
         self.has("rom-dfu")
@@ -284,6 +293,7 @@ mod tests {
             "corrupt-crc=2",
             "slow-flash=2.5",
             "ignore-touch",
+            "mute",
             "wrong-mcu=rp2040",
             "wrong-app-start=0x10004000",
             "rom-dfu",

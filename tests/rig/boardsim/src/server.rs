@@ -535,6 +535,10 @@ impl Sim {
     fn klipper_data(&mut self, i: usize, data: &[u8]) {
         let name = self.name(i);
         let since_boot = self.boards[i].klipper_boot.elapsed();
+        if self.boards[i].faults.mute() {
+            // A hung firmware: the bytes sit unread, nothing is acked or answered.
+            return;
+        }
         let Some(dev) = self.boards[i].klipper.as_mut() else {
             return;
         };
@@ -690,7 +694,9 @@ impl Sim {
         if !request {
             return;
         }
-        let action = if b.faults.ignore_touch() {
+        let action = if b.faults.mute() {
+            "unseen (fault mute: the firmware hangs)"
+        } else if b.faults.ignore_touch() {
             "ignored (fault ignore-touch)"
         } else if b.faults.rom_dfu() {
             "reboot to rom-bootloader (fault rom-dfu)"
@@ -698,7 +704,7 @@ impl Sim {
             "reboot to katapult"
         };
         self.log.log(Some(&name), "touch", json!({"baud": 1200, "dtr": false, "action": action}));
-        if b.faults.ignore_touch() {
+        if b.faults.ignore_touch() || b.faults.mute() {
             return;
         }
         let target = if b.faults.rom_dfu() { BootTarget::Dfu } else { BootTarget::Katapult };
