@@ -201,3 +201,35 @@ async fn after_an_emergency_stop_the_real_moonraker_shows_the_stale_print() {
     let clearance = clear_to_stop_klipper(&c, GateOptions::default(), None, &mut Answers::yes()).await.unwrap();
     assert_eq!(clearance.check(), PrintCheck::KlippyHalted);
 }
+
+/// The stale connection through the real Moonraker: Klippy stops answering its socket, and
+/// Moonraker goes on answering `/server/info` with its last word (`shutdown` after an M112,
+/// or `ready`) while the print query hangs. The gate refuses at its request deadline; it
+/// used to take `shutdown` for "nothing moves" and clear the stop.
+#[tokio::test]
+async fn a_klippy_that_stops_answering_behind_the_real_moonraker_refuses() {
+    for (state, job) in [("shutdown", "paused"), ("ready", "printing")] {
+        let m = with_klippy(state, job);
+        let c = Moonraker::new(&m.url, None, Duration::from_millis(1500));
+        // Moonraker says `startup` until it has finished its own set-up with Klippy.
+        let t = Instant::now();
+        while c.server_info().await.unwrap().klippy_state != state {
+            assert!(t.elapsed() < Duration::from_secs(10), "Moonraker never saw Klippy {state}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        m.freeze_klippy();
+        let info = c.server_info().await.unwrap();
+        assert_eq!((info.klippy_connected, info.klippy_state.as_str()), (true, state), "Moonraker's last word");
+        let started = Instant::now();
+        let mut rep = Answers::yes();
+        let err = clear_to_stop_klipper(&c, GateOptions::default(), None, &mut rep).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{state}: {:?}", started.elapsed());
+        assert!(
+            matches!(&err, Error::Safety(SafetyError::Unanswered { cause: MoonrakerError::KlippyUnresponsive { .. } })),
+            "{state}: {err:?}"
+        );
+        assert_unanswered(&err, "restart Moonraker");
+        assert!(rep.questions.is_empty(), "--yes does not pass it: {:?}", rep.questions);
+        assert!(!rep.text().contains("nothing moves"), "{}", rep.text());
+    }
+}

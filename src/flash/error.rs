@@ -106,3 +106,30 @@ impl FlashError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::moonraker::MoonrakerError;
+
+    /// Level (c) failing after a good flash is a verification failure (exit 7), not "Moonraker
+    /// could not be asked" (exit 9), and says the flash itself is done.
+    #[test]
+    fn klipper_not_confirming_a_good_flash_is_exit_7() {
+        let cause = MoonrakerError::KlippyNotReady {
+            state: "startup".into(),
+            message: "Printer is not ready\nThe klippy host software is attempting to connect.".into(),
+            waited_secs: 30.0,
+            diagnosis: Some("Klippy has not connected to [mcu]: its serial /dev/x does not exist, so …".into()),
+        };
+        let e = crate::Error::from(FlashError::KlipperUnconfirmed { version: "v1".into(), cause });
+        assert_eq!((e.exit_code(), e.kind()), (7, "flash"));
+        assert_eq!(
+            e.to_string(),
+            "the board runs the flashed v1 (it said so itself), but Klipper did not confirm it: Klippy is in state \
+             startup: Printer is not ready; Klippy has not connected to [mcu]: its serial /dev/x does not exist, so …"
+        );
+        let help = e.help().unwrap();
+        assert!(help.starts_with("the flash itself is done and Klipper was started again; check that board"), "{help}");
+    }
+}

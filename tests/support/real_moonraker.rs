@@ -152,6 +152,14 @@ impl RealMoonraker {
     fn pid(&self) -> nix::unistd::Pid {
         nix::unistd::Pid::from_raw(self.child.id() as i32)
     }
+
+    /// SIGSTOP the fake Klippy: its socket stays open and answers nothing, so Moonraker
+    /// answers `/server/info` from what it last heard while `/printer/*` hangs (the stale
+    /// connection). Thawed on drop.
+    pub fn freeze_klippy(&self) {
+        let k = self.klippy.as_ref().expect("started with a Klippy");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(k.id() as i32), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    }
 }
 
 fn wait_for_line(
@@ -175,6 +183,8 @@ impl Drop for RealMoonraker {
         let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
         if let Some(k) = &mut self.klippy {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(k.id() as i32), nix::sys::signal::Signal::SIGCONT);
             let _ = k.kill();
             let _ = k.wait();
         }
