@@ -186,6 +186,10 @@ fn a_board_that_stops_answering_keeps_klippy_from_ready() {
     let out = octopus.kflash_logged(&["flash", OCTOPUS.0, "--force", "--yes"]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{err}");
+    // Before the flash Klippy is still trying to reach the hung board: nothing can print,
+    // and its view of the versions is not used.
+    assert!(err.contains("printer is standby (Klippy is starting)"), "gate: {err}");
+    assert!(err.contains("Klippy is startup, so its view of the board's version is not trusted"), "{err}");
     assert!(err.contains("the board did not enter its bootloader"), "{err}");
     assert_error_and_help(&err);
     log.assert_klipper_stopped_and_restarted();
