@@ -130,9 +130,10 @@ impl MoonrakerError {
                  check that `curl <moonraker_url>/printer/info` answers; if it still hangs, Klippy itself hangs: \
                  read klippy.log, make sure nothing is printing, and restart Klipper"
                 .into(),
-            MoonrakerError::KlippyNotReady { diagnosis: Some(_), .. } => "check that board: its USB cable and power \
-                 (`kflash devices` lists what is connected), power-cycle it if it hangs; then run FIRMWARE_RESTART \
-                 (from Mainsail/Fluidd or the console), and read klippy.log if it does not help"
+            MoonrakerError::KlippyNotReady { diagnosis: Some(_), .. } => "check that board's USB cable and power \
+                 (`kflash devices` lists what is connected), power-cycle it if it hangs; Klippy keeps trying for 90 s \
+                 after it starts, after that run FIRMWARE_RESTART (from Mainsail/Fluidd or the console); klippy.log \
+                 has the details"
                 .into(),
             MoonrakerError::KlippyNotReady { state, waited_secs, .. } => match state.as_str() {
                 "startup" => format!(

@@ -162,7 +162,6 @@ fn a_board_that_stops_answering_keeps_klippy_from_ready() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "level (c) failed after a good flash: {err}");
     assert!(err.contains("Klippy is shutdown (Lost communication with MCU 'mcu'), so nothing moves"), "gate: {err}");
-    assert!(err.contains("its view of the board's version is not trusted"), "pre-flash versions: {err}");
     let new = klipper_tree_version();
     assert!(err.contains(&format!("the board runs the flashed {new} (it said so itself), but Klipper did not confirm it: Klippy is in state startup")), "{err}");
     assert!(
