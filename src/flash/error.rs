@@ -39,6 +39,14 @@ pub enum FlashError {
     #[error("the board did not enter its bootloader: {0}")]
     NoBootloader(String),
 
+    /// It ignored the bootloader request and does not answer Klipper's identify either: a
+    /// hung firmware (the tty is there, nothing answers).
+    #[error(
+        "the board does not answer: it ignored the 1200-baud request for {secs:.1} s, and Klipper's identify got \
+         no answer within {probe_secs:.0} s either, so its firmware hangs"
+    )]
+    Hung { secs: f64, probe_secs: f64 },
+
     #[error("the board came back as {name} ({vid_pid}), not Katapult")]
     RomBootloader { name: String, vid_pid: String },
 
@@ -90,6 +98,9 @@ impl FlashError {
             FlashError::NoBootloader(_) => {
                 "the board may lack Katapult (`kflash katapult-check KEY`), or try method make-flash; power-cycle it if it is stuck".into()
             }
+            FlashError::Hung { .. } => "nothing was written; power-cycle the board (unplug its USB cable, or switch \
+                 the printer off and on), then run `kflash flash KEY` again"
+                .into(),
             FlashError::RomBootloader { .. } => {
                 "the board has no working Katapult: flash it with the chip's own tool (dfu-util / picotool) or install Katapult; power-cycle it to leave the ROM bootloader".into()
             }

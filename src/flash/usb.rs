@@ -11,6 +11,10 @@ use crate::error::Error;
 use crate::hotplug::{Board, Hotplug};
 use crate::identity::{BoardIdentity, Mode};
 
+/// How long a board that ignored the bootloader request gets to answer identify (a live
+/// one answers in well under a second, 1.3 s seen under emulation).
+const HUNG_PROBE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Put a board running Klipper into its bootloader with the 1200-baud request and resolve
 /// when the same board (by chip id + MCU, else USB port) shows up in Katapult. A board
 /// already in Katapult is returned as is.
@@ -40,6 +44,12 @@ pub async fn enter_bootloader(hp: &Hotplug, board: &Board, deadline: Instant) ->
                 .snapshot()
                 .into_iter()
                 .any(|b| b.identity.same_board(&board.identity) && b.identity.mode == Mode::Klipper);
+            // A board that ignores the request may be one whose firmware hangs: ask it what
+            // it runs, as Klippy does; no answer tells the two apart.
+            if still && super::identify::read_identify(Path::new(&devnode), Instant::now() + HUNG_PROBE).await.is_err()
+            {
+                return Err(FlashError::Hung { secs, probe_secs: HUNG_PROBE.as_secs_f64() });
+            }
             return Err(FlashError::NoBootloader(if still {
                 format!("it is still running Klipper {secs:.1} s after the 1200-baud request (it ignored it)")
             } else {
