@@ -299,6 +299,8 @@ fn moonraker_switch(name: &str) -> PathBuf {
 #[ignore = "runs inside the USB rig"]
 fn moonraker_gates_the_flash() {
     in_rig();
+    // Scripted print states and the API-key switch are the stand-in's.
+    let _host = UsePrinterHost::new(PrinterHost::StandIn);
     reset_boards();
     let f = setup(EBB, EBB.1);
 

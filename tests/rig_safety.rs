@@ -65,6 +65,9 @@ fn assert_refused(out: &Output, code: i32, says: &[&str], log: &ServiceLog) {
 #[ignore = "runs inside the USB rig"]
 fn a_bare_404_is_not_nothing_printing() {
     in_rig();
+    // The stand-in's switches script the print states and faults (a hang, a proxy's 403);
+    // the same gate against the real Klippy and Moonraker: rig_real_stack.rs.
+    let _host = UsePrinterHost::new(PrinterHost::StandIn);
     reset_boards();
     let _clean = LeaveRigClean;
     let rig = FlashRig::new(EBB, EBB.1, &[("bootloader_secs", 15), ("reconnect_secs", 30)]);
@@ -104,6 +107,9 @@ fn a_bare_404_is_not_nothing_printing() {
 #[ignore = "runs inside the USB rig"]
 fn refusals_and_a_hang_refuse_even_with_yes() {
     in_rig();
+    // The stand-in's switches script the print states and faults (a hang, a proxy's 403);
+    // the same gate against the real Klippy and Moonraker: rig_real_stack.rs.
+    let _host = UsePrinterHost::new(PrinterHost::StandIn);
     reset_boards();
     let _clean = LeaveRigClean;
     let rig = FlashRig::new(EBB, EBB.1, &[("moonraker_secs", 2)]);
@@ -141,6 +147,9 @@ fn refusals_and_a_hang_refuse_even_with_yes() {
 #[ignore = "runs inside the USB rig"]
 fn katapult_check_is_refused_during_a_print() {
     in_rig();
+    // The stand-in's switches script the print states and faults (a hang, a proxy's 403);
+    // the same gate against the real Klippy and Moonraker: rig_real_stack.rs.
+    let _host = UsePrinterHost::new(PrinterHost::StandIn);
     reset_boards();
     let _clean = LeaveRigClean;
     let rig = FlashRig::new(NITEHAWK, NITEHAWK.1, &[]);
@@ -160,6 +169,9 @@ fn katapult_check_is_refused_during_a_print() {
 #[ignore = "runs inside the USB rig"]
 fn after_an_emergency_stop_kflash_asks_and_yes_flashes() {
     in_rig();
+    // The stand-in's switches script the print states and faults (a hang, a proxy's 403);
+    // the same gate against the real Klippy and Moonraker: rig_real_stack.rs.
+    let _host = UsePrinterHost::new(PrinterHost::StandIn);
     reset_boards();
     restart_klipper_and_wait_ready();
     let _clean = LeaveRigClean;
