@@ -106,6 +106,7 @@ fn refusals_and_a_hang_refuse_even_with_yes() {
     // A reverse proxy in front of the real Moonraker denies this client.
     let proxy = ForbiddingProxy::start();
     ok(&rig.kflash(&["settings", "set", "moonraker_url", &proxy.url]));
+    ok(&rig.kflash(&["settings", "unset", "moonraker_api_key"]));
     let out = rig.kflash_logged(&["flash", EBB.0, "--yes"]);
     assert_refused(&out, 9, &["Moonraker refused the request", "403"], &log);
     ok(&rig.kflash(&["settings", "set", "moonraker_url", "http://127.0.0.1:7125"]));
@@ -160,8 +161,7 @@ fn after_an_emergency_stop_kflash_asks_and_yes_flashes() {
         &out,
         10,
         &[
-            "Klippy is shutdown (",
-            "M112",
+            "Klippy is shutdown (Shutdown due to M112 command), so nothing moves",
             "so nothing moves",
             "print_stats still says paused benchy.gcode (",
             "Flash anyway? no",

@@ -556,9 +556,11 @@ pub fn wait_moonraker_with_klippy_ready(secs: u64) {
 }
 
 fn restart_moonraker() {
+    let t = std::time::Instant::now();
     let out = run("systemctl", &["restart", "moonraker"]);
     assert!(out.status.success(), "systemctl restart moonraker: {}", text(&out.stderr));
     wait_moonraker_with_klippy_ready(60);
+    eprintln!("note: Moonraker answering, Klippy ready, {:.1} s after its restart", t.elapsed().as_secs_f64());
 }
 
 /// The real Moonraker with `[authorization]` trusting no client: every request needs the
@@ -711,7 +713,9 @@ impl RealPrint {
         let v = moonraker_post(&format!("/printer/print/start?filename={file}"));
         assert!(v.get("result").is_some(), "print start: {v}");
         let print = RealPrint { file: file.to_string() };
+        let t = std::time::Instant::now();
         wait_print_state("printing", 60);
+        eprintln!("note: {file} printing {:.1} s after the start request", t.elapsed().as_secs_f64());
         print
     }
 
@@ -725,9 +729,10 @@ impl RealPrint {
         wait_print_state("cancelled", 60);
     }
 
-    /// M112: Klippy shuts down; print_stats keeps its state.
+    /// M112 sent as G-code: Klippy shuts down ("Shutdown due to M112 command"); print_stats
+    /// keeps its state. (The request itself fails: Klippy shuts down while handling it.)
     pub fn emergency_stop(&self) {
-        moonraker_post("/printer/emergency_stop");
+        let _ = moonraker_request("POST", "/printer/gcode/script?script=M112", 30);
         let t = std::time::Instant::now();
         while klippy_state() != "shutdown" {
             assert!(t.elapsed() < Duration::from_secs(60), "Klippy not shut down 60 s after M112");
