@@ -27,7 +27,7 @@ impl Scenario {
         in_rig();
         let clean = LeaveRigClean;
         reset_boards();
-        klipper_ready_on(&[("mcu", OCTOPUS.0)]);
+        klipper_running_on(&[("mcu", OCTOPUS.0)]);
         let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, timeouts);
         let before = board_json(OCTOPUS.0);
         if !faults.is_empty() {

@@ -1,8 +1,8 @@
 //! Step 4 print safety on the rig, against the real printer host: every path that stops
 //! Klipper asks Moonraker first, and only Moonraker's own answer counts. The print states are
 //! real (a file of dwells run by Klippy's virtual_sdcard: printing, paused, cancelled, and
-//! after M112 a shutdown with a stale `paused`); the 401 comes from the real Moonraker with
-//! API-key-only authorization, the hang from the real Moonraker SIGSTOPped. Two stand-ins stay,
+//! after M112 a shutdown with a stale `paused`); the 401 comes from the real Moonraker asked
+//! from outside its trusted_clients, the hang from the real Moonraker SIGSTOPped. Two stand-ins stay,
 //! for what the real Moonraker cannot be: a web server that is not Moonraker (`python3 -m
 //! http.server`, its bare 404) and a reverse proxy that denies the client (nginx's 403), each
 //! with a real print running behind it. Each refusal leaves Klipper running: the stand-in
@@ -78,8 +78,8 @@ fn a_bare_404_is_not_nothing_printing() {
     assert_eq!((last["result"].as_str(), last["print_check"].as_str()), (Some("ok"), Some("skipped")), "{last}");
 }
 
-/// Item 2: during a real paused print, a Moonraker that refuses (the real one's 401 without
-/// or with a wrong key; a proxy's 403) or hangs (the real one SIGSTOPped) is not
+/// Item 2: during a real paused print, a Moonraker that refuses (the real one's 401 to an
+/// untrusted client, without or with a wrong key; a proxy's 403) or hangs (the real one SIGSTOPped) is not
 /// "unreachable": `flash --yes` refuses with help.
 #[test]
 #[ignore = "runs inside the USB rig"]
@@ -90,18 +90,18 @@ fn refusals_and_a_hang_refuse_even_with_yes() {
     print.pause();
     let log = ServiceLog::start();
 
-    let auth = ApiKeyOnly::on();
+    // kflash reaches the real Moonraker from outside its trusted_clients.
+    let untrusted = UntrustedClient::new();
+    ok(&rig.kflash(&["settings", "set", "moonraker_url", &untrusted.url]));
     let out = rig.kflash_logged(&["flash", EBB.0, "--yes"]);
     assert_refused(&out, 9, &["Moonraker refused the request (401 Unauthorized)", "set moonraker_api_key"], &log);
     ok(&rig.kflash(&["settings", "set", "moonraker_api_key", "wrong"]));
     let out = rig.kflash_logged(&["flash", EBB.0, "--yes"]);
     assert_refused(&out, 9, &["with the configured API key (401", "moonraker_api_key is wrong"], &log);
     // With the right key Moonraker answers: paused is busy (exit 10).
-    ok(&rig.kflash(&["settings", "set", "moonraker_api_key", &auth.key]));
+    ok(&rig.kflash(&["settings", "set", "moonraker_api_key", &untrusted.key]));
     let out = rig.kflash_logged(&["flash", EBB.0, "--yes"]);
     assert_refused(&out, 10, &["the printer is paused benchy.gcode ("], &log);
-    drop(auth);
-    wait_moonraker_with_klippy_ready(60);
 
     // A reverse proxy in front of the real Moonraker denies this client.
     let proxy = ForbiddingProxy::start();

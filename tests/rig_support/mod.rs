@@ -493,17 +493,13 @@ impl Background {
     }
 }
 
-/// The API key the tests' own requests send while [`ApiKeyOnly`] is on.
-static API_KEY: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-
-/// One request to Moonraker at 127.0.0.1:7125 (with the API key while [`ApiKeyOnly`] is on);
-/// the parsed JSON body, or why not.
+/// One request to Moonraker at 127.0.0.1:7125 (a trusted client); the parsed JSON body, or
+/// why not.
 fn moonraker_request(verb: &str, path: &str, secs: u64) -> Result<serde_json::Value, String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", 7125)).map_err(|e| format!("connect to Moonraker: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(secs))).map_err(|e| e.to_string())?;
-    let key = API_KEY.lock().unwrap().as_ref().map(|k| format!("X-Api-Key: {k}\r\n")).unwrap_or_default();
-    write!(s, "{verb} {path} HTTP/1.0\r\nHost: localhost\r\n{key}Content-Length: 0\r\nConnection: close\r\n\r\n")
+    write!(s, "{verb} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         .map_err(|e| e.to_string())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
@@ -555,38 +551,23 @@ pub fn wait_moonraker_with_klippy_ready(secs: u64) {
     }
 }
 
-fn restart_moonraker() {
-    let t = std::time::Instant::now();
-    let out = run("systemctl", &["restart", "moonraker"]);
-    assert!(out.status.success(), "systemctl restart moonraker: {}", text(&out.stderr));
-    wait_moonraker_with_klippy_ready(60);
-    eprintln!("note: Moonraker answering, Klippy ready, {:.1} s after its restart", t.elapsed().as_secs_f64());
-}
-
-/// The real Moonraker with `[authorization]` trusting no client: every request needs the
-/// API key (`switches/real-moonraker-auth`). The tests' own requests send the key Moonraker
-/// generated; dropped, Moonraker trusts loopback again.
-pub struct ApiKeyOnly {
+/// Moonraker as a client from outside `trusted_clients` reaches it: at an address of the
+/// guest's own that is not loopback (`10.255.255.1` on `lo`, like the printer host's LAN
+/// address), where the real Moonraker (`host: all`, trusting 127.0.0.0/8 and ::1) wants the
+/// API key. No Moonraker restart: that costs about 30 s in the guest.
+pub struct UntrustedClient {
+    pub url: String,
+    /// The key Moonraker generated (asked on its Unix socket, which is always trusted).
     pub key: String,
 }
 
-impl ApiKeyOnly {
-    pub fn on() -> ApiKeyOnly {
-        std::fs::write(rig_state_dir().join("switches/real-moonraker-auth"), "api-key-only\n").unwrap();
-        let mut guard = ApiKeyOnly { key: String::new() };
+impl UntrustedClient {
+    pub fn new() -> UntrustedClient {
+        let out = run("ip", &["addr", "replace", "10.255.255.1/32", "dev", "lo"]);
+        assert!(out.status.success(), "ip addr replace: {}", text(&out.stderr));
         let key = moonraker_unix_rpc("access.get_api_key");
-        guard.key = key.as_str().unwrap_or_else(|| panic!("no API key: {key}")).to_string();
-        *API_KEY.lock().unwrap() = Some(guard.key.clone());
-        restart_moonraker();
-        guard
-    }
-}
-
-impl Drop for ApiKeyOnly {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(rig_state_dir().join("switches/real-moonraker-auth"));
-        let _ = run("systemctl", &["restart", "moonraker"]);
-        *API_KEY.lock().unwrap() = None;
+        let key = key.as_str().unwrap_or_else(|| panic!("no API key: {key}")).to_string();
+        UntrustedClient { url: "http://10.255.255.1:7125".into(), key }
     }
 }
 
@@ -845,15 +826,31 @@ pub fn klipper_ready_on(sections: &[(&str, &str)]) {
     }
 }
 
-/// printer.cfg names exactly these `(section, board)` MCUs from the next Klipper start on.
-pub fn write_mcus_json(sections: &[(&str, &str)]) {
+/// printer.cfg names exactly these `(section, board)` MCUs, and Klipper runs: restarted when
+/// that changed printer.cfg (or it was stopped), and not waited for. For scenarios whose first
+/// step is a kflash command that stops Klipper anyway: the print-safety gate lets a Klippy
+/// that is starting (or not connected yet) pass, since nothing can be printing, and the
+/// flash's level (c) waits for the Klippy that kflash starts.
+pub fn klipper_running_on(sections: &[(&str, &str)]) {
+    if write_mcus_json(sections) || !klipper_is_active() {
+        eprintln!("note: restarting Klipper for {sections:?} (not waiting for ready)");
+        let out = run("systemctl", &["restart", "klipper"]);
+        assert!(out.status.success(), "systemctl restart klipper: {}", text(&out.stderr));
+    }
+}
+
+/// printer.cfg names exactly these `(section, board)` MCUs from the next Klipper start on;
+/// true when that is a change.
+pub fn write_mcus_json(sections: &[(&str, &str)]) -> bool {
     let map: serde_json::Map<String, serde_json::Value> =
         sections.iter().map(|(s, b)| (s.to_string(), serde_json::Value::from(*b))).collect();
     let json = serde_json::Value::Object(map).to_string();
     if std::fs::read_to_string(mcus_json()).ok().as_deref() != Some(json.as_str()) {
         std::fs::create_dir_all(mcus_json().parent().unwrap()).unwrap();
         std::fs::write(mcus_json(), &json).unwrap();
+        return true;
     }
+    false
 }
 
 /// Ok when the running Klippy is ready with exactly these MCU sections, each reporting the
@@ -882,10 +879,21 @@ fn klippy_view(sections: &[(&str, &str)]) -> Result<(), String> {
         return Err(format!("printer.cfg has {have:?}"));
     }
     let query: Vec<String> = sections.iter().map(|(s, _)| s.replace(' ', "%20")).collect();
-    let v = try_moonraker_get(&format!("/printer/objects/query?{}", query.join("&")))?;
+    let v = try_moonraker_get(&format!("/printer/objects/query?configfile=settings&{}", query.join("&")))?;
+    let status = &v["result"]["status"];
     for (section, board) in sections {
         let b = board_json(board);
-        let seen = v["result"]["status"][*section]["mcu_version"].as_str().unwrap_or("?");
+        // The section's board (by its serial path), then what Klippy read from it.
+        let serial = status["configfile"]["settings"][*section]["serial"].as_str().unwrap_or("?");
+        let want = format!(
+            "/dev/serial/by-id/usb-Klipper_{}_{}-if00",
+            b["mcu"].as_str().unwrap_or("?"),
+            b["serial"].as_str().unwrap_or("?")
+        );
+        if serial != want {
+            return Err(format!("[{section}] is {serial}, not {board} ({want})"));
+        }
+        let seen = status[*section]["mcu_version"].as_str().unwrap_or("?");
         if b["mode"] != "klipper" || b["version"].as_str() != Some(seen) {
             return Err(format!("[{section}] says {seen}, the board is {} {}", b["mode"], b["version"]));
         }

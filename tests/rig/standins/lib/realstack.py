@@ -65,15 +65,13 @@ def printer_cfg(state):
 
 
 def moonraker_conf(state):
+    """Moonraker on every address of the host (`host: all`), trusting loopback only: a
+    client that reaches it at another of the host's addresses (a scenario adds 10.255.255.1
+    to lo, like a printer's LAN address) needs the API key, as from another machine."""
     port = os.environ.get("KFLASH_RIG_MOONRAKER_PORT", "7125")
-    auth = rigcommon.read_text(os.path.join(state, "switches", "real-moonraker-auth"))
-    lines = ["[server]", "host: 127.0.0.1", "port: %s" % port,
+    lines = ["[server]", "host: all", "port: %s" % port,
              "klippy_uds_address: %s" % os.path.join(printer_data(), "comms", "klippy.sock"), "",
-             "[authorization]"]
-    if auth is not None and auth.strip() == "api-key-only":
-        lines += ["trusted_clients:", "  10.255.255.0/24"]  # no loopback: the API key is needed
-    else:
-        lines += ["trusted_clients:", "  127.0.0.0/8"]
+             "[authorization]", "trusted_clients:", "  127.0.0.0/8", "  ::1/128"]
     return "\n".join(lines) + "\n"
 
 
