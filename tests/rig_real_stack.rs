@@ -9,53 +9,12 @@
 
 mod rig_support;
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rig_support::*;
 
-/// The real stack with printer.cfg naming two boards, `[mcu]` octopus and `[mcu ebb]`, for
-/// the length of a scenario; dropped (passed or failed), the rig's default comes back.
-struct RealStack {
-    _host: UsePrinterHost,
-}
-
-impl RealStack {
-    fn start() -> RealStack {
-        std::fs::write(rig_state_dir().join("moonraker/mcus.json"), r#"{"mcu": "octopus", "mcu ebb": "ebb"}"#).unwrap();
-        RealStack { _host: UsePrinterHost::new(PrinterHost::Real) }
-    }
-}
-
-impl Drop for RealStack {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(rig_state_dir().join("moonraker/mcus.json"));
-    }
-}
-
-/// Wait for Klippy's state (as the real Moonraker reports it) to be `want`; the time it took.
-/// Polled: over HTTP Moonraker pushes nothing.
-fn wait_klippy(want: &str, timeout: Duration) -> Duration {
-    let t = Instant::now();
-    loop {
-        let state = try_moonraker_get("/server/info")
-            .map(|v| v["result"]["klippy_state"].as_str().unwrap_or("?").to_string())
-            .unwrap_or_else(|e| e);
-        if state == want {
-            return t.elapsed();
-        }
-        if t.elapsed() > timeout {
-            let log = std::fs::read_to_string(home().join("printer_data/logs/klippy.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!("Klippy not {want} after {timeout:?} (last: {state}); klippy.log tail:\n{}", tail.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn home() -> PathBuf {
-    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-}
+/// printer.cfg names two boards, `[mcu]` octopus and `[mcu ebb]`.
+const TWO_BOARDS: &[(&str, &str)] = &[("mcu", OCTOPUS.0), ("mcu ebb", EBB.0)];
 
 fn mcu_version(object: &str) -> String {
     let v = moonraker_get(&format!("/printer/objects/query?{}", object.replace(' ', "%20")));
@@ -68,9 +27,9 @@ fn real_klippy_and_moonraker_verify_a_flash() {
     in_rig();
     reset_boards();
     let _clean = LeaveRigClean;
-    let _stack = RealStack::start();
-    let took = wait_klippy("ready", Duration::from_secs(180));
-    println!("real Klippy + Moonraker: start to ready {:.1} s", took.as_secs_f64());
+    write_mcus_json(TWO_BOARDS);
+    let took = restart_klipper_and_wait_ready();
+    println!("real Klippy + Moonraker: systemctl restart klipper to ready {:.1} s", took.as_secs_f64());
 
     let before = mcu_version("mcu ebb");
     assert_eq!(before, board_json(EBB.0)["version"].as_str().unwrap_or("?"), "Klippy reads the board's version");
@@ -86,28 +45,13 @@ fn real_klippy_and_moonraker_verify_a_flash() {
     assert_ne!(before, new);
 }
 
-/// `print_stats.state` as the real Moonraker reports it.
-fn print_state() -> String {
-    let v = moonraker_get("/printer/objects/query?print_stats");
-    v["result"]["status"]["print_stats"]["state"].as_str().unwrap_or("?").to_string()
-}
-
-fn wait_print_state(want: &str, timeout: Duration) {
-    let t = Instant::now();
-    while print_state() != want {
-        assert!(t.elapsed() < timeout, "print_stats not {want} after {timeout:?}: {}", print_state());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn real_print_states_gate_the_flash() {
     in_rig();
     reset_boards();
     let _clean = LeaveRigClean;
-    let _stack = RealStack::start();
-    wait_klippy("ready", Duration::from_secs(180));
+    klipper_ready_on(TWO_BOARDS);
     let rig = FlashRig::new(EBB, EBB.1, &[("klippy_ready_secs", 180)]);
     ok(&rig.kflash(&["build", EBB.0]));
 
@@ -116,7 +60,7 @@ fn real_print_states_gate_the_flash() {
     std::fs::create_dir_all(&gcodes).unwrap();
     std::fs::write(gcodes.join("dwell.gcode"), "G4 P500\n".repeat(4000)).unwrap();
     moonraker_post("/printer/print/start?filename=dwell.gcode");
-    wait_print_state("printing", Duration::from_secs(60));
+    wait_print_state("printing", 60);
 
     let log = ServiceLog::start();
     let out = rig.kflash_logged(&["flash", EBB.0, "--force", "--yes"]);
@@ -125,7 +69,7 @@ fn real_print_states_gate_the_flash() {
     assert!(log.verbs("klipper").is_empty(), "Klipper untouched while printing: {:?}", log.entries());
 
     moonraker_post("/printer/print/pause");
-    wait_print_state("paused", Duration::from_secs(60));
+    wait_print_state("paused", 60);
     let out = rig.kflash_logged(&["flash", EBB.0, "--force", "--yes", "--skip-print-check"]);
     assert_eq!(out.status.code(), Some(10), "a known pause refuses even with --skip-print-check");
     assert!(text(&out.stderr).contains("paused dwell.gcode"), "{}", text(&out.stderr));

@@ -53,7 +53,7 @@ fn flash_until(name: &str, phase: Phase) -> Started {
     in_rig();
     let clean = LeaveRigClean;
     reset_boards();
-    restart_klipper_and_wait_ready();
+    klipper_running_on(&[("mcu", OCTOPUS.0)]);
     let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, &[("bootloader_secs", 15), ("reconnect_secs", 20)]);
     let mut args = vec!["fault", OCTOPUS.0];
     args.extend_from_slice(phase.faults());

@@ -493,84 +493,435 @@ impl Background {
     }
 }
 
-/// `GET path` on the Moonraker stand-in (127.0.0.1:7125); the parsed JSON body, or why not.
-pub fn try_moonraker_get(path: &str) -> Result<serde_json::Value, String> {
+/// One request to Moonraker at 127.0.0.1:7125 (a trusted client); the parsed JSON body, or
+/// why not.
+fn moonraker_request(verb: &str, path: &str, secs: u64) -> Result<serde_json::Value, String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", 7125))
-        .map_err(|e| format!("connect to the Moonraker stand-in: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 7125)).map_err(|e| format!("connect to Moonraker: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(secs))).map_err(|e| e.to_string())?;
+    write!(s, "{verb} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
     let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    serde_json::from_str(body).map_err(|e| format!("Moonraker stand-in answered {resp:?}: {e}"))
+    serde_json::from_str(body).map_err(|e| format!("Moonraker answered {resp:?}: {e}"))
 }
 
-/// `POST path` (no body) on Moonraker at 127.0.0.1:7125; the parsed JSON body.
+/// `GET path` on Moonraker; the parsed JSON body, or why not.
+pub fn try_moonraker_get(path: &str) -> Result<serde_json::Value, String> {
+    moonraker_request("GET", path, 10)
+}
+
+/// `POST path` (no body) on Moonraker; the parsed JSON body.
 pub fn moonraker_post(path: &str) -> serde_json::Value {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", 7125)).unwrap_or_else(|e| panic!("POST {path}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("POST {path}: {resp:?}: {e}"))
+    moonraker_request("POST", path, 30).unwrap_or_else(|e| panic!("POST {path}: {e}"))
 }
 
 pub fn moonraker_get(path: &str) -> serde_json::Value {
     try_moonraker_get(path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
-/// Klippy's state as the Moonraker stand-in reports it (`/server/info` `klippy_state`).
+/// Klippy's state as Moonraker reports it (`/server/info` `klippy_state`).
 pub fn klippy_state() -> String {
     moonraker_get("/server/info")["result"]["klippy_state"].as_str().unwrap_or("?").to_string()
 }
 
-/// Restart Klipper and wait (at most 30 s) until Klippy is ready; the error says why not.
-fn try_restart_klipper_and_wait_ready() -> Result<(), String> {
-    let out = run("systemctl", &["restart", "klipper"]);
-    if !out.status.success() {
-        return Err(format!("systemctl restart klipper: {}", text(&out.stderr)));
-    }
-    // The real Klippy takes 10-20 s in the guest to configure the boards.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+pub fn home() -> PathBuf {
+    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+}
+
+/// The pid of the real program running as `unit` (klipper or moonraker).
+fn real_pid(unit: &str) -> Option<u64> {
+    std::fs::read_to_string(rig_state_dir().join(format!("services/{unit}.real.pid"))).ok()?.trim().parse().ok()
+}
+
+/// Wait (at most `secs`) until Moonraker answers and reports Klippy `ready`.
+pub fn wait_moonraker_with_klippy_ready(secs: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let state = try_moonraker_get("/server/info")
             .map(|v| v["result"]["klippy_state"].as_str().unwrap_or("?").to_string())
             .unwrap_or_else(|e| e);
         if state == "ready" {
-            return Ok(());
+            return;
         }
-        if std::time::Instant::now() >= deadline {
-            return Err(format!("Klippy not ready 120 s after a restart: {state}"));
-        }
+        assert!(std::time::Instant::now() < deadline, "Moonraker with Klippy ready not within {secs} s: {state}");
+        // Over HTTP Moonraker pushes nothing: poll.
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-/// Restart Klipper so the printer host's view (Moonraker's MCU versions, read when Klippy
-/// connects) matches the boards as they are now — after `reset_boards` it would still hold
-/// what it read before — and wait until Klippy is ready (the stand-in takes about its
-/// `startup-secs`; there is no event for it, so this polls `/server/info`).
-pub fn restart_klipper_and_wait_ready() {
-    try_restart_klipper_and_wait_ready().unwrap_or_else(|e| panic!("{e}"));
+/// Moonraker as a client from outside `trusted_clients` reaches it: at an address of the
+/// guest's own that is not loopback (`10.255.255.1` on `lo`, like the printer host's LAN
+/// address), where the real Moonraker (`host: all`, trusting 127.0.0.0/8 and ::1) wants the
+/// API key. No Moonraker restart: that costs about 30 s in the guest.
+pub struct UntrustedClient {
+    pub url: String,
+    /// The key Moonraker generated (asked on its Unix socket, which is always trusted).
+    pub key: String,
 }
 
-/// Dropped at the end of a flash scenario, passed or failed: boards back to the boards file
-/// and Klipper restarted on them, so whatever runs next (the next scenario, or the next
-/// binary after run-scenarios' own reset) starts with a printer host whose view matches the
-/// boards. Best effort and never panics (it also runs while a failed test unwinds).
+impl UntrustedClient {
+    pub fn new() -> UntrustedClient {
+        let out = run("ip", &["addr", "replace", "10.255.255.1/32", "dev", "lo"]);
+        assert!(out.status.success(), "ip addr replace: {}", text(&out.stderr));
+        let key = moonraker_unix_rpc("access.get_api_key");
+        let key = key.as_str().unwrap_or_else(|| panic!("no API key: {key}")).to_string();
+        UntrustedClient { url: "http://10.255.255.1:7125".into(), key }
+    }
+}
+
+/// A JSON-RPC call on Moonraker's Unix socket (always trusted); the result.
+pub fn moonraker_unix_rpc(method: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let sock = home().join("printer_data/comms/moonraker.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{{\"jsonrpc\": \"2.0\", \"method\": \"{method}\", \"id\": 1}}\x03").unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte).unwrap() == 1 && byte[0] != 3 {
+        reply.push(byte[0]);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    v["result"].clone()
+}
+
+/// The real Moonraker SIGSTOPped: the kernel still accepts connections on its port but
+/// nothing answers. SIGCONT on drop.
+pub struct FrozenMoonraker(u64);
+
+impl FrozenMoonraker {
+    pub fn freeze() -> FrozenMoonraker {
+        let pid = real_pid("moonraker").expect("the real Moonraker runs");
+        let out = run("kill", &["-STOP", &pid.to_string()]);
+        assert!(out.status.success(), "kill -STOP: {}", text(&out.stderr));
+        FrozenMoonraker(pid)
+    }
+}
+
+impl Drop for FrozenMoonraker {
+    fn drop(&mut self) {
+        let _ = run("kill", &["-CONT", &self.0.to_string()]);
+    }
+}
+
+/// A reverse proxy in front of Moonraker that denies this client (nginx `deny`): every
+/// request gets nginx's 403 page. Stops on drop.
+pub struct ForbiddingProxy {
+    pub url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ForbiddingProxy {
+    pub fn start() -> ForbiddingProxy {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut c) = conn else { continue };
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = "<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n<center><h1>403 \
+                            Forbidden</h1></center>\r\n<hr><center>nginx/1.22.1</center>\r\n</body>\r\n</html>\r\n";
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 403 Forbidden\r\nServer: nginx/1.22.1\r\nContent-Type: text/html\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        ForbiddingProxy { url, stop }
+    }
+}
+
+impl Drop for ForbiddingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect(self.url.trim_start_matches("http://"));
+    }
+}
+
+// ---- real prints: a file of dwells through virtual_sdcard --------------------------------
+
+/// `print_stats.state` as Moonraker reports it.
+pub fn print_state() -> String {
+    let v = moonraker_get("/printer/objects/query?print_stats");
+    v["result"]["status"]["print_stats"]["state"].as_str().unwrap_or("?").to_string()
+}
+
+/// Wait (at most `secs`) for `print_stats.state` to be `want`.
+pub fn wait_print_state(want: &str, secs: u64) {
+    let t = std::time::Instant::now();
+    loop {
+        let now = print_state();
+        if now == want {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(secs), "print_stats not {want} after {secs} s: {now}");
+        // Over HTTP Moonraker pushes nothing: poll.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A real print: `file` in Moonraker's gcodes dir holding `dwells` half-second dwells (G4),
+/// started through Moonraker and run by Klippy's virtual_sdcard. A print still printing or
+/// paused when this is dropped is cancelled, so the next scenario finds the printer idle.
+pub struct RealPrint {
+    pub file: String,
+}
+
+impl RealPrint {
+    pub fn start(file: &str, dwells: usize) -> RealPrint {
+        let gcodes = home().join("printer_data/gcodes");
+        std::fs::create_dir_all(&gcodes).unwrap();
+        std::fs::write(gcodes.join(file), "G4 P500\n".repeat(dwells)).unwrap();
+        let v = moonraker_post(&format!("/printer/print/start?filename={file}"));
+        assert!(v.get("result").is_some(), "print start: {v}");
+        let print = RealPrint { file: file.to_string() };
+        let t = std::time::Instant::now();
+        wait_print_state("printing", 60);
+        eprintln!("note: {file} printing {:.1} s after the start request", t.elapsed().as_secs_f64());
+        print
+    }
+
+    pub fn pause(&self) {
+        moonraker_post("/printer/print/pause");
+        wait_print_state("paused", 60);
+    }
+
+    pub fn cancel(&self) {
+        moonraker_post("/printer/print/cancel");
+        wait_print_state("cancelled", 60);
+    }
+
+    /// M112 sent as G-code: Klippy shuts down ("Shutdown due to M112 command"); print_stats
+    /// keeps its state. (The request itself fails: Klippy shuts down while handling it.)
+    pub fn emergency_stop(&self) {
+        let _ = moonraker_request("POST", "/printer/gcode/script?script=M112", 30);
+        let t = std::time::Instant::now();
+        while klippy_state() != "shutdown" {
+            assert!(t.elapsed() < Duration::from_secs(60), "Klippy not shut down 60 s after M112");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for RealPrint {
+    fn drop(&mut self) {
+        let busy = try_moonraker_get("/printer/objects/query?print_stats")
+            .map(|v| matches!(v["result"]["status"]["print_stats"]["state"].as_str(), Some("printing" | "paused")))
+            .unwrap_or(false);
+        if busy && klippy_state_or_none().as_deref() == Some("ready") {
+            let _ = moonraker_request("POST", "/printer/print/cancel", 30);
+        }
+    }
+}
+
+fn klippy_state_or_none() -> Option<String> {
+    try_moonraker_get("/server/info").ok()?["result"]["klippy_state"].as_str().map(str::to_string)
+}
+
+/// Klippy's own state, asked live through Moonraker (`/printer/info`, forwarded to Klippy);
+/// with the real stack only when the answer comes from the Klippy process running now (right
+/// after a restart the real Moonraker still answers for the old one for a moment).
+fn live_klippy_state() -> Result<String, String> {
+    let v = try_moonraker_get("/printer/info")?;
+    let r = &v["result"];
+    let state = r["state"].as_str().map(str::to_string).ok_or_else(|| format!("/printer/info: {v}"))?;
+    match (real_pid("klipper"), r["process_id"].as_u64()) {
+        (Some(now), Some(answered)) if now != answered => Err(format!("{state} (from the previous Klippy)")),
+        _ => Ok(state),
+    }
+}
+
+/// Wait until Klippy has settled (ready, shutdown or error) or `secs` passed; the last state.
+fn wait_klippy_settled(secs: u64) -> Result<String, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let state = live_klippy_state();
+        if let Ok(s) = &state {
+            if matches!(s.as_str(), "ready" | "shutdown" | "error") {
+                return state;
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return state;
+        }
+        // Over HTTP Moonraker pushes nothing: poll.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Restart Klipper and wait (at most 120 s) until Klippy is ready; how long that took, or
+/// why not.
+fn try_restart_klipper_and_wait_ready() -> Result<Duration, String> {
+    let t = std::time::Instant::now();
+    let out = run("systemctl", &["restart", "klipper"]);
+    if !out.status.success() {
+        return Err(format!("systemctl restart klipper: {}", text(&out.stderr)));
+    }
+    // The real Klippy takes 10-20 s in the guest to configure its boards.
+    match wait_klippy_settled(120) {
+        Ok(s) if s == "ready" => {
+            eprintln!("note: Klippy ready {:.1} s after systemctl restart klipper", t.elapsed().as_secs_f64());
+            Ok(t.elapsed())
+        }
+        Ok(s) | Err(s) => Err(format!("Klippy not ready after a restart: {s}; {}", klippy_log_tail(20))),
+    }
+}
+
+/// The last lines of the real Klippy's log (empty with the stand-ins).
+pub fn klippy_log_tail(n: usize) -> String {
+    let log = std::fs::read_to_string(home().join("printer_data/logs/klippy.log")).unwrap_or_default();
+    let mut tail: Vec<&str> = log.lines().rev().take(n).collect();
+    tail.reverse();
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("klippy.log ends:\n{}", tail.join("\n"))
+    }
+}
+
+/// Restart Klipper so the printer host's view (Moonraker's MCU versions, read when Klippy
+/// connects) matches the boards as they are now, and wait until Klippy is ready (there is no
+/// event for it over HTTP, so this polls `/printer/info`).
+pub fn restart_klipper_and_wait_ready() -> Duration {
+    try_restart_klipper_and_wait_ready().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn mcus_json() -> PathBuf {
+    rig_state_dir().join("moonraker/mcus.json")
+}
+
+/// printer.cfg names exactly these `(section, board)` MCUs (e.g. `[("mcu", "octopus"), ("mcu
+/// ebb", "ebb")]`) and Klippy is ready on them, reading the boards as they are now.
+///
+/// Only the boards a scenario involves: a board another scenario left in Katapult or unplugged
+/// would keep Klippy out of `ready`. Klipper is restarted only when its view is not current
+/// (other sections, another version, not ready): each real Klippy start costs 10-20 s.
+pub fn klipper_ready_on(sections: &[(&str, &str)]) {
+    write_mcus_json(sections);
+    match klippy_view(sections) {
+        Ok(()) => eprintln!("note: Klippy is ready on {sections:?} already"),
+        Err(why) => {
+            eprintln!("note: restarting Klipper for {sections:?}: {why}");
+            restart_klipper_and_wait_ready();
+        }
+    }
+}
+
+/// printer.cfg names exactly these `(section, board)` MCUs, and Klipper runs: restarted when
+/// that changed printer.cfg (or it was stopped), and not waited for. For scenarios whose first
+/// step is a kflash command that stops Klipper anyway: the print-safety gate lets a Klippy
+/// that is starting (or not connected yet) pass, since nothing can be printing, and the
+/// flash's level (c) waits for the Klippy that kflash starts.
+pub fn klipper_running_on(sections: &[(&str, &str)]) {
+    if write_mcus_json(sections) || !klipper_is_active() {
+        eprintln!("note: restarting Klipper for {sections:?} (not waiting for ready)");
+        let out = run("systemctl", &["restart", "klipper"]);
+        assert!(out.status.success(), "systemctl restart klipper: {}", text(&out.stderr));
+    }
+}
+
+/// printer.cfg names exactly these `(section, board)` MCUs from the next Klipper start on;
+/// true when that is a change.
+pub fn write_mcus_json(sections: &[(&str, &str)]) -> bool {
+    let map: serde_json::Map<String, serde_json::Value> =
+        sections.iter().map(|(s, b)| (s.to_string(), serde_json::Value::from(*b))).collect();
+    let json = serde_json::Value::Object(map).to_string();
+    if std::fs::read_to_string(mcus_json()).ok().as_deref() != Some(json.as_str()) {
+        std::fs::create_dir_all(mcus_json().parent().unwrap()).unwrap();
+        std::fs::write(mcus_json(), &json).unwrap();
+        return true;
+    }
+    false
+}
+
+/// Ok when the running Klippy is ready with exactly these MCU sections, each reporting the
+/// version its board runs now; else why not.
+fn klippy_view(sections: &[(&str, &str)]) -> Result<(), String> {
+    if !klipper_is_active() {
+        return Err("klipper is stopped".into());
+    }
+    // A Klippy that LeaveRigClean restarted may still be starting.
+    let state = wait_klippy_settled(60)?;
+    if state != "ready" {
+        return Err(format!("Klippy is {state}"));
+    }
+    let list = try_moonraker_get("/printer/objects/list")?;
+    let mut have: Vec<String> = list["result"]["objects"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|o| o.as_str()).filter(|o| *o == "mcu" || o.starts_with("mcu ")))
+        .into_iter()
+        .flatten()
+        .map(str::to_string)
+        .collect();
+    let mut want: Vec<String> = sections.iter().map(|(s, _)| s.to_string()).collect();
+    have.sort();
+    want.sort();
+    if have != want {
+        return Err(format!("printer.cfg has {have:?}"));
+    }
+    let query: Vec<String> = sections.iter().map(|(s, _)| s.replace(' ', "%20")).collect();
+    let v = try_moonraker_get(&format!("/printer/objects/query?configfile=settings&{}", query.join("&")))?;
+    let status = &v["result"]["status"];
+    for (section, board) in sections {
+        let b = board_json(board);
+        // The section's board (by its serial path), then what Klippy read from it.
+        let serial = status["configfile"]["settings"][*section]["serial"].as_str().unwrap_or("?");
+        let want = format!(
+            "/dev/serial/by-id/usb-Klipper_{}_{}-if00",
+            b["mcu"].as_str().unwrap_or("?"),
+            b["serial"].as_str().unwrap_or("?")
+        );
+        if serial != want {
+            return Err(format!("[{section}] is {serial}, not {board} ({want})"));
+        }
+        let seen = status[*section]["mcu_version"].as_str().unwrap_or("?");
+        if b["mode"] != "klipper" || b["version"].as_str() != Some(seen) {
+            return Err(format!("[{section}] says {seen}, the board is {} {}", b["mode"], b["version"]));
+        }
+    }
+    Ok(())
+}
+
+/// Dropped at the end of a flash scenario, passed or failed: boards back to the boards file,
+/// and when that re-powered a board, Klipper restarted (not waited for: the next scenario's
+/// [`klipper_ready_on`] does) so its view matches the boards. Best effort and never panics
+/// (it also runs while a failed test unwinds).
 pub struct LeaveRigClean;
 
 impl Drop for LeaveRigClean {
     fn drop(&mut self) {
+        let mark = std::panic::catch_unwind(|| EventLog::mark("LeaveRigClean")).ok();
         if let Err(e) = Command::new("boardctl").args(["reset"]).output() {
             eprintln!("cleanup: boardctl reset: {e}");
         }
+        let _ = Command::new("boardctl").args(["wait-ready"]).output();
         let _ = Command::new("udevadm").args(["settle", "--timeout=30"]).output();
-        if let Err(e) = try_restart_klipper_and_wait_ready() {
-            eprintln!("cleanup: {e}");
+        let repowered = mark
+            .and_then(|m| std::panic::catch_unwind(|| m.events()).ok())
+            .is_none_or(|ev| ev.iter().any(|e| e["board"].is_string()));
+        if repowered || !klipper_is_active() {
+            if let Err(e) = Command::new("systemctl").args(["restart", "klipper"]).output() {
+                eprintln!("cleanup: systemctl restart klipper: {e}");
+            }
         }
     }
 }
@@ -585,60 +936,19 @@ impl Drop for Background {
     }
 }
 
-/// Which printer host runs as the klipper and moonraker units: the real Klippy and Moonraker
-/// (the rig's default, `switches/real-stack`) or the stand-ins, kept for the faults the real
-/// programs cannot show (a hung Moonraker, a proxy's 403, scripted print states).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum PrinterHost {
-    Real,
-    StandIn,
-}
-
-fn real_stack_switch() -> PathBuf {
-    rig_state_dir().join("switches").join("real-stack")
-}
-
-fn set_printer_host(host: PrinterHost) -> Result<(), String> {
-    let sys = |args: &[&str]| {
-        let out = run("systemctl", args);
-        out.status.success().then_some(()).ok_or_else(|| format!("systemctl {args:?}: {}", text(&out.stderr)))
-    };
-    sys(&["stop", "klipper", "moonraker"])?;
-    match host {
-        PrinterHost::Real => std::fs::write(real_stack_switch(), "").map_err(|e| e.to_string())?,
-        PrinterHost::StandIn => {
-            let _ = std::fs::remove_file(real_stack_switch());
+/// Wait until Moonraker's `/server/info` reports Klippy in `want`; the time it took. Polled:
+/// over HTTP Moonraker pushes nothing. (Right after a restart this may still be the previous
+/// Klippy's word: `klipper_ready_on` checks the process.)
+pub fn wait_klippy(want: &str, timeout: Duration) -> Duration {
+    let t = std::time::Instant::now();
+    loop {
+        let state = try_moonraker_get("/server/info")
+            .map(|v| v["result"]["klippy_state"].as_str().unwrap_or("?").to_string())
+            .unwrap_or_else(|e| e);
+        if state == want {
+            return t.elapsed();
         }
-    }
-    sys(&["start", "klipper", "moonraker"])
-}
-
-/// The printer host the rig runs now.
-pub fn printer_host() -> PrinterHost {
-    if real_stack_switch().exists() {
-        PrinterHost::Real
-    } else {
-        PrinterHost::StandIn
-    }
-}
-
-/// Run the scenario on `host`; dropped (passed or failed), the previous host comes back.
-pub struct UsePrinterHost {
-    previous: PrinterHost,
-}
-
-impl UsePrinterHost {
-    pub fn new(host: PrinterHost) -> UsePrinterHost {
-        let guard = UsePrinterHost { previous: printer_host() };
-        set_printer_host(host).unwrap_or_else(|e| panic!("{e}"));
-        guard
-    }
-}
-
-impl Drop for UsePrinterHost {
-    fn drop(&mut self) {
-        if let Err(e) = set_printer_host(self.previous) {
-            eprintln!("cleanup: {e}");
-        }
+        assert!(t.elapsed() < timeout, "Klippy not {want} after {timeout:?} (last: {state}); {}", klippy_log_tail(40));
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

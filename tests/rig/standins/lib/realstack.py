@@ -65,23 +65,27 @@ def printer_cfg(state):
 
 
 def moonraker_conf(state):
+    """Moonraker on every address of the host (`host: all`), trusting loopback only: a
+    client that reaches it at another of the host's addresses (a scenario adds 10.255.255.1
+    to lo, like a printer's LAN address) needs the API key, as from another machine."""
     port = os.environ.get("KFLASH_RIG_MOONRAKER_PORT", "7125")
-    auth = rigcommon.read_text(os.path.join(state, "switches", "real-moonraker-auth"))
-    lines = ["[server]", "host: 127.0.0.1", "port: %s" % port,
+    lines = ["[server]", "host: all", "port: %s" % port,
              "klippy_uds_address: %s" % os.path.join(printer_data(), "comms", "klippy.sock"), "",
-             "[authorization]"]
-    if auth is not None and auth.strip() == "api-key-only":
-        lines += ["trusted_clients:", "  10.255.255.0/24"]  # no loopback: the API key is needed
-    else:
-        lines += ["trusted_clients:", "  127.0.0.0/8"]
+             "[authorization]", "trusted_clients:", "  127.0.0.0/8", "  ::1/128"]
     return "\n".join(lines) + "\n"
 
 
 def spawn(state, unit, argv, logname):
     os.makedirs(os.path.join(printer_data(), "logs"), exist_ok=True)
+    # Both programs ask git about their own source dir (Klippy: `describe --dirty` and
+    # `status --ignored`; Moonraker: its version). The venvs sit inside this repo's checkout,
+    # which a PyPI install never does: stop git's search at the repo so they see no checkout
+    # and read their version files, as installed. (Otherwise git walks the whole repo,
+    # target/ included, over 9p under emulation: 10-20 s per start.)
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=REPO)
     with open(os.path.join(printer_data(), "logs", logname), "ab") as out:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                             start_new_session=True, cwd=home())
+                             start_new_session=True, cwd=home(), env=env)
     rigcommon.write_text(pidfile(state, unit), "%d\n" % p.pid)
 
 
