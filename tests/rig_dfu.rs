@@ -187,5 +187,6 @@ fn dfu_download_is_refused_without_writing() {
         dfu_util(&["-d", "0483:df11", "-a", "0", "-t", "256", "-s", "0x08008000:256", "-U", up.to_str().unwrap()]);
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     eprintln!("{all}");
-    assert!(all.contains("dfuERROR") && all.contains("clearing status"), "{all}");
+    assert!(all.contains("DFU state(10) = dfuERROR, status(15)") && all.contains("Clearing status"), "{all}");
+    assert!(all.contains("Upload done."), "{all}");
 }

@@ -10,8 +10,9 @@
 //!
 //! Limits of gadgetfs: one device per system (one board in DFU mode at a time; the others
 //! fall back to SourceSink); it sets bcdUSB to 2.00 (the F4 ROM says 1.00); its ep0 buffer
-//! is 256 bytes, so an IN request asks for at most 256 bytes (an UPLOAD of 2048 bytes comes
-//! back as 256: `dfu-util -t 256`) and an OUT data stage over 256 bytes is stalled.
+//! is 256 bytes: an IN request's wLength is cut to 256 and the transfer ends without a short
+//! packet (a 2048-byte UPLOAD times out on the host: `dfu-util -t 256`), and an OUT data
+//! stage over 256 bytes is stalled by the kernel.
 //!
 //! gadgetfs binds to the first UDC without a driver. To put the board on its own
 //! `dummy_udc.N`, the driver is registered with the gadget bus's `drivers_autoprobe` off and
