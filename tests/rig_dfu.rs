@@ -190,3 +190,25 @@ fn dfu_download_is_refused_without_writing() {
     assert!(all.contains("DFU state(10) = dfuERROR, status(15)") && all.contains("Clearing status"), "{all}");
     assert!(all.contains("Upload done."), "{all}");
 }
+
+/// gadgetfs has one device per system: a second board in the ROM at the same time gets the
+/// SourceSink presentation (vendor-specific interface), which dfu-util does not list.
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn a_second_board_in_the_rom_is_not_a_dfu_device() {
+    in_rig();
+    let _back = BoardsBack;
+    reset_boards();
+    let events = EventLog::mark("rig_dfu second");
+    let ebb = enter_dfu(EBB.0);
+    let octopus = enter_dfu(OCTOPUS.0);
+    let connects = events.kind(OCTOPUS.0, "connect");
+    assert_eq!(connects.last().unwrap()["function"], "sourcesink", "{connects:?}");
+    assert_eq!(listed(ebb["bus"].as_u64().unwrap()).len(), 4);
+    assert!(listed(octopus["bus"].as_u64().unwrap()).is_empty(), "SourceSink is not DFU");
+    // Once the ebb leaves, the octopus's next ROM entry is a DFU device again.
+    boardctl(&["reboot", EBB.0]);
+    boardctl(&["reboot", OCTOPUS.0, "dfu"]);
+    boardctl(&["wait-ready", "--timeout", "30"]);
+    assert_eq!(listed(octopus["bus"].as_u64().unwrap()).len(), 2);
+}
