@@ -76,30 +76,12 @@ pub enum TimerKind {
 
 pub enum Msg {
     Ctl(Request, oneshot::Sender<Response>),
-    Tty {
-        board: usize,
-        gen: u64,
-        ev: SessionEvent,
-    },
-    Usbmon {
-        board: usize,
-        setup: ControlSetup,
-    },
-    UsbmonDied {
-        board: usize,
-        error: String,
-    },
-    Timer {
-        board: usize,
-        gen: u64,
-        kind: TimerKind,
-    },
-    /// What the ROM DFU device did with a request (from its gadgetfs thread).
-    Dfu {
-        board: usize,
-        gen: u64,
-        note: String,
-    },
+    Tty { board: usize, gen: u64, ev: SessionEvent },
+    Usbmon { board: usize, setup: ControlSetup },
+    UsbmonDied { board: usize, error: String },
+    Timer { board: usize, gen: u64, kind: TimerKind },
+    // What the ROM DFU device did with a request (from its gadgetfs thread).
+    Dfu { board: usize, gen: u64, note: String },
     Views(oneshot::Sender<Vec<ReadyView>>),
 }
 
