@@ -25,6 +25,7 @@ rig_host_deps() {
     command -v flock >/dev/null 2>&1 || pkgs+=(util-linux)
     command -v gzip >/dev/null 2>&1 || pkgs+=(gzip)
     command -v xz >/dev/null 2>&1 || pkgs+=(xz-utils)
+    command -v dfu-util >/dev/null 2>&1 || pkgs+=(dfu-util)   # the ROM DFU scenarios (tests/rig_dfu.rs)
     [ "${#pkgs[@]}" -eq 0 ] || rig_need_pkgs "${pkgs[@]}"
 }
 

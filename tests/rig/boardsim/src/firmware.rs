@@ -144,7 +144,8 @@ pub struct McuProfile {
     pub rom_usb: (u16, u16, &'static str, &'static str),
 }
 
-const STM32_DFU: (u16, u16, &str, &str) = (0x0483, 0xdf11, "STMicroelectronics", "DFU in FS Mode");
+// The ROM's own strings (lsusb -v of an STM32F4 in DFU mode; see dfu.rs).
+const STM32_DFU: (u16, u16, &str, &str) = (0x0483, 0xdf11, "STMicroelectronics", "STM32  BOOTLOADER");
 const RP2_BOOT: (u16, u16, &str, &str) = (0x2e8a, 0x0003, "Raspberry Pi", "RP2 Boot");
 
 /// The profile for a `CONFIG_MCU` name, or `None` for an unknown family.

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::dfu::DfuSeDevice;
+use crate::gadgetfs::{DfuPort, Notify};
+
 pub const CONFIGFS_GADGETS: &str = "/sys/kernel/config/usb_gadget";
 pub const USBMON_DIR: &str = "/sys/kernel/debug/usb/usbmon";
 const GADGET_PREFIX: &str = "kflash-";
@@ -16,8 +19,12 @@ const GADGET_PREFIX: &str = "kflash-";
 pub enum Function {
     /// CDC-ACM (usb_f_acm): a tty on both sides.
     Acm,
-    /// SourceSink (usb_f_ss_lb): vendor-specific bulk endpoints, no tty. Used for ROM DFU.
+    /// SourceSink (usb_f_ss_lb): vendor-specific bulk endpoints, no tty. ROM mode of the
+    /// RP2040 (its PICOBOOT interface is vendor-specific too), and of an STM32 when gadgetfs
+    /// cannot serve it.
     SourceSink,
+    /// The STM32 ROM's DFU device through gadgetfs (not configfs; see gadgetfs.rs).
+    RomDfu,
 }
 
 /// USB descriptors of one identity of a board.
@@ -50,7 +57,6 @@ impl UsbIdentity {
 }
 
 /// One configfs gadget bound (or not) to one UDC.
-#[derive(Debug)]
 pub struct Gadget {
     pub dir: PathBuf,
     pub udc: String,
@@ -59,8 +65,19 @@ pub struct Gadget {
     /// Board-side tty of the ACM function.
     pub tty: PathBuf,
     pub bound: bool,
+    /// The function linked into c.1 (Acm or SourceSink).
     function: Function,
     identity: Option<UsbIdentity>,
+    /// The DFU device the next bind presents (Function::RomDfu).
+    rom_dfu: Option<(DfuSeDevice, Notify)>,
+    /// The gadgetfs DFU device while bound as RomDfu.
+    port: Option<DfuPort>,
+}
+
+impl std::fmt::Debug for DfuPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DfuPort")
+    }
 }
 
 fn write_attr(path: &Path, value: &str) -> Result<()> {
@@ -207,6 +224,8 @@ impl Gadget {
             bound: false,
             function: Function::Acm,
             identity: None,
+            rom_dfu: None,
+            port: None,
         })
     }
 
@@ -220,14 +239,15 @@ impl Gadget {
     }
 
     fn set_function(&mut self, f: Function) -> Result<()> {
+        // RomDfu does not go through configfs: c.1 keeps what it has.
         let f = if f == Function::SourceSink && self.ss_name.is_none() { Function::Acm } else { f };
-        if f == self.function {
+        if f == self.function || f == Function::RomDfu {
             return Ok(());
         }
         let cfg = self.dir.join("configs/c.1");
         let (old, new) = match f {
-            Function::Acm => (self.ss_name.clone().unwrap_or_default(), self.acm_name.clone()),
             Function::SourceSink => (self.acm_name.clone(), self.ss_name.clone().unwrap_or_default()),
+            _ => (self.ss_name.clone().unwrap_or_default(), self.acm_name.clone()),
         };
         fs::remove_file(cfg.join(&old)).with_context(|| format!("cannot unlink {old} from c.1"))?;
         std::os::unix::fs::symlink(self.dir.join("functions").join(&new), cfg.join(&new))
@@ -238,7 +258,16 @@ impl Gadget {
 
     /// The function actually in use (SourceSink falls back to ACM when unavailable).
     pub fn function(&self) -> Function {
-        self.function
+        if self.port.is_some() {
+            Function::RomDfu
+        } else {
+            self.function
+        }
+    }
+
+    /// The DFU device the next bind presents when the identity's function is RomDfu.
+    pub fn prepare_rom_dfu(&mut self, device: DfuSeDevice, notify: Notify) {
+        self.rom_dfu = Some((device, notify));
     }
 
     /// Change the descriptors (the gadget must be unbound).
@@ -259,19 +288,40 @@ impl Gadget {
         Ok(())
     }
 
-    /// "Plug in": bind to the UDC.
-    pub fn bind(&mut self) -> Result<()> {
-        if !self.bound {
-            write_attr(&self.dir.join("UDC"), &self.udc)?;
-            self.bound = true;
+    /// "Plug in": bind to the UDC. A RomDfu identity goes through gadgetfs; when that fails
+    /// the board shows the same identity with SourceSink (the error is returned in `Ok`).
+    pub fn bind(&mut self) -> Result<Option<anyhow::Error>> {
+        if self.bound {
+            return Ok(None);
         }
-        Ok(())
+        let mut fallback = None;
+        if self.identity.as_ref().is_some_and(|i| i.function == Function::RomDfu) {
+            match self.rom_dfu.take() {
+                Some((device, notify)) => match DfuPort::start(&self.udc, device, notify) {
+                    Ok(port) => {
+                        self.port = Some(port);
+                        self.bound = true;
+                        return Ok(None);
+                    }
+                    Err(e) => fallback = Some(e),
+                },
+                None => fallback = Some(anyhow::anyhow!("internal error: no DFU device prepared")),
+            }
+            self.set_function(Function::SourceSink)?;
+        }
+        write_attr(&self.dir.join("UDC"), &self.udc)?;
+        self.bound = true;
+        Ok(fallback)
     }
 
     /// "Unplug": unbind from the UDC.
     pub fn unbind(&mut self) -> Result<()> {
         if self.bound {
             self.bound = false;
+            if let Some(mut port) = self.port.take() {
+                port.stop();
+                return Ok(());
+            }
             write_attr(&self.dir.join("UDC"), "\n")?;
         }
         Ok(())

@@ -3,11 +3,13 @@
 
 mod config;
 mod ctl;
+mod dfu;
 mod events;
 mod faults;
 mod firmware;
 mod flash;
 mod gadget;
+mod gadgetfs;
 mod klipperdev;
 mod pty;
 mod server;

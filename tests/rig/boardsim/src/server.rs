@@ -20,15 +20,20 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{BoardConfig, Mode};
 use crate::ctl::{self, Request, Response};
+use crate::dfu::{DfuSeDevice, RomDfu};
 use crate::events::EventLog;
 use crate::faults::{Fault, Faults};
 use crate::firmware::{dictionary_json, standin_image, AppCheck};
 use crate::flash::{FlashMemory, KatapultDevice, KatapultEvent, KatapultOutput};
 use crate::gadget::{self, Function, Gadget, UsbIdentity};
+use crate::gadgetfs;
 use crate::klipperdev::{KlipperDevice, KlipperEvent};
 use crate::say;
 use crate::tty::{open_raw, SessionEvent, Tty, TtySession};
 use crate::usbmon::{parse_line, ControlSetup, LineEvent, LineState};
+
+/// gadgetfs mount point inside the state directory.
+const GADGETFS_DIR: &str = "gadgetfs";
 
 /// Where a reboot goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +80,8 @@ pub enum Msg {
     Usbmon { board: usize, setup: ControlSetup },
     UsbmonDied { board: usize, error: String },
     Timer { board: usize, gen: u64, kind: TimerKind },
+    // What the ROM DFU device did with a request (from its gadgetfs thread).
+    Dfu { board: usize, gen: u64, note: String },
     Views(oneshot::Sender<Vec<ReadyView>>),
 }
 
@@ -229,17 +236,31 @@ impl Board {
             },
             Mode::Dfu => {
                 let (vid, pid, man, prod) = self.cfg.profile.rom_usb;
+                // A real DFU interface where gadgetfs can show one (STM32), else SourceSink.
+                let dfu = self.rom_dfu().is_some() && gadgetfs::available();
                 UsbIdentity {
                     vid,
                     pid,
                     device_class: 0x00,
                     manufacturer: man.into(),
                     product: prod.into(),
-                    serial: self.cfg.serial.chars().take(12).collect(),
-                    function: Function::SourceSink,
+                    serial: self.rom_serial(),
+                    function: if dfu { Function::RomDfu } else { Function::SourceSink },
                 }
             }
         }
+    }
+}
+
+impl Board {
+    /// The ROM bootloader's serial number (12 characters, like the chip-UID one of a real ROM).
+    fn rom_serial(&self) -> String {
+        self.cfg.serial.chars().take(12).collect()
+    }
+
+    /// The ROM's DFU descriptors, for MCUs whose ROM bootloader is USB DFU.
+    fn rom_dfu(&self) -> Option<RomDfu> {
+        RomDfu::stm32(&self.cfg.mcu, &self.cfg.profile, &self.rom_serial())
     }
 }
 
@@ -335,14 +356,31 @@ impl Sim {
         let id = b.identity(mode);
         b.line = LineState::default();
         b.mode = mode;
-        if let Err(e) = b.gadget.set_identity(&id).and_then(|_| b.gadget.bind()) {
-            say!("{name}: cannot enumerate as {}: {e:#}", mode.as_str());
-            self.log.log(Some(&name), "error", json!({"what": "bind", "error": format!("{e:#}")}));
-            return;
+        if id.function == Function::RomDfu {
+            let desc = b.rom_dfu().expect("RomDfu only for MCUs with a DFU ROM");
+            let (tx, gen) = (self.tx.clone(), b.gen);
+            let notify = Box::new(move |note: String| {
+                let _ = tx.send(Msg::Dfu { board: i, gen, note });
+            });
+            b.gadget.prepare_rom_dfu(DfuSeDevice::new(desc, b.flash.clone()), notify);
         }
+        match b.gadget.set_identity(&id).and_then(|_| b.gadget.bind()) {
+            Ok(None) => {}
+            Ok(Some(e)) => {
+                say!("{name}: ROM DFU through gadgetfs failed, SourceSink instead: {e:#}");
+                self.log.log(Some(&name), "error", json!({"what": "rom-dfu", "error": format!("{e:#}")}));
+            }
+            Err(e) => {
+                say!("{name}: cannot enumerate as {}: {e:#}", mode.as_str());
+                self.log.log(Some(&name), "error", json!({"what": "bind", "error": format!("{e:#}")}));
+                return;
+            }
+        }
+        let b = &mut self.boards[i];
         let function = match b.gadget.function() {
             Function::Acm => "acm",
             Function::SourceSink => "sourcesink",
+            Function::RomDfu => "dfu",
         };
         self.log.log(
             Some(&name),
@@ -961,6 +999,7 @@ impl Sim {
                 say!("{}: cannot remove gadget: {e:#}", self.boards[i].cfg.name);
             }
         }
+        gadgetfs::unmount(&self.state_dir.join(GADGETFS_DIR));
         self.log.log(None, "serve-stop", json!({}));
         let _ = std::fs::remove_file(ctl::socket_path(&self.state_dir));
         let _ = std::fs::remove_file(self.state_dir.join(ctl::PID_NAME));
@@ -1074,7 +1113,7 @@ pub async fn serve(boards_file: &Path, state_dir: &Path) -> Result<()> {
         let bus = gadget::host_bus(cfg.udc).with_context(|| format!("board '{}'", cfg.name))?;
         start_usbmon(i, &cfg.name, bus, tx.clone())?;
         say!(
-            "{}: gadget {} on {} (host bus {bus}), board tty {}, rom-dfu function: {}",
+            "{}: gadget {} on {} (host bus {bus}), board tty {}, rom mode without DFU: {}",
             cfg.name,
             gadget.dir.display(),
             gadget.udc,
@@ -1102,6 +1141,14 @@ pub async fn serve(boards_file: &Path, state_dir: &Path) -> Result<()> {
             flashes: 0,
             dirty: false,
         });
+    }
+    // Before any board is plugged: gadgetfs needs a free UDC when it is mounted.
+    match gadgetfs::init(&state_dir.join(GADGETFS_DIR)) {
+        Ok(ep0) => say!("ROM DFU (STM32): gadgetfs, ep0 {}", ep0.display()),
+        Err(e) => {
+            say!("ROM DFU (STM32): gadgetfs unavailable, SourceSink instead: {e:#}");
+            log.log(None, "error", json!({"what": "gadgetfs", "error": format!("{e:#}")}));
+        }
     }
     log.log(None, "serve-start", json!({"boards_file": boards_file.display().to_string(), "pid": std::process::id()}));
     let mut sim = Sim { boards, log, tx: tx.clone(), state_dir: state_dir.to_path_buf() };
@@ -1150,6 +1197,12 @@ pub async fn serve(boards_file: &Path, state_dir: &Path) -> Result<()> {
                         sim.log.log(Some(&name), "error", json!({"what": "usbmon", "error": error}));
                     }
                     Msg::Timer { board, gen, kind } => sim.handle_timer(board, gen, kind),
+                    Msg::Dfu { board, gen, note } => {
+                        if sim.boards[board].gen == gen {
+                            let name = sim.name(board);
+                            sim.log.log(Some(&name), "dfu", json!({"note": note}));
+                        }
+                    }
                     Msg::Views(reply) => { let _ = reply.send(sim.views()); }
                 }
             }
