@@ -1,0 +1,21 @@
+//! The flash orchestrator: one design for `kflash flash KEY` and `kflash flash-all`.
+//!
+//! - [`machine`]: the run's decisions as a pure state machine (no I/O, no clock), unit-tested
+//!   on every path;
+//! - [`event`]: the one structured progress stream it emits.
+//!
+//! The driver that carries out the machine's commands as futures (one Klipper guard, one
+//! flash lock, one hotplug handle, a semaphore for flashes) is the next step; today's
+//! `kflash flash` still runs [`crate::app::flash`].
+
+pub mod event;
+pub mod machine;
+
+#[cfg(test)]
+mod tests;
+
+pub use event::{Event, EventKind};
+pub use machine::{
+    BoardReport, BoardState, Built, Cause, Command, Deadlines, Input, KlipperAnswer, KlipperView, Machine, Phase,
+    PlannedBoard, Policy, RunState, Unchecked, Work,
+};
