@@ -8,9 +8,12 @@
 //! flash lock, one hotplug handle, a semaphore for flashes) is the next step; today's
 //! `kflash flash` still runs [`crate::app::flash`].
 
+pub mod driver;
 pub mod event;
 pub mod machine;
 
+#[cfg(test)]
+mod driver_tests;
 #[cfg(test)]
 mod tests;
 
