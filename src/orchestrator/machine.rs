@@ -553,62 +553,11 @@ impl Machine {
 
     fn take(&mut self, now: Instant, input: Input) {
         match input {
-            Input::PrinterChecked(result) if self.run == RunState::Preflight => match result {
-                Ok(()) => {
-                    self.set_run(RunState::Building);
-                    self.out.push(Command::ReadVersions);
-                }
-                Err(cause) => {
-                    for i in 0..self.boards.len() {
-                        self.set_state(i, BoardState::Failed { phase: Phase::Preflight, cause: cause.clone() }, now);
-                    }
-                }
-            },
-            Input::BuildFinished { key, result } => {
-                let Some(i) = self.waiting(&key, |s| *s == BoardState::Building) else { return };
-                match result {
-                    Ok(built) => {
-                        self.emit(Event::board(
-                            &key,
-                            EventKind::Built { version: built.version.clone(), cached: built.cached },
-                        ));
-                        self.boards[i].built = Some(built);
-                        self.set_state(i, BoardState::Built, now);
-                    }
-                    Err(cause) => self.set_state(i, BoardState::Failed { phase: Phase::Build, cause }, now),
-                }
-            }
-            Input::VersionsRead(versions) if self.versions.is_none() => {
-                for b in &mut self.boards {
-                    b.version_before = versions.get(&b.plan.key).cloned();
-                    if let Some(v) = &b.version_before {
-                        self.out.push(Command::Emit(Event::board(
-                            &b.plan.key,
-                            EventKind::RunningBefore { version: v.clone() },
-                        )));
-                    }
-                }
-                self.versions = Some(versions);
-            }
-            Input::KlipperStopped(result) if self.klipper == Klipper::Stopping => match result {
-                Ok(()) => {
-                    self.klipper = Klipper::Stopped(now);
-                    self.emit(Event::run(EventKind::KlipperStopped));
-                    if !self.cancelled {
-                        self.set_run(RunState::Flashing);
-                    }
-                }
-                Err(cause) => {
-                    self.klipper = Klipper::Settled;
-                    for i in 0..self.boards.len() {
-                        if self.boards[i].state == BoardState::Built {
-                            let failed = BoardState::Failed { phase: Phase::StopKlipper, cause: cause.clone() };
-                            self.set_state(i, failed, now);
-                        }
-                    }
-                }
-            },
-            Input::DeviceAppeared { key, mode } => self.appeared(now, &key, mode),
+            Input::PrinterChecked(result) if self.run == RunState::Preflight => self.printer_checked(result, now),
+            Input::BuildFinished { key, result } => self.build_finished(&key, result, now),
+            Input::VersionsRead(versions) if self.versions.is_none() => self.versions_read(versions),
+            Input::KlipperStopped(result) if self.klipper == Klipper::Stopping => self.klipper_stopped(result, now),
+            Input::DeviceAppeared { key, mode } => self.appeared(&key, mode, now),
             Input::TargetChecked { key, result } => {
                 let Some(i) = self.waiting(&key, |s| *s == BoardState::CheckingTarget) else { return };
                 match result {
@@ -616,112 +565,168 @@ impl Machine {
                     Err(cause) => self.write_failed(i, cause, now),
                 }
             }
-            Input::WriteDone { key, result } => {
-                let Some(i) = self.waiting(&key, |s| matches!(s, BoardState::Writing { .. })) else { return };
-                match result {
-                    Ok(()) => {
-                        let slot = &mut self.boards[i];
-                        slot.method_used = slot.plan.methods.get(slot.method).copied();
-                        if slot.back_during_write {
-                            self.identify(i, now);
-                        } else {
-                            let deadline = now + self.policy.deadlines.reconnect;
-                            self.set_state(i, BoardState::AwaitingApplication, now);
-                            self.boards[i].deadline = Some(deadline);
-                        }
-                    }
-                    Err(cause) => self.write_failed(i, cause, now),
-                }
-            }
-            Input::Identified { key, result } => {
-                let Some(i) = self.waiting(&key, |s| *s == BoardState::Identifying) else { return };
-                let expected = self.boards[i].built.as_ref().map(|b| b.version.clone()).unwrap_or_default();
-                let next = match result {
-                    Ok(running) if running == expected => {
-                        self.boards[i].version_after = Some(running);
-                        BoardState::Flashed { view: KlipperView::Pending }
-                    }
-                    Ok(running) => {
-                        self.boards[i].version_after = Some(running.clone());
-                        BoardState::Failed {
-                            phase: Phase::Identify,
-                            cause: Cause::VersionMismatch { expected, running },
-                        }
-                    }
-                    Err(cause) => BoardState::Failed { phase: Phase::Identify, cause },
-                };
-                self.set_state(i, next, now);
-            }
+            Input::WriteDone { key, result } => self.write_done(&key, result, now),
+            Input::Identified { key, result } => self.identified(&key, result, now),
             Input::BoardFailed { key, cause } => {
                 let Some(i) = self.waiting(&key, |s| *s == BoardState::Building || s.is_flashing()) else { return };
                 let next = self.boards[i].state.settled(cause);
                 self.set_state(i, next, now);
             }
-            Input::KlipperStarted(result) => {
-                let Klipper::Starting(stopped) = self.klipper else { return };
-                self.klipper = Klipper::Settled;
-                let downtime = now.saturating_duration_since(stopped);
-                self.downtime = Some(downtime);
-                let why = match result {
-                    Ok(running) => {
-                        self.emit(Event::run(EventKind::KlipperStarted {
-                            downtime_secs: downtime.as_secs_f64(),
-                            running,
-                        }));
-                        (!running).then_some(Unchecked::KlipperLeftStopped)
-                    }
-                    Err(cause) => {
-                        self.klipper_start_failed = true;
-                        self.emit(Event::run(EventKind::KlipperNotStarted {
-                            downtime_secs: downtime.as_secs_f64(),
-                            cause,
-                        }));
-                        Some(Unchecked::KlipperNotStarted)
-                    }
-                };
-                let why = if self.cancelled { Some(Unchecked::Cancelled) } else { why };
-                match why {
-                    Some(why) => self.settle_pending(Some(why), now),
-                    None if self.boards.iter().any(pending) => {
-                        let expected = self
-                            .boards
-                            .iter()
-                            .filter(|b| pending(b))
-                            .map(|b| (b.plan.key.clone(), b.version_after.clone().unwrap_or_default()))
-                            .collect();
-                        self.set_run(RunState::Verifying);
-                        self.verify_deadline = Some(now + self.policy.deadlines.klippy_ready);
-                        self.out.push(Command::CheckKlipper { expected });
-                    }
-                    None => {}
-                }
-            }
-            Input::KlippyChecked(result) if self.run == RunState::Verifying => {
-                self.verify_deadline = None;
-                match result {
-                    Ok(KlipperAnswer::Running(running)) => {
-                        for i in 0..self.boards.len() {
-                            if !pending(&self.boards[i]) {
-                                continue;
-                            }
-                            let expected = self.boards[i].version_after.clone().unwrap_or_default();
-                            let next = match running.get(&self.boards[i].plan.key) {
-                                Some(v) if *v == expected => BoardState::Flashed { view: KlipperView::Confirmed },
-                                Some(v) => BoardState::Failed {
-                                    phase: Phase::KlipperVerify,
-                                    cause: Cause::VersionMismatch { expected, running: v.clone() },
-                                },
-                                None => BoardState::Flashed { view: KlipperView::NotListed },
-                            };
-                            self.set_state(i, next, now);
-                        }
-                    }
-                    Ok(KlipperAnswer::Unchecked(why)) => self.settle_pending(Some(why), now),
-                    Err(cause) => self.settle_all(cause, now),
-                }
-            }
+            Input::KlipperStarted(result) => self.klipper_started(result, now),
+            Input::KlippyChecked(result) if self.run == RunState::Verifying => self.klippy_checked(result, now),
             Input::Cancel if !self.cancelled => self.cancel(now),
             _ => {}
+        }
+    }
+
+    fn printer_checked(&mut self, result: Result<(), Cause>, now: Instant) {
+        match result {
+            Ok(()) => {
+                self.set_run(RunState::Building);
+                self.out.push(Command::ReadVersions);
+            }
+            Err(cause) => {
+                for i in 0..self.boards.len() {
+                    self.set_state(i, BoardState::Failed { phase: Phase::Preflight, cause: cause.clone() }, now);
+                }
+            }
+        }
+    }
+
+    fn build_finished(&mut self, key: &str, result: Result<Built, Cause>, now: Instant) {
+        let Some(i) = self.waiting(key, |s| *s == BoardState::Building) else { return };
+        match result {
+            Ok(built) => {
+                self.emit(Event::board(key, EventKind::Built { version: built.version.clone(), cached: built.cached }));
+                self.boards[i].built = Some(built);
+                self.set_state(i, BoardState::Built, now);
+            }
+            Err(cause) => self.set_state(i, BoardState::Failed { phase: Phase::Build, cause }, now),
+        }
+    }
+
+    fn versions_read(&mut self, versions: BTreeMap<String, String>) {
+        for i in 0..self.boards.len() {
+            let key = self.boards[i].plan.key.clone();
+            self.boards[i].version_before = versions.get(&key).cloned();
+            if let Some(version) = versions.get(&key).cloned() {
+                self.emit(Event::board(&key, EventKind::RunningBefore { version }));
+            }
+        }
+        self.versions = Some(versions);
+    }
+
+    /// `Err`: nothing was stopped, so nothing is flashed and nothing is started.
+    fn klipper_stopped(&mut self, result: Result<(), Cause>, now: Instant) {
+        match result {
+            Ok(()) => {
+                self.klipper = Klipper::Stopped(now);
+                self.emit(Event::run(EventKind::KlipperStopped));
+                if !self.cancelled {
+                    self.set_run(RunState::Flashing);
+                }
+            }
+            Err(cause) => {
+                self.klipper = Klipper::Settled;
+                for i in 0..self.boards.len() {
+                    if self.boards[i].state == BoardState::Built {
+                        let failed = BoardState::Failed { phase: Phase::StopKlipper, cause: cause.clone() };
+                        self.set_state(i, failed, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_done(&mut self, key: &str, result: Result<(), Cause>, now: Instant) {
+        let Some(i) = self.waiting(key, |s| matches!(s, BoardState::Writing { .. })) else { return };
+        if let Err(cause) = result {
+            return self.write_failed(i, cause, now);
+        }
+        let slot = &mut self.boards[i];
+        slot.method_used = slot.plan.methods.get(slot.method).copied();
+        if slot.back_during_write {
+            self.identify(i, now);
+        } else {
+            let deadline = now + self.policy.deadlines.reconnect;
+            self.set_state(i, BoardState::AwaitingApplication, now);
+            self.boards[i].deadline = Some(deadline);
+        }
+    }
+
+    /// The version read from the board itself must be the one built.
+    fn identified(&mut self, key: &str, result: Result<String, Cause>, now: Instant) {
+        let Some(i) = self.waiting(key, |s| *s == BoardState::Identifying) else { return };
+        let expected = self.boards[i].built.as_ref().map(|b| b.version.clone()).unwrap_or_default();
+        let next = match result {
+            Ok(running) => {
+                self.boards[i].version_after = Some(running.clone());
+                if running == expected {
+                    BoardState::Flashed { view: KlipperView::Pending }
+                } else {
+                    BoardState::Failed { phase: Phase::Identify, cause: Cause::VersionMismatch { expected, running } }
+                }
+            }
+            Err(cause) => BoardState::Failed { phase: Phase::Identify, cause },
+        };
+        self.set_state(i, next, now);
+    }
+
+    /// Klipper's start answered: ask it about the flashed boards, unless it cannot be asked.
+    fn klipper_started(&mut self, result: Result<bool, Cause>, now: Instant) {
+        let Klipper::Starting(stopped) = self.klipper else { return };
+        self.klipper = Klipper::Settled;
+        let downtime = now.saturating_duration_since(stopped);
+        self.downtime = Some(downtime);
+        let downtime_secs = downtime.as_secs_f64();
+        let unchecked = match result {
+            Ok(running) => {
+                self.emit(Event::run(EventKind::KlipperStarted { downtime_secs, running }));
+                (!running).then_some(Unchecked::KlipperLeftStopped)
+            }
+            Err(cause) => {
+                self.klipper_start_failed = true;
+                self.emit(Event::run(EventKind::KlipperNotStarted { downtime_secs, cause }));
+                Some(Unchecked::KlipperNotStarted)
+            }
+        };
+        if let Some(why) = if self.cancelled { Some(Unchecked::Cancelled) } else { unchecked } {
+            return self.settle_pending(why, now);
+        }
+        let expected: BTreeMap<String, String> = self
+            .boards
+            .iter()
+            .filter(|b| pending(b))
+            .map(|b| (b.plan.key.clone(), b.version_after.clone().unwrap_or_default()))
+            .collect();
+        if !expected.is_empty() {
+            self.set_run(RunState::Verifying);
+            self.verify_deadline = Some(now + self.policy.deadlines.klippy_ready);
+            self.out.push(Command::CheckKlipper { expected });
+        }
+    }
+
+    fn klippy_checked(&mut self, result: Result<KlipperAnswer, Cause>, now: Instant) {
+        self.verify_deadline = None;
+        let running = match result {
+            Ok(KlipperAnswer::Running(running)) => running,
+            Ok(KlipperAnswer::Unchecked(why)) => return self.settle_pending(why, now),
+            Err(cause) => return self.settle_all(cause, now),
+        };
+        for i in 0..self.boards.len() {
+            if !pending(&self.boards[i]) {
+                continue;
+            }
+            let expected = self.boards[i].version_after.clone().unwrap_or_default();
+            let next = match running.get(&self.boards[i].plan.key) {
+                Some(v) if *v == expected => BoardState::Flashed { view: KlipperView::Confirmed },
+                Some(v) => BoardState::Failed {
+                    phase: Phase::KlipperVerify,
+                    cause: Cause::VersionMismatch { expected, running: v.clone() },
+                },
+                None => BoardState::Flashed { view: KlipperView::NotListed },
+            };
+            self.set_state(i, next, now);
         }
     }
 
@@ -762,8 +767,7 @@ impl Machine {
     }
 
     /// Flashed boards whose Klipper view is pending get `why` as the reason it was not checked.
-    fn settle_pending(&mut self, why: Option<Unchecked>, now: Instant) {
-        let Some(why) = why else { return };
+    fn settle_pending(&mut self, why: Unchecked, now: Instant) {
         for i in 0..self.boards.len() {
             if pending(&self.boards[i]) {
                 self.set_state(i, BoardState::Flashed { view: KlipperView::NotChecked { why } }, now);
@@ -771,7 +775,7 @@ impl Machine {
         }
     }
 
-    fn appeared(&mut self, now: Instant, key: &str, mode: Mode) {
+    fn appeared(&mut self, key: &str, mode: Mode, now: Instant) {
         let Some(i) = self.boards.iter().position(|b| b.plan.key == key) else { return };
         match (&self.boards[i].state, mode) {
             (BoardState::AwaitingBootloader, Mode::Katapult) => self.check_target(i, now),

@@ -803,6 +803,8 @@ fn random_run(n: usize, parallel: usize, builds: usize, flags: u8, cancel_at: Op
     let mut checked: BTreeSet<String> = BTreeSet::new();
     let mut refused_keys: BTreeSet<String> = BTreeSet::new();
     let mut states: BTreeMap<String, BoardState> = BTreeMap::new();
+    let mut identified: BTreeSet<String> = BTreeSet::new();
+    let mut klipper_runs = false;
     let mut started = 0;
     for step in 0.. {
         assert!(step < 2000, "the run does not end");
@@ -851,7 +853,21 @@ fn random_run(n: usize, parallel: usize, builds: usize, flags: u8, cancel_at: Op
                     assert!(!cancelled, "{c:?} after the cancel");
                 }
                 Command::Emit(Event { board: Some(k), kind: EventKind::Board { state } }) => {
+                    if *state == (BoardState::Flashed { view: KlipperView::Pending }) {
+                        identified.insert(k.clone());
+                    }
                     states.insert(k.clone(), state.clone());
+                }
+                Command::Emit(Event { kind: EventKind::KlipperStarted { running: true, .. }, .. }) => {
+                    klipper_runs = true;
+                }
+                Command::CheckKlipper { expected } => {
+                    let pending: BTreeSet<String> = identified.iter().cloned().collect();
+                    assert_eq!(
+                        expected.keys().cloned().collect::<BTreeSet<_>>(),
+                        pending,
+                        "every flashed board, only those"
+                    );
                 }
                 _ => {}
             }
@@ -879,6 +895,17 @@ fn random_run(n: usize, parallel: usize, builds: usize, flags: u8, cancel_at: Op
     }
     if cancelled {
         assert!(!r.m.ok());
+    }
+    // The other boards' failures never keep a flashed board from Klipper's check.
+    if klipper_runs && !cancelled {
+        assert!(r.said.iter().any(|c| matches!(c, Command::CheckKlipper { .. })) || identified.is_empty());
+    }
+    for k in &identified {
+        let end = r.m.board_state(k).unwrap();
+        assert!(
+            matches!(end, BoardState::Flashed { .. } | BoardState::Failed { phase: Phase::KlipperVerify, .. }),
+            "{k} was flashed, yet ended {end:?}"
+        );
     }
     if r.m.ok() {
         assert!(history.iter().all(|h| h.state.passed()));
