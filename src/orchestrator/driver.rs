@@ -1,11 +1,11 @@
-//! Runs the [`Machine`]: each command the machine gives becomes a task, each task's answer
-//! (or the hotplug stream's) goes back in with the time it arrived, and the machine's next
-//! deadline is a timer. The I/O itself lives behind [`Effects`].
+//! Runs the [`Machine`]: each command the machine gives becomes a future, each future's
+//! answer (or the hotplug stream's) goes back in with the time it arrived, and the machine's
+//! next deadline is a timer. The I/O itself lives behind [`Effects`]. The futures run inside
+//! the driver's own task (they may borrow the caller's registry, hotplug handle, reporter).
 //!
-//! - A task that panics answers for itself: the machine gets its step's failure
+//! - Work that panics answers for itself: the machine gets its step's failure
 //!   ([`Cause::DriverFailed`]), so Klipper is still started and the board still recorded.
-//! - [`Command::Abort`] drops the task (a cancelled future: the step's deadline passed, or
-//!   the run was cancelled).
+//! - [`Command::Abort`] drops the work (the step's deadline passed, or the run was cancelled).
 //! - `cancel` (a signal) is fed once as [`Input::Cancel`]; the run then ends as the machine
 //!   decides: Klipper started if it was stopped, every board recorded.
 //!
@@ -13,38 +13,43 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 
-use futures::future::BoxFuture;
+use futures::future::{AbortHandle, Abortable, LocalBoxFuture};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use tokio::sync::mpsc;
-use tokio::task::{AbortHandle, Id, JoinSet};
 use tokio::time::Instant;
 
 use super::event::Event;
 use super::machine::{BoardReport, Cause, Command, Input, Machine, Work};
 
-/// The run's I/O: what the driver calls to carry out the machine's commands.
-pub trait Effects: Send + Sync + 'static {
+/// The run's I/O: what the driver calls to carry out the machine's commands. The work runs
+/// as futures inside the driver's own task, so it may borrow what the caller owns (the
+/// registry, the hotplug handle, the reporter).
+pub trait Effects {
     /// Start `command`'s work. The output is the machine's answer, or `None` when the answer
-    /// comes from the hotplug stream (the bootloader request: the board's arrival is the
-    /// answer). Only work commands come here, never `Emit`, `AppendHistory` or `Abort`.
-    fn start(&self, command: Command) -> BoxFuture<'static, Option<Input>>;
+    /// comes from the hotplug stream. Only work commands come here, never `Emit`,
+    /// `AppendHistory` or `Abort`.
+    fn start(&self, command: Command) -> LocalBoxFuture<'_, Option<Input>>;
     fn emit(&self, event: Event);
     fn record(&self, report: BoardReport);
 }
 
 /// Run `machine` from its first commands until it is done, feeding it the answers of the
-/// tasks, the `hotplug` inputs (planned boards appearing) and one `Cancel` when `cancel`
+/// work, the `hotplug` inputs (planned boards appearing) and one `Cancel` when `cancel`
 /// completes. Returns the finished machine (its reports, `ok()`, the downtime).
-pub async fn drive<E: Effects>(
+pub async fn drive<E: Effects + ?Sized>(
     mut machine: Machine,
     first: Vec<Command>,
-    effects: std::sync::Arc<E>,
+    effects: &E,
     mut hotplug: mpsc::UnboundedReceiver<Input>,
     cancel: impl Future<Output = ()>,
 ) -> Machine {
-    let mut tasks: JoinSet<Option<Input>> = JoinSet::new();
-    // Each task's command, to answer for it if it panics, and its handle, to drop it.
-    let mut running: HashMap<Id, (Command, AbortHandle)> = HashMap::new();
+    let mut work = FuturesUnordered::new();
+    // Each piece of work's command, to answer for it if it panics, and its handle, to drop it.
+    let mut running: HashMap<u64, (Command, AbortHandle)> = HashMap::new();
+    let mut next_id = 0u64;
     let mut commands = first;
     let mut hotplug_open = true;
     tokio::pin!(cancel);
@@ -54,18 +59,21 @@ pub async fn drive<E: Effects>(
             match command {
                 Command::Emit(e) => effects.emit(e),
                 Command::AppendHistory(r) => effects.record(r),
-                Command::Abort(work) => {
-                    running.retain(|_, (c, handle)| {
-                        let hit = work_of(c).as_ref() == Some(&work);
-                        if hit {
-                            handle.abort();
-                        }
-                        !hit
-                    });
-                }
-                work => {
-                    let handle = tasks.spawn(effects.start(work.clone()));
-                    running.insert(handle.id(), (work, handle));
+                Command::Abort(what) => running.retain(|_, (c, handle)| {
+                    let hit = work_of(c).as_ref() == Some(&what);
+                    if hit {
+                        handle.abort();
+                    }
+                    !hit
+                }),
+                command => {
+                    let (handle, registration) = AbortHandle::new_pair();
+                    let id = next_id;
+                    next_id += 1;
+                    let future = AssertUnwindSafe(effects.start(command.clone())).catch_unwind();
+                    let future = Abortable::new(future, registration);
+                    work.push(async move { (id, future.await) });
+                    running.insert(id, (command, handle));
                 }
             }
         }
@@ -73,7 +81,7 @@ pub async fn drive<E: Effects>(
             break;
         }
         let deadline = machine.next_deadline().map(Instant::from_std);
-        if cancelled && tasks.is_empty() && !hotplug_open && deadline.is_none() {
+        if cancelled && work.is_empty() && !hotplug_open && deadline.is_none() {
             // Nothing can ever answer: a bug in the effects, not a state to wait in forever.
             tracing::error!("the flash run has nothing left to wait for in state {:?}", machine.run_state());
             break;
@@ -84,13 +92,16 @@ pub async fn drive<E: Effects>(
                 cancelled = true;
                 Some(Input::Cancel)
             }
-            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => match done {
-                Ok((id, answer)) => {
-                    running.remove(&id);
-                    answer
+            Some((id, result)) = work.next(), if !work.is_empty() => {
+                let command = running.remove(&id).map(|(c, _)| c);
+                match result {
+                    Ok(Ok(answer)) => answer,
+                    // The work panicked: its step failed.
+                    Ok(Err(_panic)) => command.map(lost),
+                    // Dropped on the machine's word: it expects no answer.
+                    Err(_aborted) => None,
                 }
-                Err(e) => running.remove(&e.id()).and_then(|(command, _)| e.is_panic().then(|| lost(command))),
-            },
+            }
             input = hotplug.recv(), if hotplug_open => {
                 hotplug_open = input.is_some();
                 input
@@ -101,7 +112,6 @@ pub async fn drive<E: Effects>(
             commands = machine.handle(Instant::now().into_std(), input);
         }
     }
-    tasks.abort_all();
     machine
 }
 

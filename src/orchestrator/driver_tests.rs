@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::future::LocalBoxFuture;
 use futures::FutureExt;
 use tokio::sync::mpsc;
 
@@ -73,7 +73,7 @@ impl Script {
 }
 
 impl Effects for Script {
-    fn start(&self, command: Command) -> BoxFuture<'static, Option<Input>> {
+    fn start(&self, command: Command) -> LocalBoxFuture<'_, Option<Input>> {
         let me = self.0.clone();
         let name = format!("{command:?}").split([' ', '(', '{']).next().unwrap().to_string();
         me.started.lock().unwrap().push(name);
@@ -126,7 +126,7 @@ impl Effects for Script {
                 other => panic!("not a work command: {other:?}"),
             }
         }
-        .boxed()
+        .boxed_local()
     }
 
     fn emit(&self, event: Event) {
@@ -159,7 +159,7 @@ async fn run(
             None => std::future::pending().await,
         }
     };
-    drive(m, first, Arc::new(script.clone()), hotplug, cancel).await
+    drive(m, first, script, hotplug, cancel).await
 }
 
 #[tokio::test(start_paused = true)]

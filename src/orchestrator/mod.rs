@@ -2,11 +2,13 @@
 //!
 //! - [`machine`]: the run's decisions as a pure state machine (no I/O, no clock), unit-tested
 //!   on every path;
-//! - [`event`]: the one structured progress stream it emits.
+//! - [`event`]: the one structured progress stream it emits;
+//! - [`driver`]: runs the machine's commands as futures behind an [`driver::Effects`] trait,
+//!   with the machine's deadlines as timers, panics answered as failed steps, and a cancel.
 //!
-//! The driver that carries out the machine's commands as futures (one Klipper guard, one
-//! flash lock, one hotplug handle, a semaphore for flashes) is the next step; today's
-//! `kflash flash` still runs [`crate::app::flash`].
+//! Not yet wired: the `Effects` that does the real I/O (print gate, build, Klipper guard,
+//! Katapult, hotplug) and `kflash flash KEY` running through it; today's `kflash flash`
+//! still runs [`crate::app::flash`].
 
 pub mod driver;
 pub mod event;
