@@ -1,6 +1,5 @@
 //! Runs the [`Machine`]: each command the machine gives becomes a future, each future's
-//! answer (or the hotplug stream's) goes back in with the time it arrived, and the machine's
-//! next deadline is a timer. The I/O itself lives behind [`Effects`]. The futures run inside
+//! answer goes back in with the time it arrived, and the machine's next deadline is a timer. The I/O itself lives behind [`Effects`]. The futures run inside
 //! the driver's own task (they may borrow the caller's registry, hotplug handle, reporter).
 //!
 //! - Work that panics answers for itself: the machine gets its step's failure
@@ -18,7 +17,6 @@ use std::panic::AssertUnwindSafe;
 use futures::future::{AbortHandle, Abortable, LocalBoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::event::Event;
@@ -28,8 +26,8 @@ use super::machine::{BoardReport, Cause, Command, Input, Machine, Work};
 /// as futures inside the driver's own task, so it may borrow what the caller owns (the
 /// registry, the hotplug handle, the reporter).
 pub trait Effects {
-    /// Start `command`'s work. The output is the machine's answer, or `None` when the answer
-    /// comes from the hotplug stream. Only work commands come here, never `Emit`,
+    /// Start `command`'s work. The output is the machine's answer; `None` answers nothing
+    /// (the machine's deadline ends the wait). Only work commands come here, never `Emit`,
     /// `AppendHistory` or `Abort`.
     fn start(&self, command: Command) -> LocalBoxFuture<'_, Option<Input>>;
     fn emit(&self, event: Event);
@@ -37,13 +35,11 @@ pub trait Effects {
 }
 
 /// Run `machine` from its first commands until it is done, feeding it the answers of the
-/// work, the `hotplug` inputs (planned boards appearing) and one `Cancel` when `cancel`
-/// completes. Returns the finished machine (its reports, `ok()`, the downtime).
+/// work and one `Cancel` when `cancel` completes. Returns the finished machine (its reports, `ok()`, the downtime).
 pub async fn drive<E: Effects + ?Sized>(
     mut machine: Machine,
     first: Vec<Command>,
     effects: &E,
-    mut hotplug: mpsc::UnboundedReceiver<Input>,
     cancel: impl Future<Output = ()>,
 ) -> Machine {
     let mut work = FuturesUnordered::new();
@@ -51,7 +47,6 @@ pub async fn drive<E: Effects + ?Sized>(
     let mut running: HashMap<u64, (Command, AbortHandle)> = HashMap::new();
     let mut next_id = 0u64;
     let mut commands = first;
-    let mut hotplug_open = true;
     tokio::pin!(cancel);
     let mut cancelled = false;
     loop {
@@ -81,7 +76,7 @@ pub async fn drive<E: Effects + ?Sized>(
             break;
         }
         let deadline = machine.next_deadline().map(Instant::from_std);
-        if cancelled && work.is_empty() && !hotplug_open && deadline.is_none() {
+        if work.is_empty() && deadline.is_none() {
             // Nothing can ever answer: a bug in the effects, not a state to wait in forever.
             tracing::error!("the flash run has nothing left to wait for in state {:?}", machine.run_state());
             break;
@@ -101,10 +96,6 @@ pub async fn drive<E: Effects + ?Sized>(
                     // Dropped on the machine's word: it expects no answer.
                     Err(_aborted) => None,
                 }
-            }
-            input = hotplug.recv(), if hotplug_open => {
-                hotplug_open = input.is_some();
-                input
             }
             _ = sleep_until(deadline), if deadline.is_some() => Some(Input::DeadlinePassed),
         };
@@ -132,6 +123,7 @@ fn work_of(command: &Command) -> Option<Work> {
         | Command::EnterBootloader { key }
         | Command::CheckTarget { key }
         | Command::Write { key, .. }
+        | Command::AwaitApplication { key }
         | Command::SendToApplication { key }
         | Command::Identify { key } => Some(Work::Board(key.clone())),
         // Klipper's stop and start are never dropped halfway.
@@ -153,6 +145,7 @@ fn lost(command: Command) -> Input {
         | Command::EnterBootloader { key }
         | Command::CheckTarget { key }
         | Command::Write { key, .. }
+        | Command::AwaitApplication { key }
         | Command::SendToApplication { key }
         | Command::Identify { key } => Input::BoardFailed { key, cause },
         Command::Abort(_) | Command::AppendHistory(_) | Command::Emit(_) => Input::DeadlinePassed,

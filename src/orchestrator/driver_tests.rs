@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
 use futures::FutureExt;
-use tokio::sync::mpsc;
 
 use super::driver::{drive, Effects};
 use super::*;
@@ -24,7 +23,6 @@ enum Write {
 }
 
 struct Inner {
-    hotplug: mpsc::UnboundedSender<Input>,
     write: Write,
     lose_bootloader: bool,
     started: Mutex<Vec<String>>,
@@ -51,10 +49,8 @@ impl Drop for InFlight<'_> {
 struct Script(Arc<Inner>);
 
 impl Script {
-    fn new(write: Write, lose_bootloader: bool) -> (Script, mpsc::UnboundedReceiver<Input>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    fn new(write: Write, lose_bootloader: bool) -> Script {
         let inner = Inner {
-            hotplug: tx,
             write,
             lose_bootloader,
             started: Mutex::default(),
@@ -64,7 +60,7 @@ impl Script {
             most_writing: AtomicUsize::new(0),
             writes_dropped: AtomicUsize::new(0),
         };
-        (Script(Arc::new(inner)), rx)
+        Script(Arc::new(inner))
     }
 
     fn count(&self, what: &str) -> usize {
@@ -92,10 +88,11 @@ impl Effects for Script {
                 }
                 Command::EnterBootloader { key } => {
                     sleep(1000).await;
-                    if !me.lose_bootloader {
-                        me.hotplug.send(Input::DeviceAppeared { key, mode: Mode::Katapult }).unwrap();
+                    if me.lose_bootloader {
+                        // Its event never comes, and the work's own timeout is lost too.
+                        std::future::pending::<()>().await;
                     }
-                    None
+                    Some(Input::DeviceAppeared { key, mode: Mode::Katapult })
                 }
                 Command::CheckTarget { key } => Some(Input::TargetChecked { key, result: Ok(()) }),
                 Command::Write { key, .. } => {
@@ -110,10 +107,9 @@ impl Effects for Script {
                     }
                     flight.1 = true;
                     drop(flight);
-                    // The board is back before the write's answer is taken.
-                    me.hotplug.send(Input::DeviceAppeared { key: key.clone(), mode: Mode::Klipper }).unwrap();
                     Some(Input::WriteDone { key, result: Ok(()) })
                 }
+                Command::AwaitApplication { key } => Some(Input::DeviceAppeared { key, mode: Mode::Klipper }),
                 Command::Identify { key } => Some(Input::Identified { key, result: Ok(NEW.into()) }),
                 Command::StartKlipper => {
                     sleep(500).await;
@@ -144,13 +140,7 @@ fn plan(n: usize) -> Vec<PlannedBoard> {
         .collect()
 }
 
-async fn run(
-    n: usize,
-    parallel: usize,
-    script: &Script,
-    hotplug: mpsc::UnboundedReceiver<Input>,
-    cancel_after: Option<Duration>,
-) -> Machine {
+async fn run(n: usize, parallel: usize, script: &Script, cancel_after: Option<Duration>) -> Machine {
     let policy = Policy { parallel, ..Policy::new(&Timeouts::default()) };
     let (m, first) = Machine::new(plan(n), policy, tokio::time::Instant::now().into_std());
     let cancel = async move {
@@ -159,13 +149,13 @@ async fn run(
             None => std::future::pending().await,
         }
     };
-    drive(m, first, script, hotplug, cancel).await
+    drive(m, first, script, cancel).await
 }
 
 #[tokio::test(start_paused = true)]
 async fn parallel_boards_share_one_stop_and_the_downtime_is_the_slowest_board() {
-    let (script, hotplug) = Script::new(Write::Ok, false);
-    let m = run(3, 3, &script, hotplug, None).await;
+    let script = Script::new(Write::Ok, false);
+    let m = run(3, 3, &script, None).await;
     assert!(m.ok(), "{:?}", m.reports());
     assert_eq!(script.0.most_writing.load(Ordering::SeqCst), 3, "three writes at once");
     assert_eq!((script.count("StopKlipper"), script.count("StartKlipper")), (1, 1));
@@ -175,8 +165,8 @@ async fn parallel_boards_share_one_stop_and_the_downtime_is_the_slowest_board() 
     assert_eq!(records.len(), 3);
     assert!(records.iter().all(|r| r.state == BoardState::Flashed { view: KlipperView::Confirmed }));
 
-    let (script, hotplug) = Script::new(Write::Ok, false);
-    let m = run(3, 1, &script, hotplug, None).await;
+    let script = Script::new(Write::Ok, false);
+    let m = run(3, 1, &script, None).await;
     assert!(m.ok());
     assert_eq!(script.0.most_writing.load(Ordering::SeqCst), 1, "one after another");
     assert_eq!(m.klipper_downtime(), Some(Duration::from_millis(9500)));
@@ -184,8 +174,8 @@ async fn parallel_boards_share_one_stop_and_the_downtime_is_the_slowest_board() 
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_write_still_starts_klipper_and_records_the_board() {
-    let (script, hotplug) = Script::new(Write::Panic, false);
-    let m = run(2, 1, &script, hotplug, None).await;
+    let script = Script::new(Write::Panic, false);
+    let m = run(2, 1, &script, None).await;
     assert!(m.is_done() && !m.ok());
     let failed = BoardState::LeftInBootloader { phase: Phase::Write, cause: Cause::DriverFailed };
     assert_eq!(m.board_state("b0"), Some(&failed));
@@ -195,23 +185,24 @@ async fn a_panicking_write_still_starts_klipper_and_records_the_board() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_lost_hotplug_event_ends_at_the_bootloader_deadline() {
-    let (script, hotplug) = Script::new(Write::Ok, true);
+async fn work_that_never_answers_ends_at_the_machines_deadline() {
+    let script = Script::new(Write::Ok, true);
     let started = tokio::time::Instant::now();
-    let m = run(1, 1, &script, hotplug, None).await;
+    let m = run(1, 1, &script, None).await;
     let failed = BoardState::Failed { phase: Phase::Bootloader, cause: Cause::DeadlinePassed };
     assert_eq!(m.board_state("b0"), Some(&failed));
     assert_eq!(script.count("StartKlipper"), 1);
-    // Build 5 s, stop 0.5 s, bootloader_secs 10 s, start 0.5 s: ended by the timer, not a poll.
-    assert_eq!(started.elapsed(), Duration::from_millis(16_000));
-    assert_eq!(m.klipper_downtime(), Some(Duration::from_millis(10_500)));
+    // Build 5 s, stop 0.5 s, bootloader_secs 10 s + the backstop 10 s, start 0.5 s: ended
+    // by the machine's timer, not a poll.
+    assert_eq!(started.elapsed(), Duration::from_millis(26_000));
+    assert_eq!(m.klipper_downtime(), Some(Duration::from_millis(20_500)));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_cancel_mid_write_drops_the_write_starts_klipper_and_records_every_board() {
-    let (script, hotplug) = Script::new(Write::Hang, false);
+    let script = Script::new(Write::Hang, false);
     // Builds 10 s, stop 0.5 s, bootloader 1 s: the first write hangs from 11.5 s.
-    let m = run(2, 1, &script, hotplug, Some(Duration::from_secs(20))).await;
+    let m = run(2, 1, &script, Some(Duration::from_secs(20))).await;
     assert!(m.is_done() && !m.ok());
     assert_eq!(script.0.writes_dropped.load(Ordering::SeqCst), 1, "the hanging write was dropped");
     assert_eq!(

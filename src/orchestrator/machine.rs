@@ -66,14 +66,20 @@ pub struct Deadlines {
     pub klippy_ready: Duration,
 }
 
+/// How long after a step's own timeout the machine stops waiting for its answer. The work
+/// enforces the timeouts itself and says what it found (ignored the request, came back in
+/// Katapult …); the machine's deadline is the backstop for work that never answers.
+pub const BACKSTOP: Duration = Duration::from_secs(10);
+
 impl Deadlines {
     pub fn from_timeouts(t: &Timeouts) -> Deadlines {
+        let secs = |s: u64| Duration::from_secs(s) + BACKSTOP;
         Deadlines {
-            bootloader: Duration::from_secs(t.bootloader_secs),
-            write: Duration::from_secs(t.flash_secs),
-            reconnect: Duration::from_secs(t.reconnect_secs),
-            identify: Duration::from_secs(10),
-            klippy_ready: Duration::from_secs(t.klippy_ready_secs),
+            bootloader: secs(t.bootloader_secs),
+            write: secs(t.flash_secs),
+            reconnect: secs(t.reconnect_secs),
+            identify: secs(10),
+            klippy_ready: secs(t.klippy_ready_secs),
         }
     }
 }
@@ -316,7 +322,8 @@ pub enum Input {
     VersionsRead(BTreeMap<String, String>),
     /// `Err`: Klipper was not stopped (a print started, the service manager failed).
     KlipperStopped(Result<(), Cause>),
-    /// The shared hotplug handle saw a planned board appear in `mode`.
+    /// The board showed up in `mode`: the answer of [`Command::EnterBootloader`],
+    /// [`Command::AwaitApplication`] and [`Command::SendToApplication`].
     DeviceAppeared {
         key: String,
         mode: Mode,
@@ -367,7 +374,7 @@ pub enum Command {
     ReadVersions,
     /// Re-check print safety and stop Klipper, holding the one guard for the run.
     StopKlipper,
-    /// The 1200-baud touch; the board's arrival comes as [`Input::DeviceAppeared`].
+    /// The 1200-baud touch, with the wait for the board in Katapult armed before it.
     EnterBootloader {
         key: String,
     },
@@ -379,7 +386,12 @@ pub enum Command {
         key: String,
         method: FlashMethod,
     },
-    /// After a refusal: ask Katapult to start the installed firmware again.
+    /// After the write: await the board running Klipper (already there counts: the write's
+    /// answer may come after the board is back).
+    AwaitApplication {
+        key: String,
+    },
+    /// After a refusal: ask Katapult to start the installed firmware again and await it.
     SendToApplication {
         key: String,
     },
@@ -444,9 +456,6 @@ struct Slot {
     method_used: Option<FlashMethod>,
     /// The first write error, reported if every method fails.
     first_error: Option<Cause>,
-    /// The board came back running Klipper while its write was still being answered: the
-    /// hotplug event can overtake the write's own result.
-    back_during_write: bool,
     durations: Durations,
     recorded: bool,
 }
@@ -483,7 +492,6 @@ impl Machine {
                 method: 0,
                 method_used: None,
                 first_error: None,
-                back_during_write: false,
                 durations: Durations::default(),
                 recorded: false,
             })
@@ -645,13 +653,10 @@ impl Machine {
         }
         let slot = &mut self.boards[i];
         slot.method_used = slot.plan.methods.get(slot.method).copied();
-        if slot.back_during_write {
-            self.identify(i, now);
-        } else {
-            let deadline = now + self.policy.deadlines.reconnect;
-            self.set_state(i, BoardState::AwaitingApplication, now);
-            self.boards[i].deadline = Some(deadline);
-        }
+        let deadline = now + self.policy.deadlines.reconnect;
+        self.set_state(i, BoardState::AwaitingApplication, now);
+        self.boards[i].deadline = Some(deadline);
+        self.out.push(Command::AwaitApplication { key: key.to_string() });
     }
 
     /// The version read from the board itself must be the one built.
@@ -780,7 +785,6 @@ impl Machine {
         match (&self.boards[i].state, mode) {
             (BoardState::AwaitingBootloader, Mode::Katapult) => self.check_target(i, now),
             (BoardState::AwaitingApplication, Mode::Klipper) => self.identify(i, now),
-            (BoardState::Writing { .. }, Mode::Klipper) => self.boards[i].back_during_write = true,
             (BoardState::Releasing { cause }, Mode::Klipper) => {
                 let failed = BoardState::Failed { phase: Phase::CheckTarget, cause: cause.clone() };
                 self.set_state(i, failed, now);
@@ -806,7 +810,6 @@ impl Machine {
             return self.set_state(i, BoardState::LeftInBootloader { phase: Phase::Write, cause }, now);
         };
         let deadline = now + self.policy.deadlines.write;
-        self.boards[i].back_during_write = false;
         self.set_state(i, BoardState::Writing { method }, now);
         self.boards[i].deadline = Some(deadline);
         self.out.push(Command::Write { key: self.boards[i].plan.key.clone(), method });

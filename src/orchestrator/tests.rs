@@ -353,13 +353,17 @@ fn a_board_that_went_away_is_not_chased_with_another_method() {
 }
 
 #[test]
-fn the_board_back_before_the_write_answered_is_not_missed() {
+fn after_the_write_the_application_is_awaited() {
     let mut r = Run::new(vec![board("a")], policy());
     r.stopped(&[]);
     r.feed(Input::DeviceAppeared { key: "a".into(), mode: Mode::Katapult });
     r.feed(Input::TargetChecked { key: "a".into(), result: Ok(()) });
+    // An appearance nobody awaits (the write is still running) moves nothing.
     r.feed(Input::DeviceAppeared { key: "a".into(), mode: Mode::Klipper });
+    assert!(matches!(r.state("a"), BoardState::Writing { .. }));
     let out = r.feed(Input::WriteDone { key: "a".into(), result: Ok(()) });
+    assert!(out.contains(&Command::AwaitApplication { key: "a".into() }), "{out:?}");
+    let out = r.feed(Input::DeviceAppeared { key: "a".into(), mode: Mode::Klipper });
     assert!(out.contains(&Command::Identify { key: "a".into() }), "{out:?}");
 }
 
@@ -408,9 +412,7 @@ fn deadlines_fail_the_step_they_belong_to() {
         assert!(!r.state("a").is_terminal());
         let out = r.deadline();
         assert_eq!(r.state("a"), expected, "after {steps} steps");
-        if steps != 3 {
-            assert!(out.contains(&Command::Abort(Work::Board("a".into()))), "{out:?}");
-        }
+        assert!(out.contains(&Command::Abort(Work::Board("a".into()))), "{out:?}");
         assert_eq!(out.last(), Some(&Command::StartKlipper));
         r.started();
         assert!(r.m.is_done() && !r.m.ok());
@@ -665,6 +667,7 @@ impl World {
                 Command::EnterBootloader { key } => Pending::Bootloader(key.clone()),
                 Command::CheckTarget { key } => Pending::Check(key.clone()),
                 Command::Write { key, .. } => Pending::Write(key.clone()),
+                Command::AwaitApplication { key } => Pending::Back(key.clone()),
                 Command::SendToApplication { key } => Pending::SendBack(key.clone()),
                 Command::Identify { key } => Pending::Identify(key.clone()),
                 Command::StartKlipper => Pending::Start,
@@ -737,17 +740,15 @@ impl World {
                     6 => Err(Cause::DeviceGone),
                     7 => return board_failed(key, Cause::DriverFailed),
                     8 => return None,
-                    _ => {
-                        // The board comes back: that event may overtake the write's answer.
-                        if self.pick(4) != 3 {
-                            self.pending.push(Pending::Back(key.clone()));
-                        }
-                        Ok(())
-                    }
+                    _ => Ok(()),
                 };
                 Some(Input::WriteDone { key, result })
             }
-            Pending::Back(key) => Some(Input::DeviceAppeared { key, mode: Mode::Klipper }),
+            Pending::Back(key) => match self.pick(6) {
+                4 => board_failed(key, fail("came back in Katapult")),
+                5 => None,
+                _ => Some(Input::DeviceAppeared { key, mode: Mode::Klipper }),
+            },
             Pending::SendBack(key) => match self.pick(4) {
                 2 => board_failed(key, fail("send")),
                 3 => None,
