@@ -11,7 +11,7 @@
 //!                  ↘ (refused, nothing to flash, cancelled) → Done
 //! board:  Queued → Building → Built ─┬→ UpToDate
 //!                                    └→ AwaitingBootloader → CheckingTarget → Writing → AwaitingApplication
-//!                                       → Identifying → Flashed{klipper: pending → checked}
+//!                                       → Identifying → Flashed{view: pending → confirmed | not listed | not checked}
 //!         any step → Failed{phase, cause} | LeftInBootloader{phase, cause} | Skipped{cause}
 //!         a refusal (wrong MCU, wrong application start) → Releasing → Failed (never another method)
 //! ```
@@ -469,8 +469,8 @@ pub struct Machine {
     klipper: Klipper,
     downtime: Option<Duration>,
     klipper_start_failed: bool,
-    /// `None` until read; an empty map when nothing could be read.
-    versions: Option<BTreeMap<String, String>>,
+    /// What the boards run was read (or found unknowable).
+    versions_read: bool,
     cancelled: bool,
     verify_deadline: Option<Instant>,
     out: Vec<Command>,
@@ -504,7 +504,7 @@ impl Machine {
             klipper: Klipper::Untouched,
             downtime: None,
             klipper_start_failed: false,
-            versions: None,
+            versions_read: false,
             cancelled: false,
             verify_deadline: None,
             out: Vec::new(),
@@ -563,7 +563,7 @@ impl Machine {
         match input {
             Input::PrinterChecked(result) if self.run == RunState::Preflight => self.printer_checked(result, now),
             Input::BuildFinished { key, result } => self.build_finished(&key, result, now),
-            Input::VersionsRead(versions) if self.versions.is_none() => self.versions_read(versions),
+            Input::VersionsRead(versions) if !self.versions_read => self.take_versions(versions),
             Input::KlipperStopped(result) if self.klipper == Klipper::Stopping => self.klipper_stopped(result, now),
             Input::DeviceAppeared { key, mode } => self.appeared(&key, mode, now),
             Input::TargetChecked { key, result } => {
@@ -613,7 +613,7 @@ impl Machine {
         }
     }
 
-    fn versions_read(&mut self, versions: BTreeMap<String, String>) {
+    fn take_versions(&mut self, versions: BTreeMap<String, String>) {
         for i in 0..self.boards.len() {
             let key = self.boards[i].plan.key.clone();
             self.boards[i].version_before = versions.get(&key).cloned();
@@ -621,7 +621,7 @@ impl Machine {
                 self.emit(Event::board(&key, EventKind::RunningBefore { version }));
             }
         }
-        self.versions = Some(versions);
+        self.versions_read = true;
     }
 
     /// `Err`: nothing was stopped, so nothing is flashed and nothing is started.
@@ -741,7 +741,7 @@ impl Machine {
         self.cancelled = true;
         match self.run {
             RunState::Preflight => self.out.push(Command::Abort(Work::PrinterCheck)),
-            RunState::Building if self.versions.is_none() => self.out.push(Command::Abort(Work::Versions)),
+            RunState::Building if !self.versions_read => self.out.push(Command::Abort(Work::Versions)),
             RunState::Verifying => {
                 self.verify_deadline = None;
                 self.out.push(Command::Abort(Work::KlipperCheck));
@@ -902,7 +902,7 @@ impl Machine {
             self.out.push(Command::Build { key: self.boards[i].plan.key.clone() });
         }
         let all_built = self.boards.iter().all(|b| !matches!(b.state, BoardState::Queued | BoardState::Building));
-        if !all_built || self.versions.is_none() {
+        if !all_built || !self.versions_read {
             return;
         }
         for i in 0..self.boards.len() {

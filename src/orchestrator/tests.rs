@@ -121,6 +121,7 @@ fn is_board_command(c: &Command) -> bool {
         Command::EnterBootloader { .. }
             | Command::CheckTarget { .. }
             | Command::Write { .. }
+            | Command::AwaitApplication { .. }
             | Command::SendToApplication { .. }
             | Command::Identify { .. }
     )
