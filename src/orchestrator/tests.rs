@@ -923,7 +923,7 @@ proptest! {
         parallel in 0usize..=3,
         builds in 0usize..=2,
         flags in any::<u8>(),
-        cancel_at in proptest::option::of(0usize..40),
+        cancel_at in proptest::option::of(0usize..120),
         choices in proptest::collection::vec(any::<u8>(), 0..200),
     ) {
         random_run(n, parallel, builds, flags, cancel_at, choices);
