@@ -5,6 +5,7 @@
 //! this crate and draws what it returns.
 
 pub mod app;
+pub mod atomic_file;
 pub mod error;
 pub mod firmware;
 pub mod flash;

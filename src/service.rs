@@ -363,7 +363,11 @@ fn read_marker(path: &Path) -> Option<Result<StopMarker, String>> {
 
 fn write_marker(path: &Path, marker: &StopMarker) -> Result<(), ServiceError> {
     let json = serde_json::to_vec_pretty(marker).expect("a StopMarker always serializes");
-    write_atomic(path, &json).map_err(|source| ServiceError::State { action: "write", path: path.into(), source })
+    crate::atomic_file::replace(path, &json).map_err(|source| ServiceError::State {
+        action: "write",
+        path: path.into(),
+        source,
+    })
 }
 
 fn remove_marker(path: &Path) {
@@ -373,20 +377,6 @@ fn remove_marker(path: &Path) {
         // Harmless: the next run finds it, sees a dead pid and starts a running Klipper.
         Err(e) => tracing::warn!("could not remove {}: {e}", path.display()),
     }
-}
-
-/// Temporary file + fsync + rename + directory fsync: the marker is whole or absent.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".kflash-").suffix(".tmp").tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all(); // best effort; some filesystems refuse a directory fsync
-    }
-    Ok(())
 }
 
 fn now_rfc3339() -> String {

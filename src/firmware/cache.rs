@@ -234,6 +234,8 @@ impl FirmwareCache {
 /// Serialises builds against one source tree across kflash processes.
 pub struct TreeLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
+    /// Another build held the lock first: what it built may be in the cache now.
+    pub waited: bool,
 }
 
 impl TreeLock {
@@ -249,7 +251,7 @@ impl TreeLock {
             .open(&path)
             .map_err(|e| Error::io("open", &path, e))?;
         let file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(TreeLock { _lock: lock }),
+            Ok(lock) => return Ok(TreeLock { _lock: lock, waited: false }),
             Err((file, nix::errno::Errno::EWOULDBLOCK)) => file,
             Err((_, e)) => return Err(Error::io("lock", &path, e.into())),
         };
@@ -267,7 +269,7 @@ impl TreeLock {
             .await
             .map_err(|_| Error::io("lock", &path, std::io::Error::other("the lock thread ended")))?
             .map_err(|(_, e)| Error::io("lock", &path, e.into()))?;
-        Ok(TreeLock { _lock: lock })
+        Ok(TreeLock { _lock: lock, waited: true })
     }
 }
 

@@ -112,19 +112,20 @@ pub async fn firmware_for(
     let built_config = cache.build_config(&board.key);
     write_if_changed(&built_config, &config_bytes)?;
     let key = CacheKey::compute(&klipper, &built_config, &config).await?;
+    let from_cache = |firmware, key, config, migration, built_config| BuildOutcome {
+        firmware,
+        cached: true,
+        key,
+        elapsed: started.elapsed(),
+        build_dir: out_dir.clone(),
+        config,
+        migration,
+        log: None,
+        built_config,
+    };
     if !opts.rebuild {
         if let Some(firmware) = cache.lookup(&board.key, &key)? {
-            return Ok(BuildOutcome {
-                firmware,
-                cached: true,
-                key,
-                elapsed: started.elapsed(),
-                build_dir: out_dir,
-                config,
-                migration,
-                log: None,
-                built_config,
-            });
+            return Ok(from_cache(firmware, key, config, migration, built_config));
         }
     }
 
@@ -132,7 +133,14 @@ pub async fn firmware_for(
         return Err(Error::NoCachedFirmware { key: board.key.clone() });
     }
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
-    let _tree_lock = cache::TreeLock::acquire(&state_dir, &klipper, progress).await?;
+    let tree_lock = cache::TreeLock::acquire(&state_dir, &klipper, progress).await?;
+    // Another kflash may have built this very firmware while this one waited for the lock.
+    if tree_lock.waited && !opts.rebuild {
+        if let Some(firmware) = cache.lookup(&board.key, &key)? {
+            progress.note("the other kflash built this firmware: using it");
+            return Ok(from_cache(firmware, key, config, migration, built_config));
+        }
+    }
     if out_dir.exists() {
         std::fs::remove_dir_all(&out_dir).map_err(|e| Error::io("clear", &out_dir, e))?;
     }

@@ -2,7 +2,6 @@
 //! that name the file, line and column. A file that fails to parse is never rewritten:
 //! callers load before they save, and a failed load stops them.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -43,25 +42,9 @@ pub fn save_toml<T: Serialize>(path: &Path, header: &str, value: &T) -> Result<(
     write_atomic(path, format!("{header}{body}").as_bytes())
 }
 
-/// Write `bytes` to a temporary file in the same directory, fsync it, rename it over
-/// `path`, then fsync the directory so the rename survives a power cut. Readers see the
-/// old file or the new one, never half of either.
+/// Replace `path` atomically, keeping its permissions (see [`crate::atomic_file::replace`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".kflash-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io("create a temporary file in", dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io("write", tmp.path().to_path_buf(), e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io("sync", tmp.path().to_path_buf(), e))?;
-    tmp.persist(path).map_err(|e| Error::io("replace", path, e.error))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        // Directory fsync is best effort: some filesystems refuse it and the data is safe anyway.
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::atomic_file::replace(path, bytes).map_err(|e| Error::io("replace", path, e))
 }
 
 #[cfg(test)]
@@ -73,16 +56,5 @@ mod tests {
         let t = "a = 1\nbb = x\n";
         assert_eq!(line_col(t, 0), (1, 1));
         assert_eq!(line_col(t, 11), (2, 6));
-    }
-
-    #[test]
-    fn atomic_write_replaces_and_leaves_no_temp() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f.toml");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "two");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("f.toml")]);
     }
 }
