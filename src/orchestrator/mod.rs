@@ -6,9 +6,9 @@
 //! - [`driver`]: runs the machine's commands as futures behind an [`driver::Effects`] trait,
 //!   with the machine's deadlines as timers, panics answered as failed steps, and a cancel.
 //!
-//! Not yet wired: the `Effects` that does the real I/O (print gate, build, Klipper guard,
-//! Katapult, hotplug) and `kflash flash KEY` running through it; today's `kflash flash`
-//! still runs [`crate::app::flash`].
+//! The `Effects` that does the real I/O (print gate, build, Klipper guard, udev, Katapult,
+//! Moonraker) is `app::flash_effects`; `kflash flash KEY` ([`crate::app::flash::flash_one`])
+//! is a run with one board.
 
 pub mod driver;
 pub mod event;
