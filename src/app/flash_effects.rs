@@ -33,12 +33,15 @@ use crate::hotplug::{Board, Hotplug};
 use crate::identity::Mode;
 use crate::moonraker::{mcu_for_serial, Moonraker, MoonrakerError};
 use crate::orchestrator::driver::Effects;
-use crate::orchestrator::{BoardReport, BoardState, Built, Cause, Command, Event, EventKind, Input, KlipperAnswer};
+use crate::orchestrator::{
+    BoardReport, BoardState, Built, Cause, Command, Event, EventKind, Input, KlipperAnswer, Unchecked,
+};
 use crate::registry::{BoardEntry, FlashMethod, Registry};
 use crate::safety::{clear_to_stop_klipper, Clearance, GateOptions, PrintCheck};
 use crate::service::{KlipperGuard, ServiceManager};
 
 /// The one reporter, shared by every piece of work of the run.
+///
 /// A mutex only so the build's progress (which is `Send`) can hold it; the lock is never
 /// held across an `.await`, so it is never contended.
 pub(crate) struct SharedReporter<'r>(Mutex<&'r mut dyn Reporter>);
@@ -218,8 +221,8 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         if let Some(sig) = self.interrupted.get() {
             return Error::Interrupted(sig).to_string();
         }
-        if let Some((_, e)) = &self.with(key, |b| b.error.as_ref().map(|(w, e)| (*w, e.to_string()))) {
-            return e.clone();
+        if let Some(text) = self.with(key, |b| b.error.as_ref().map(|(_, e)| e.to_string())) {
+            return text;
         }
         if let Some(e) = &*self.run_error.borrow() {
             return e.to_string();
@@ -431,9 +434,11 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             FlashMethod::MakeFlash | FlashMethod::Flashtool => self.write_external(method, &boot, &built).await,
         };
         self.add_write_time(key, t);
+        // After a fallback the first method's error is the one reported; a refusal is reported
+        // whichever method met it (nothing was written, and nothing else is tried).
         let result = result.map_err(|e| {
-            let first = self.with(key, |b| matches!(b.error, Some((true, _))));
-            if first && !matches!(&e, Error::Flash(f) if f.is_refusal()) {
+            let earlier = self.with(key, |b| matches!(b.error, Some((true, _))));
+            if earlier && !matches!(&e, Error::Flash(f) if f.is_refusal()) {
                 self.rep.warn(format!("method {} failed too: {e}", method.as_str()));
                 cause_of(&e)
             } else {
@@ -607,14 +612,10 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let check = self.print_check.get();
         match check {
             Some(PrintCheck::MoonrakerDown) => {
-                return Input::KlippyChecked(Ok(KlipperAnswer::Unchecked(
-                    crate::orchestrator::Unchecked::MoonrakerDown,
-                )))
+                return Input::KlippyChecked(Ok(KlipperAnswer::Unchecked(Unchecked::MoonrakerDown)))
             }
             Some(PrintCheck::Skipped) => {
-                return Input::KlippyChecked(Ok(KlipperAnswer::Unchecked(
-                    crate::orchestrator::Unchecked::PrintCheckSkipped,
-                )))
+                return Input::KlippyChecked(Ok(KlipperAnswer::Unchecked(Unchecked::PrintCheckSkipped)))
             }
             _ => {}
         }
