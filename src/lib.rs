@@ -15,6 +15,7 @@ pub mod identity;
 pub mod json;
 pub mod kconfig;
 pub mod moonraker;
+pub mod orchestrator;
 pub mod protocol;
 pub mod registry;
 pub mod safety;

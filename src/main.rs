@@ -485,13 +485,10 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
         ..Default::default()
     };
     let mut reporter = ui::FlashReporter::new(a.yes, a.json);
-    let result = interruptible(kflash::app::flash::flash_one(&reg, &a.key, &hp, &opts, &mut reporter)).await;
-    if let Err(Error::Interrupted(sig)) = &result {
-        if let Err(e) = kflash::app::flash::record_interruption(&reg, &a.key, &opts, sig) {
-            eprintln!("warning: the interrupted flash was not recorded in the history: {e}");
-        }
-    }
-    let summary = result?;
+    // A signal cancels the run, which starts Klipper again, records the attempt and ends
+    // with `Error::Interrupted`. The handlers are installed when the run first waits.
+    let signal = kflash::service::shutdown_signal();
+    let summary = kflash::app::flash::flash_one(&reg, &a.key, &hp, &opts, &mut reporter, signal).await?;
     if a.json {
         print_json(&summary);
     } else {

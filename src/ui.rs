@@ -101,7 +101,7 @@ impl Reporter for FlashReporter {
         }
     }
 
-    fn confirm<'a>(&'a mut self, question: &'a str) -> futures::future::BoxFuture<'a, bool> {
+    fn confirm(&mut self, question: &str) -> futures::future::LocalBoxFuture<'static, bool> {
         if self.yes {
             eprintln!("{question} yes (--yes)");
             return Box::pin(async { true });

@@ -23,7 +23,7 @@ struct Yes;
 
 impl Reporter for Yes {
     fn report(&mut self, _: Report) {}
-    fn confirm<'a>(&'a mut self, _: &'a str) -> futures::future::BoxFuture<'a, bool> {
+    fn confirm(&mut self, _: &str) -> futures::future::LocalBoxFuture<'static, bool> {
         Box::pin(async { true })
     }
 }

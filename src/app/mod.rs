@@ -4,5 +4,6 @@
 pub mod boards;
 pub mod config;
 pub mod flash;
+mod flash_effects;
 pub mod katapult_check;
 pub mod watch;

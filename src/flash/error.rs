@@ -59,7 +59,7 @@ pub enum FlashError {
     /// Level (c) failed after a good flash: the board itself reported the new version
     /// (level b), but Klippy did not get ready, or Moonraker could not say what it runs.
     #[error("the board runs the flashed {version} (it said so itself), but Klipper did not confirm it: {cause}")]
-    KlipperUnconfirmed { version: String, cause: crate::moonraker::MoonrakerError },
+    KlipperUnconfirmed { version: String, cause: std::sync::Arc<crate::moonraker::MoonrakerError> },
 
     #[error("could not read the running firmware's identify data: {0}")]
     Identify(String),
@@ -133,7 +133,7 @@ mod tests {
             waited_secs: 30.0,
             diagnosis: Some("Klippy has not connected to [mcu]: its serial /dev/x does not exist, so …".into()),
         };
-        let e = crate::Error::from(FlashError::KlipperUnconfirmed { version: "v1".into(), cause });
+        let e = crate::Error::from(FlashError::KlipperUnconfirmed { version: "v1".into(), cause: cause.into() });
         assert_eq!((e.exit_code(), e.kind()), (7, "flash"));
         assert_eq!(
             e.to_string(),

@@ -40,7 +40,7 @@ impl Reporter for Answers {
         });
     }
 
-    fn confirm<'a>(&'a mut self, question: &'a str) -> futures::future::BoxFuture<'a, bool> {
+    fn confirm(&mut self, question: &str) -> futures::future::LocalBoxFuture<'static, bool> {
         self.questions.push(question.to_string());
         let answer = self.answer;
         Box::pin(async move { answer })
