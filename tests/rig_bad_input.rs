@@ -60,29 +60,6 @@ fn show_klippy_log(from: u64, needles: &[&str]) {
     eprintln!("klippy.log says:\n  {}", lines.join("\n  "));
 }
 
-/// The pid of the real Klippy the klipper unit runs now.
-fn klippy_pid() -> Option<u32> {
-    std::fs::read_to_string(rig_state_dir().join("services/klipper.real.pid")).ok()?.trim().parse().ok()
-}
-
-/// The real Klippy frozen (SIGSTOP): its socket stays open, it answers nothing. Thawed on
-/// drop, passed or failed, so the unit can be stopped and started again.
-struct Frozen(u32);
-
-impl Frozen {
-    fn klippy(pid: u32) -> Frozen {
-        let out = run("kill", &["-STOP", &pid.to_string()]);
-        assert!(out.status.success(), "kill -STOP {pid}: {}", text(&out.stderr));
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = run("kill", &["-CONT", &self.0.to_string()]);
-    }
-}
-
 /// What every scenario checks at the end: kflash's `error:` and `help:` lines are there,
 /// and Klipper runs.
 fn assert_error_and_help(err: &str) {
@@ -247,7 +224,7 @@ fn a_stale_moonraker_connection_refuses_the_gate_and_fails_verification() {
             moonraker_post("/printer/emergency_stop");
             wait_klippy("shutdown", Duration::from_secs(60));
         }
-        let frozen = Frozen::klippy(klippy_pid().expect("the real Klippy's pid"));
+        let frozen = Frozen::unit("klipper");
         let (connected, state) = server_state();
         assert_eq!((connected, state.as_str()), (true, last_word), "Moonraker answers from what it last heard");
         let t = Instant::now();
@@ -282,13 +259,13 @@ fn a_stale_moonraker_connection_refuses_the_gate_and_fails_verification() {
 
     // During verification: the Klippy kflash starts after the flash stops answering once
     // Moonraker has connected to it (still in startup).
-    let old = klippy_pid();
+    let old = real_pid("klipper");
     let log = ServiceLog::start();
     let mut flash = Background::spawn(rig.command(&["flash", EBB.0, "--force", "--yes"]));
     flash.wait_for_line("waiting for Klipper to be ready", 120);
     let t = Instant::now();
     let pid = loop {
-        if let Some(p) = klippy_pid().filter(|p| Some(*p) != old) {
+        if let Some(p) = real_pid("klipper").filter(|p| Some(*p) != old) {
             if server_state() == (true, "startup".to_string()) {
                 break p;
             }
@@ -300,7 +277,7 @@ fn a_stale_moonraker_connection_refuses_the_gate_and_fails_verification() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let frozen = Frozen::klippy(pid);
+    let frozen = Frozen::pid(pid);
     println!("new Klippy {pid} frozen {:.1} s after kflash began waiting", t.elapsed().as_secs_f64());
     let (status, err) = flash.finish(120);
     assert_eq!(status.code(), Some(7), "{err}");

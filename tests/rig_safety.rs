@@ -111,7 +111,7 @@ fn refusals_and_a_hang_refuse_even_with_yes() {
     assert_refused(&out, 9, &["Moonraker refused the request", "403"], &log);
     ok(&rig.kflash(&["settings", "set", "moonraker_url", "http://127.0.0.1:7125"]));
 
-    let frozen = FrozenMoonraker::freeze();
+    let frozen = Frozen::unit("moonraker");
     let t = std::time::Instant::now();
     let out = rig.kflash_logged(&["flash", EBB.0, "--yes"]);
     assert!(t.elapsed().as_secs_f64() < 15.0, "the request deadline (2 s) ends the wait: {:?}", t.elapsed());

@@ -115,39 +115,30 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// What a command's work can be dropped as.
 fn work_of(command: &Command) -> Option<Work> {
+    if let Some(key) = command.board_key() {
+        return Some(Work::Board(key.to_string()));
+    }
     match command {
         Command::CheckPrinter => Some(Work::PrinterCheck),
         Command::ReadVersions => Some(Work::Versions),
         Command::CheckKlipper { .. } => Some(Work::KlipperCheck),
-        Command::Build { key }
-        | Command::EnterBootloader { key }
-        | Command::CheckTarget { key }
-        | Command::Write { key, .. }
-        | Command::AwaitApplication { key }
-        | Command::SendToApplication { key }
-        | Command::Identify { key } => Some(Work::Board(key.clone())),
         // Klipper's stop and start are never dropped halfway.
-        Command::StopKlipper | Command::StartKlipper => None,
-        Command::Abort(_) | Command::AppendHistory(_) | Command::Emit(_) => None,
+        _ => None,
     }
 }
 
 /// The answer for a command whose task panicked: its step failed.
 fn lost(command: Command) -> Input {
     let cause = Cause::DriverFailed;
+    if let Some(key) = command.board_key() {
+        return Input::BoardFailed { key: key.to_string(), cause };
+    }
     match command {
         Command::CheckPrinter => Input::PrinterChecked(Err(cause)),
         Command::ReadVersions => Input::VersionsRead(Default::default()),
         Command::StopKlipper => Input::KlipperStopped(Err(cause)),
         Command::StartKlipper => Input::KlipperStarted(Err(cause)),
         Command::CheckKlipper { .. } => Input::KlippyChecked(Err(cause)),
-        Command::Build { key }
-        | Command::EnterBootloader { key }
-        | Command::CheckTarget { key }
-        | Command::Write { key, .. }
-        | Command::AwaitApplication { key }
-        | Command::SendToApplication { key }
-        | Command::Identify { key } => Input::BoardFailed { key, cause },
-        Command::Abort(_) | Command::AppendHistory(_) | Command::Emit(_) => Input::DeadlinePassed,
+        _ => Input::DeadlinePassed,
     }
 }

@@ -408,6 +408,22 @@ pub enum Command {
     Emit(Event),
 }
 
+impl Command {
+    /// The board a step on one board works on (`None` for run-wide commands).
+    pub fn board_key(&self) -> Option<&str> {
+        match self {
+            Command::Build { key }
+            | Command::EnterBootloader { key }
+            | Command::CheckTarget { key }
+            | Command::Write { key, .. }
+            | Command::AwaitApplication { key }
+            | Command::SendToApplication { key }
+            | Command::Identify { key } => Some(key),
+            _ => None,
+        }
+    }
+}
+
 /// One board's record of the run, for the history and the summary.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BoardReport {

@@ -531,7 +531,7 @@ pub fn home() -> PathBuf {
 }
 
 /// The pid of the real program running as `unit` (klipper or moonraker).
-fn real_pid(unit: &str) -> Option<u64> {
+pub fn real_pid(unit: &str) -> Option<u64> {
     std::fs::read_to_string(rig_state_dir().join(format!("services/{unit}.real.pid"))).ok()?.trim().parse().ok()
 }
 
@@ -587,20 +587,26 @@ pub fn moonraker_unix_rpc(method: &str) -> serde_json::Value {
     v["result"].clone()
 }
 
-/// The real Moonraker SIGSTOPped: the kernel still accepts connections on its port but
-/// nothing answers. SIGCONT on drop.
-pub struct FrozenMoonraker(u64);
+/// A real program SIGSTOPped: its sockets stay open (the kernel still accepts connections on
+/// Moonraker's port, Klippy's Unix socket stays connected), but nothing answers. SIGCONT on
+/// drop, passed or failed, so the unit can be stopped and started again.
+pub struct Frozen(u64);
 
-impl FrozenMoonraker {
-    pub fn freeze() -> FrozenMoonraker {
-        let pid = real_pid("moonraker").expect("the real Moonraker runs");
+impl Frozen {
+    /// Freeze the process with this pid.
+    pub fn pid(pid: u64) -> Frozen {
         let out = run("kill", &["-STOP", &pid.to_string()]);
-        assert!(out.status.success(), "kill -STOP: {}", text(&out.stderr));
-        FrozenMoonraker(pid)
+        assert!(out.status.success(), "kill -STOP {pid}: {}", text(&out.stderr));
+        Frozen(pid)
+    }
+
+    /// Freeze the real program the unit (klipper or moonraker) runs now.
+    pub fn unit(unit: &str) -> Frozen {
+        Frozen::pid(real_pid(unit).unwrap_or_else(|| panic!("the real {unit} does not run")))
     }
 }
 
-impl Drop for FrozenMoonraker {
+impl Drop for Frozen {
     fn drop(&mut self) {
         let _ = run("kill", &["-CONT", &self.0.to_string()]);
     }
