@@ -44,13 +44,13 @@ fn klippy_message() -> String {
 
 /// The lines of klippy.log written since `from` bytes.
 fn klippy_log_since(from: u64) -> Vec<String> {
-    let log = std::fs::read(home().join("printer_data/logs/klippy.log")).unwrap_or_default();
+    let log = std::fs::read(klippy_log()).unwrap_or_default();
     let new = log.get(from as usize..).unwrap_or(&[]);
     String::from_utf8_lossy(new).lines().map(str::to_string).collect()
 }
 
 fn klippy_log_len() -> u64 {
-    std::fs::metadata(home().join("printer_data/logs/klippy.log")).map(|m| m.len()).unwrap_or(0)
+    std::fs::metadata(klippy_log()).map(|m| m.len()).unwrap_or(0)
 }
 
 /// Lines of klippy.log since `from` that mention one of `needles` (for the report).

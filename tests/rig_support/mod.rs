@@ -792,9 +792,14 @@ fn try_restart_klipper_and_wait_ready() -> Result<Duration, String> {
     }
 }
 
+/// The real Klippy's log, where realstack.py points `-l`.
+pub fn klippy_log() -> PathBuf {
+    home().join("printer_data/logs/klippy.log")
+}
+
 /// The last lines of the real Klippy's log (empty with the stand-ins).
 pub fn klippy_log_tail(n: usize) -> String {
-    let log = std::fs::read_to_string(home().join("printer_data/logs/klippy.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(klippy_log()).unwrap_or_default();
     let mut tail: Vec<&str> = log.lines().rev().take(n).collect();
     tail.reverse();
     if tail.is_empty() {
