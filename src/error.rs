@@ -112,6 +112,14 @@ pub enum Error {
 
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
+
+    /// flash-all: boards without a usable config (one line each).
+    #[error("{} board(s) have no usable firmware config:\n  {}", .0.len(), .0.join("\n  "))]
+    BoardsUnconfigured(Vec<String>),
+
+    /// flash-all: the boards that did not pass.
+    #[error("{} board(s) did not pass: {}", .0.len(), .0.join(", "))]
+    BoardsFailed(Vec<String>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -163,6 +171,10 @@ impl Error {
             Error::Interrupted(_) => {
                 "kflash started Klipper again if it had stopped it; a board interrupted mid-flash may be left in Katapult: run `kflash flash KEY` again".into()
             }
+            Error::BoardsUnconfigured(_) => {
+                "run `kflash config KEY` for each board above, or pass --skip-unconfigured to flash the others".into()
+            }
+            Error::BoardsFailed(_) => "each failed board above says what happened and what to do; Klipper runs again, and `kflash flash KEY` retries one board".into(),
             Error::InvalidInput(_) => return None,
         })
     }
@@ -197,6 +209,8 @@ impl Error {
             Error::Safety(crate::safety::SafetyError::MoonrakerDownNotConfirmed { .. }) => "moonraker-down",
             Error::Safety(crate::safety::SafetyError::HaltedNotConfirmed { .. }) => "klippy-halted",
             Error::Interrupted(_) => "interrupted",
+            Error::BoardsUnconfigured(_) => "boards-unconfigured",
+            Error::BoardsFailed(_) => "boards-failed",
         }
     }
 
@@ -224,6 +238,8 @@ impl Error {
             Error::PrinterBusy(_) => exit::BUSY,
             Error::Safety(e) => e.exit_code(),
             Error::Interrupted(_) => exit::INTERRUPTED,
+            Error::BoardsUnconfigured(_) => exit::CONFIG,
+            Error::BoardsFailed(_) => exit::FLASH,
         }
     }
 }

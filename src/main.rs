@@ -54,6 +54,8 @@ enum Command {
     Build(BuildArgs),
     /// Build, flash and verify one board, with Klipper stopped only while flashing.
     Flash(FlashArgs),
+    /// Build, flash and verify every registered, connected board: one Klipper stop.
+    FlashAll(FlashAllArgs),
     /// Show the flash history (all boards, or one).
     History(HistoryArgs),
     /// Does this board have Katapult? Requests the bootloader with Klipper stopped.
@@ -111,6 +113,42 @@ struct FlashArgs {
     #[arg(long)]
     skip_print_check: bool,
     /// Print the summary as JSON (progress goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct FlashAllArgs {
+    /// Answer without asking: continue when Moonraker is unreachable, and take each version
+    /// question's default (flash only the outdated boards; none when all are current).
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Flash every board, also those that already run the host's version.
+    #[arg(long, conflicts_with = "only_outdated")]
+    all: bool,
+    /// Flash only the boards that do not run the host's version (unknown counts as outdated).
+    #[arg(long)]
+    only_outdated: bool,
+    /// Flash up to N boards at once (bare: all of them). Default: one after another.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "0")]
+    parallel: Option<usize>,
+    /// Builds at once (default: half the build jobs, each build gets its share of the cores).
+    #[arg(long, value_name = "N")]
+    builds: Option<usize>,
+    /// Leave out boards without a usable firmware config instead of refusing the run.
+    #[arg(long)]
+    skip_unconfigured: bool,
+    /// Print the plan (boards, order, what is left out and why) and touch nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not build: use the cached firmware.
+    #[arg(long)]
+    no_build: bool,
+    /// Stop Klipper even when Moonraker cannot be asked about the print (401/403, no answer,
+    /// not Moonraker); recorded in the history. A known print still refuses.
+    #[arg(long)]
+    skip_print_check: bool,
+    /// Print the plan or the final report as one JSON document (progress goes to stderr).
     #[arg(long)]
     json: bool,
 }
@@ -252,6 +290,10 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Set once a command has printed its JSON document (with its error in it): the error is
+/// then not printed to stdout a second time.
+static JSON_WRITTEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// `error: …` and `help: …` on stderr; under `--json` also the same as one JSON object on
 /// stdout, so a script reading stdout always gets JSON.
 fn report_error(e: &Error, json: bool) {
@@ -260,7 +302,7 @@ fn report_error(e: &Error, json: bool) {
     if let Some(help) = &help {
         eprintln!("  help: {help}");
     }
-    if json {
+    if json && !JSON_WRITTEN.load(std::sync::atomic::Ordering::Relaxed) {
         let body = serde_json::json!({
             "error": { "kind": e.kind(), "message": e.to_string(), "help": help, "exit_code": e.exit_code() }
         });
@@ -278,6 +320,7 @@ impl Command {
             Command::Import(a) => a.json,
             Command::Build(a) => a.json,
             Command::Flash(a) => a.json,
+            Command::FlashAll(a) => a.json,
             Command::History(a) => a.json,
             Command::KatapultCheck(a) => a.json,
             Command::Remove(_) | Command::Set(_) | Command::Config(_) => false,
@@ -324,6 +367,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Watch(a) => watch(&dir, a.json).await,
         Command::Build(a) => interruptible(build(&dir, a)).await,
         Command::Flash(a) => flash(&dir, a).await,
+        Command::FlashAll(a) => flash_all(&dir, a).await,
         Command::History(a) => history(a),
         Command::KatapultCheck(a) => katapult_check(&dir, a).await,
     }
@@ -495,6 +539,122 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
         ui::print_flash_summary(&summary);
     }
     Ok(())
+}
+
+async fn flash_all(dir: &std::path::Path, a: FlashAllArgs) -> Result<()> {
+    use kflash::app::flash_all;
+    let reg = Registry::open(dir)?;
+    let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
+    let mut plan = interruptible(flash_all::plan(&reg, &hp, a.skip_unconfigured)).await?;
+    if a.dry_run {
+        if a.json {
+            print_json(&plan);
+        } else {
+            ui::batch::print_plan(&plan);
+        }
+        return Ok(());
+    }
+    let flash_current = match interruptible(version_questions(&mut plan, &a)).await? {
+        Some(flash_current) => flash_current,
+        None => {
+            plan.drop_current();
+            false
+        }
+    };
+    if plan.boards.is_empty() {
+        eprintln!("kflash: nothing to flash");
+    }
+    let opts = flash_all::FlashAllOptions {
+        flash_current,
+        skip_unconfigured: a.skip_unconfigured,
+        parallel: match a.parallel {
+            Some(0) => plan.boards.len(),
+            Some(n) => n,
+            None => 1,
+        },
+        builds: a.builds.unwrap_or(0),
+        no_build: a.no_build,
+        skip_print_check: a.skip_print_check,
+        ..Default::default()
+    };
+    let report = if plan.boards.is_empty() {
+        flash_all::FlashAllReport::nothing(&plan)
+    } else {
+        let keys: Vec<String> = plan.boards.iter().map(|b| b.key.clone()).collect();
+        let mut rep = ui::batch::BatchReporter::new(a.yes, a.json, &keys);
+        let signal = kflash::service::shutdown_signal();
+        let report = flash_all::run(&reg, &hp, &plan, &opts, &mut rep, signal).await?;
+        drop(rep);
+        report
+    };
+    if a.json {
+        let mut doc = serde_json::to_value(&report).expect("kflash's reports always serialize");
+        if let Some(e) = &report.error {
+            doc["error"] = serde_json::json!({
+                "kind": e.kind(), "message": e.to_string(), "help": e.help(), "exit_code": e.exit_code()
+            });
+        }
+        print_json(&doc);
+        JSON_WRITTEN.store(true, std::sync::atomic::Ordering::Relaxed);
+    } else {
+        ui::batch::print_summary(&report);
+    }
+    match report.error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Settle the version questions before the run: `Some(true)` flashes current boards too,
+/// `Some(false)` flashes the planned boards as they are, `None` leaves the current ones out.
+async fn version_questions(plan: &mut kflash::app::flash_all::FlashAllPlan, a: &FlashAllArgs) -> Result<Option<bool>> {
+    use std::io::IsTerminal;
+    if a.all {
+        return Ok(Some(true));
+    }
+    if a.only_outdated {
+        return Ok(None);
+    }
+    let current: Vec<String> = plan.current().map(|b| b.key.clone()).collect();
+    if current.is_empty() {
+        return Ok(Some(false));
+    }
+    let ask = !a.yes && std::io::stdin().is_terminal() && !a.json;
+    let host = plan.host_version.clone().unwrap_or_default();
+    if plan.all_current() {
+        let question = format!("All boards already run {host}. Flash anyway?");
+        if !ask {
+            eprintln!("{question} no ({}; --all flashes them anyway)", why_not_asked(a.yes));
+            return Ok(None);
+        }
+        return Ok(if ui::confirm_default(question, false).await { Some(true) } else { None });
+    }
+    for b in &plan.boards {
+        let state = match b.outdated {
+            Some(false) => "current".to_string(),
+            Some(true) => format!(
+                "outdated: runs {} ({})",
+                b.running.as_deref().unwrap_or("?"),
+                b.relation.as_deref().unwrap_or("")
+            ),
+            None => "version unknown: flashed".to_string(),
+        };
+        eprintln!("  {:<16} {state}", b.key);
+    }
+    let question = "Flash only outdated boards?".to_string();
+    if !ask {
+        eprintln!("{question} yes ({}; --all flashes every board)", why_not_asked(a.yes));
+        return Ok(None);
+    }
+    Ok(if ui::confirm_default(question, true).await { None } else { Some(true) })
+}
+
+fn why_not_asked(yes: bool) -> &'static str {
+    if yes {
+        "--yes takes the default"
+    } else {
+        "not a terminal: the default"
+    }
 }
 
 /// Run `work` until it ends or SIGINT/SIGTERM/SIGHUP arrives. The handlers are installed

@@ -67,6 +67,8 @@ pub enum Report {
     Warning(String),
     Flash(FlashEvent),
     BuildLine(String),
+    /// A report about one board of a run of several (or one): its key, and the report.
+    Board(String, Box<Report>),
 }
 
 /// The caller's side: progress display and questions.
@@ -76,6 +78,9 @@ pub trait Reporter: Send {
     /// signal can cancel the wait for an answer (the library never reads stdin itself); it
     /// owns what it needs, so the reporter goes on drawing the run's progress meanwhile.
     fn confirm(&mut self, question: &str) -> LocalBoxFuture<'static, bool>;
+    /// The run's structured event stream ([`crate::orchestrator::Event`]): board states,
+    /// Klipper's stop and start. Front ends that draw per-board state use it.
+    fn event(&mut self, _event: &crate::orchestrator::Event) {}
 }
 
 #[derive(Debug, Clone, Default)]

@@ -63,14 +63,31 @@ impl<'r> SharedReporter<'r> {
     fn warn(&self, text: impl Into<String>) {
         self.report(Report::Warning(text.into()));
     }
+
+    /// A report about one board of the run.
+    pub(crate) fn board(&self, key: &str, r: Report) {
+        self.report(Report::Board(key.to_string(), Box::new(r)));
+    }
+
+    fn board_warn(&self, key: &str, text: impl Into<String>) {
+        self.board(key, Report::Warning(text.into()));
+    }
+
+    fn event(&self, e: &Event) {
+        self.lock().event(e);
+    }
 }
 
-/// A `&mut dyn Reporter` for code that wants one (the print gate), over the shared one.
-struct View<'a, 'r>(&'a SharedReporter<'r>);
+/// A `&mut dyn Reporter` for code that wants one (the print gate, a build), over the shared
+/// one; with a key, its reports are about that board.
+struct View<'a, 'r>(&'a SharedReporter<'r>, Option<&'a str>);
 
 impl Reporter for View<'_, '_> {
     fn report(&mut self, r: Report) {
-        self.0.report(r);
+        match self.1 {
+            Some(key) => self.0.board(key, r),
+            None => self.0.report(r),
+        }
     }
 
     fn confirm(&mut self, question: &str) -> LocalBoxFuture<'static, bool> {
@@ -81,20 +98,20 @@ impl Reporter for View<'_, '_> {
 
 impl BuildProgress for View<'_, '_> {
     fn line(&mut self, line: &str) {
-        self.0.report(Report::BuildLine(line.to_string()));
+        self.report(Report::BuildLine(line.to_string()));
     }
 
     fn note(&mut self, text: &str) {
-        self.0.warn(text);
+        self.report(Report::Warning(text.to_string()));
     }
 
     fn config_checked(&mut self, m: &crate::firmware::Migration) {
         for w in &m.warnings {
-            self.0.warn(format!("Kconfig {w}"));
+            self.report(Report::Warning(format!("Kconfig {w}")));
         }
         let lines = m.report_lines();
         if !lines.is_empty() {
-            self.0.warn(lines.join("\n   "));
+            self.report(Report::Warning(lines.join("\n   ")));
         }
     }
 }
@@ -245,6 +262,11 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         error_of(state)
     }
 
+    /// The error of the run as a whole (print gate, stop, start, Klipper's check), if any.
+    pub(crate) fn take_run_error(&self) -> Option<Error> {
+        self.run_error.borrow_mut().take()
+    }
+
     pub(crate) fn take_board(&self, key: &str) -> Option<BoardWork> {
         self.boards.borrow_mut().remove(key)
     }
@@ -252,7 +274,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     // ---- the steps -------------------------------------------------------------------
 
     async fn check_printer(&self) -> Input {
-        match clear_to_stop_klipper(&self.mr, self.gate, None, &mut View(self.rep)).await {
+        match clear_to_stop_klipper(&self.mr, self.gate, None, &mut View(self.rep, None)).await {
             Ok(c) => {
                 self.print_check.set(Some(c.check()));
                 *self.first.borrow_mut() = Some(c);
@@ -267,28 +289,31 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     async fn build(&self, key: &str) -> Input {
         let _ended = BuildEnded(self);
         let entry = self.with(key, |b| b.entry.clone());
-        self.rep.report(Report::Begin(Phase::Build, format!("firmware for {}", entry.name)));
+        self.rep.board(key, Report::Begin(Phase::Build, format!("firmware for {}", entry.name)));
         let opts = BuildOptions {
             rebuild: false,
             cache_only: self.opts.no_build,
             cache_dir: self.opts.cache_dir.clone(),
             state_dir: Some(self.state_dir.clone()),
         };
-        let built = match firmware::firmware_for(self.reg, &entry, &opts, &mut View(self.rep)).await {
+        let built = match firmware::firmware_for(self.reg, &entry, &opts, &mut View(self.rep, Some(key))).await {
             Ok(b) => b,
             Err(e) => return Input::BuildFinished { key: key.into(), result: Err(self.board_error(key, e, false)) },
         };
-        self.rep.report(Report::Done(
-            Phase::Build,
-            format!(
-                "{} {} ({} bytes){}",
-                built.firmware.app.as_deref().unwrap_or("firmware"),
-                built.firmware.version,
-                built.firmware.size,
-                if built.cached { ", from cache" } else { "" }
+        self.rep.board(
+            key,
+            Report::Done(
+                Phase::Build,
+                format!(
+                    "{} {} ({} bytes){}",
+                    built.firmware.app.as_deref().unwrap_or("firmware"),
+                    built.firmware.version,
+                    built.firmware.size,
+                    if built.cached { ", from cache" } else { "" }
+                ),
+                built.elapsed,
             ),
-            built.elapsed,
-        ));
+        );
         let answer = Built { version: built.firmware.version.clone(), cached: built.cached };
         self.with(key, |b| {
             b.timings.build = Some(built.elapsed.as_secs_f64());
@@ -296,7 +321,12 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         });
         match find_connected(self.hp, &entry) {
             Ok(board) => {
-                self.with(key, |b| b.board = Some(board));
+                // Found waiting in Katapult: that is where the write starts.
+                let boot = (board.identity.mode == Mode::Katapult).then(|| board.clone());
+                self.with(key, |b| {
+                    b.board = Some(board);
+                    b.boot = boot;
+                });
                 Input::BuildFinished { key: key.into(), result: Ok(answer) }
             }
             Err(e) => Input::BuildFinished { key: key.into(), result: Err(self.board_error(key, e, false)) },
@@ -343,7 +373,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         for (key, name, board, built) in ready {
             if let Some(v) = running_version(&self.mr, &board).await.ok().flatten() {
                 let rel = crate::version::relation(&built, &v);
-                self.rep.report(Report::Done(Phase::Safety, format!("{name} runs {v} ({rel})"), Duration::ZERO));
+                self.rep.board(&key, Report::Done(Phase::Safety, format!("{name} runs {v} ({rel})"), Duration::ZERO));
                 self.with(&key, |b| b.version_before = Some(v.clone()));
                 versions.insert(key, v);
             }
@@ -354,10 +384,11 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     /// The print check once more (a print may have started during the build), then the stop.
     async fn stop_klipper(&self) -> Input {
         let first = self.first.borrow_mut().take();
-        let clearance = match clear_to_stop_klipper(&self.mr, self.gate, first.as_ref(), &mut View(self.rep)).await {
-            Ok(c) => c,
-            Err(e) => return Input::KlipperStopped(Err(self.run_failed(e))),
-        };
+        let clearance =
+            match clear_to_stop_klipper(&self.mr, self.gate, first.as_ref(), &mut View(self.rep, None)).await {
+                Ok(c) => c,
+                Err(e) => return Input::KlipperStopped(Err(self.run_failed(e))),
+            };
         self.print_check.set(Some(clearance.check()));
         let service = &self.reg.settings.klipper_service;
         self.rep.report(Report::Begin(Phase::StopKlipper, format!("stopping {service}")));
@@ -380,16 +411,25 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     }
 
     async fn enter_bootloader(&self, key: &str) -> Input {
-        let board = self.with(key, |b| b.board.clone()).expect("a built board was found connected");
+        // Resolved again now that Klipper is stopped: it may have been replugged meanwhile.
+        let entry = self.with(key, |b| b.entry.clone());
+        let board = match find_connected(self.hp, &entry) {
+            Ok(board) => board,
+            Err(e) => return Input::BoardFailed { key: key.into(), cause: self.board_error(key, e, false) },
+        };
+        self.with(key, |b| b.board = Some(board.clone()));
         let t = StdInstant::now();
-        self.rep.report(Report::Begin(Phase::Bootloader, "requesting the bootloader (1200 baud)".into()));
+        self.rep.board(key, Report::Begin(Phase::Bootloader, "requesting the bootloader (1200 baud)".into()));
         match usb::enter_bootloader(self.hp, &board, Instant::now() + self.secs(|t| t.bootloader_secs)).await {
             Ok(boot) => {
-                self.rep.report(Report::Done(
-                    Phase::Bootloader,
-                    format!("in Katapult at {}", boot.identity.devnode.as_deref().unwrap_or("?")),
-                    t.elapsed(),
-                ));
+                self.rep.board(
+                    key,
+                    Report::Done(
+                        Phase::Bootloader,
+                        format!("in Katapult at {}", boot.identity.devnode.as_deref().unwrap_or("?")),
+                        t.elapsed(),
+                    ),
+                );
                 self.with(key, |b| {
                     b.timings.bootloader = Some(t.elapsed().as_secs_f64());
                     b.boot = Some(boot);
@@ -415,7 +455,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             let image =
                 std::fs::read(&built.firmware.image).map_err(|e| Error::io("read", &built.firmware.image, e))?;
             let info = KatapultSession::open(boot.identity.devnode.as_deref())?.connect().await?;
-            self.rep.report(Report::Flash(FlashEvent::Connected(info.clone())));
+            self.rep.board(key, Report::Flash(FlashEvent::Connected(info.clone())));
             check_target(&info, &expectation(&mcu, &built), &image)?;
             Ok::<_, Error>(())
         }
@@ -430,8 +470,8 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let (boot, built) = (boot.expect("in Katapult"), built.expect("built"));
         let t = StdInstant::now();
         let result = match method {
-            FlashMethod::Katapult | FlashMethod::Default => self.write_katapult(&boot, &built, &mcu).await,
-            FlashMethod::MakeFlash | FlashMethod::Flashtool => self.write_external(method, &boot, &built).await,
+            FlashMethod::Katapult | FlashMethod::Default => self.write_katapult(key, &boot, &built, &mcu).await,
+            FlashMethod::MakeFlash | FlashMethod::Flashtool => self.write_external(key, method, &boot, &built).await,
         };
         self.add_write_time(key, t);
         // After a fallback the first method's error is the one reported; a refusal is reported
@@ -439,7 +479,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let result = result.map_err(|e| {
             let earlier = self.with(key, |b| matches!(b.error, Some((true, _))));
             if earlier && !matches!(&e, Error::Flash(f) if f.is_refusal()) {
-                self.rep.warn(format!("method {} failed too: {e}", method.as_str()));
+                self.rep.board_warn(key, format!("method {} failed too: {e}", method.as_str()));
                 cause_of(&e)
             } else {
                 self.board_error(key, e, true)
@@ -452,31 +492,34 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         self.with(key, |b| b.timings.write = Some(b.timings.write.unwrap_or(0.0) + t.elapsed().as_secs_f64()));
     }
 
-    async fn write_katapult(&self, boot: &Board, built: &BuildOutcome, mcu: &str) -> Result<()> {
+    async fn write_katapult(&self, key: &str, boot: &Board, built: &BuildOutcome, mcu: &str) -> Result<()> {
         let image = std::fs::read(&built.firmware.image).map_err(|e| Error::io("read", &built.firmware.image, e))?;
         let expect = expectation(mcu, built);
         let mut session = KatapultSession::open(boot.identity.devnode.as_deref())?;
-        self.rep.report(Report::Begin(Phase::Write, format!("writing {} bytes through Katapult", image.len())));
+        self.rep.board(key, Report::Begin(Phase::Write, format!("writing {} bytes through Katapult", image.len())));
         let t = StdInstant::now();
-        let mut on_event = |e: &FlashEvent| self.rep.report(Report::Flash(e.clone()));
+        let mut on_event = |e: &FlashEvent| self.rep.board(key, Report::Flash(e.clone()));
         let flash = session.flash(&image, &expect, &mut on_event);
         let report = tokio::time::timeout(self.secs(|t| t.flash_secs), flash).await.map_err(|_| {
             FlashError::NoResponse { command: "the flash", tries: 1, last: "timeouts.flash_secs passed".into() }
         })??;
-        self.rep.report(Report::Done(
-            Phase::Write,
-            format!("{} blocks written and read back, {} pages", report.blocks, report.pages),
-            t.elapsed(),
-        ));
+        self.rep.board(
+            key,
+            Report::Done(
+                Phase::Write,
+                format!("{} blocks written and read back, {} pages", report.blocks, report.pages),
+                t.elapsed(),
+            ),
+        );
         Ok(())
     }
 
-    async fn write_external(&self, method: FlashMethod, boot: &Board, built: &BuildOutcome) -> Result<()> {
+    async fn write_external(&self, key: &str, method: FlashMethod, boot: &Board, built: &BuildOutcome) -> Result<()> {
         // by-path names the USB port, which survives the re-enumerations the tools cause.
         let device = boot.identity.by_path.clone().or_else(|| boot.identity.devnode.clone()).unwrap_or_default();
         let timeout = self.secs(|t| t.flash_secs);
         let t = StdInstant::now();
-        self.rep.report(Report::Begin(Phase::Write, format!("running {} on {device}", method.as_str())));
+        self.rep.board(key, Report::Begin(Phase::Write, format!("running {} on {device}", method.as_str())));
         let settings = &self.reg.settings;
         match method {
             FlashMethod::Flashtool => {
@@ -494,23 +537,23 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
                 .await?
             }
         }
-        self.rep.report(Report::Done(Phase::Write, format!("{} reported success", method.as_str()), t.elapsed()));
+        self.rep.board(key, Report::Done(Phase::Write, format!("{} reported success", method.as_str()), t.elapsed()));
         Ok(())
     }
 
     async fn await_application(&self, key: &str) -> Input {
         let board = self.with(key, |b| b.board.clone()).expect("a flashed board was found connected");
         let t = StdInstant::now();
-        self.rep.report(Report::Begin(Phase::Reconnect, "waiting for the board to come back running Klipper".into()));
+        self.rep
+            .board(key, Report::Begin(Phase::Reconnect, "waiting for the board to come back running Klipper".into()));
         let deadline = Instant::now() + self.secs(|t| t.reconnect_secs);
         match usb::await_application(self.hp, &board.identity, deadline).await {
             Ok(back) => {
                 let devnode = back.identity.devnode.clone().unwrap_or_default();
-                self.rep.report(Report::Done(
-                    Phase::Reconnect,
-                    format!("back in Klipper mode at {devnode}"),
-                    t.elapsed(),
-                ));
+                self.rep.board(
+                    key,
+                    Report::Done(Phase::Reconnect, format!("back in Klipper mode at {devnode}"), t.elapsed()),
+                );
                 self.with(key, |b| {
                     b.timings.reconnect = Some(t.elapsed().as_secs_f64());
                     b.back = Some(back);
@@ -533,11 +576,11 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         };
         match started.await {
             Ok(_) => {
-                self.rep.warn("nothing was written; the board was sent back to the firmware it had");
+                self.rep.board_warn(key, "nothing was written; the board was sent back to the firmware it had");
                 Input::DeviceAppeared { key: key.into(), mode: Mode::Klipper }
             }
             Err(e) => {
-                self.rep.warn(format!("nothing was written, but the board stays in its bootloader: {e}"));
+                self.rep.board_warn(key, format!("nothing was written, but the board stays in its bootloader: {e}"));
                 Input::BoardFailed { key: key.into(), cause: cause_of(&e.into()) }
             }
         }
@@ -548,7 +591,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let devnode = back.and_then(|b| b.identity.devnode).unwrap_or_default();
         let expected = built.map(|b| b.firmware.version.clone()).unwrap_or_default();
         let t = StdInstant::now();
-        self.rep.report(Report::Begin(Phase::Identify, "reading the running version (identify)".into()));
+        self.rep.board(key, Report::Begin(Phase::Identify, "reading the running version (identify)".into()));
         let deadline = Instant::now() + Duration::from_secs(10);
         let dict = match identify::read_identify(Path::new(&devnode), deadline).await {
             Ok(d) => d,
@@ -561,7 +604,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             let e = FlashError::VersionMismatch { expected, running: dict.version.clone() };
             self.board_error(key, e.into(), false);
         } else {
-            self.rep.report(Report::Done(Phase::Identify, format!("running {}", dict.version), t.elapsed()));
+            self.rep.board(key, Report::Done(Phase::Identify, format!("running {}", dict.version), t.elapsed()));
             self.with(key, |b| b.flashed = true);
         }
         Input::Identified { key: key.into(), result: Ok(dict.version) }
@@ -639,11 +682,14 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
                 }
             };
             match answer {
-                Some(v) if v == version => self.rep.report(Report::Done(
-                    Phase::Moonraker,
-                    format!("Klipper is ready and reports {v} for this board"),
-                    t.elapsed(),
-                )),
+                Some(v) if v == version => self.rep.board(
+                    &key,
+                    Report::Done(
+                        Phase::Moonraker,
+                        format!("Klipper is ready and reports {v} for this board"),
+                        t.elapsed(),
+                    ),
+                ),
                 Some(v) => {
                     let e = FlashError::VersionMismatch {
                         expected: version.clone(),
@@ -654,7 +700,8 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
                     continue;
                 }
                 None => {
-                    self.rep.warn(
+                    self.rep.board_warn(
+                        &key,
                         "Klipper is ready, but no [mcu] section in printer.cfg uses this board's serial, so its \
                          version there was not checked",
                     );
@@ -772,15 +819,16 @@ impl Effects for FlashEffects<'_, '_> {
 
     fn emit(&self, event: Event) {
         tracing::debug!(?event, "flash run");
-        if let EventKind::MethodFallback { to, .. } = event.kind {
-            self.rep.warn(format!("trying method {} instead", to.as_str()));
+        if let (Some(key), EventKind::MethodFallback { to, .. }) = (&event.board, &event.kind) {
+            self.rep.board_warn(key, format!("trying method {} instead", to.as_str()));
         }
+        self.rep.event(&event);
     }
 
     fn record(&self, report: BoardReport) {
         let record = self.history_record(&report);
         if let Err(e) = crate::history::append(&self.state_dir, &record) {
-            self.rep.warn(format!("the flash was not recorded in the history: {e}"));
+            self.rep.board_warn(&report.key, format!("the flash was not recorded in the history: {e}"));
         }
     }
 }
@@ -791,7 +839,10 @@ fn expectation(mcu: &str, built: &BuildOutcome) -> Expectation {
 
 /// What Klipper says this board runs, by the board's configured serial path (`None`: no
 /// `[mcu]` section uses it, or Klippy has no version for it).
-async fn running_version(mr: &Moonraker, board: &Board) -> std::result::Result<Option<String>, MoonrakerError> {
+pub(crate) async fn running_version(
+    mr: &Moonraker,
+    board: &Board,
+) -> std::result::Result<Option<String>, MoonrakerError> {
     let mcus = mr.mcus().await?;
     let id = &board.identity;
     let found = [id.by_id.as_deref(), id.by_path.as_deref(), id.serial.as_deref()]

@@ -4,6 +4,7 @@
 pub mod boards;
 pub mod config;
 pub mod flash;
+pub mod flash_all;
 mod flash_effects;
 pub mod katapult_check;
 pub mod watch;

@@ -123,6 +123,15 @@ async fn tree_changes(klipper: &Path) -> Option<String> {
     Some(sha256_hex(material.as_bytes())[..16].to_string())
 }
 
+/// `git describe --always --tags --long --dirty` of the tree, as Klipper's build embeds it
+/// (a dirty build adds a timestamp); `None` when the tree is not a git checkout of its own.
+pub async fn tree_version(klipper: &Path) -> Option<String> {
+    if !is_git_tree(klipper).await {
+        return None;
+    }
+    git(klipper, &["describe", "--always", "--tags", "--long", "--dirty"]).await
+}
+
 async fn git(dir: &Path, args: &[&str]) -> Option<String> {
     let out = tokio::process::Command::new("git").arg("-C").arg(dir).args(args).output().await.ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())

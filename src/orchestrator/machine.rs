@@ -111,8 +111,8 @@ pub enum RunState {
     Done,
 }
 
-/// The step a board failed in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The step a board failed in, in the order a board goes through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     Preflight,

@@ -250,6 +250,20 @@ impl FlashRig {
         rig
     }
 
+    /// Register and configure one more board, as [`FlashRig::new`] does the first.
+    pub fn add_board(&self, board: (&str, &str, &str), config_mcu: &str) {
+        ok(&self.kflash(&["add", "--device", &by_id(board, "Klipper"), "--name", board.0, "--key", board.0]));
+        let st = Command::new("make")
+            .arg("-C")
+            .arg(klipper_dir())
+            .arg(format!("KCONFIG_CONFIG={}", self.cfg.join(format!("configs/{}.config", board.0)).display()))
+            .arg("menuconfig")
+            .env("RIG_MENUCONFIG_MCU", config_mcu)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "make menuconfig: {}", text(&st.stderr));
+    }
+
     /// `kflash --config-dir CFG ARGS…` with this rig's state and cache dirs, stdin null.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(kflash_bin());

@@ -1,5 +1,7 @@
 //! Drawing progress for the terminal: the library reports, this module prints.
 
+pub mod batch;
+
 use std::io::{IsTerminal, Write};
 
 use kflash::app::flash::{FlashSummary, Report, Reporter};
@@ -98,6 +100,8 @@ impl Reporter for FlashReporter {
             Report::Flash(FlashEvent::Written { done, total }) => self.bar("writing  ", done, total),
             Report::Flash(FlashEvent::Verified { done, total }) => self.bar("verifying", done, total),
             Report::Flash(FlashEvent::EndOfFile { .. }) | Report::Flash(FlashEvent::Completed) => {}
+            // One board per run here: its key needs no saying.
+            Report::Board(_, r) => self.report(*r),
         }
     }
 
@@ -195,4 +199,18 @@ pub async fn prompt<T: Send + 'static>(ask: impl FnOnce() -> kflash::Result<T> +
 /// [`confirm`] through [`prompt`]; an unreadable answer is no.
 pub async fn confirm_async(question: String) -> bool {
     prompt(move || confirm(&question)).await.unwrap_or(false)
+}
+
+/// A yes/no question with a default (Enter takes it), asked on the terminal with dialoguer,
+/// on a thread of its own so a signal still ends the wait; an unreadable answer is the default.
+pub async fn confirm_default(question: String, default: bool) -> bool {
+    prompt(move || {
+        dialoguer::Confirm::new()
+            .with_prompt(question)
+            .default(default)
+            .interact_on(&dialoguer::console::Term::stderr())
+            .map_err(|e| kflash::Error::InvalidInput(format!("no answer: {e}")))
+    })
+    .await
+    .unwrap_or(default)
 }
