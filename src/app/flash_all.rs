@@ -351,8 +351,8 @@ pub async fn run(
             (None, None)
         } else {
             failed.push(r.key.clone());
-            let e = effects.take_failure(&r.key, &r.state);
-            (Some(e.to_string()), e.help())
+            let (text, help) = effects.failure_info(&r.key, &r.state);
+            (Some(text), help)
         };
         boards.push(row(r, p, error, help));
     }

@@ -235,16 +235,23 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
 
     /// The text of the error a board ended with, as the history records it.
     pub(crate) fn failure_text(&self, key: &str, state: &BoardState) -> String {
+        self.failure_info(key, state).0
+    }
+
+    /// The message and help of the error a board ended with (same choice as
+    /// [`Self::take_failure`], without taking it).
+    pub(crate) fn failure_info(&self, key: &str, state: &BoardState) -> (String, Option<String>) {
+        let info = |e: &Error| (e.to_string(), e.help());
         if let Some(sig) = self.interrupted.get() {
-            return Error::Interrupted(sig).to_string();
+            return info(&Error::Interrupted(sig));
         }
-        if let Some(text) = self.with(key, |b| b.error.as_ref().map(|(_, e)| e.to_string())) {
-            return text;
+        if let Some(i) = self.with(key, |b| b.error.as_ref().map(|(_, e)| info(e))) {
+            return i;
         }
         if let Some(e) = &*self.run_error.borrow() {
-            return e.to_string();
+            return info(e);
         }
-        error_of(state).to_string()
+        info(&error_of(state))
     }
 
     /// The error a board ended with, taken out for the caller (same choice as
