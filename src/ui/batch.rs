@@ -167,9 +167,6 @@ impl Reporter for BatchReporter {
                 }
             }
             (None, EventKind::KlipperStopped) => self.line("Klipper stopped: flashing".into()),
-            (None, EventKind::KlipperStarted { downtime_secs, running: true }) => {
-                self.line(format!("Klipper started again after {downtime_secs:.1} s"))
-            }
             _ => {}
         }
     }
