@@ -377,7 +377,7 @@ async fn katapult_check(dir: &std::path::Path, a: KatapultCheckArgs) -> Result<(
     let reg = Registry::open(dir)?;
     reg.get(&a.key)?;
     let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
-    let mut reporter = ui::FlashReporter::new(a.yes, a.json);
+    let mut reporter = ui::batch::BatchReporter::new(a.yes, a.json, &[]);
     let gate = kflash::safety::GateOptions { skip_print_check: a.skip_print_check };
     let check =
         interruptible(kflash::app::katapult_check::katapult_check(&reg, &a.key, &hp, gate, &mut reporter)).await?;
@@ -453,7 +453,8 @@ async fn build(dir: &std::path::Path, a: BuildArgs) -> Result<()> {
     let reg = Registry::open(dir)?;
     let board = reg.get(&a.key)?.clone();
     let opts = kflash::firmware::BuildOptions { rebuild: a.rebuild, ..Default::default() };
-    let mut progress = BuildDraw { spinner: ui::BuildSpinner::new(!a.json), key: board.key.clone(), json: a.json };
+    let mut progress =
+        BuildDraw { spinner: ui::BuildSpinner::new(!a.json, &board.key), key: board.key.clone(), json: a.json };
     let out = kflash::firmware::firmware_for(&reg, &board, &opts, &mut progress).await;
     progress.spinner.finish();
     let out = out?;
@@ -528,11 +529,13 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
         skip_print_check: a.skip_print_check,
         ..Default::default()
     };
-    let mut reporter = ui::FlashReporter::new(a.yes, a.json);
+    let mut reporter = ui::batch::BatchReporter::new(a.yes, a.json, std::slice::from_ref(&a.key));
     // A signal cancels the run, which starts Klipper again, records the attempt and ends
     // with `Error::Interrupted`. The handlers are installed when the run first waits.
     let signal = kflash::service::shutdown_signal();
-    let summary = kflash::app::flash::flash_one(&reg, &a.key, &hp, &opts, &mut reporter, signal).await?;
+    let summary = kflash::app::flash::flash_one(&reg, &a.key, &hp, &opts, &mut reporter, signal).await;
+    drop(reporter);
+    let summary = summary?;
     if a.json {
         print_json(&summary);
     } else {

@@ -1,5 +1,6 @@
-//! Drawing a flash-all: one line per board from the run's event stream (an `indicatif` bar
-//! per board on a terminal, plain prefixed lines otherwise), the plan, and the summary table.
+//! Drawing a flash run (`flash`, `flash-all`, `katapult-check`): a line per board from the
+//! run's event stream (an `indicatif` bar per board on a terminal, plain lines prefixed with
+//! the board's key otherwise), the flash-all plan, and its summary table.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -23,12 +24,16 @@ pub struct BatchReporter {
     /// The last quarter printed of a write, per board (plain output).
     quarter: BTreeMap<String, usize>,
     width: usize,
+    /// More than one board: lines say which board, and each board's state changes are told.
+    batch: bool,
 }
 
 impl BatchReporter {
     pub fn new(yes: bool, json: bool, keys: &[String]) -> Self {
         let live = !json && std::io::stderr().is_terminal();
-        let multi = live.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        // A terminal indicatif will not draw on (TERM=dumb) gets plain lines.
+        let multi =
+            live.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())).filter(|m| !m.is_hidden());
         let width = keys.iter().map(|k| k.len()).max().unwrap_or(0);
         let mut bars = BTreeMap::new();
         if let Some(m) = &multi {
@@ -40,20 +45,26 @@ impl BatchReporter {
                 bars.insert(key.clone(), bar);
             }
         }
-        BatchReporter { yes, multi, bars, build_lines: BTreeMap::new(), quarter: BTreeMap::new(), width }
+        let batch = keys.len() > 1;
+        BatchReporter { yes, multi, bars, build_lines: BTreeMap::new(), quarter: BTreeMap::new(), width, batch }
     }
 
     fn line(&self, text: String) {
         match &self.multi {
-            Some(m) => {
+            // Hidden while a question is asked: println would drop the line.
+            Some(m) if !m.is_hidden() => {
                 let _ = m.println(text);
             }
-            None => eprintln!("{text}"),
+            _ => eprintln!("{text}"),
         }
     }
 
     fn board_line(&self, key: &str, text: &str) {
-        self.line(format!("{key:>w$} | {text}", w = self.width));
+        if self.batch {
+            self.line(format!("{key:>w$} | {text}", w = self.width));
+        } else {
+            self.line(text.to_string());
+        }
     }
 
     fn board_report(&mut self, key: &str, r: Report) {
@@ -163,7 +174,8 @@ impl Reporter for BatchReporter {
                             bar.set_message(text);
                         }
                     }
-                    None => self.board_line(key, &format!("-> {text}")),
+                    None if self.batch => self.board_line(key, &format!("-> {text}")),
+                    None => {}
                 }
             }
             (None, EventKind::KlipperStopped) => self.line("Klipper stopped: flashing".into()),

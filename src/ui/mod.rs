@@ -2,26 +2,38 @@
 
 pub mod batch;
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 
-use kflash::app::flash::{FlashSummary, Report, Reporter};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kflash::app::flash::FlashSummary;
 use kflash::firmware::BuildProgress;
-use kflash::flash::katapult::FlashEvent;
 
-/// Counts compiler lines on one status line while make runs.
+/// A spinner with the count of make's output lines on one status line while make runs
+/// (nothing when stderr is not a terminal, or under `--json`).
 pub struct BuildSpinner {
+    bar: Option<ProgressBar>,
     lines: usize,
-    live: bool,
 }
 
 impl BuildSpinner {
-    pub fn new(enabled: bool) -> Self {
-        BuildSpinner { lines: 0, live: enabled && std::io::stderr().is_terminal() }
+    pub fn new(enabled: bool, what: &str) -> Self {
+        let mut bar = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            bar.set_style(ProgressStyle::with_template("  {spinner} {msg}").expect("a valid template"));
+            bar.set_message(format!("building {what}"));
+            bar
+        });
+        // A terminal indicatif will not draw on (TERM=dumb): one plain line instead.
+        if bar.as_ref().is_some_and(|b| b.is_hidden()) {
+            eprintln!("  building {what}...");
+            bar = None;
+        }
+        BuildSpinner { bar, lines: 0 }
     }
 
     pub fn finish(&mut self) {
-        if self.live && self.lines > 0 {
-            eprint!("\r\x1b[K");
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
         }
     }
 }
@@ -29,92 +41,17 @@ impl BuildSpinner {
 impl BuildProgress for BuildSpinner {
     fn line(&mut self, _line: &str) {
         self.lines += 1;
-        if self.live {
-            const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
-            eprint!("\r  building {} ({} lines of output)", FRAMES[self.lines % 4], self.lines);
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("building ({} lines of output)", self.lines));
+            bar.tick();
         }
     }
 
     fn note(&mut self, text: &str) {
-        if self.live && self.lines > 0 {
-            eprint!("\r\x1b[K");
+        match &self.bar {
+            Some(bar) => bar.println(format!("kflash: {text}")),
+            None => eprintln!("kflash: {text}"),
         }
-        eprintln!("kflash: {text}");
-    }
-}
-
-/// Prints phases as `[Phase] message`, and a progress bar while blocks are written.
-pub struct FlashReporter {
-    yes: bool,
-    live: bool,
-    spinner: BuildSpinner,
-    last_percent: usize,
-}
-
-impl FlashReporter {
-    pub fn new(yes: bool, json: bool) -> Self {
-        FlashReporter {
-            yes,
-            live: !json && std::io::stderr().is_terminal(),
-            spinner: BuildSpinner::new(!json),
-            last_percent: 101,
-        }
-    }
-
-    fn bar(&mut self, what: &str, done: usize, total: usize) {
-        let percent = done * 100 / total.max(1);
-        if self.live {
-            let filled = percent / 5;
-            eprint!("\r  {what} [{}{}] {percent:3}% ({done}/{total})", "#".repeat(filled), ".".repeat(20 - filled));
-            if done == total {
-                eprintln!();
-            }
-        } else if percent / 25 != self.last_percent / 25 || done == total {
-            eprintln!("  {what} {percent}% ({done}/{total} blocks)");
-        }
-        self.last_percent = if done == total { 101 } else { percent };
-    }
-}
-
-impl Reporter for FlashReporter {
-    fn report(&mut self, r: Report) {
-        match r {
-            Report::Begin(p, msg) => eprintln!("[{}] {msg}...", p.label()),
-            Report::Done(p, msg, took) => {
-                self.spinner.finish();
-                if took.as_millis() > 0 {
-                    eprintln!("[{}] {msg} ({:.1} s)", p.label(), took.as_secs_f64());
-                } else {
-                    eprintln!("[{}] {msg}", p.label());
-                }
-            }
-            Report::Warning(w) => eprintln!("[!!] {w}"),
-            Report::BuildLine(l) => self.spinner.line(&l),
-            Report::Flash(FlashEvent::Connected(info)) => eprintln!(
-                "  Katapult {} on {}, application at {:#x}, {}-byte blocks",
-                info.version.as_deref().unwrap_or("(version unknown)"),
-                info.mcu,
-                info.app_start,
-                info.block_size
-            ),
-            Report::Flash(FlashEvent::Written { done, total }) => self.bar("writing  ", done, total),
-            Report::Flash(FlashEvent::Verified { done, total }) => self.bar("verifying", done, total),
-            Report::Flash(FlashEvent::EndOfFile { .. }) | Report::Flash(FlashEvent::Completed) => {}
-            // One board per run here: its key needs no saying.
-            Report::Board(_, r) => self.report(*r),
-        }
-    }
-
-    fn confirm(&mut self, question: &str) -> futures::future::LocalBoxFuture<'static, bool> {
-        if self.yes {
-            eprintln!("{question} yes (--yes)");
-            return Box::pin(async { true });
-        }
-        if !std::io::stdin().is_terminal() {
-            eprintln!("{question} no (not a terminal; pass --yes to continue)");
-            return Box::pin(async { false });
-        }
-        Box::pin(confirm_async(question.to_string()))
     }
 }
 
@@ -144,45 +81,31 @@ pub fn print_flash_summary(s: &FlashSummary) {
     );
 }
 
-/// Prompt until `parse` accepts the answer (three tries); an empty answer takes `default`.
-/// Prompts go to stderr so stdout stays the command's data.
+/// Ask on the terminal until `parse` accepts the answer; Enter takes `default`. Prompts go
+/// to stderr so stdout stays the command's data.
 pub fn ask_until<T>(
     question: &str,
     default: Option<&str>,
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> kflash::Result<T> {
-    use std::io::BufRead;
-    for _ in 0..3 {
-        match default {
-            Some(d) => eprint!("{question} [{d}]: "),
-            None => eprint!("{question}: "),
-        }
-        let _ = std::io::stderr().flush();
-        let mut line = String::new();
-        let read =
-            std::io::stdin().lock().read_line(&mut line).map_err(|e| kflash::Error::io("read", "standard input", e))?;
-        if read == 0 {
-            return Err(kflash::Error::InvalidInput("no answer: standard input is closed".into()));
-        }
-        let answer = match line.trim() {
-            "" => default.unwrap_or(""),
-            s => s,
-        };
-        match parse(answer) {
-            Ok(v) => return Ok(v),
-            Err(why) => eprintln!("  {why}"),
-        }
+    let mut input = dialoguer::Input::<String>::new().with_prompt(question).allow_empty(default.is_some());
+    if let Some(d) = default {
+        input = input.default(d.to_string());
     }
-    Err(kflash::Error::InvalidInput(format!("no valid answer to '{question}'")))
+    let answer = input
+        .validate_with(|s: &String| parse(s.trim()).map(|_| ()))
+        .interact_text_on(&dialoguer::console::Term::stderr())
+        .map_err(|e| kflash::Error::InvalidInput(format!("no answer to '{question}': {e}")))?;
+    parse(answer.trim()).map_err(kflash::Error::InvalidInput)
 }
 
 /// A yes/no question whose default is no.
 pub fn confirm(question: &str) -> kflash::Result<bool> {
-    ask_until(&format!("{question} [y/N]"), Some("n"), |s| match s.to_ascii_lowercase().as_str() {
-        "y" | "yes" => Ok(true),
-        "n" | "no" => Ok(false),
-        _ => Err("answer y or n".into()),
-    })
+    dialoguer::Confirm::new()
+        .with_prompt(question)
+        .default(false)
+        .interact_on(&dialoguer::console::Term::stderr())
+        .map_err(|e| kflash::Error::InvalidInput(format!("no answer to '{question}': {e}")))
 }
 
 /// Run a prompt (any code that reads stdin) on a thread of its own and await its answer, so
