@@ -611,7 +611,17 @@ async fn flash_all(dir: &std::path::Path, a: FlashAllArgs) -> Result<()> {
 /// Settle the version questions before the run: `Some(true)` flashes current boards too,
 /// `Some(false)` flashes the planned boards as they are, `None` leaves the current ones out.
 async fn version_questions(plan: &mut kflash::app::flash_all::FlashAllPlan, a: &FlashAllArgs) -> Result<Option<bool>> {
+    use kflash::app::flash_all;
     use std::io::IsTerminal;
+    match &plan.versions {
+        flash_all::Versions::Klippy => {}
+        flash_all::Versions::KlippyNotReady { state } => {
+            eprintln!("[!!] Klippy is {state}: what the boards run is not known, so every board is planned")
+        }
+        flash_all::Versions::MoonrakerUnreachable { message } => {
+            eprintln!("[!!] Moonraker is unreachable ({message}): what the boards run is not known, so every board is planned")
+        }
+    }
     if a.all {
         return Ok(Some(true));
     }

@@ -125,6 +125,8 @@ fn begin(sections: &[(&str, &str)]) -> LeaveRigClean {
 #[ignore = "runs inside the USB rig"]
 fn flash_one_board_end_to_end() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
+    // The version before comes from a ready Klippy only (one still starting is not trusted).
+    klipper_ready_on(&[("mcu", OCTOPUS.0)]);
     let f = setup(OCTOPUS, OCTOPUS.1);
     let before = board_status(OCTOPUS.0);
     let log_at = service_log_len();
