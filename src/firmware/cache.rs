@@ -93,10 +93,16 @@ impl TreeStamp {
             .expect("stamp thread");
             (NOT_GIT.to_string(), Some(stamp))
         } else {
-            let tree = git(klipper, &["describe", "--always", "--tags", "--long", "--dirty"])
-                .await
-                .unwrap_or_else(|| "no-version".to_string());
-            (tree, tree_changes(klipper).await)
+            // What `git describe --always --tags --long --dirty` says, without its rewrite of
+            // .git/index (so a dry run writes nothing in the tree either).
+            let status = git(klipper, &["status", "--porcelain", "--untracked-files=all"]).await;
+            let dirty = status.as_deref().is_some_and(|s| s.lines().any(|l| !l.starts_with("??")));
+            let tree = match git(klipper, &["describe", "--always", "--tags", "--long"]).await {
+                Some(d) if dirty => format!("{d}-dirty"),
+                Some(d) => d,
+                None => "no-version".to_string(),
+            };
+            (tree, tree_changes(klipper, status.as_deref()).await)
         };
         TreeStamp {
             klipper_dir: klipper.to_path_buf(),
@@ -149,9 +155,8 @@ pub fn content_stamp(klipper: &Path) -> String {
 /// A hash of everything uncommitted that could change a build: the diff against HEAD and
 /// the names and contents of untracked (not ignored) files. `None` for a clean tree.
 /// `git describe --dirty` alone misses untracked files.
-async fn tree_changes(klipper: &Path) -> Option<String> {
-    let status = git(klipper, &["status", "--porcelain", "--untracked-files=all"]).await?;
-    if status.is_empty() {
+async fn tree_changes(klipper: &Path, status: Option<&str>) -> Option<String> {
+    if status?.is_empty() {
         return None;
     }
     let mut material = git(klipper, &["diff", "HEAD"]).await.unwrap_or_default();
@@ -164,7 +169,15 @@ async fn tree_changes(klipper: &Path) -> Option<String> {
 }
 
 async fn git(dir: &Path, args: &[&str]) -> Option<String> {
-    let out = tokio::process::Command::new("git").arg("-C").arg(dir).args(args).output().await.ok()?;
+    // No optional locks: git status would otherwise refresh the tree's .git/index.
+    let out = tokio::process::Command::new("git")
+        .arg("--no-optional-locks")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .await
+        .ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 

@@ -55,11 +55,7 @@ async fn exclusive(path: &Path, waiting: impl FnOnce()) -> Result<(Flock<std::fs
     lock_file(file, path, waiting).await
 }
 
-async fn lock_file(
-    file: std::fs::File,
-    path: &Path,
-    waiting: impl FnOnce(),
-) -> Result<(Flock<std::fs::File>, bool)> {
+async fn lock_file(file: std::fs::File, path: &Path, waiting: impl FnOnce()) -> Result<(Flock<std::fs::File>, bool)> {
     let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => return Ok((lock, false)),
         Err((file, nix::errno::Errno::EWOULDBLOCK)) => file,
@@ -98,11 +94,7 @@ impl TreeTurn {
 
     /// [`TreeTurn::acquire`] for a dry run, which creates no file: without a lock file no
     /// kflash has built in the tree with this state directory, and nothing is waited for.
-    pub async fn acquire_existing(
-        state_dir: &Path,
-        tree: &Path,
-        progress: &mut dyn BuildProgress,
-    ) -> Result<TreeTurn> {
+    pub async fn acquire_existing(state_dir: &Path, tree: &Path, progress: &mut dyn BuildProgress) -> Result<TreeTurn> {
         let path = tree_lock_path(state_dir, tree);
         if !make_writes_in_tree(tree) {
             return Ok(TreeTurn { _lock: None, waited: false });
