@@ -32,7 +32,7 @@ async fn two_boards_build_at_once_in_one_process() {
     // Only this test's builds run in this test binary's process environment.
     std::env::set_var("RIG_BUILD_RENDEZVOUS", root.path().join("meet"));
     std::env::set_var("RIG_BUILD_RENDEZVOUS_SECS", "30");
-    let reg = Registry::open(&root.path().join("cfg")).unwrap();
+    let reg = Registry::open(root.path().join("cfg")).unwrap();
     let stamp = Arc::new(TreeStamp::compute(&tree).await);
     let opts = BuildOptions {
         cache_dir: Some(root.path().join("cache")),

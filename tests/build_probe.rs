@@ -32,7 +32,7 @@ impl Setup {
     }
 
     fn reg(&self) -> Registry {
-        Registry::open(&self.root.path().join("cfg")).unwrap()
+        Registry::open(self.root.path().join("cfg")).unwrap()
     }
 
     fn board(&self) -> BoardEntry {
