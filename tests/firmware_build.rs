@@ -232,3 +232,29 @@ async fn no_build_never_rewrites_the_config() {
     firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
     assert!(std::fs::read_to_string(&path).unwrap().contains("CONFIG_WANT_NEW=y"), "a build applies it");
 }
+
+/// The tree's stamp says what `git describe --dirty` says (so cache keys are unchanged), and
+/// it does not refresh .git/index as describe does.
+#[tokio::test]
+async fn tree_stamp_matches_git_describe_dirty_without_writing_the_index() {
+    let s = setup("rp2040");
+    let stamp = |t: &Path| {
+        let t = t.to_path_buf();
+        async move { kflash::firmware::TreeStamp::compute(&t).await }
+    };
+    let clean = stamp(&s.tree).await;
+    assert_eq!((clean.tree.as_str(), clean.tree_changes.as_deref()), (git_describe(&s.tree).as_str(), None));
+    std::fs::write(s.tree.join("src/untracked.c"), "int u;\n").unwrap();
+    let untracked = stamp(&s.tree).await;
+    assert_eq!(untracked.tree, git_describe(&s.tree), "untracked files do not make describe dirty");
+    assert!(untracked.tree_changes.is_some(), "but they change the key");
+    let makefile = s.tree.join("Makefile");
+    std::fs::write(&makefile, std::fs::read_to_string(&makefile).unwrap() + "\n# edited\n").unwrap();
+    let index = s.tree.join(".git/index");
+    let before = std::fs::metadata(&index).unwrap().modified().unwrap();
+    let dirty = stamp(&s.tree).await;
+    assert_eq!(std::fs::metadata(&index).unwrap().modified().unwrap(), before, ".git/index untouched");
+    assert!(dirty.tree.ends_with("-dirty"), "{}", dirty.tree);
+    assert_eq!(dirty.tree, git_describe(&s.tree));
+    assert_ne!(dirty.tree_changes, untracked.tree_changes);
+}
