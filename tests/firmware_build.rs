@@ -55,6 +55,7 @@ fn setup(mcu: &str) -> Setup {
         cache_only: false,
         cache_dir: Some(root.path().join("cache")),
         state_dir: Some(root.path().join("state")),
+        ..Default::default()
     };
     Setup { _root: root, tree, reg, opts }
 }
@@ -165,33 +166,52 @@ async fn a_failing_build_reports_the_tail_of_its_output() {
     assert!(String::from_utf8_lossy(&rerun.stderr).contains("src/foo.c:3: error"), "the command runs by hand");
 }
 
+/// Whether a second `BuildLock::acquire` finishes while `first` is held (it is given 300 ms;
+/// when it does not, the first is dropped and the second must then get the lock).
+async fn second_waits(state: &Path, tree: &Path, first_out: &str, second_out: &str) -> bool {
+    use kflash::firmware::BuildLock;
+    let first = BuildLock::acquire(state, tree, &tree.join(first_out), &mut ()).await.unwrap();
+    let (state2, tree2, out2) = (state.to_path_buf(), tree.to_path_buf(), tree.join(second_out));
+    let second = tokio::spawn(async move { BuildLock::acquire(&state2, &tree2, &out2, &mut ()).await.unwrap().waited });
+    let mut second = std::pin::pin!(second);
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut second).await;
+    drop(first);
+    let (waited, reported) = match early {
+        Ok(done) => (false, done.unwrap()),
+        Err(_) => {
+            (true, tokio::time::timeout(std::time::Duration::from_secs(10), second).await.expect("released").unwrap())
+        }
+    };
+    assert_eq!(reported, waited, "BuildLock::waited says whether it waited");
+    waited
+}
+
 #[tokio::test]
-async fn builds_against_one_tree_are_serialised() {
+async fn builds_take_turns_per_build_directory_and_per_kalico_tree() {
     let state = tempfile::tempdir().unwrap();
-    let tree = std::path::Path::new("/some/klipper");
-    let first = kflash::firmware::cache::TreeLock::acquire(state.path(), tree, &mut ()).await.unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let dir = state.path().to_path_buf();
-    tokio::spawn(async move {
-        let second = kflash::firmware::cache::TreeLock::acquire(&dir, std::path::Path::new("/some/klipper"), &mut ())
-            .await
-            .unwrap();
-        let _ = tx.send(());
-        drop(second);
-    });
-    let mut rx = rx;
-    assert!(
-        tokio::time::timeout(std::time::Duration::from_millis(300), &mut rx).await.is_err(),
-        "a second build of the same tree waits while the first holds the lock"
-    );
+    let trees = tempfile::tempdir().unwrap();
+    let klipper = trees.path().join("klipper");
+    std::fs::create_dir_all(&klipper).unwrap();
+    std::fs::write(klipper.join("Makefile"), "OUT=out/\n").unwrap();
+    assert!(second_waits(state.path(), &klipper, "build/a", "build/a").await, "one board's builds take turns");
+    assert!(!second_waits(state.path(), &klipper, "build/a", "build/b").await, "two boards build at once");
+    // Kalico's make rewrites src/extras/ in the tree on every run: its builds take turns.
+    let kalico = trees.path().join("kalico");
+    std::fs::create_dir_all(&kalico).unwrap();
+    std::fs::write(kalico.join("Makefile"), "OUT=out/\n$(shell ./scripts/find-firmware-extras.sh)\n").unwrap();
+    assert!(second_waits(state.path(), &kalico, "build/a", "build/b").await, "a Kalico tree's builds take turns");
     // Another tree is independent.
-    let other =
-        kflash::firmware::cache::TreeLock::acquire(state.path(), std::path::Path::new("/other/kalico"), &mut ())
-            .await
-            .unwrap();
+    let first = kflash::firmware::BuildLock::acquire(state.path(), &kalico, &kalico.join("a"), &mut ()).await.unwrap();
+    let same_out = kalico.join("a");
+    let other = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        kflash::firmware::BuildLock::acquire(state.path(), &klipper, &same_out, &mut ()),
+    )
+    .await
+    .expect("another tree")
+    .unwrap();
     drop(other);
     drop(first);
-    tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.expect("released").unwrap();
 }
 
 #[tokio::test]
@@ -211,4 +231,30 @@ async fn no_build_never_rewrites_the_config() {
     assert_eq!(std::fs::read(&path).unwrap(), before, "--no-build changes nothing");
     firmware::firmware_for(&s.reg, &board, &s.opts, &mut ()).await.unwrap();
     assert!(std::fs::read_to_string(&path).unwrap().contains("CONFIG_WANT_NEW=y"), "a build applies it");
+}
+
+/// The tree's stamp says what `git describe --dirty` says (so cache keys are unchanged), and
+/// it does not refresh .git/index as describe does.
+#[tokio::test]
+async fn tree_stamp_matches_git_describe_dirty_without_writing_the_index() {
+    let s = setup("rp2040");
+    let stamp = |t: &Path| {
+        let t = t.to_path_buf();
+        async move { kflash::firmware::TreeStamp::compute(&t).await }
+    };
+    let clean = stamp(&s.tree).await;
+    assert_eq!((clean.tree.as_str(), clean.tree_changes.as_deref()), (git_describe(&s.tree).as_str(), None));
+    std::fs::write(s.tree.join("src/untracked.c"), "int u;\n").unwrap();
+    let untracked = stamp(&s.tree).await;
+    assert_eq!(untracked.tree, git_describe(&s.tree), "untracked files do not make describe dirty");
+    assert!(untracked.tree_changes.is_some(), "but they change the key");
+    let makefile = s.tree.join("Makefile");
+    std::fs::write(&makefile, std::fs::read_to_string(&makefile).unwrap() + "\n# edited\n").unwrap();
+    let index = s.tree.join(".git/index");
+    let before = std::fs::metadata(&index).unwrap().modified().unwrap();
+    let dirty = stamp(&s.tree).await;
+    assert_eq!(std::fs::metadata(&index).unwrap().modified().unwrap(), before, ".git/index untouched");
+    assert!(dirty.tree.ends_with("-dirty"), "{}", dirty.tree);
+    assert_eq!(dirty.tree, git_describe(&s.tree));
+    assert_ne!(dirty.tree_changes, untracked.tree_changes);
 }

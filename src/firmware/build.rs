@@ -1,7 +1,6 @@
 //! Out-of-tree firmware builds: `make -C <klipper> KCONFIG_CONFIG=<board config> OUT=<dir>/ -jN`.
-//! The user's own `klipper/.config` and `klipper/out/` are never touched. Builds against
-//! one tree are serialised with a lock file, because Kalico's Makefile rewrites files in
-//! its tree on every run.
+//! The user's own `klipper/.config` and `klipper/out/` are never touched. Which builds must
+//! take turns is [`super::lock`]'s concern.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::build::{sha256_hex, BuildProgress, Firmware};
+use super::build::{sha256_hex, Firmware};
 use crate::error::{Error, Result};
 use crate::kconfig::KConfig;
 
@@ -42,9 +42,48 @@ impl CacheKey {
 
     /// The key of a build of `config_path` (the exact bytes make will be given) in `klipper`.
     pub async fn compute(klipper: &Path, config_path: &Path, config: &KConfig) -> Result<CacheKey> {
+        Self::compute_with(&TreeStamp::compute(klipper).await, config_path, config).await
+    }
+
+    /// The same with the tree's fingerprint taken beforehand (once for a run of several builds).
+    pub async fn compute_with(tree: &TreeStamp, config_path: &Path, config: &KConfig) -> Result<CacheKey> {
         let text = std::fs::read(config_path).map_err(|e| Error::io("read", config_path, e))?;
+        Ok(Self::for_config(tree, &text, config).await)
+    }
+
+    /// The key of a build of `config_text` (a config not written anywhere yet).
+    pub async fn for_config(tree: &TreeStamp, config_text: &[u8], config: &KConfig) -> CacheKey {
         let toolchain = toolchain_version(config).await;
-        if !is_git_tree(klipper).await {
+        CacheKey::from_parts(tree.tree.clone(), tree.tree_changes.clone(), config_text, toolchain)
+    }
+
+    /// True when the tree is not a git checkout and the key is taken from its files.
+    pub fn from_file_stamps(&self) -> bool {
+        self.tree == NOT_GIT
+    }
+}
+
+/// The Klipper tree's part of a cache key, and its Kconfig digest: taken once per run and
+/// shared by every build of the run (`BuildOptions::tree`), so N builds run git once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeStamp {
+    /// The tree this was taken of.
+    pub klipper_dir: PathBuf,
+    /// `git describe --always --tags --long --dirty`, or a note that the tree is not a git checkout.
+    pub tree: String,
+    /// Hash of uncommitted changes (git), or of the build inputs' sizes and mtimes (not git).
+    pub tree_changes: Option<String>,
+    /// [`super::migrate::kconfig_stamp`] of the tree.
+    pub kconfig: String,
+}
+
+impl TreeStamp {
+    pub async fn compute(klipper: &Path) -> TreeStamp {
+        let kconfig = tokio::task::spawn_blocking({
+            let klipper = klipper.to_path_buf();
+            move || super::migrate::kconfig_stamp(&klipper)
+        });
+        let (tree, tree_changes) = if !is_git_tree(klipper).await {
             // No version to key on: key on the files the build reads instead.
             let stamp = tokio::task::spawn_blocking({
                 let klipper = klipper.to_path_buf();
@@ -52,18 +91,25 @@ impl CacheKey {
             })
             .await
             .expect("stamp thread");
-            return Ok(CacheKey::from_parts(NOT_GIT.to_string(), Some(stamp), &text, toolchain));
+            (NOT_GIT.to_string(), Some(stamp))
+        } else {
+            // What `git describe --always --tags --long --dirty` says, without its rewrite of
+            // .git/index (so a dry run writes nothing in the tree either).
+            let status = git(klipper, &["status", "--porcelain", "--untracked-files=all"]).await;
+            let dirty = status.as_deref().is_some_and(|s| s.lines().any(|l| !l.starts_with("??")));
+            let tree = match git(klipper, &["describe", "--always", "--tags", "--long"]).await {
+                Some(d) if dirty => format!("{d}-dirty"),
+                Some(d) => d,
+                None => "no-version".to_string(),
+            };
+            (tree, tree_changes(klipper, status.as_deref()).await)
+        };
+        TreeStamp {
+            klipper_dir: klipper.to_path_buf(),
+            tree,
+            tree_changes,
+            kconfig: kconfig.await.expect("kconfig stamp thread"),
         }
-        let tree = git(klipper, &["describe", "--always", "--tags", "--long", "--dirty"])
-            .await
-            .unwrap_or_else(|| "no-version".to_string());
-        let tree_changes = tree_changes(klipper).await;
-        Ok(CacheKey::from_parts(tree, tree_changes, &text, toolchain))
-    }
-
-    /// True when the tree is not a git checkout and the key is taken from its files.
-    pub fn from_file_stamps(&self) -> bool {
-        self.tree == NOT_GIT
     }
 }
 
@@ -109,9 +155,8 @@ pub fn content_stamp(klipper: &Path) -> String {
 /// A hash of everything uncommitted that could change a build: the diff against HEAD and
 /// the names and contents of untracked (not ignored) files. `None` for a clean tree.
 /// `git describe --dirty` alone misses untracked files.
-async fn tree_changes(klipper: &Path) -> Option<String> {
-    let status = git(klipper, &["status", "--porcelain", "--untracked-files=all"]).await?;
-    if status.is_empty() {
+async fn tree_changes(klipper: &Path, status: Option<&str>) -> Option<String> {
+    if status?.is_empty() {
         return None;
     }
     let mut material = git(klipper, &["diff", "HEAD"]).await.unwrap_or_default();
@@ -133,7 +178,15 @@ pub async fn tree_version(klipper: &Path) -> Option<String> {
 }
 
 async fn git(dir: &Path, args: &[&str]) -> Option<String> {
-    let out = tokio::process::Command::new("git").arg("-C").arg(dir).args(args).output().await.ok()?;
+    // No optional locks: git status would otherwise refresh the tree's .git/index.
+    let out = tokio::process::Command::new("git")
+        .arg("--no-optional-locks")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .await
+        .ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
@@ -195,6 +248,12 @@ impl FirmwareCache {
         self.dir.join("firmware").join(board)
     }
 
+    /// The key of the board's cache entry, whatever it is (for saying why a build is needed).
+    pub fn cached_key(&self, board: &str) -> Option<CacheKey> {
+        let text = std::fs::read_to_string(self.entry_dir(board).join("meta.json")).ok()?;
+        serde_json::from_str::<Meta>(&text).ok().map(|m| m.key)
+    }
+
     /// The cached firmware for these inputs, if it is there and intact.
     pub fn lookup(&self, board: &str, key: &CacheKey) -> Result<Option<Firmware>> {
         let dir = self.entry_dir(board);
@@ -237,48 +296,6 @@ impl FirmwareCache {
         let staged = staging.keep();
         std::fs::rename(&staged, &dest).map_err(|e| Error::io("rename", &staged, e))?;
         Firmware::from_out_dir(&dest)
-    }
-}
-
-/// Serialises builds against one source tree across kflash processes.
-pub struct TreeLock {
-    _lock: nix::fcntl::Flock<std::fs::File>,
-    /// Another build held the lock first: what it built may be in the cache now.
-    pub waited: bool,
-}
-
-impl TreeLock {
-    /// Take the lock, telling `progress` when another build holds it. The wait is
-    /// cancellable: dropping the future abandons the waiting thread.
-    pub async fn acquire(state_dir: &Path, tree: &Path, progress: &mut dyn BuildProgress) -> Result<TreeLock> {
-        std::fs::create_dir_all(state_dir).map_err(|e| Error::io("create directory", state_dir, e))?;
-        let path = state_dir.join(format!("build-{}.lock", &sha256_hex(tree.display().to_string().as_bytes())[..12]));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io("open", &path, e))?;
-        let file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(TreeLock { _lock: lock, waited: false }),
-            Err((file, nix::errno::Errno::EWOULDBLOCK)) => file,
-            Err((_, e)) => return Err(Error::io("lock", &path, e.into())),
-        };
-        progress.note(&format!(
-            "another kflash is building in {}; waiting for it to finish (Ctrl-C to stop waiting)",
-            tree.display()
-        ));
-        // A blocking flock on a thread of its own (not spawn_blocking: the runtime would wait
-        // for it at exit); the wait ends when the other build's lock is released.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive));
-        });
-        let lock = rx
-            .await
-            .map_err(|_| Error::io("lock", &path, std::io::Error::other("the lock thread ended")))?
-            .map_err(|(_, e)| Error::io("lock", &path, e.into()))?;
-        Ok(TreeLock { _lock: lock, waited: true })
     }
 }
 

@@ -142,6 +142,16 @@ pub fn diff(original: &str, migrated: &str) -> Migration {
 /// Run the tree's olddefconfig on a copy of `config` and report what it would change. Neither
 /// the tree nor `config` is written.
 pub async fn check(klipper: &Path, config: &Path, timeout: Duration) -> Result<Migration> {
+    run_check(klipper, config, timeout, false).await
+}
+
+/// [`check`] for a dry run: Python is also told not to cache bytecode in the tree. (A Kalico
+/// tree's make still regenerates `src/extras/` in the tree, with the same content, on any run.)
+pub async fn check_read_only(klipper: &Path, config: &Path, timeout: Duration) -> Result<Migration> {
+    run_check(klipper, config, timeout, true).await
+}
+
+async fn run_check(klipper: &Path, config: &Path, timeout: Duration, read_only: bool) -> Result<Migration> {
     let original = std::fs::read_to_string(config).map_err(|e| Error::io("read", config, e))?;
     let tmp = tempfile::Builder::new()
         .prefix("kflash-olddefconfig-")
@@ -159,6 +169,9 @@ pub async fn check(klipper: &Path, config: &Path, timeout: Duration) -> Result<M
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if read_only {
+        cmd.env("PYTHONDONTWRITEBYTECODE", "1");
+    }
     let output = match tokio::time::timeout(timeout, cmd.output()).await {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
@@ -206,14 +219,8 @@ pub fn apply(key: &str, config: &Path, m: &mut Migration) -> Result<()> {
     if !m.rewrites() {
         return Ok(());
     }
-    if !m.critical.is_empty() {
-        let mut lines = m.describe();
-        lines.extend(m.warnings.iter().map(|w| format!("Kconfig {w}")));
-        return Err(Error::ConfigMigration {
-            key: key.to_string(),
-            path: config.to_path_buf(),
-            changes: lines.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n"),
-        });
+    if let Some(refused) = refusal(key, config, m) {
+        return Err(refused);
     }
     // The file must still be what was checked.
     let now = std::fs::read(config).map_err(|e| Error::io("read", config, e))?;
@@ -255,6 +262,20 @@ pub fn kconfig_stamp(klipper: &Path) -> String {
     }
     entries.sort();
     super::build::sha256_hex(entries.join("\n").as_bytes())
+}
+
+/// The error [`apply`] gives for a migration that changes critical settings.
+pub fn refusal(key: &str, config: &Path, m: &Migration) -> Option<Error> {
+    if !m.rewrites() || m.critical.is_empty() {
+        return None;
+    }
+    let mut lines = m.describe();
+    lines.extend(m.warnings.iter().map(|w| format!("Kconfig {w}")));
+    Some(Error::ConfigMigration {
+        key: key.to_string(),
+        path: config.to_path_buf(),
+        changes: lines.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n"),
+    })
 }
 
 /// `<key>.config` → `<key>.config.prev`.

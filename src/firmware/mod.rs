@@ -3,16 +3,21 @@
 
 pub mod build;
 pub mod cache;
+pub mod lock;
 pub mod migrate;
+pub mod probe;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
 pub use build::{BuildPlan, BuildProgress, Firmware};
-pub use cache::{CacheKey, FirmwareCache};
+pub use cache::{CacheKey, FirmwareCache, TreeStamp};
+pub use lock::BuildLock;
 pub use migrate::Migration;
+pub use probe::{probe, BuildReason, Probe};
 
 use crate::error::{Error, Result};
 use crate::kconfig::{self, KConfig};
@@ -50,6 +55,22 @@ pub struct BuildOptions {
     pub cache_only: bool,
     pub cache_dir: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
+    /// make's `-j` for this build (a share of the cores when several build at once);
+    /// `None`: the settings' `build_jobs` (0 = all cores).
+    pub jobs: Option<u32>,
+    /// The Klipper tree's fingerprint, taken once for a run of several builds
+    /// ([`TreeStamp::compute`]); `None`: this build takes it. Ignored if it is of another tree.
+    pub tree: Option<Arc<TreeStamp>>,
+}
+
+impl BuildOptions {
+    /// The tree's fingerprint: the one given for `klipper`, or a fresh one.
+    pub async fn tree_stamp(&self, klipper: &std::path::Path) -> Arc<TreeStamp> {
+        match &self.tree {
+            Some(t) if t.klipper_dir == klipper => t.clone(),
+            _ => Arc::new(TreeStamp::compute(klipper).await),
+        }
+    }
 }
 
 /// Build (or fetch from cache) the firmware for `board`.
@@ -75,23 +96,21 @@ pub async fn firmware_for(
     kconfig::check_klipper_dir(&klipper)?;
 
     let cache = FirmwareCache::new(opts.cache_dir.clone().unwrap_or_else(crate::registry::default_cache_dir));
+    let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
+    let tree = opts.tree_stamp(&klipper).await;
     // The Kconfig check is skipped when neither the config nor the tree's Kconfig files changed
     // since a check that had nothing to change or say.
     let checked = cache.kconfig_checked(&board.key);
-    let stamp = |config: &[u8]| format!("{}\n{}\n", build::sha256_hex(config), migrate::kconfig_stamp(&klipper));
+    let stamp = |config: &[u8]| kconfig_checked_stamp(config, &tree);
     let before = std::fs::read(&config_path).map_err(|e| Error::io("read", &config_path, e))?;
     let mut migration = None;
     if std::fs::read(&checked).ok() != Some(stamp(&before).into_bytes()) {
+        let turn = lock::TreeTurn::acquire(&state_dir, &klipper, progress).await?;
         let mut m =
             migrate::check(&klipper, &config_path, Duration::from_secs(reg.settings.timeouts.build_secs)).await?;
+        drop(turn);
         if opts.cache_only && m.rewrites() {
-            // Firmware from the cache was built from the config as it was; --no-build changes nothing.
-            return Err(Error::InvalidInput(format!(
-                "the Klipper tree's Kconfig would change the config of '{}' ({} changes), so there is no cached firmware for it; run `kflash build {}` to review and apply them (or drop --no-build)",
-                board.key,
-                m.describe().len(),
-                board.key
-            )));
+            return Err(no_build_would_migrate(&board.key, &m));
         }
         migrate::apply(&board.key, &config_path, &mut m)?;
         if m.rewrites() || !m.warnings.is_empty() {
@@ -111,7 +130,7 @@ pub async fn firmware_for(
     // The config make is given: a copy next to (not inside) OUT, so `make clean` keeps it.
     let built_config = cache.build_config(&board.key);
     write_if_changed(&built_config, &config_bytes)?;
-    let key = CacheKey::compute(&klipper, &built_config, &config).await?;
+    let key = CacheKey::compute_with(&tree, &built_config, &config).await?;
     let from_cache = |firmware, key, config, migration, built_config| BuildOutcome {
         firmware,
         cached: true,
@@ -132,10 +151,9 @@ pub async fn firmware_for(
     if opts.cache_only {
         return Err(Error::NoCachedFirmware { key: board.key.clone() });
     }
-    let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
-    let tree_lock = cache::TreeLock::acquire(&state_dir, &klipper, progress).await?;
+    let build_lock = BuildLock::acquire(&state_dir, &klipper, &out_dir, progress).await?;
     // Another kflash may have built this very firmware while this one waited for the lock.
-    if tree_lock.waited && !opts.rebuild {
+    if build_lock.waited && !opts.rebuild {
         if let Some(firmware) = cache.lookup(&board.key, &key)? {
             progress.note("the other kflash built this firmware: using it");
             return Ok(from_cache(firmware, key, config, migration, built_config));
@@ -148,7 +166,7 @@ pub async fn firmware_for(
         klipper_dir: klipper,
         config: built_config,
         out_dir: out_dir.clone(),
-        jobs: jobs(reg.settings.build_jobs),
+        jobs: opts.jobs.filter(|&j| j > 0).unwrap_or_else(|| jobs(reg.settings.build_jobs)),
         log: cache.build_log(&board.key),
     };
     build::run_make(&plan, Duration::from_secs(reg.settings.timeouts.build_secs), progress).await?;
@@ -166,6 +184,19 @@ pub async fn firmware_for(
         log: Some(plan.log),
         built_config: plan.config,
     })
+}
+
+/// What the Kconfig-check stamp holds: the config's hash and the tree's Kconfig digest.
+fn kconfig_checked_stamp(config: &[u8], tree: &TreeStamp) -> String {
+    format!("{}\n{}\n", build::sha256_hex(config), tree.kconfig)
+}
+
+/// Firmware from the cache was built from the config as it was; --no-build changes nothing.
+fn no_build_would_migrate(key: &str, m: &Migration) -> Error {
+    Error::InvalidInput(format!(
+        "the Klipper tree's Kconfig would change the config of '{key}' ({} changes), so there is no cached firmware for it; run `kflash build {key}` to review and apply them (or drop --no-build)",
+        m.describe().len(),
+    ))
 }
 
 /// Write `bytes` to `path` unless it already holds them (an unchanged copy keeps its mtime,

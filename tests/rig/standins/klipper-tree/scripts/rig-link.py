@@ -7,6 +7,11 @@
 #                                                  seconds, default 0.2, stand in for compiling)
 #   rig-link.py uf2 OUT/klipper.elf OUT/klipper.uf2
 #
+# RIG_BUILD_RENDEZVOUS=PATH (tests of parallel builds): the link step first meets one other
+# build's link step at the FIFO PATH and fails if none arrives within
+# RIG_BUILD_RENDEZVOUS_SECS (default 60), so two builds only both succeed if they are in
+# make at the same time.
+#
 # Image at CONFIG_FLASH_APPLICATION_ADDRESS:
 #   [u32 LE initial SP 0x20020000][u32 LE reset vector = app start + 0x101]
 #   [vector table + code-like bytes derived from the sources and autoconf.h, 6 KiB in all,
@@ -18,6 +23,7 @@ import sys
 sys.dont_write_bytecode = True
 import hashlib
 import os
+import signal
 import struct
 import time
 import zlib
@@ -50,6 +56,28 @@ def code_bytes(seed, size):
     return bytes(b if b != 0x78 else 0x79 for b in out[:size])
 
 
+def meet(path):
+    """Block until one other build reaches this point too. Whoever creates the FIFO opens it
+    for reading, the other for writing; each open blocks until the other end is opened."""
+    deadline = int(os.environ.get("RIG_BUILD_RENDEZVOUS_SECS") or 60)
+    try:
+        os.mkfifo(path)
+        mode = os.O_RDONLY
+    except FileExistsError:
+        mode = os.O_WRONLY
+
+    def late(*_):
+        sys.exit("rig-link: no other build reached the rendezvous %s within %d s" % (path, deadline))
+
+    signal.signal(signal.SIGALRM, late)
+    signal.alarm(deadline)
+    fd = os.open(path, mode)
+    signal.alarm(0)
+    os.close(fd)
+    if mode == os.O_RDONLY:
+        os.unlink(path)
+
+
 def build_image(outdir, objs):
     cfg = read_autoconf(os.path.join(outdir, "autoconf.h"))
     app = int(cfg["CONFIG_FLASH_APPLICATION_ADDRESS"], 0)
@@ -66,6 +94,8 @@ def build_image(outdir, objs):
         with open(src, "rb") as f:
             h.update(f.read())
     seed = h.digest()
+    if os.environ.get("RIG_BUILD_RENDEZVOUS"):
+        meet(os.environ["RIG_BUILD_RENDEZVOUS"])
     delay = float(os.environ.get("RIG_BUILD_DELAY") or 0.2)
     time.sleep(delay)  # stands in for compile time
     vectors = struct.pack("<II", rigmcu.INITIAL_SP, app + 0x101)
