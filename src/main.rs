@@ -550,6 +550,7 @@ async fn flash_all(dir: &std::path::Path, a: FlashAllArgs) -> Result<()> {
     let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
     let mut plan = interruptible(flash_all::plan(&reg, &hp, a.skip_unconfigured)).await?;
     if a.dry_run {
+        interruptible(flash_all::probe_builds(&reg, &mut plan, a.no_build)).await?;
         if a.json {
             print_json(&plan);
         } else {

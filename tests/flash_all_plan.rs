@@ -9,7 +9,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kflash::app::flash_all::{plan, FlashAllPlan, LeftOut, PlanBoard, Versions};
+use kflash::app::flash_all::{plan, FlashAllPlan, LeftOut, PlanBoard, PlannedBuild, Versions};
 use kflash::hotplug::{Hotplug, KeyResolver, ScriptedSource};
 use kflash::identity::{DeviceRecord, Mode};
 use kflash::registry::{FlashMethod, Registry};
@@ -112,6 +112,20 @@ async fn the_plan_takes_connected_configured_boards_katapult_first() {
     assert!(p.boards.iter().all(|b| b.running.is_none() && b.outdated.is_none()), "unknown: flashed");
     assert!(p.host_version.as_deref().is_some_and(|v| v.starts_with('v')), "{:?}", p.host_version);
     assert!(!p.all_current() && p.current().next().is_none());
+
+    // --dry-run's build column: nothing cached yet, so both would build; nothing is written.
+    let mut p = p;
+    kflash::app::flash_all::probe_builds(&s.reg, &mut p, false).await.unwrap();
+    for b in &p.boards {
+        assert!(matches!(&b.build, Some(PlannedBuild::Build { .. })), "{b:?}");
+    }
+    kflash::app::flash_all::probe_builds(&s.reg, &mut p, true).await.unwrap();
+    for b in &p.boards {
+        assert!(
+            matches!(&b.build, Some(PlannedBuild::Fails { message }) if message.contains("no cached firmware")),
+            "--no-build without a cached image: {b:?}"
+        );
+    }
 }
 
 fn board(key: &str, running: &str, host: &str) -> PlanBoard {
@@ -124,6 +138,7 @@ fn board(key: &str, running: &str, host: &str) -> PlanBoard {
         running: Some(running.into()),
         relation: None,
         outdated: Some(running != host),
+        build: None,
     }
 }
 
@@ -135,6 +150,7 @@ fn only_outdated_leaves_the_current_boards_out_with_their_version() {
         versions: Versions::Klippy,
         boards: vec![board("a", host, host), board("b", "v0.12.0-1-gdef", host), board("c", host, host)],
         left_out: Vec::new(),
+        tree: None,
     };
     assert!(!p.all_current());
     assert_eq!(p.current().map(|b| b.key.as_str()).collect::<Vec<_>>(), ["a", "c"]);

@@ -163,6 +163,9 @@ fn dry_run_prints_the_plan_and_touches_nothing() {
         assert!(keys.contains(&name), "{plan}");
     }
     assert_eq!(plan["versions"]["source"], "klippy", "{plan}");
+    for b in plan["boards"].as_array().unwrap() {
+        assert!(["cached", "build"].contains(&b["build"]["build"].as_str().unwrap_or("")), "{b}");
+    }
 
     let after: Vec<_> = dirs.iter().map(|d| tree_digest(d)).collect();
     assert!(before == after, "--dry-run changed files in the config, state or cache dirs");

@@ -94,6 +94,10 @@ pub struct FlashOptions {
     pub cache_dir: Option<PathBuf>,
     /// `--skip-print-check`: pass a print check that cannot be answered (recorded).
     pub skip_print_check: bool,
+    /// make's `-j` per build (a share of the cores when several build at once).
+    pub jobs: Option<u32>,
+    /// The Klipper tree's fingerprint, taken once for the run.
+    pub tree: Option<std::sync::Arc<crate::firmware::TreeStamp>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

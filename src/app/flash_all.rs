@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Serialize;
 use tokio::time::Instant;
@@ -16,6 +17,7 @@ use tokio::time::Instant;
 use super::flash::{method_for, method_order, FlashOptions, Reporter};
 use super::flash_effects::{running_version, BoardWork, FlashEffects, SharedReporter};
 use crate::error::{Error, Result};
+use crate::firmware::{BuildOptions, Probe, TreeStamp};
 use crate::history::{FlashRecord, FlashResult};
 use crate::hotplug::Hotplug;
 use crate::identity::Mode;
@@ -88,6 +90,27 @@ pub struct PlanBoard {
     pub relation: Option<String>,
     /// Whether it runs something else than the host's version (`None`: unknown, so flashed).
     pub outdated: Option<bool>,
+    /// What its build would do (`--dry-run` only: [`probe_builds`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build: Option<PlannedBuild>,
+}
+
+/// What a board's build would do, found without building.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "build", rename_all = "kebab-case")]
+pub enum PlannedBuild {
+    /// A cache hit: make would not run.
+    Cached {
+        version: String,
+    },
+    Build {
+        why: String,
+    },
+    /// The build would fail before make (a critical Kconfig change, `--no-build` without a
+    /// cached image …).
+    Fails {
+        message: String,
+    },
 }
 
 /// Where the running versions came from.
@@ -113,6 +136,9 @@ pub struct FlashAllPlan {
     pub versions: Versions,
     pub boards: Vec<PlanBoard>,
     pub left_out: Vec<LeftOutBoard>,
+    /// The tree's fingerprint, taken once: the run's builds share it.
+    #[serde(skip)]
+    pub tree: Option<Arc<TreeStamp>>,
 }
 
 impl FlashAllPlan {
@@ -178,7 +204,8 @@ pub async fn plan(reg: &Registry, hp: &Hotplug, skip_unconfigured: bool) -> Resu
         }
     }
 
-    let host_version = crate::firmware::cache::tree_version(&reg.settings.klipper_dir()).await;
+    let tree = Arc::new(TreeStamp::compute(&reg.settings.klipper_dir()).await);
+    let host_version = tree.version().map(str::to_string);
     let mr = Moonraker::from_settings(&reg.settings);
     let versions = match mr.server_info().await {
         Ok(si) if si.klippy_state == "ready" => Versions::Klippy,
@@ -208,9 +235,25 @@ pub async fn plan(reg: &Registry, hp: &Hotplug, skip_unconfigured: bool) -> Resu
             running,
             relation,
             outdated,
+            build: None,
         });
     }
-    Ok(FlashAllPlan { host_version, versions, boards: order(planned), left_out })
+    Ok(FlashAllPlan { host_version, versions, boards: order(planned), left_out, tree: Some(tree) })
+}
+
+/// For `--dry-run`: what each planned board's build would do (a cache hit and its version, a
+/// build and why, or the error it would meet), found without building or writing anything.
+pub async fn probe_builds(reg: &Registry, plan: &mut FlashAllPlan, no_build: bool) -> Result<()> {
+    let opts = BuildOptions { cache_only: no_build, tree: plan.tree.clone(), ..Default::default() };
+    for b in &mut plan.boards {
+        let entry = reg.get(&b.key)?;
+        b.build = Some(match crate::firmware::probe(reg, entry, &opts).await {
+            Ok(Probe::Cached { version }) => PlannedBuild::Cached { version },
+            Ok(Probe::Build { why }) => PlannedBuild::Build { why: why.to_string() },
+            Err(e) => PlannedBuild::Fails { message: e.to_string() },
+        });
+    }
+    Ok(())
 }
 
 /// The flash order: the registry's order, with boards found in their bootloader first (they
@@ -314,8 +357,9 @@ pub async fn run(
         state_dir: Some(state_dir.clone()),
         cache_dir: opts.cache_dir.clone(),
         skip_print_check: opts.skip_print_check,
+        jobs: Some(jobs),
+        tree: plan.tree.clone(),
     };
-    let _ = jobs; // the per-build job budget reaches make once the builds take it
     let rep = SharedReporter::new(rep);
     let mut work = Vec::new();
     let mut machine_plan = Vec::new();

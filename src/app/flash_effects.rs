@@ -302,7 +302,8 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             cache_only: self.opts.no_build,
             cache_dir: self.opts.cache_dir.clone(),
             state_dir: Some(self.state_dir.clone()),
-            ..Default::default()
+            jobs: self.opts.jobs,
+            tree: self.opts.tree.clone(),
         };
         let built = match firmware::firmware_for(self.reg, &entry, &opts, &mut View(self.rep, Some(key))).await {
             Ok(b) => b,

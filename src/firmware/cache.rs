@@ -78,6 +78,12 @@ pub struct TreeStamp {
 }
 
 impl TreeStamp {
+    /// The tree's version as Klipper's build embeds it (a dirty build adds a timestamp);
+    /// `None` when the tree is not a git checkout of its own.
+    pub fn version(&self) -> Option<&str> {
+        (self.tree != NOT_GIT).then_some(self.tree.as_str())
+    }
+
     pub async fn compute(klipper: &Path) -> TreeStamp {
         let kconfig = tokio::task::spawn_blocking({
             let klipper = klipper.to_path_buf();
@@ -166,15 +172,6 @@ async fn tree_changes(klipper: &Path, status: Option<&str>) -> Option<String> {
         material.push_str(&format!("\n{name}:{}", sha256_hex(&content)));
     }
     Some(sha256_hex(material.as_bytes())[..16].to_string())
-}
-
-/// `git describe --always --tags --long --dirty` of the tree, as Klipper's build embeds it
-/// (a dirty build adds a timestamp); `None` when the tree is not a git checkout of its own.
-pub async fn tree_version(klipper: &Path) -> Option<String> {
-    if !is_git_tree(klipper).await {
-        return None;
-    }
-    git(klipper, &["describe", "--always", "--tags", "--long", "--dirty"]).await
 }
 
 async fn git(dir: &Path, args: &[&str]) -> Option<String> {

@@ -10,7 +10,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use kflash::app::flash::{Report, Reporter};
-use kflash::app::flash_all::{FlashAllPlan, FlashAllReport, LeftOut, LeftOutBoard, Versions};
+use kflash::app::flash_all::{FlashAllPlan, FlashAllReport, LeftOut, LeftOutBoard, PlannedBuild, Versions};
 use kflash::flash::katapult::FlashEvent;
 use kflash::orchestrator::{BoardState, Cause, Event, EventKind, KlipperView};
 
@@ -255,7 +255,7 @@ pub fn print_plan(plan: &FlashAllPlan) {
     } else {
         let mut t = Table::new();
         t.load_style(UTF8_FULL_CONDENSED);
-        t.set_header(["#", "Board", "MCU", "Found in", "Method", "Runs", "Against the host", "Plan"]);
+        t.set_header(["#", "Board", "MCU", "Found in", "Method", "Runs", "Against the host", "Build", "Plan"]);
         for (i, b) in plan.boards.iter().enumerate() {
             let action = match (b.mode, b.outdated) {
                 (kflash::identity::Mode::Katapult, _) => "flash (already in Katapult)",
@@ -270,6 +270,12 @@ pub fn print_plan(plan: &FlashAllPlan) {
                 b.method.as_str().to_string(),
                 b.running.clone().unwrap_or_else(|| "?".into()),
                 b.relation.clone().unwrap_or_else(|| "unknown".into()),
+                match &b.build {
+                    Some(PlannedBuild::Cached { .. }) => "cached".to_string(),
+                    Some(PlannedBuild::Build { why }) => format!("build: {why}"),
+                    Some(PlannedBuild::Fails { message }) => format!("FAILS: {}", first_line(message)),
+                    None => "-".to_string(),
+                },
                 action.to_string(),
             ]);
         }
