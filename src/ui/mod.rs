@@ -9,9 +9,13 @@ use kflash::app::flash::FlashSummary;
 use kflash::firmware::BuildProgress;
 
 /// A spinner with the count of make's output lines on one status line while make runs
-/// (nothing when stderr is not a terminal, or under `--json`).
+/// (nothing when stderr is not a terminal, or under `--json`). "building" is said only once
+/// make runs (the config check and a wait for another build's lock come first).
 pub struct BuildSpinner {
     bar: Option<ProgressBar>,
+    /// A terminal indicatif will not draw on (TERM=dumb): one plain line when make starts.
+    plain: bool,
+    what: String,
     lines: usize,
 }
 
@@ -20,15 +24,14 @@ impl BuildSpinner {
         let mut bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             bar.set_style(ProgressStyle::with_template("  {spinner} {msg}").expect("a valid template"));
-            bar.set_message(format!("building {what}"));
+            bar.set_message(format!("checking the config of {what}"));
             bar
         });
-        // A terminal indicatif will not draw on (TERM=dumb): one plain line instead.
-        if bar.as_ref().is_some_and(|b| b.is_hidden()) {
-            eprintln!("  building {what}...");
+        let plain = bar.as_ref().is_some_and(|b| b.is_hidden());
+        if plain {
             bar = None;
         }
-        BuildSpinner { bar, lines: 0 }
+        BuildSpinner { bar, plain, what: what.to_string(), lines: 0 }
     }
 
     pub fn finish(&mut self) {
@@ -42,8 +45,10 @@ impl BuildProgress for BuildSpinner {
     fn line(&mut self, _line: &str) {
         self.lines += 1;
         if let Some(bar) = &self.bar {
-            bar.set_message(format!("building ({} lines of output)", self.lines));
+            bar.set_message(format!("building {} ({} lines of output)", self.what, self.lines));
             bar.tick();
+        } else if self.plain && self.lines == 1 {
+            eprintln!("  building {}...", self.what);
         }
     }
 
