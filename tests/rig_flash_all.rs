@@ -3,11 +3,15 @@
 //! Every scenario checks the systemctl log (one stop and one start, or none), what the
 //! simulated boards saw (writes, bootloader requests) and the history.
 
+mod pty;
 mod rig_support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
+
+use pty::PtyChild;
 
 use rig_support::*;
 
@@ -343,4 +347,45 @@ fn a_signal_mid_batch_starts_klipper_and_completes_the_history() {
         assert!(h.iter().all(|r| r["result"] == "failed"), "SIG{sig}: {h:?}");
         assert!(!rig.stop_marker().exists(), "SIG{sig}: the stop marker is gone");
     }
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn the_version_questions_on_a_terminal() {
+    let _clean = begin(&ALL_IN_PRINTER_CFG);
+    let rig = three_boards(&[]);
+    let version = klipper_tree_version();
+    // Every board current by Klippy's word (the installed images say so; Klippy restarted).
+    for (name, _, _) in BOARDS {
+        boardctl(&["set-version", name, &version]);
+    }
+    restart_klipper_and_wait_ready();
+    let log = ServiceLog::start();
+
+    let mut cmd = rig.command(&["flash-all"]);
+    cmd.env("TERM", "dumb");
+    let mut all = PtyChild::spawn(cmd);
+    all.expect(&format!("All boards already run {version}. Flash anyway? [y/N]"), Duration::from_secs(60));
+    all.type_bytes(b"n");
+    let status = all.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", all.output());
+    assert!(all.output().contains("nothing to flash"), "{}", all.output());
+    assert!(log.entries().is_empty(), "Klipper was not touched: {:?}", log.entries());
+
+    // One outdated: the list, then the question; Ctrl-C there ends at once, nothing touched.
+    boardctl(&["set-version", "ebb", "v0.12.0-300-gdeadbeef"]);
+    restart_klipper_and_wait_ready();
+    let log = ServiceLog::start();
+    let mut cmd = rig.command(&["flash-all"]);
+    cmd.env("TERM", "dumb");
+    let mut some = PtyChild::spawn(cmd);
+    some.expect("Flash only outdated boards? [Y/n]", Duration::from_secs(60));
+    let out = some.output();
+    assert!(out.contains("ebb") && out.contains("outdated: runs v0.12.0-300-gdeadbeef"), "{out}");
+    assert!(out.contains("octopus") && out.contains("current"), "{out}");
+    let (took, status) = some.ctrl_c(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "{}", some.output());
+    assert!(took < Duration::from_secs(3), "Ctrl-C at the question took {took:?}");
+    assert!(log.entries().is_empty(), "Klipper was not touched: {:?}", log.entries());
+    assert!(history(&rig).is_empty(), "nothing ran, so nothing is recorded");
 }

@@ -100,7 +100,7 @@ pub fn ask_until<T>(
     let answer = input
         .validate_with(|s: &String| parse(s.trim()).map(|_| ()))
         .interact_text_on(&dialoguer::console::Term::stderr())
-        .map_err(|e| kflash::Error::InvalidInput(format!("no answer to '{question}': {e}")))?;
+        .map_err(|e| unanswered(question, e))?;
     parse(answer.trim()).map_err(kflash::Error::InvalidInput)
 }
 
@@ -110,18 +110,35 @@ pub fn confirm(question: &str) -> kflash::Result<bool> {
         .with_prompt(question)
         .default(false)
         .interact_on(&dialoguer::console::Term::stderr())
-        .map_err(|e| kflash::Error::InvalidInput(format!("no answer to '{question}': {e}")))
+        .map_err(|e| unanswered(question, e))
 }
 
 /// Run a prompt (any code that reads stdin) on a thread of its own and await its answer, so
 /// the runtime keeps answering signals while the user thinks: dropping the future (Ctrl-C)
 /// abandons the read at once, and the process exits without waiting for the thread.
+///
+/// The questions read the terminal in raw mode, where Ctrl-C is a key: dialoguer then raises
+/// SIGINT itself and the question ends with `Interrupted`. That answer is never returned (it
+/// would race the signal and could be taken as the default): the future waits for the
+/// signal, which every caller's cancel answers.
 pub async fn prompt<T: Send + 'static>(ask: impl FnOnce() -> kflash::Result<T> + Send + 'static) -> kflash::Result<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let _ = tx.send(ask());
     });
-    rx.await.unwrap_or_else(|_| Err(kflash::Error::InvalidInput("the question was not answered".into())))
+    match rx.await {
+        Ok(Err(kflash::Error::Interrupted(_))) => std::future::pending().await,
+        Ok(answer) => answer,
+        Err(_) => Err(kflash::Error::InvalidInput("the question was not answered".into())),
+    }
+}
+
+/// A failed question: Ctrl-C (a key in raw mode) is [`kflash::Error::Interrupted`].
+fn unanswered(question: &str, e: dialoguer::Error) -> kflash::Error {
+    match e {
+        dialoguer::Error::IO(e) if e.kind() == std::io::ErrorKind::Interrupted => kflash::Error::Interrupted("SIGINT"),
+        e => kflash::Error::InvalidInput(format!("no answer to '{question}': {e}")),
+    }
 }
 
 /// [`confirm`] through [`prompt`]; an unreadable answer is no.
@@ -134,10 +151,10 @@ pub async fn confirm_async(question: String) -> bool {
 pub async fn confirm_default(question: String, default: bool) -> bool {
     prompt(move || {
         dialoguer::Confirm::new()
-            .with_prompt(question)
+            .with_prompt(&question)
             .default(default)
             .interact_on(&dialoguer::console::Term::stderr())
-            .map_err(|e| kflash::Error::InvalidInput(format!("no answer: {e}")))
+            .map_err(|e| unanswered(&question, e))
     })
     .await
     .unwrap_or(default)
