@@ -237,20 +237,11 @@ impl FlashRig {
         }
         std::fs::write(cfg.join("settings.toml"), settings).unwrap();
         let rig = FlashRig { _tmp: tmp, cfg, state, cache };
-        ok(&rig.kflash(&["add", "--device", &by_id(board, "Klipper"), "--name", board.0, "--key", board.0]));
-        let st = Command::new("make")
-            .arg("-C")
-            .arg(klipper_dir())
-            .arg(format!("KCONFIG_CONFIG={}", rig.cfg.join(format!("configs/{}.config", board.0)).display()))
-            .arg("menuconfig")
-            .env("RIG_MENUCONFIG_MCU", config_mcu)
-            .output()
-            .unwrap();
-        assert!(st.status.success(), "make menuconfig: {}", text(&st.stderr));
+        rig.add_board(board, config_mcu);
         rig
     }
 
-    /// Register and configure one more board, as [`FlashRig::new`] does the first.
+    /// Register `board` from its Klipper by-id link and make its config for `config_mcu`.
     pub fn add_board(&self, board: (&str, &str, &str), config_mcu: &str) {
         ok(&self.kflash(&["add", "--device", &by_id(board, "Klipper"), "--name", board.0, "--key", board.0]));
         let st = Command::new("make")
