@@ -12,6 +12,9 @@ use crate::identity::Mode;
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct WatchRecord {
     pub time: String,
+    /// Seconds on CLOCK_MONOTONIC when kflash had the record: the clock of udev's
+    /// `USEC_INITIALIZED` and the rig simulator's `bind_mono`, for measuring latency.
+    pub monotonic: f64,
     /// `present` (already there when watch started), `added`, `removed`, `mode-changed`, `changed`.
     pub action: String,
     pub mode: Mode,
@@ -27,6 +30,13 @@ pub struct WatchRecord {
     pub name: Option<String>,
 }
 
+fn monotonic_now() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes only into the timespec passed to it.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 impl WatchRecord {
     pub fn from_event(ev: &BoardEvent, names: &HashMap<String, String>, now: DateTime<Local>) -> WatchRecord {
         let mut r = WatchRecord::present(&ev.board, names, now);
@@ -39,6 +49,7 @@ impl WatchRecord {
         let id = &b.identity;
         WatchRecord {
             time: now.to_rfc3339_opts(SecondsFormat::Millis, false),
+            monotonic: monotonic_now(),
             action: "present".into(),
             mode: id.mode,
             previous_mode: None,

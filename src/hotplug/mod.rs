@@ -10,11 +10,10 @@ mod udev_source;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use snapshot::{Action, Board, BoardEvent, KeyResolver, Snapshot};
-pub use source::{DeviceSource, RescanRequest, Script, ScriptedSource, SourceHandle, SourceMessage};
+pub use source::{DeviceSource, RescanRequest, Script, ScriptedSource, Sink, SourceMessage};
 pub use udev_source::UdevSource;
 
 use crate::error::{Error, Result};
@@ -48,38 +47,23 @@ fn closed() -> broadcast::Receiver<BoardEvent> {
 /// A running discovery service. Dropping it stops the source.
 pub struct Hotplug {
     shared: Arc<Mutex<Shared>>,
+    /// Dropping it tells the source to stop.
     rescan: tokio::sync::mpsc::UnboundedSender<RescanRequest>,
-    pump: JoinHandle<()>,
-}
-
-impl Drop for Hotplug {
-    fn drop(&mut self) {
-        self.pump.abort();
-    }
 }
 
 impl Hotplug {
-    /// Start `source`, wait for its initial enumeration and keep applying its events.
+    /// Start `source` and wait for its initial enumeration; from then on the source applies
+    /// its events on its own thread as they come.
     pub async fn start(source: impl DeviceSource, resolve: KeyResolver) -> Result<Hotplug> {
-        let SourceHandle { mut messages, rescan } = source.start()?;
-        let mut snapshot = Snapshot::new(resolve);
-        match messages.recv().await {
-            Some(SourceMessage::Enumerated { devices, ack }) => {
-                snapshot.reconcile(&devices);
-                if let Some(a) = ack {
-                    let _ = a.send(());
-                }
-            }
-            Some(SourceMessage::Failed(why)) => return Err(Error::Udev(why)),
-            Some(other) => {
-                return Err(Error::Udev(format!("device source began with {other:?} instead of an enumeration")))
-            }
-            None => return Err(Error::Udev("device source ended before enumerating".into())),
-        }
         let (tx, _) = broadcast::channel(EVENT_BUFFER);
-        let shared = Arc::new(Mutex::new(Shared { snapshot, events: Some(tx), failure: None }));
-        let pump = tokio::spawn(pump(messages, shared.clone()));
-        Ok(Hotplug { shared, rescan, pump })
+        let shared = Arc::new(Mutex::new(Shared { snapshot: Snapshot::new(resolve), events: Some(tx), failure: None }));
+        let (first_tx, first_rx) = oneshot::channel();
+        let rescan = source.start(Apply { shared: shared.clone(), first: Some(first_tx) })?;
+        match first_rx.await {
+            Ok(Ok(())) => Ok(Hotplug { shared, rescan }),
+            Ok(Err(why)) => Err(Error::Udev(why)),
+            Err(_) => Err(Error::Udev("device source ended before enumerating".into())),
+        }
     }
 
     /// Start on the real udev monitor.
@@ -120,7 +104,7 @@ impl Hotplug {
     /// Start waiting *now*: look at the snapshot and subscribe, before the caller does what
     /// should make the board appear (a reboot request), so its event cannot be missed.
     pub fn arm<M: Fn(&Board) -> bool>(&self, what: &str, matcher: M) -> Waiter<'_, M> {
-        // Look and subscribe under one lock: the pump applies and broadcasts under the
+        // Look and subscribe under one lock: the source applies and broadcasts under the
         // same lock, so no event can slip between the look and the subscription.
         let s = self.shared.lock().unwrap();
         let state = match s.snapshot.find(&matcher) {
@@ -204,9 +188,28 @@ impl<M: Fn(&Board) -> bool> Waiter<'_, M> {
     }
 }
 
-async fn pump(mut messages: tokio::sync::mpsc::UnboundedReceiver<SourceMessage>, shared: Arc<Mutex<Shared>>) {
-    while let Some(msg) = messages.recv().await {
-        let mut s = shared.lock().unwrap();
+/// The source's sink: applies each message to the snapshot and broadcasts the board events,
+/// under the lock [`Hotplug::arm`] looks and subscribes under. Dropped when the source ends,
+/// which ends the event stream.
+struct Apply {
+    shared: Arc<Mutex<Shared>>,
+    /// Told the outcome of the first message, which must be an enumeration.
+    first: Option<oneshot::Sender<std::result::Result<(), String>>>,
+}
+
+impl Sink for Apply {
+    fn deliver(&mut self, msg: SourceMessage) {
+        if !matches!(msg, SourceMessage::Enumerated { .. } | SourceMessage::Failed(_)) {
+            if let Some(first) = self.first.take() {
+                let _ = first.send(Err(format!("device source began with {msg:?} instead of an enumeration")));
+                self.shared.lock().unwrap().events = None;
+                return;
+            }
+        }
+        let mut s = self.shared.lock().unwrap();
+        if s.events.is_none() {
+            return;
+        }
         let (events, ack) = match msg {
             SourceMessage::Enumerated { devices, ack } => (s.snapshot.reconcile(&devices), ack),
             SourceMessage::Added(rec) | SourceMessage::Changed(rec) => {
@@ -215,8 +218,12 @@ async fn pump(mut messages: tokio::sync::mpsc::UnboundedReceiver<SourceMessage>,
             SourceMessage::Removed { syspath } => (s.snapshot.remove(&syspath).into_iter().collect(), None),
             SourceMessage::Failed(why) => {
                 tracing::error!("device source failed: {why}");
-                s.failure = Some(why);
-                break;
+                s.failure = Some(why.clone());
+                s.events = None;
+                if let Some(first) = self.first.take() {
+                    let _ = first.send(Err(why));
+                }
+                return;
             }
         };
         if let Some(tx) = &s.events {
@@ -225,11 +232,22 @@ async fn pump(mut messages: tokio::sync::mpsc::UnboundedReceiver<SourceMessage>,
                 let _ = tx.send(ev);
             }
         }
+        drop(s);
+        if let Some(first) = self.first.take() {
+            let _ = first.send(Ok(()));
+        }
         if let Some(a) = ack {
             let _ = a.send(());
         }
     }
-    shared.lock().unwrap().events = None;
+}
+
+impl Drop for Apply {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.events = None;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -30,16 +30,17 @@ pub enum SourceMessage {
 /// A request for a fresh enumeration; the sender is passed back in `Enumerated::ack`.
 pub type RescanRequest = oneshot::Sender<()>;
 
-/// A running source: messages out, rescan requests in.
-pub struct SourceHandle {
-    pub messages: mpsc::UnboundedReceiver<SourceMessage>,
-    pub rescan: mpsc::UnboundedSender<RescanRequest>,
+/// Where a source delivers its messages: applied to the snapshot and broadcast on the
+/// source's own thread, the moment they are read (no hop through another task).
+pub trait Sink: Send + 'static {
+    fn deliver(&mut self, msg: SourceMessage);
 }
 
 /// Something that lists devices and then reports changes. Implementations must start
-/// listening *before* they enumerate, so nothing falls between the two.
+/// listening *before* they enumerate, so nothing falls between the two; the first message
+/// is an enumeration (or a failure). A source stops when the returned sender is dropped.
 pub trait DeviceSource: Send + 'static {
-    fn start(self) -> Result<SourceHandle>;
+    fn start(self, sink: impl Sink) -> Result<mpsc::UnboundedSender<RescanRequest>>;
 }
 
 /// A source driven by a test script. It keeps the list of "connected" devices so rescans
@@ -67,27 +68,29 @@ impl ScriptedSource {
 }
 
 impl DeviceSource for ScriptedSource {
-    fn start(self) -> Result<SourceHandle> {
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
+    fn start(self, mut sink: impl Sink) -> Result<mpsc::UnboundedSender<RescanRequest>> {
         let (rescan_tx, mut rescan_rx) = mpsc::unbounded_channel::<RescanRequest>();
-        let _ = out_tx.send(SourceMessage::Enumerated { devices: self.initial, ack: None });
+        sink.deliver(SourceMessage::Enumerated { devices: self.initial, ack: None });
         let mut rx = self.rx;
         let script = self.script;
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     msg = rx.recv() => match msg {
-                        Some(m) => { if out_tx.send(m).is_err() { break } }
+                        Some(m) => sink.deliver(m),
                         None => break,
                     },
-                    Some(ack) = rescan_rx.recv() => {
-                        let devices = script.devices.lock().unwrap().values().cloned().collect();
-                        if out_tx.send(SourceMessage::Enumerated { devices, ack: Some(ack) }).is_err() { break }
-                    }
+                    req = rescan_rx.recv() => match req {
+                        Some(ack) => {
+                            let devices = script.devices.lock().unwrap().values().cloned().collect();
+                            sink.deliver(SourceMessage::Enumerated { devices, ack: Some(ack) });
+                        }
+                        None => break,
+                    },
                 }
             }
         });
-        Ok(SourceHandle { messages: out_rx, rescan: rescan_tx })
+        Ok(rescan_tx)
     }
 }
 

@@ -225,7 +225,7 @@ async fn armed_wait_catches_a_board_that_arrives_before_it_is_awaited() {
     script.remove(&klipper("stm32h723xx", OCTOPUS, 0, 0).syspath);
     script.add(katapult("stm32h723xx", OCTOPUS, 0, 1));
     tokio::time::sleep(Duration::from_millis(1)).await;
-    assert_eq!(hp.snapshot()[0].identity.mode, Mode::Katapult, "the pump has applied it");
+    assert_eq!(hp.snapshot()[0].identity.mode, Mode::Katapult, "the source has applied it");
     let t0 = Instant::now();
     let b = waiter.until(t0 + Duration::from_secs(10)).await.unwrap();
     assert_eq!(b.identity.devnode.as_deref(), Some("/dev/ttyACM1"));

@@ -17,6 +17,16 @@ pub fn now_unix() -> f64 {
     (d.as_millis() as f64) / 1000.0
 }
 
+/// Seconds on the system's CLOCK_MONOTONIC (microsecond precision): the clock udev's
+/// `USEC_INITIALIZED`, `udevadm monitor` and `kflash watch --json` use, so event times
+/// compare with theirs (the rig's return-latency benchmark).
+pub fn now_monotonic() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes only into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ((ts.tv_sec as f64) * 1e6 + (ts.tv_nsec / 1000) as f64).round() / 1e6
+}
+
 impl EventLog {
     /// Create (truncate) the log file.
     pub fn create(path: &Path) -> anyhow::Result<EventLog> {
@@ -31,10 +41,11 @@ impl EventLog {
         EventLog { file: None }
     }
 
-    /// Record `{"ts":…, "board":…, "event":…, …fields}`.
+    /// Record `{"ts":…, "mono":…, "board":…, "event":…, …fields}`.
     pub fn log(&mut self, board: Option<&str>, event: &str, fields: Value) {
         let mut m = Map::new();
         m.insert("ts".into(), Value::from(now_unix()));
+        m.insert("mono".into(), Value::from(now_monotonic()));
         if let Some(b) = board {
             m.insert("board".into(), Value::from(b));
         }

@@ -65,6 +65,8 @@ pub struct Gadget {
     /// Board-side tty of the ACM function.
     pub tty: PathBuf,
     pub bound: bool,
+    /// CLOCK_MONOTONIC seconds just before the last bind (the `connect` event's `bind_mono`).
+    pub bound_at: Option<f64>,
     /// The function linked into c.1 (Acm or SourceSink).
     function: Function,
     identity: Option<UsbIdentity>,
@@ -222,6 +224,7 @@ impl Gadget {
             ss_name: ss,
             tty: PathBuf::from(format!("/dev/ttyGS{port}")),
             bound: false,
+            bound_at: None,
             function: Function::Acm,
             identity: None,
             rom_dfu: None,
@@ -295,6 +298,7 @@ impl Gadget {
             return Ok(None);
         }
         let mut fallback = None;
+        self.bound_at = Some(crate::events::now_monotonic());
         if self.identity.as_ref().is_some_and(|i| i.function == Function::RomDfu) {
             match self.rom_dfu.take() {
                 Some((device, notify)) => match DfuPort::start(&self.udc, device, notify) {

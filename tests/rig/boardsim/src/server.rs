@@ -395,6 +395,7 @@ impl Sim {
                 "function": function,
                 "by_id": id.by_id_name().filter(|_| b.gadget.function() == Function::Acm),
                 "version": b.running.as_ref().map(|d| d.version.clone()),
+                "bind_mono": b.gadget.bound_at,
             }),
         );
         if b.gadget.function() == Function::Acm {
