@@ -110,17 +110,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Boards reset and Klipper running with printer.cfg naming these boards (not waited for:
-/// kflash stops it first, and level (c) waits for the Klippy kflash starts); the returned
-/// guard resets the rig when the scenario ends.
-fn begin(sections: &[(&str, &str)]) -> LeaveRigClean {
-    in_rig();
-    let clean = LeaveRigClean;
-    reset_boards();
-    klipper_running_on(sections);
-    clean
-}
-
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn flash_one_board_end_to_end() {

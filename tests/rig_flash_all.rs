@@ -28,14 +28,6 @@ fn three_boards(timeouts: &[(&str, u64)]) -> FlashRig {
     rig
 }
 
-fn begin(sections: &[(&str, &str)]) -> LeaveRigClean {
-    in_rig();
-    let clean = LeaveRigClean;
-    reset_boards();
-    klipper_running_on(sections);
-    clean
-}
-
 fn json_of(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}\nstderr:\n{}", text(&out.stdout), text(&out.stderr)))

@@ -21,7 +21,6 @@ use crate::firmware::{BuildOptions, Probe, TreeStamp};
 use crate::history::{FlashRecord, FlashResult};
 use crate::hotplug::Hotplug;
 use crate::identity::Mode;
-use crate::kconfig::{self, KConfig};
 use crate::moonraker::Moonraker;
 use crate::orchestrator::driver::drive;
 use crate::orchestrator::{BoardReport, BoardState, Cause, KlipperView, Machine, Phase, PlannedBoard, Policy};
@@ -188,7 +187,7 @@ pub async fn plan(reg: &Registry, hp: &Hotplug, skip_unconfigured: bool) -> Resu
                 continue;
             }
         };
-        if let Err(e) = usable_config(reg, &entry.key) {
+        if let Err(e) = crate::firmware::board_config(reg, entry) {
             unconfigured.push((entry.key.clone(), e));
             left_out.push(leave(&entry.key, &entry.name, LeftOut::Unconfigured { message: String::new() }));
             continue;
@@ -262,16 +261,6 @@ pub async fn probe_builds(reg: &Registry, plan: &mut FlashAllPlan, no_build: boo
 fn order(mut boards: Vec<PlanBoard>) -> Vec<PlanBoard> {
     boards.sort_by_key(|b| b.mode != Mode::Katapult);
     boards
-}
-
-/// The board's config exists and is for its MCU.
-fn usable_config(reg: &Registry, key: &str) -> Result<()> {
-    let entry = reg.get(key)?;
-    let path = reg.config_path(key);
-    if !path.is_file() {
-        return Err(Error::NoBoardConfig { key: key.into(), path });
-    }
-    kconfig::check_mcu(entry, &path, &KConfig::load(&path)?)
 }
 
 /// How many builds run at once, and how many make jobs each gets: the cores shared out,

@@ -87,11 +87,7 @@ pub async fn firmware_for(
     progress: &mut dyn BuildProgress,
 ) -> Result<BuildOutcome> {
     let started = std::time::Instant::now();
-    let config_path = reg.config_path(&board.key);
-    if !config_path.is_file() {
-        return Err(Error::NoBoardConfig { key: board.key.clone(), path: config_path });
-    }
-    kconfig::check_mcu(board, &config_path, &KConfig::load(&config_path)?)?;
+    let config_path = board_config(reg, board)?;
     let klipper = reg.settings.klipper_dir();
     kconfig::check_klipper_dir(&klipper)?;
 
@@ -197,6 +193,16 @@ fn no_build_would_migrate(key: &str, m: &Migration) -> Error {
         "the Klipper tree's Kconfig would change the config of '{key}' ({} changes), so there is no cached firmware for it; run `kflash build {key}` to review and apply them (or drop --no-build)",
         m.describe().len(),
     ))
+}
+
+/// The board's config file, which must exist and be for the board's MCU.
+pub fn board_config(reg: &Registry, board: &BoardEntry) -> Result<std::path::PathBuf> {
+    let path = reg.config_path(&board.key);
+    if !path.is_file() {
+        return Err(Error::NoBoardConfig { key: board.key.clone(), path });
+    }
+    kconfig::check_mcu(board, &path, &KConfig::load(&path)?)?;
+    Ok(path)
 }
 
 /// Write `bytes` to `path` unless it already holds them (an unchanged copy keeps its mtime,

@@ -61,11 +61,7 @@ impl std::fmt::Display for BuildReason {
 /// Whether `firmware_for(reg, board, opts, …)` would take the firmware from the cache, build
 /// it, or fail before building (with the same error). Touches nothing.
 pub async fn probe(reg: &Registry, board: &BoardEntry, opts: &BuildOptions) -> Result<Probe> {
-    let config_path = reg.config_path(&board.key);
-    if !config_path.is_file() {
-        return Err(Error::NoBoardConfig { key: board.key.clone(), path: config_path });
-    }
-    kconfig::check_mcu(board, &config_path, &KConfig::load(&config_path)?)?;
+    let config_path = super::board_config(reg, board)?;
     let klipper = reg.settings.klipper_dir();
     kconfig::check_klipper_dir(&klipper)?;
 

@@ -921,6 +921,17 @@ fn klippy_view(sections: &[(&str, &str)]) -> Result<(), String> {
 /// and when that re-powered a board, Klipper restarted (not waited for: the next scenario's
 /// [`klipper_ready_on`] does) so its view matches the boards. Best effort and never panics
 /// (it also runs while a failed test unwinds).
+/// Boards reset and Klipper running with printer.cfg naming these boards (not waited for:
+/// kflash stops it first, and level (c) waits for the Klippy kflash starts); the returned
+/// guard resets the rig when the scenario ends.
+pub fn begin(sections: &[(&str, &str)]) -> LeaveRigClean {
+    in_rig();
+    let clean = LeaveRigClean;
+    reset_boards();
+    klipper_running_on(sections);
+    clean
+}
+
 pub struct LeaveRigClean;
 
 impl Drop for LeaveRigClean {
