@@ -7,6 +7,7 @@
 pub mod app;
 pub mod atomic_file;
 pub mod error;
+pub mod event;
 pub mod firmware;
 pub mod flash;
 pub mod history;

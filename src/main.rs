@@ -115,6 +115,10 @@ struct FlashArgs {
     /// Print the summary as JSON (progress goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Progress as the structured event stream instead of lines: one JSON object per line on
+    /// stderr (the stream the daemon and the dashboard draw).
+    #[arg(long)]
+    events: bool,
 }
 
 #[derive(Args)]
@@ -151,6 +155,10 @@ struct FlashAllArgs {
     /// Print the plan or the final report as one JSON document (progress goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Progress as the structured event stream instead of lines: one JSON object per line on
+    /// stderr (the stream the daemon and the dashboard draw).
+    #[arg(long)]
+    events: bool,
 }
 
 #[derive(Args)]
@@ -494,15 +502,22 @@ struct BuildDraw {
     json: bool,
 }
 
-impl kflash::firmware::BuildProgress for BuildDraw {
-    fn line(&mut self, line: &str) {
-        self.spinner.line(line);
+impl kflash::event::Progress for BuildDraw {
+    fn emit(&mut self, kind: kflash::event::EventKind) {
+        use kflash::event::EventKind;
+        match kind {
+            EventKind::BuildOutput { .. } => self.spinner.line(),
+            EventKind::ConfigChecked { migration } => self.config_checked(&migration),
+            kind => {
+                for line in kflash::event::words::describe(&kind) {
+                    self.spinner.note(&line.text);
+                }
+            }
+        }
     }
+}
 
-    fn note(&mut self, text: &str) {
-        self.spinner.note(text);
-    }
-
+impl BuildDraw {
     fn config_checked(&mut self, m: &kflash::firmware::Migration) {
         for w in &m.warnings {
             eprintln!("Kconfig {w}");
@@ -529,7 +544,7 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
         skip_print_check: a.skip_print_check,
         ..Default::default()
     };
-    let mut reporter = ui::batch::BatchReporter::new(a.yes, a.json, std::slice::from_ref(&a.key));
+    let mut reporter = ui::batch::BatchReporter::new(a.yes, a.json, std::slice::from_ref(&a.key)).with_events(a.events);
     // A signal cancels the run, which starts Klipper again, records the attempt and ends
     // with `Error::Interrupted`. The handlers are installed when the run first waits.
     let signal = kflash::service::shutdown_signal();
@@ -585,7 +600,7 @@ async fn flash_all(dir: &std::path::Path, a: FlashAllArgs) -> Result<()> {
         flash_all::FlashAllReport::nothing(&plan)
     } else {
         let keys: Vec<String> = plan.boards.iter().map(|b| b.key.clone()).collect();
-        let mut rep = ui::batch::BatchReporter::new(a.yes, a.json, &keys);
+        let mut rep = ui::batch::BatchReporter::new(a.yes, a.json, &keys).with_events(a.events);
         let signal = kflash::service::shutdown_signal();
         let report = flash_all::run(&reg, &hp, &plan, &opts, &mut rep, signal).await?;
         drop(rep);

@@ -18,12 +18,11 @@
 //!
 //! `--yes` answers questions; it never passes a check that could not be answered.
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
-use crate::app::flash::{Phase, Report, Reporter};
+use crate::app::flash::Reporter;
 use crate::error::{Error, Result};
+use crate::event::{Event, EventKind};
 use crate::moonraker::{first_line, Moonraker, MoonrakerError, PrintStatus};
 
 /// How the print check came out, for the user and the flash history.
@@ -126,8 +125,7 @@ pub async fn clear_to_stop_klipper(
     rep: &mut dyn Reporter,
 ) -> Result<Clearance> {
     let answered = previous.map(|c| c.check);
-    let again = if previous.is_some() { " again before stopping Klipper" } else { "" };
-    rep.report(Report::Begin(Phase::Safety, format!("asking Moonraker at {} about the printer{again}", mr.url())));
+    rep.event(&Event::run(EventKind::PrintCheckStarted { url: mr.url().to_string(), again: previous.is_some() }));
     let info = match mr.server_info().await {
         Ok(info) => info,
         Err(e) => return not_answered(e, opts, answered, rep).await,
@@ -152,9 +150,11 @@ pub async fn clear_to_stop_klipper(
         "ready" | "startup" => match print {
             Some(p) if p.is_busy() => Err(Error::PrinterBusy(p.describe())),
             _ => {
-                let what = print.map(|p| p.describe()).unwrap_or_else(|| "not printing".into());
-                let klippy = if info.klippy_state == "ready" { "" } else { " (Klippy is starting)" };
-                rep.report(Report::Done(Phase::Safety, format!("printer is {what}{klippy}"), Duration::ZERO));
+                let idle = EventKind::PrinterIdle {
+                    print_state: print.map(|p| p.describe()),
+                    klippy_starting: info.klippy_state != "ready",
+                };
+                rep.event(&Event::run(idle));
                 Ok(Clearance { check: PrintCheck::Idle })
             }
         },
@@ -163,11 +163,7 @@ pub async fn clear_to_stop_klipper(
 }
 
 fn klippy_disconnected(why: &str, rep: &mut dyn Reporter) -> Clearance {
-    rep.report(Report::Done(
-        Phase::Safety,
-        format!("Moonraker says Klippy is not connected ({why}), so nothing can be printing"),
-        Duration::ZERO,
-    ));
+    rep.event(&Event::run(EventKind::KlippyDisconnected { reason: why.to_string() }));
     Clearance { check: PrintCheck::KlippyDisconnected }
 }
 
@@ -180,28 +176,16 @@ async fn halted(
     answered: Option<PrintCheck>,
     rep: &mut dyn Reporter,
 ) -> Result<Clearance> {
-    let why = match mr.printer_info().await {
-        Ok(p) => first_line(&p.state_message).map(|l| format!(" ({l})")),
-        Err(_) => None,
-    }
-    .unwrap_or_default();
+    let message = mr.printer_info().await.ok().and_then(|p| first_line(&p.state_message).map(String::from));
     let Some(p) = print.filter(PrintStatus::is_busy) else {
-        rep.report(Report::Done(
-            Phase::Safety,
-            format!("Klippy is {state}{why}, so nothing moves and nothing is printing"),
-            Duration::ZERO,
-        ));
+        rep.event(&Event::run(EventKind::KlippyHalted { state: state.to_string(), message }));
         return Ok(Clearance { check: PrintCheck::KlippyHalted });
     };
     if answered == Some(PrintCheck::KlippyHalted) {
         // The same halt the first check showed and the user confirmed: not said twice.
         return Ok(Clearance { check: PrintCheck::KlippyHalted });
     }
-    rep.report(Report::Warning(format!(
-        "Klippy is {state}{why}, so nothing moves; print_stats still says {} from before the {state}, \
-         and that print cannot be resumed",
-        p.describe()
-    )));
+    rep.event(&Event::run(EventKind::HaltedWithPrint { state: state.to_string(), message, print: p.describe() }));
     if rep.confirm("Flash anyway?").await {
         Ok(Clearance { check: PrintCheck::KlippyHalted })
     } else {
@@ -219,9 +203,7 @@ async fn not_answered(
     rep: &mut dyn Reporter,
 ) -> Result<Clearance> {
     if opts.skip_print_check {
-        rep.report(Report::Warning(format!(
-            "{e}: the print state was not checked (--skip-print-check; the history records it)"
-        )));
+        rep.event(&Event::run(EventKind::PrintCheckSkipped { error: e.to_string() }));
         return Ok(Clearance { check: PrintCheck::Skipped });
     }
     if !e.nothing_listens() {
@@ -231,9 +213,7 @@ async fn not_answered(
         // Still down, as the first check found and the user accepted: not said twice.
         return Ok(Clearance { check: PrintCheck::MoonrakerDown });
     }
-    rep.report(Report::Warning(format!(
-        "{e}: nothing listens there, so Moonraker is not running; the print state cannot be checked"
-    )));
+    rep.event(&Event::run(EventKind::MoonrakerDown { error: e.to_string() }));
     if rep.confirm("Continue without the print-safety check?").await {
         Ok(Clearance { check: PrintCheck::MoonrakerDown })
     } else {

@@ -112,6 +112,39 @@ async fn a_board_that_is_not_connected_fails_after_its_build() {
     assert!(!rep.text().contains("stopping"), "Klipper was not stopped: {}", rep.text());
 }
 
+/// One stream carries every layer's progress: the print gate, the build (make's own output
+/// lines, the image), the board's states and the run's; board events carry the key; each is
+/// a JSON object with an `event` tag and no prose.
+#[tokio::test]
+async fn the_run_is_told_by_one_structured_event_stream() {
+    use kflash::event::EventKind;
+    use kflash::orchestrator::{BoardState, Cause, RunState};
+    let s = Setup::new(true).await;
+    let mut rep = Answers::yes();
+    flash_one(&s.reg, "nitehawk", &s.hp, &s.opts(), &mut rep, never()).await.unwrap_err();
+    let kinds: Vec<&EventKind> = rep.events.iter().map(|e| &e.kind).collect();
+    let board = |pred: &dyn Fn(&EventKind) -> bool| {
+        rep.events.iter().filter(|e| pred(&e.kind)).all(|e| e.board.as_deref() == Some("nitehawk"))
+            && rep.events.iter().any(|e| pred(&e.kind))
+    };
+    assert!(matches!(kinds[0], EventKind::Run { state: RunState::Preflight }), "{kinds:?}");
+    assert!(kinds.iter().any(|k| matches!(k, EventKind::PrintCheckStarted { again: false, .. })), "{kinds:?}");
+    assert!(kinds.iter().any(|k| matches!(k, EventKind::MoonrakerDown { .. })), "{kinds:?}");
+    assert!(board(&|k| matches!(k, EventKind::BuildStarted { .. })), "{kinds:?}");
+    assert!(board(&|k| matches!(k, EventKind::BuildOutput { .. })), "make's lines are events: {kinds:?}");
+    // Built, but not connected: the board fails with the build step, the cause as data.
+    assert!(
+        board(&|k| matches!(k, EventKind::Board { state: BoardState::Failed { cause: Cause::Error { kind, .. }, .. } }
+            if kind == "device-not-found")),
+        "{kinds:?}"
+    );
+    assert!(matches!(kinds.last(), Some(EventKind::Run { state: RunState::Done })), "{kinds:?}");
+    for e in &rep.events {
+        let json = serde_json::to_value(e).unwrap();
+        assert!(json["event"].is_string(), "{json}");
+    }
+}
+
 #[tokio::test]
 async fn a_signal_cancels_the_run_and_the_record_says_which() {
     let s = Setup::new(true).await;

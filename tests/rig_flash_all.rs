@@ -266,6 +266,30 @@ fn a_print_or_an_unreachable_moonraker_refuses_before_anything_stops() {
     wait_moonraker_with_klippy_ready(60);
 }
 
+/// `--events`: stderr is the run's event stream, one JSON object per line, every layer in it
+/// (the gate, builds, Katapult's blocks, the udev-verified return, identify, Klippy's word).
+fn assert_event_stream(stderr: &str, version: &str) {
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON event line ({e}): {l}\n{stderr}")))
+        .collect();
+    let of = |board: Option<&str>, kind: &str| -> Vec<&serde_json::Value> {
+        events.iter().filter(|e| e["event"] == kind && e["board"].as_str() == board).collect()
+    };
+    assert_eq!(of(None, "klipper-stopped").len(), 1, "{stderr}");
+    assert_eq!(of(None, "klipper-started").len(), 1, "{stderr}");
+    assert_eq!(of(None, "print-check-started").len(), 2, "the gate, and again before the stop: {stderr}");
+    for (name, _, _) in BOARDS {
+        let key = Some(name);
+        assert_eq!(of(key, "built").len(), 1, "{name}: {stderr}");
+        assert!(!of(key, "write-progress").is_empty(), "{name}: {stderr}");
+        assert_eq!(of(key, "identified")[0]["version"], version, "{name}: {stderr}");
+        assert_eq!(of(key, "klippy-reports")[0]["version"], version, "{name}: {stderr}");
+        let states = of(key, "board");
+        assert_eq!(states.last().unwrap()["state"]["state"], "flashed", "{name}: {stderr}");
+    }
+}
+
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn parallel_flashes_overlap_inside_one_stop() {
@@ -275,7 +299,7 @@ fn parallel_flashes_overlap_inside_one_stop() {
     let log = ServiceLog::start();
     let events = EventLog::mark("parallel");
 
-    let out = rig.kflash_logged(&["flash-all", "--yes", "--parallel", "--json"]);
+    let out = rig.kflash_logged(&["flash-all", "--yes", "--parallel", "--json", "--events"]);
     let report = json_of(&out);
     assert_eq!(out.status.code(), Some(0), "{report}");
     let rows = rows_by_key(&report);
@@ -283,6 +307,7 @@ fn parallel_flashes_overlap_inside_one_stop() {
         assert_verified(&rows[name], &version);
     }
     log.assert_klipper_stopped_and_restarted();
+    assert_event_stream(&String::from_utf8_lossy(&out.stderr), &version);
     // The writes overlap: every board's first block is written before any board's write ends.
     let starts: Vec<f64> = BOARDS.iter().map(|b| events.kind(b.0, "flash-start")[0]["ts"].as_f64().unwrap()).collect();
     let ends: Vec<f64> = BOARDS.iter().map(|b| events.kind(b.0, "flash-complete")[0]["ts"].as_f64().unwrap()).collect();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kflash::app::flash::{Report, Reporter};
+use kflash::app::flash::Reporter;
 use kflash::moonraker::Moonraker;
 use kflash::safety::{clear_to_stop_klipper, Clearance, GateOptions, PrintCheck};
 use kflash::service::{
@@ -22,7 +22,7 @@ const REASON: &str = "flash of octopus";
 struct Yes;
 
 impl Reporter for Yes {
-    fn report(&mut self, _: Report) {}
+    fn event(&mut self, _: &kflash::event::Event) {}
     fn confirm(&mut self, _: &str) -> futures::future::LocalBoxFuture<'static, bool> {
         Box::pin(async { true })
     }

@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant as StdInstant};
+use std::time::Instant as StdInstant;
 
 use futures::future::LocalBoxFuture;
 use serde::Serialize;
@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::flash_effects::{BoardWork, FlashEffects, SharedReporter};
 use crate::error::{Error, Result};
-use crate::flash::katapult::FlashEvent;
+use crate::event::{Event, EventKind};
 use crate::history::{FlashRecord, FlashResult};
 use crate::hotplug::{Board, Hotplug};
 use crate::orchestrator::driver::drive;
@@ -29,58 +29,15 @@ use crate::orchestrator::{BoardState, Machine, PlannedBoard, Policy};
 use crate::registry::{BoardEntry, FlashMethod, Registry};
 use crate::service::FlashLock;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    Safety,
-    Build,
-    StopKlipper,
-    Bootloader,
-    Write,
-    Reconnect,
-    Identify,
-    StartKlipper,
-    Moonraker,
-}
-
-impl Phase {
-    pub fn label(self) -> &'static str {
-        match self {
-            Phase::Safety => "Safety",
-            Phase::Build => "Build",
-            Phase::StopKlipper => "Service",
-            Phase::Bootloader => "Bootloader",
-            Phase::Write => "Flash",
-            Phase::Reconnect => "Verify",
-            Phase::Identify => "Verify",
-            Phase::StartKlipper => "Service",
-            Phase::Moonraker => "Verify",
-        }
-    }
-}
-
-/// What the flash reports while it runs; the CLI draws it.
-#[derive(Debug, Clone)]
-pub enum Report {
-    Begin(Phase, String),
-    Done(Phase, String, Duration),
-    Warning(String),
-    Flash(FlashEvent),
-    BuildLine(String),
-    /// A report about one board of a run of several (or one): its key, and the report.
-    Board(String, Box<Report>),
-}
-
-/// The caller's side: progress display and questions.
+/// The front end of a run: it draws the event stream and answers questions.
 pub trait Reporter: Send {
-    fn report(&mut self, r: Report);
+    /// The run's structured event stream ([`crate::event::Event`]): everything that happens,
+    /// from every layer. Front ends draw it ([`crate::event::words`] has the lines).
+    fn event(&mut self, event: &Event);
     /// Ask a yes/no question; `--yes` answers yes, no terminal answers no. A future, so a
     /// signal can cancel the wait for an answer (the library never reads stdin itself); it
     /// owns what it needs, so the reporter goes on drawing the run's progress meanwhile.
     fn confirm(&mut self, question: &str) -> LocalBoxFuture<'static, bool>;
-    /// The run's structured event stream ([`crate::orchestrator::Event`]): board states,
-    /// Klipper's stop and start. Front ends that draw per-board state use it.
-    fn event(&mut self, _event: &crate::orchestrator::Event) {}
 }
 
 #[derive(Debug, Clone, Default)]
@@ -171,7 +128,7 @@ pub async fn flash_one(
             let mut r = FlashRecord::new(&entry.key, &entry.name, &entry.mcu, method.as_str(), FlashResult::Failed);
             r.error = Some(e.to_string());
             if let Err(h) = crate::history::append(&state_dir, &r) {
-                rep.report(Report::Warning(format!("the flash was not recorded in the history: {h}")));
+                rep.event(&Event::run(EventKind::HistoryNotWritten { error: h.to_string() }));
             }
             return Err(e);
         }

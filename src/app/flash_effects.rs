@@ -23,10 +23,11 @@ use futures::future::LocalBoxFuture;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::flash::{find_connected, FlashOptions, Phase, Report, Reporter, Timings};
+use super::flash::{find_connected, FlashOptions, Reporter, Timings};
 use crate::error::{Error, Result};
-use crate::firmware::{self, BuildOptions, BuildOutcome, BuildProgress};
-use crate::flash::katapult::{check_target, Expectation, FlashEvent, KatapultSession};
+use crate::event::{NotChecked, Progress};
+use crate::firmware::{self, BuildOptions, BuildOutcome};
+use crate::flash::katapult::{check_target, Expectation, KatapultSession};
 use crate::flash::{external, identify, usb, FlashError};
 use crate::history::{Durations, FlashRecord, FlashResult};
 use crate::hotplug::{Board, Hotplug};
@@ -56,38 +57,28 @@ impl<'r> SharedReporter<'r> {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn report(&self, r: Report) {
-        self.lock().report(r);
-    }
-
-    fn warn(&self, text: impl Into<String>) {
-        self.report(Report::Warning(text.into()));
-    }
-
-    /// A report about one board of the run.
-    pub(crate) fn board(&self, key: &str, r: Report) {
-        self.report(Report::Board(key.to_string(), Box::new(r)));
-    }
-
-    fn board_warn(&self, key: &str, text: impl Into<String>) {
-        self.board(key, Report::Warning(text.into()));
-    }
-
-    fn event(&self, e: &Event) {
+    pub(crate) fn event(&self, e: &Event) {
         self.lock().event(e);
+    }
+
+    /// Something about the run as a whole.
+    fn run(&self, kind: EventKind) {
+        self.event(&Event::run(kind));
+    }
+
+    /// Something about one board of the run.
+    pub(crate) fn board(&self, key: &str, kind: EventKind) {
+        self.event(&Event::board(key, kind));
     }
 }
 
-/// A `&mut dyn Reporter` for code that wants one (the print gate, a build), over the shared
-/// one; with a key, its reports are about that board.
+/// The shared reporter as a `&mut dyn Reporter` (the print gate) or a [`Progress`] (a build,
+/// a Katapult session); with a key, what it emits is about that board.
 struct View<'a, 'r>(&'a SharedReporter<'r>, Option<&'a str>);
 
 impl Reporter for View<'_, '_> {
-    fn report(&mut self, r: Report) {
-        match self.1 {
-            Some(key) => self.0.board(key, r),
-            None => self.0.report(r),
-        }
+    fn event(&mut self, e: &Event) {
+        self.0.event(e);
     }
 
     fn confirm(&mut self, question: &str) -> LocalBoxFuture<'static, bool> {
@@ -96,22 +87,11 @@ impl Reporter for View<'_, '_> {
     }
 }
 
-impl BuildProgress for View<'_, '_> {
-    fn line(&mut self, line: &str) {
-        self.report(Report::BuildLine(line.to_string()));
-    }
-
-    fn note(&mut self, text: &str) {
-        self.report(Report::Warning(text.to_string()));
-    }
-
-    fn config_checked(&mut self, m: &crate::firmware::Migration) {
-        for w in &m.warnings {
-            self.report(Report::Warning(format!("Kconfig {w}")));
-        }
-        let lines = m.report_lines();
-        if !lines.is_empty() {
-            self.report(Report::Warning(lines.join("\n   ")));
+impl Progress for View<'_, '_> {
+    fn emit(&mut self, kind: EventKind) {
+        match self.1 {
+            Some(key) => self.0.board(key, kind),
+            None => self.0.run(kind),
         }
     }
 }
@@ -296,7 +276,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     async fn build(&self, key: &str) -> Input {
         let _ended = BuildEnded(self);
         let entry = self.with(key, |b| b.entry.clone());
-        self.rep.board(key, Report::Begin(Phase::Build, format!("firmware for {}", entry.name)));
+        self.rep.board(key, EventKind::BuildStarted { name: entry.name.clone() });
         let opts = BuildOptions {
             rebuild: false,
             cache_only: self.opts.no_build,
@@ -309,21 +289,13 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             Ok(b) => b,
             Err(e) => return Input::BuildFinished { key: key.into(), result: Err(self.board_error(key, e, false)) },
         };
-        self.rep.board(
-            key,
-            Report::Done(
-                Phase::Build,
-                format!(
-                    "{} {} ({} bytes){}",
-                    built.firmware.app.as_deref().unwrap_or("firmware"),
-                    built.firmware.version,
-                    built.firmware.size,
-                    if built.cached { ", from cache" } else { "" }
-                ),
-                built.elapsed,
-            ),
-        );
-        let answer = Built { version: built.firmware.version.clone(), cached: built.cached };
+        let answer = Built {
+            version: built.firmware.version.clone(),
+            cached: built.cached,
+            app: built.firmware.app.clone(),
+            size: built.firmware.size,
+            secs: built.elapsed.as_secs_f64(),
+        };
         self.with(key, |b| {
             b.timings.build = Some(built.elapsed.as_secs_f64());
             b.built = Some(Rc::new(built));
@@ -354,13 +326,13 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             ended.await;
         }
         let mut versions = BTreeMap::new();
-        let ready: Vec<(String, String, Board, String)> = self
+        let ready: Vec<(String, Board)> = self
             .boards
             .borrow()
             .values()
             .filter_map(|b| {
-                let built = b.built.as_ref()?;
-                Some((b.entry.key.clone(), b.entry.name.clone(), b.board.clone()?, built.firmware.version.clone()))
+                b.built.as_ref()?;
+                Some((b.entry.key.clone(), b.board.clone()?))
             })
             .collect();
         if ready.is_empty() || self.print_check.get() != Some(PrintCheck::Idle) {
@@ -371,18 +343,13 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         match self.mr.server_info().await {
             Ok(si) if si.klippy_state == "ready" => {}
             Ok(si) => {
-                self.rep.warn(format!(
-                    "Klippy is {}, so its view of the board's version is not trusted; flashing",
-                    si.klippy_state
-                ));
+                self.rep.run(EventKind::VersionsUntrusted { klippy_state: si.klippy_state.clone() });
                 return Input::VersionsRead(versions);
             }
             Err(_) => return Input::VersionsRead(versions),
         }
-        for (key, name, board, built) in ready {
+        for (key, board) in ready {
             if let Some(v) = running_version(&self.mr, &board).await.ok().flatten() {
-                let rel = crate::version::relation(&built, &v);
-                self.rep.board(&key, Report::Done(Phase::Safety, format!("{name} runs {v} ({rel})"), Duration::ZERO));
                 self.with(&key, |b| b.version_before = Some(v.clone()));
                 versions.insert(key, v);
             }
@@ -400,18 +367,13 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             };
         self.print_check.set(Some(clearance.check()));
         let service = &self.reg.settings.klipper_service;
-        self.rep.report(Report::Begin(Phase::StopKlipper, format!("stopping {service}")));
+        self.rep.run(EventKind::KlipperStopping { service: service.clone() });
         let manager = ServiceManager::from_settings(&self.reg.settings);
         match KlipperGuard::stop(manager, &self.state_dir, &self.reason, clearance).await {
             Ok(guard) => {
-                if let Some(note) = guard.note() {
-                    self.rep.warn(note);
+                if !guard.was_active() {
+                    self.rep.run(EventKind::KlipperWasStopped { service: guard.service().to_string() });
                 }
-                self.rep.report(Report::Done(
-                    Phase::StopKlipper,
-                    format!("{} stopped", guard.service()),
-                    Duration::ZERO,
-                ));
                 *self.guard.borrow_mut() = Some(guard);
                 Input::KlipperStopped(Ok(()))
             }
@@ -428,17 +390,11 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         };
         self.with(key, |b| b.board = Some(board.clone()));
         let t = StdInstant::now();
-        self.rep.board(key, Report::Begin(Phase::Bootloader, "requesting the bootloader (1200 baud)".into()));
+        self.rep.board(key, EventKind::BootloaderRequested);
         match usb::enter_bootloader(self.hp, &board, Instant::now() + self.secs(|t| t.bootloader_secs)).await {
             Ok(boot) => {
-                self.rep.board(
-                    key,
-                    Report::Done(
-                        Phase::Bootloader,
-                        format!("in Katapult at {}", boot.identity.devnode.as_deref().unwrap_or("?")),
-                        t.elapsed(),
-                    ),
-                );
+                let devnode = boot.identity.devnode.clone();
+                self.rep.board(key, EventKind::InBootloader { devnode, secs: t.elapsed().as_secs_f64() });
                 self.with(key, |b| {
                     b.timings.bootloader = Some(t.elapsed().as_secs_f64());
                     b.boot = Some(boot);
@@ -464,7 +420,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             let image =
                 std::fs::read(&built.firmware.image).map_err(|e| Error::io("read", &built.firmware.image, e))?;
             let info = KatapultSession::open(boot.identity.devnode.as_deref())?.connect().await?;
-            self.rep.board(key, Report::Flash(FlashEvent::Connected(info.clone())));
+            self.rep.board(key, EventKind::KatapultConnected { info: info.clone() });
             check_target(&info, &expectation(&mcu, &built), &image)?;
             Ok::<_, Error>(())
         }
@@ -488,7 +444,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let result = result.map_err(|e| {
             let earlier = self.with(key, |b| matches!(b.error, Some((true, _))));
             if earlier && !matches!(&e, Error::Flash(f) if f.is_refusal()) {
-                self.rep.board_warn(key, format!("method {} failed too: {e}", method.as_str()));
+                self.rep.board(key, EventKind::MethodFailedToo { method, error: e.to_string() });
                 cause_of(&e)
             } else {
                 self.board_error(key, e, true)
@@ -505,21 +461,16 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let image = std::fs::read(&built.firmware.image).map_err(|e| Error::io("read", &built.firmware.image, e))?;
         let expect = expectation(mcu, built);
         let mut session = KatapultSession::open(boot.identity.devnode.as_deref())?;
-        self.rep.board(key, Report::Begin(Phase::Write, format!("writing {} bytes through Katapult", image.len())));
+        let (method, device) = (FlashMethod::Katapult, boot.identity.devnode.clone());
+        self.rep.board(key, EventKind::WriteStarted { method, bytes: Some(image.len()), device });
         let t = StdInstant::now();
-        let mut on_event = |e: &FlashEvent| self.rep.board(key, Report::Flash(e.clone()));
-        let flash = session.flash(&image, &expect, &mut on_event);
+        let mut progress = View(self.rep, Some(key));
+        let flash = session.flash(&image, &expect, &mut progress);
         let report = tokio::time::timeout(self.secs(|t| t.flash_secs), flash).await.map_err(|_| {
             FlashError::NoResponse { command: "the flash", tries: 1, last: "timeouts.flash_secs passed".into() }
         })??;
-        self.rep.board(
-            key,
-            Report::Done(
-                Phase::Write,
-                format!("{} blocks written and read back, {} pages", report.blocks, report.pages),
-                t.elapsed(),
-            ),
-        );
+        let (blocks, pages, secs) = (Some(report.blocks), Some(report.pages), t.elapsed().as_secs_f64());
+        self.rep.board(key, EventKind::Written { method, blocks, pages, secs });
         Ok(())
     }
 
@@ -528,7 +479,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let device = boot.identity.by_path.clone().or_else(|| boot.identity.devnode.clone()).unwrap_or_default();
         let timeout = self.secs(|t| t.flash_secs);
         let t = StdInstant::now();
-        self.rep.board(key, Report::Begin(Phase::Write, format!("running {} on {device}", method.as_str())));
+        self.rep.board(key, EventKind::WriteStarted { method, bytes: None, device: Some(device.clone()) });
         let settings = &self.reg.settings;
         match method {
             FlashMethod::Flashtool => {
@@ -546,23 +497,20 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
                 .await?
             }
         }
-        self.rep.board(key, Report::Done(Phase::Write, format!("{} reported success", method.as_str()), t.elapsed()));
+        let secs = t.elapsed().as_secs_f64();
+        self.rep.board(key, EventKind::Written { method, blocks: None, pages: None, secs });
         Ok(())
     }
 
     async fn await_application(&self, key: &str) -> Input {
         let board = self.with(key, |b| b.board.clone()).expect("a flashed board was found connected");
         let t = StdInstant::now();
-        self.rep
-            .board(key, Report::Begin(Phase::Reconnect, "waiting for the board to come back running Klipper".into()));
+        self.rep.board(key, EventKind::AwaitingApplication);
         let deadline = Instant::now() + self.secs(|t| t.reconnect_secs);
         match usb::await_application(self.hp, &board.identity, deadline).await {
             Ok(back) => {
-                let devnode = back.identity.devnode.clone().unwrap_or_default();
-                self.rep.board(
-                    key,
-                    Report::Done(Phase::Reconnect, format!("back in Klipper mode at {devnode}"), t.elapsed()),
-                );
+                let devnode = back.identity.devnode.clone();
+                self.rep.board(key, EventKind::BackInApplication { devnode, secs: t.elapsed().as_secs_f64() });
                 self.with(key, |b| {
                     b.timings.reconnect = Some(t.elapsed().as_secs_f64());
                     b.back = Some(back);
@@ -585,11 +533,11 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         };
         match started.await {
             Ok(_) => {
-                self.rep.board_warn(key, "nothing was written; the board was sent back to the firmware it had");
+                self.rep.board(key, EventKind::SentBack);
                 Input::DeviceAppeared { key: key.into(), mode: Mode::Klipper }
             }
             Err(e) => {
-                self.rep.board_warn(key, format!("nothing was written, but the board stays in its bootloader: {e}"));
+                self.rep.board(key, EventKind::LeftInBootloader { error: e.to_string() });
                 Input::BoardFailed { key: key.into(), cause: cause_of(&e.into()) }
             }
         }
@@ -600,7 +548,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let devnode = back.and_then(|b| b.identity.devnode).unwrap_or_default();
         let expected = built.map(|b| b.firmware.version.clone()).unwrap_or_default();
         let t = StdInstant::now();
-        self.rep.board(key, Report::Begin(Phase::Identify, "reading the running version (identify)".into()));
+        self.rep.board(key, EventKind::Identifying);
         let deadline = Instant::now() + Duration::from_secs(10);
         let dict = match identify::read_identify(Path::new(&devnode), deadline).await {
             Ok(d) => d,
@@ -613,7 +561,8 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             let e = FlashError::VersionMismatch { expected, running: dict.version.clone() };
             self.board_error(key, e.into(), false);
         } else {
-            self.rep.board(key, Report::Done(Phase::Identify, format!("running {}", dict.version), t.elapsed()));
+            let (version, secs) = (dict.version.clone(), t.elapsed().as_secs_f64());
+            self.rep.board(key, EventKind::Identified { version, secs });
             self.with(key, |b| b.flashed = true);
         }
         Input::Identified { key: key.into(), result: Ok(dict.version) }
@@ -624,31 +573,26 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     async fn start_klipper(&self) -> Input {
         let Some(guard) = self.guard.borrow_mut().take() else { return Input::KlipperStarted(Ok(false)) };
         let service = &self.reg.settings.klipper_service;
-        self.rep.report(Report::Begin(Phase::StartKlipper, format!("starting {service}")));
+        self.rep.run(EventKind::KlipperStarting { service: service.clone() });
         let r = match guard.restart().await {
             Ok(r) => r,
             Err(e) => {
-                self.rep.warn(format!("{e}"));
+                self.rep.run(EventKind::KlipperStartFailed { error: e.to_string() });
                 return Input::KlipperStarted(Err(self.run_failed(e.into())));
             }
         };
         self.klipper_downtime.set(Some(r.downtime.as_secs_f64()));
-        self.rep.report(Report::Done(Phase::StartKlipper, r.summary(service), Duration::ZERO));
+
         let flashed = self.boards.borrow().values().any(|b| b.flashed);
         if flashed && self.interrupted.get().is_none() {
-            match (self.print_check.get(), r.started) {
-                (Some(PrintCheck::MoonrakerDown), _) => {
-                    self.rep.warn("Moonraker was unreachable, so Klipper's own view of the board was not checked")
-                }
-                (Some(PrintCheck::Skipped), _) => self.rep.warn(
-                    "Moonraker could not be asked (--skip-print-check), so Klipper's own view of the board was not \
-                     checked",
-                ),
-                (_, false) => self.rep.warn(
-                    "Klipper was not running before kflash and was left stopped, so its view of the board was not \
-                     checked",
-                ),
-                _ => {}
+            let why = match (self.print_check.get(), r.started) {
+                (Some(PrintCheck::MoonrakerDown), _) => Some(NotChecked::MoonrakerDown),
+                (Some(PrintCheck::Skipped), _) => Some(NotChecked::PrintCheckSkipped),
+                (_, false) => Some(NotChecked::KlipperLeftStopped),
+                _ => None,
+            };
+            if let Some(why) = why {
+                self.rep.run(EventKind::KlippyNotChecked { why });
             }
         }
         Input::KlipperStarted(Ok(r.started))
@@ -673,7 +617,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         }
         let t = StdInstant::now();
         let deadline = Instant::now() + self.secs(|t| t.klippy_ready_secs);
-        self.rep.report(Report::Begin(Phase::Moonraker, "waiting for Klipper to be ready".into()));
+        self.rep.run(EventKind::AwaitingKlippy);
         let info = match self.await_klippy(check, deadline).await {
             Ok(info) => info,
             Err(e) => return Input::KlippyChecked(Err(self.unconfirmed(&expected, e))),
@@ -691,14 +635,9 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
                 }
             };
             match answer {
-                Some(v) if v == version => self.rep.board(
-                    &key,
-                    Report::Done(
-                        Phase::Moonraker,
-                        format!("Klipper is ready and reports {v} for this board"),
-                        t.elapsed(),
-                    ),
-                ),
+                Some(v) if v == version => {
+                    self.rep.board(&key, EventKind::KlippyReports { version: v, secs: t.elapsed().as_secs_f64() })
+                }
                 Some(v) => {
                     let e = FlashError::VersionMismatch {
                         expected: version.clone(),
@@ -709,11 +648,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
                     continue;
                 }
                 None => {
-                    self.rep.board_warn(
-                        &key,
-                        "Klipper is ready, but no [mcu] section in printer.cfg uses this board's serial, so its \
-                         version there was not checked",
-                    );
+                    self.rep.board(&key, EventKind::NoMcuSection);
                     continue;
                 }
             }
@@ -746,11 +681,8 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         if check == Some(PrintCheck::KlippyHalted) {
             match self.mr.wait_klippy_settled(deadline).await {
                 Err(MoonrakerError::KlippyNotReady { state, message, .. }) if message.contains("shutdown") => {
-                    self.rep.warn(format!(
-                        "Klippy is in state {state}: {}; the other boards are still shut down from the emergency \
-                         stop, so kflash sends FIRMWARE_RESTART",
-                        crate::moonraker::first_line(&message).unwrap_or("")
-                    ));
+                    let message = crate::moonraker::first_line(&message).map(String::from);
+                    self.rep.run(EventKind::FirmwareRestart { state: state.clone(), message });
                     self.mr.firmware_restart().await?;
                 }
                 Err(e) => return Err(e),
@@ -828,16 +760,13 @@ impl Effects for FlashEffects<'_, '_> {
 
     fn emit(&self, event: Event) {
         tracing::debug!(?event, "flash run");
-        if let (Some(key), EventKind::MethodFallback { to, .. }) = (&event.board, &event.kind) {
-            self.rep.board_warn(key, format!("trying method {} instead", to.as_str()));
-        }
         self.rep.event(&event);
     }
 
     fn record(&self, report: BoardReport) {
         let record = self.history_record(&report);
         if let Err(e) = crate::history::append(&self.state_dir, &record) {
-            self.rep.board_warn(&report.key, format!("the flash was not recorded in the history: {e}"));
+            self.rep.board(&report.key, EventKind::HistoryNotWritten { error: e.to_string() });
         }
     }
 }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::flash::{find_connected, Phase, Report, Reporter};
+use super::flash::{find_connected, Reporter};
 use crate::error::Result;
+use crate::event::{Event, EventKind};
 use crate::flash::katapult::KatapultSession;
 use crate::flash::{usb, FlashError};
 use crate::hotplug::{Board, Hotplug};
@@ -64,7 +65,7 @@ pub async fn katapult_check(
     }
 
     let clearance = clear_to_stop_klipper(&Moonraker::from_settings(&reg.settings), gate, None, rep).await?;
-    rep.report(Report::Begin(Phase::StopKlipper, format!("stopping {}", reg.settings.klipper_service)));
+    rep.event(&Event::run(EventKind::KlipperStopping { service: reg.settings.klipper_service.clone() }));
     let guard = KlipperGuard::stop(
         ServiceManager::from_settings(&reg.settings),
         &state_dir,
@@ -82,7 +83,9 @@ pub async fn katapult_check(
     .await;
     let restart = guard.restart().await;
     if let Ok(r) = &restart {
-        rep.report(Report::Done(Phase::StartKlipper, r.summary(&reg.settings.klipper_service), r.downtime));
+        let service = reg.settings.klipper_service.clone();
+        let (downtime_secs, started) = (r.downtime.as_secs_f64(), r.started);
+        rep.event(&Event::run(EventKind::KlipperRestarted { service, downtime_secs, started }));
     }
     let mut check = result?;
     restart?;
@@ -98,7 +101,7 @@ async fn probe(
     rep: &mut dyn Reporter,
 ) -> Result<KatapultCheck> {
     let original = board.identity.clone();
-    rep.report(Report::Begin(Phase::Bootloader, "requesting the bootloader (1200 baud)".into()));
+    rep.event(&Event::run(EventKind::BootloaderRequested));
     match usb::enter_bootloader(hp, board, boot_deadline).await {
         Ok(boot) => {
             // It has Katapult. Send it back to the application: CONNECT, then COMPLETE.
@@ -125,7 +128,7 @@ async fn probe(
             left_in: Some(Mode::RomBootloader),
         }),
         Err(FlashError::NoBootloader(why)) => {
-            rep.report(Report::Warning(format!("{why}; resetting the board's USB port")));
+            rep.event(&Event::run(EventKind::UsbReset { why: why.clone() }));
             recover(hp, board, back_deadline, why).await
         }
         Err(e) => Err(e.into()),

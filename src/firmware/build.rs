@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::error::{Error, Result};
+use crate::event::{EventKind, Progress};
 use crate::kconfig::{kconfig_arg, KConfig};
 use crate::protocol::klipper::DataDictionary;
 
@@ -122,22 +123,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Progress of a build, for the caller to draw.
-pub trait BuildProgress: Send {
-    /// One line of compiler output (not printed by default; counts drive a spinner).
-    fn line(&mut self, _line: &str) {}
-    /// Something the user should know while the build waits or runs (shown by default).
-    fn note(&mut self, _text: &str) {}
-    /// The board's config was checked against the tree's Kconfig before building: the
-    /// migration applied to it (with the previous config's path) and/or Kconfig's warnings.
-    fn config_checked(&mut self, _migration: &super::Migration) {}
-}
-
-impl BuildProgress for () {}
-
 /// Run the build with a deadline, keeping its whole output in `plan.log`. On failure the
 /// error carries the exact command, the log's path and the tail of the output.
-pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn BuildProgress) -> Result<Duration> {
+pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn Progress) -> Result<Duration> {
     use std::io::Write;
     std::fs::create_dir_all(&plan.out_dir).map_err(|e| Error::io("create directory", &plan.out_dir, e))?;
     if let Some(dir) = plan.log.parent() {
@@ -158,8 +146,8 @@ pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn Bu
     let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut err = BufReader::new(child.stderr.take().expect("piped")).lines();
     let mut tail: VecDeque<String> = VecDeque::new();
-    let mut keep = |l: String, progress: &mut dyn BuildProgress| {
-        progress.line(&l);
+    let mut keep = |l: String, progress: &mut dyn Progress| {
+        progress.emit(EventKind::BuildOutput { line: l.clone() });
         let _ = writeln!(log, "{l}");
         if tail.len() == KEPT_OUTPUT_LINES {
             tail.pop_front();

@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use super::build::{sha256_hex, BuildProgress};
+use super::build::sha256_hex;
 use crate::error::{Error, Result};
+use crate::event::{EventKind, Progress};
 
 /// True when the tree's make rewrites files inside the tree on every run (Kalico).
 pub fn make_writes_in_tree(klipper: &Path) -> bool {
@@ -84,7 +85,7 @@ pub struct TreeTurn {
 
 impl TreeTurn {
     /// Wait for the tree's turn if its make writes in the tree (Kalico); at once otherwise.
-    pub async fn acquire(state_dir: &Path, tree: &Path, progress: &mut dyn BuildProgress) -> Result<TreeTurn> {
+    pub async fn acquire(state_dir: &Path, tree: &Path, progress: &mut dyn Progress) -> Result<TreeTurn> {
         if !make_writes_in_tree(tree) {
             return Ok(TreeTurn { _lock: None, waited: false });
         }
@@ -94,7 +95,7 @@ impl TreeTurn {
 
     /// [`TreeTurn::acquire`] for a dry run, which creates no file: without a lock file no
     /// kflash has built in the tree with this state directory, and nothing is waited for.
-    pub async fn acquire_existing(state_dir: &Path, tree: &Path, progress: &mut dyn BuildProgress) -> Result<TreeTurn> {
+    pub async fn acquire_existing(state_dir: &Path, tree: &Path, progress: &mut dyn Progress) -> Result<TreeTurn> {
         let path = tree_lock_path(state_dir, tree);
         if !make_writes_in_tree(tree) {
             return Ok(TreeTurn { _lock: None, waited: false });
@@ -109,11 +110,8 @@ impl TreeTurn {
     }
 }
 
-fn waiting_note(tree: &Path, progress: &mut dyn BuildProgress) {
-    progress.note(&format!(
-        "another build is running in {} (its make rewrites src/extras/ in the tree, so builds there take turns); waiting for it to finish (Ctrl-C to stop waiting)",
-        tree.display()
-    ))
+fn waiting_note(tree: &Path, progress: &mut dyn Progress) {
+    progress.emit(EventKind::BuildWaiting { tree: tree.to_path_buf(), out_dir: None })
 }
 
 /// Held for the whole make run of one build directory.
@@ -132,14 +130,10 @@ impl BuildLock {
         state_dir: &Path,
         tree: &Path,
         out_dir: &Path,
-        progress: &mut dyn BuildProgress,
+        progress: &mut dyn Progress,
     ) -> Result<BuildLock> {
         let (out, out_waited) = exclusive(&out_lock_path(state_dir, tree, out_dir), || {
-            progress.note(&format!(
-                "another kflash is building in {} into {}; waiting for it to finish (Ctrl-C to stop waiting)",
-                tree.display(),
-                out_dir.display()
-            ))
+            progress.emit(EventKind::BuildWaiting { tree: tree.to_path_buf(), out_dir: Some(out_dir.to_path_buf()) })
         })
         .await?;
         let tree_turn = TreeTurn::acquire(state_dir, tree, progress).await?;

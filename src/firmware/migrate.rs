@@ -25,7 +25,7 @@ pub struct Changed {
 }
 
 /// What olddefconfig would do to a board's config.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Migration {
     /// New options, with the default they get.
     pub added: Vec<(String, Option<String>)>,

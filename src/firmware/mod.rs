@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use build::{BuildPlan, BuildProgress, Firmware};
+pub use build::{BuildPlan, Firmware};
 pub use cache::{CacheKey, FirmwareCache, TreeStamp};
 pub use lock::BuildLock;
 pub use migrate::Migration;
 pub use probe::{probe, BuildReason, Probe};
 
 use crate::error::{Error, Result};
+use crate::event::{EventKind, Progress};
 use crate::kconfig::{self, KConfig};
 use crate::registry::{BoardEntry, Registry};
 
@@ -84,7 +85,7 @@ pub async fn firmware_for(
     reg: &Registry,
     board: &BoardEntry,
     opts: &BuildOptions,
-    progress: &mut dyn BuildProgress,
+    progress: &mut dyn Progress,
 ) -> Result<BuildOutcome> {
     let started = std::time::Instant::now();
     let config_path = board_config(reg, board)?;
@@ -110,7 +111,7 @@ pub async fn firmware_for(
         }
         migrate::apply(&board.key, &config_path, &mut m)?;
         if m.rewrites() || !m.warnings.is_empty() {
-            progress.config_checked(&m);
+            progress.emit(EventKind::ConfigChecked { migration: m.clone() });
         }
         if m.warnings.is_empty() {
             // Best effort: without the stamp the next build just checks again.
@@ -151,7 +152,7 @@ pub async fn firmware_for(
     // Another kflash may have built this very firmware while this one waited for the lock.
     if build_lock.waited && !opts.rebuild {
         if let Some(firmware) = cache.lookup(&board.key, &key)? {
-            progress.note("the other kflash built this firmware: using it");
+            progress.emit(EventKind::BuildShared);
             return Ok(from_cache(firmware, key, config, migration, built_config));
         }
     }

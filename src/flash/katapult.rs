@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::error::FlashError;
 use super::serial::Tty;
+use crate::event::{EventKind, Progress};
 use crate::protocol::katapult::{AckData, Command, ConnectInfo, FrameDecoder, Response};
 use crate::protocol::klipper::find_embedded_dictionary;
 
@@ -39,16 +40,6 @@ pub struct Expectation {
     pub mcu: String,
     /// `CONFIG_FLASH_APPLICATION_ADDRESS` of the board's config.
     pub app_start: Option<u32>,
-}
-
-/// Progress of a flash, for the caller to draw.
-#[derive(Debug, Clone, PartialEq)]
-pub enum FlashEvent {
-    Connected(ConnectInfo),
-    Written { done: usize, total: usize },
-    EndOfFile { pages: u32 },
-    Verified { done: usize, total: usize },
-    Completed,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -183,10 +174,10 @@ impl<L: Link> KatapultSession<L> {
         &mut self,
         image: &[u8],
         expect: &Expectation,
-        progress: &mut dyn FnMut(&FlashEvent),
+        progress: &mut dyn Progress,
     ) -> Result<FlashReport, FlashError> {
         let info = self.connect().await?;
-        progress(&FlashEvent::Connected(info.clone()));
+        progress.emit(EventKind::KatapultConnected { info: info.clone() });
         check_target(&info, expect, image)?;
         let bs = info.block_size as usize;
         let blocks: Vec<Vec<u8>> = image
@@ -207,13 +198,13 @@ impl<L: Link> KatapultSession<L> {
                 AckData::SendBlock { addr: got } => return Err(FlashError::AddressMismatch { sent, got }),
                 other => return Err(FlashError::Tool(format!("SEND_BLOCK answered with {other:?}"))),
             }
-            progress(&FlashEvent::Written { done: i + 1, total });
+            progress.emit(EventKind::WriteProgress { done: i + 1, total });
         }
         let pages = match self.command(&Command::SendEof).await? {
             AckData::SendEof { page_count } => page_count,
             other => return Err(FlashError::Tool(format!("SEND_EOF answered with {other:?}"))),
         };
-        progress(&FlashEvent::EndOfFile { pages });
+        progress.emit(EventKind::EndOfFile { pages });
 
         for (i, data) in blocks.iter().enumerate() {
             let want = addr(i);
@@ -222,11 +213,11 @@ impl<L: Link> KatapultSession<L> {
                 AckData::RequestBlock { .. } => return Err(FlashError::ReadBack { addr: want }),
                 other => return Err(FlashError::Tool(format!("REQUEST_BLOCK answered with {other:?}"))),
             }
-            progress(&FlashEvent::Verified { done: i + 1, total });
+            progress.emit(EventKind::ReadBackProgress { done: i + 1, total });
         }
 
         self.command(&Command::Complete).await?;
-        progress(&FlashEvent::Completed);
+        progress.emit(EventKind::WriteCompleted);
         Ok(FlashReport { bootloader: info, blocks: total, pages })
     }
 }

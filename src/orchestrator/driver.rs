@@ -19,8 +19,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use tokio::time::Instant;
 
-use super::event::Event;
 use super::machine::{BoardReport, Cause, Command, Input, Machine, Work};
+use crate::event::Event;
 
 /// The run's I/O: what the driver calls to carry out the machine's commands. The work runs
 /// as futures inside the driver's own task, so it may borrow what the caller owns (the

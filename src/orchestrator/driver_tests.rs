@@ -80,7 +80,7 @@ impl Effects for Script {
                 Command::ReadVersions => Some(Input::VersionsRead(Default::default())),
                 Command::Build { key } => {
                     sleep(5000).await;
-                    Some(Input::BuildFinished { key, result: Ok(Built { version: NEW.into(), cached: false }) })
+                    Some(Input::BuildFinished { key, result: Ok(Built::new(NEW, false)) })
                 }
                 Command::StopKlipper => {
                     sleep(500).await;

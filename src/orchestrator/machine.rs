@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::event::{Event, EventKind};
+use crate::event::{Event, EventKind};
 use crate::history::{Durations, FlashResult};
 use crate::identity::Mode;
 use crate::registry::{FlashMethod, Timeouts};
@@ -293,10 +293,21 @@ impl BoardState {
 }
 
 /// A finished build.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Built {
     pub version: String,
     pub cached: bool,
+    /// What the image is (`Klipper`, `Kalico`), when known.
+    pub app: Option<String>,
+    pub size: u64,
+    /// How long the build (or the cache lookup) took.
+    pub secs: f64,
+}
+
+impl Built {
+    pub fn new(version: &str, cached: bool) -> Built {
+        Built { version: version.to_string(), cached, app: None, size: 0, secs: 0.0 }
+    }
 }
 
 /// What Klipper says after it started again.
@@ -621,7 +632,8 @@ impl Machine {
         let Some(i) = self.waiting(key, |s| *s == BoardState::Building) else { return };
         match result {
             Ok(built) => {
-                self.emit(Event::board(key, EventKind::Built { version: built.version.clone(), cached: built.cached }));
+                let Built { version, cached, app, size, secs } = built.clone();
+                self.emit(Event::board(key, EventKind::Built { version, cached, app, size, secs }));
                 self.boards[i].built = Some(built);
                 self.set_state(i, BoardState::Built, now);
             }
@@ -634,7 +646,8 @@ impl Machine {
             let key = self.boards[i].plan.key.clone();
             self.boards[i].version_before = versions.get(&key).cloned();
             if let Some(version) = versions.get(&key).cloned() {
-                self.emit(Event::board(&key, EventKind::RunningBefore { version }));
+                let built = self.boards[i].built.as_ref().map(|b| b.version.clone()).unwrap_or_default();
+                self.emit(Event::board(&key, EventKind::RunningBefore { version, built }));
             }
         }
         self.versions_read = true;

@@ -2,7 +2,7 @@
 //!
 //! - [`machine`]: the run's decisions as a pure state machine (no I/O, no clock), unit-tested
 //!   on every path;
-//! - [`event`]: the one structured progress stream it emits;
+//! - [`crate::event`]: the one structured progress stream it emits (with every other layer);
 //! - [`driver`]: runs the machine's commands as futures behind an [`driver::Effects`] trait,
 //!   with the machine's deadlines as timers, panics answered as failed steps, and a cancel.
 //!
@@ -11,7 +11,6 @@
 //! is a run with one board.
 
 pub mod driver;
-pub mod event;
 pub mod machine;
 
 #[cfg(test)]
@@ -19,7 +18,7 @@ mod driver_tests;
 #[cfg(test)]
 mod tests;
 
-pub use event::{Event, EventKind};
+pub use crate::event::{Event, EventKind};
 pub use machine::{
     BoardReport, BoardState, Built, Cause, Command, Deadlines, Input, KlipperAnswer, KlipperView, Machine, Phase,
     PlannedBoard, Policy, RunState, Unchecked, Work,

@@ -86,7 +86,7 @@ impl Run {
         let versions = running.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         self.feed(Input::VersionsRead(versions));
         for key in keys {
-            let built = Input::BuildFinished { key, result: Ok(Built { version: NEW.into(), cached: false }) };
+            let built = Input::BuildFinished { key, result: Ok(Built::new(NEW, false)) };
             self.after(Duration::from_secs(2), built);
         }
     }
@@ -136,7 +136,7 @@ fn one_board_end_to_end_in_order() {
     r.feed(Input::VersionsRead(BTreeMap::from([("octopus".to_string(), OLD.to_string())])));
     let out = r.after(
         Duration::from_secs(40),
-        Input::BuildFinished { key: "octopus".into(), result: Ok(Built { version: NEW.into(), cached: false }) },
+        Input::BuildFinished { key: "octopus".into(), result: Ok(Built::new(NEW, false)) },
     );
     assert!(out.contains(&Command::StopKlipper), "built and outdated: Klipper stops");
     assert!(!out.iter().any(is_board_command), "nothing touches the board before Klipper stopped");
@@ -243,7 +243,7 @@ fn a_failed_build_does_not_stop_the_others() {
     assert_eq!(out.iter().filter(|c| matches!(c, Command::Build { .. })).count(), 2, "two builds at once");
     r.feed(Input::VersionsRead(BTreeMap::new()));
     r.feed(Input::BuildFinished { key: "a".into(), result: Err(err("make failed")) });
-    let out = r.feed(Input::BuildFinished { key: "b".into(), result: Ok(Built { version: NEW.into(), cached: true }) });
+    let out = r.feed(Input::BuildFinished { key: "b".into(), result: Ok(Built::new(NEW, true)) });
     assert!(out.contains(&Command::StopKlipper));
     assert!(matches!(r.state("a"), BoardState::Failed { phase: Phase::Build, .. }));
     assert_eq!(r.history().len(), 1, "the failed build is recorded at once");
@@ -254,8 +254,7 @@ fn builds_respect_their_limit() {
     let mut r = Run::new(vec![board("a"), board("b"), board("c")], policy());
     let out = r.feed(Input::PrinterChecked(Ok(())));
     assert_eq!(out.iter().filter(|c| matches!(c, Command::Build { .. })).count(), 1);
-    let out =
-        r.feed(Input::BuildFinished { key: "a".into(), result: Ok(Built { version: NEW.into(), cached: false }) });
+    let out = r.feed(Input::BuildFinished { key: "a".into(), result: Ok(Built::new(NEW, false)) });
     assert_eq!(
         out.iter().filter(|c| matches!(c, Command::Build { .. })).collect::<Vec<_>>(),
         [&Command::Build { key: "b".into() }]
@@ -520,7 +519,10 @@ fn events_carry_a_board_key_and_serialize() {
         .collect();
     assert!(events.contains(&r#"{"event":"run","state":"preflight"}"#.to_string()), "{events:?}");
     assert!(events.contains(&r#"{"board":"a","event":"board","state":{"state":"awaiting-bootloader"}}"#.to_string()));
-    assert!(events.contains(&r#"{"board":"a","event":"built","version":"v0.13.0-1-gnew","cached":false}"#.to_string()));
+    assert!(events.contains(
+        &r#"{"board":"a","event":"built","version":"v0.13.0-1-gnew","cached":false,"app":null,"size":0,"secs":0.0}"#
+            .to_string()
+    ));
     let failed = Event::board(
         "a",
         EventKind::Board {
@@ -547,8 +549,8 @@ fn a_cancel_at_every_step() {
         let inputs = vec![
             Input::PrinterChecked(Ok(())),
             Input::VersionsRead(BTreeMap::new()),
-            Input::BuildFinished { key: a("a"), result: Ok(Built { version: NEW.into(), cached: false }) },
-            Input::BuildFinished { key: a("b"), result: Ok(Built { version: NEW.into(), cached: true }) },
+            Input::BuildFinished { key: a("a"), result: Ok(Built::new(NEW, false)) },
+            Input::BuildFinished { key: a("b"), result: Ok(Built::new(NEW, true)) },
             Input::KlipperStopped(Ok(())),
             Input::DeviceAppeared { key: a("a"), mode: Mode::Katapult },
             Input::DeviceAppeared { key: a("b"), mode: Mode::Katapult },
@@ -713,7 +715,7 @@ impl World {
             Pending::Build(key) => {
                 let result = match self.pick(5) {
                     4 => Err(fail("make")),
-                    n => Ok(Built { version: NEW.into(), cached: n == 1 }),
+                    n => Ok(Built::new(NEW, n == 1)),
                 };
                 Some(Input::BuildFinished { key, result })
             }

@@ -9,9 +9,9 @@ use std::time::Duration;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use kflash::app::flash::{Report, Reporter};
+use kflash::app::flash::Reporter;
 use kflash::app::flash_all::{FlashAllPlan, FlashAllReport, LeftOut, LeftOutBoard, PlannedBuild, Versions};
-use kflash::flash::katapult::FlashEvent;
+use kflash::event::words;
 use kflash::orchestrator::{BoardState, Cause, Event, EventKind, KlipperView};
 
 /// Draws a flash-all's progress on stderr.
@@ -26,6 +26,8 @@ pub struct BatchReporter {
     width: usize,
     /// More than one board: lines say which board, and each board's state changes are told.
     batch: bool,
+    /// `--events`: the events themselves, as JSON lines, instead of lines and bars.
+    events: bool,
 }
 
 impl BatchReporter {
@@ -46,7 +48,38 @@ impl BatchReporter {
             }
         }
         let batch = keys.len() > 1;
-        BatchReporter { yes, multi, bars, build_lines: BTreeMap::new(), quarter: BTreeMap::new(), width, batch }
+        BatchReporter {
+            yes,
+            multi,
+            bars,
+            build_lines: BTreeMap::new(),
+            quarter: BTreeMap::new(),
+            width,
+            batch,
+            events: false,
+        }
+    }
+
+    /// Draw the event stream as JSON lines on stderr, and nothing else.
+    pub fn with_events(mut self, events: bool) -> Self {
+        if events {
+            if let Some(m) = self.multi.take() {
+                m.clear().ok();
+            }
+            self.bars.clear();
+            self.events = true;
+        }
+        self
+    }
+
+    /// A question's answer given without asking (`--yes`, no terminal).
+    fn answered(&self, question: &str, answer: bool, why: &str) {
+        if self.events {
+            let q = serde_json::json!({"event": "question", "question": question, "answer": answer, "why": why});
+            eprintln!("{q}");
+        } else {
+            self.line(format!("{question} {} ({why})", if answer { "yes" } else { "no" }));
+        }
     }
 
     fn line(&self, text: String) {
@@ -67,34 +100,31 @@ impl BatchReporter {
         }
     }
 
-    fn board_report(&mut self, key: &str, r: Report) {
-        match r {
-            Report::Begin(p, msg) => self.board_line(key, &format!("[{}] {msg}...", p.label())),
-            Report::Done(p, msg, took) if took > Duration::ZERO => {
-                self.board_line(key, &format!("[{}] {msg} ({:.1} s)", p.label(), took.as_secs_f64()))
-            }
-            Report::Done(p, msg, _) => self.board_line(key, &format!("[{}] {msg}", p.label())),
-            Report::Warning(w) => self.board_line(key, &format!("[!!] {w}")),
-            Report::BuildLine(_) => {
-                let n = self.build_lines.entry(key.to_string()).or_default();
-                *n += 1;
-                if let Some(bar) = self.bars.get(key) {
-                    bar.set_message(format!("building ({n} lines of output)"));
+    fn build_output(&mut self, key: &str) {
+        let n = self.build_lines.entry(key.to_string()).or_default();
+        *n += 1;
+        if let Some(bar) = self.bars.get(key) {
+            bar.set_message(format!("building ({n} lines of output)"));
+        }
+    }
+
+    fn state(&mut self, key: &str, state: &BoardState) {
+        let text = state_text(state);
+        match self.bars.get(key) {
+            Some(bar) => {
+                if matches!(state, BoardState::Building | BoardState::AwaitingBootloader) {
+                    bar.set_style(spinner_style());
+                    bar.enable_steady_tick(Duration::from_millis(120));
+                }
+                if state.is_terminal() {
+                    bar.set_style(spinner_style());
+                    bar.finish_with_message(text);
+                } else {
+                    bar.set_message(text);
                 }
             }
-            Report::Flash(FlashEvent::Connected(info)) => self.board_line(
-                key,
-                &format!(
-                    "  Katapult {} on {}, application at {:#x}",
-                    info.version.as_deref().unwrap_or("(version unknown)"),
-                    info.mcu,
-                    info.app_start
-                ),
-            ),
-            Report::Flash(FlashEvent::Written { done, total }) => self.progress(key, "writing", done, total),
-            Report::Flash(FlashEvent::Verified { done, total }) => self.progress(key, "reading back", done, total),
-            Report::Flash(_) => {}
-            Report::Board(_, r) => self.board_report(key, *r),
+            None if self.batch => self.board_line(key, &format!("-> {text}")),
+            None => {}
         }
     }
 
@@ -125,23 +155,13 @@ fn bar_style() -> ProgressStyle {
 }
 
 impl Reporter for BatchReporter {
-    fn report(&mut self, r: Report) {
-        match r {
-            Report::Board(key, r) => self.board_report(&key, *r),
-            Report::Begin(p, msg) => self.line(format!("[{}] {msg}...", p.label())),
-            Report::Done(p, msg, _) => self.line(format!("[{}] {msg}", p.label())),
-            Report::Warning(w) => self.line(format!("[!!] {w}")),
-            Report::BuildLine(_) | Report::Flash(_) => {}
-        }
-    }
-
     fn confirm(&mut self, question: &str) -> futures::future::LocalBoxFuture<'static, bool> {
         if self.yes {
-            self.line(format!("{question} yes (--yes)"));
+            self.answered(question, true, "--yes");
             return Box::pin(async { true });
         }
         if !std::io::stdin().is_terminal() {
-            self.line(format!("{question} no (not a terminal; pass --yes to continue)"));
+            self.answered(question, false, "not a terminal; pass --yes to continue");
             return Box::pin(async { false });
         }
         // The bars would draw over the question.
@@ -152,34 +172,35 @@ impl Reporter for BatchReporter {
     }
 
     fn event(&mut self, event: &Event) {
+        if self.events {
+            match serde_json::to_string(event) {
+                Ok(line) => eprintln!("{line}"),
+                Err(e) => tracing::warn!("an event could not be written as JSON: {e}"),
+            }
+            return;
+        }
         if let Some(m) = &self.multi {
             // Drawing again after a question, if one hid the bars.
             if m.is_hidden() {
                 m.set_draw_target(ProgressDrawTarget::stderr());
             }
         }
-        match (&event.board, &event.kind) {
-            (Some(key), EventKind::Board { state }) => {
-                let text = state_text(state);
-                match self.bars.get(key) {
-                    Some(bar) => {
-                        if matches!(state, BoardState::Building | BoardState::AwaitingBootloader) {
-                            bar.set_style(spinner_style());
-                            bar.enable_steady_tick(Duration::from_millis(120));
-                        }
-                        if state.is_terminal() {
-                            bar.set_style(spinner_style());
-                            bar.finish_with_message(text);
-                        } else {
-                            bar.set_message(text);
-                        }
+        let key = event.board.as_deref();
+        match (key, &event.kind) {
+            (Some(key), EventKind::Board { state }) => self.state(key, state),
+            (Some(key), EventKind::BuildOutput { .. }) => self.build_output(key),
+            (Some(key), EventKind::WriteProgress { done, total }) => self.progress(key, "writing", *done, *total),
+            (Some(key), EventKind::ReadBackProgress { done, total }) => {
+                self.progress(key, "reading back", *done, *total)
+            }
+            (key, kind) => {
+                for line in words::describe(kind) {
+                    match key {
+                        Some(key) => self.board_line(key, &line.to_string()),
+                        None => self.line(line.to_string()),
                     }
-                    None if self.batch => self.board_line(key, &format!("-> {text}")),
-                    None => {}
                 }
             }
-            (None, EventKind::KlipperStopped) => self.line("Klipper stopped: flashing".into()),
-            _ => {}
         }
     }
 }

@@ -6,7 +6,6 @@ use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kflash::app::flash::FlashSummary;
-use kflash::firmware::BuildProgress;
 
 /// A spinner with the count of make's output lines on one status line while make runs
 /// (nothing when stderr is not a terminal, or under `--json`). "building" is said only once
@@ -39,10 +38,9 @@ impl BuildSpinner {
             bar.finish_and_clear();
         }
     }
-}
 
-impl BuildProgress for BuildSpinner {
-    fn line(&mut self, _line: &str) {
+    /// make printed a line.
+    pub fn line(&mut self) {
         self.lines += 1;
         if let Some(bar) = &self.bar {
             bar.set_message(format!("building {} ({} lines of output)", self.what, self.lines));
@@ -52,7 +50,8 @@ impl BuildProgress for BuildSpinner {
         }
     }
 
-    fn note(&mut self, text: &str) {
+    /// Something to say while the build waits or runs.
+    pub fn note(&mut self, text: &str) {
         match &self.bar {
             Some(bar) => bar.println(format!("kflash: {text}")),
             None => eprintln!("kflash: {text}"),

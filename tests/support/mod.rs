@@ -7,23 +7,26 @@ pub mod real_moonraker;
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 
-use kflash::app::flash::{Report, Reporter};
+use kflash::app::flash::Reporter;
+use kflash::event::words::{describe, Tone};
+use kflash::event::Event;
 
-/// Records reports and questions; answers every question with `answer` (what `--yes`
+/// Records events (and their lines) and questions; answers every question with `answer` (what `--yes`
 /// does when true, and a non-terminal without `--yes` when false).
 pub struct Answers {
     pub answer: bool,
     pub questions: Vec<String>,
     pub lines: Vec<String>,
+    pub events: Vec<Event>,
 }
 
 impl Answers {
     pub fn yes() -> Answers {
-        Answers { answer: true, questions: Vec::new(), lines: Vec::new() }
+        Answers { answer: true, questions: Vec::new(), lines: Vec::new(), events: Vec::new() }
     }
 
     pub fn no() -> Answers {
-        Answers { answer: false, questions: Vec::new(), lines: Vec::new() }
+        Answers { answer: false, questions: Vec::new(), lines: Vec::new(), events: Vec::new() }
     }
 
     pub fn text(&self) -> String {
@@ -32,12 +35,14 @@ impl Answers {
 }
 
 impl Reporter for Answers {
-    fn report(&mut self, r: Report) {
-        self.lines.push(match r {
-            Report::Begin(_, m) | Report::Done(_, m, _) => m,
-            Report::Warning(w) => format!("warning: {w}"),
-            other => format!("{other:?}"),
-        });
+    fn event(&mut self, e: &Event) {
+        for line in describe(&e.kind) {
+            self.lines.push(match line.tone {
+                Tone::Warning => format!("warning: {}", line.text),
+                _ => line.text,
+            });
+        }
+        self.events.push(e.clone());
     }
 
     fn confirm(&mut self, question: &str) -> futures::future::LocalBoxFuture<'static, bool> {

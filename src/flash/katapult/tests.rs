@@ -122,10 +122,10 @@ async fn run(
     dev: &mut FakeBootloader,
     img: &[u8],
     exp: &Expectation,
-) -> (Result<FlashReport, FlashError>, Vec<FlashEvent>) {
+) -> (Result<FlashReport, FlashError>, Vec<EventKind>) {
     let mut events = Vec::new();
     let mut session = KatapultSession::new(dev, Policy::default());
-    let r = session.flash(img, exp, &mut |e| events.push(e.clone())).await;
+    let r = session.flash(img, exp, &mut events).await;
     (r, events)
 }
 
@@ -142,9 +142,9 @@ async fn writes_reads_back_then_completes() {
     assert_eq!(&last[..8], &img[78 * 64..78 * 64 + 8]);
     assert!(last[8..].iter().all(|&b| b == 0xff), "last block padded with 0xff");
     assert_eq!(*dev.log.last().unwrap(), 0x15, "COMPLETE last");
-    assert_eq!(events.first().map(|e| matches!(e, FlashEvent::Connected(_))), Some(true));
-    assert_eq!(events.last(), Some(&FlashEvent::Completed));
-    assert!(events.contains(&FlashEvent::Verified { done: 79, total: 79 }));
+    assert_eq!(events.first().map(|e| matches!(e, EventKind::KatapultConnected { .. })), Some(true));
+    assert_eq!(events.last(), Some(&EventKind::WriteCompleted));
+    assert!(events.contains(&EventKind::ReadBackProgress { done: 79, total: 79 }));
 }
 
 #[tokio::test(start_paused = true)]
