@@ -619,6 +619,15 @@ pub fn unconnected_mcu(mcus: &[McuStatus], exists: impl Fn(&str) -> bool) -> Opt
     })
 }
 
+/// The MCU printer.cfg configures on this device: by its by-id link, by-path link or USB
+/// serial (see [`mcu_for_serial`]).
+pub fn mcu_for_board<'a>(mcus: &'a [McuStatus], id: &crate::identity::BoardIdentity) -> Option<&'a McuStatus> {
+    [id.by_id.as_deref(), id.by_path.as_deref(), id.serial.as_deref()]
+        .into_iter()
+        .flatten()
+        .find_map(|d| mcu_for_serial(mcus, d))
+}
+
 /// The MCU whose configured `serial:` is `device`: a by-id path (matched exactly), a
 /// by-path or other path (matched exactly, or as the same device file), or a bare chip-id
 /// serial (matched against the serial inside a configured by-id name). Never matched by

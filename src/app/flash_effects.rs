@@ -32,7 +32,7 @@ use crate::flash::{external, identify, usb, FlashError};
 use crate::history::{Durations, FlashRecord, FlashResult};
 use crate::hotplug::{Board, Hotplug};
 use crate::identity::Mode;
-use crate::moonraker::{mcu_for_serial, Moonraker, MoonrakerError};
+use crate::moonraker::{mcu_for_board, Moonraker, MoonrakerError};
 use crate::orchestrator::driver::Effects;
 use crate::orchestrator::{
     BoardReport, BoardState, Built, Cause, Command, Event, EventKind, Input, KlipperAnswer, Unchecked,
@@ -782,12 +782,7 @@ pub(crate) async fn running_version(
     board: &Board,
 ) -> std::result::Result<Option<String>, MoonrakerError> {
     let mcus = mr.mcus().await?;
-    let id = &board.identity;
-    let found = [id.by_id.as_deref(), id.by_path.as_deref(), id.serial.as_deref()]
-        .into_iter()
-        .flatten()
-        .find_map(|d| mcu_for_serial(&mcus, d));
-    Ok(found.and_then(|m| m.mcu_version.clone()))
+    Ok(mcu_for_board(&mcus, &board.identity).and_then(|m| m.mcu_version.clone()))
 }
 
 /// An error in the machine's terms.

@@ -1,0 +1,549 @@
+//! What the daemon knows about the boards, as a sans-IO tracker: fed the registry, board
+//! events, Klippy's state and the versions learned, it answers the status and says what
+//! changed. No I/O, no clock: tests drive it directly.
+//!
+//! A board's state is one of:
+//! - `missing`: registered, not connected;
+//! - `bootloader`: connected in Katapult or a ROM bootloader;
+//! - `current` / `outdated`: running Klipper, its version known and equal to / different from
+//!   the host tree's (with how far apart: [`crate::version::relation`]);
+//! - `unknown`: running Klipper, its version not known (yet).
+//!
+//! A version is forgotten when its board goes away: it may come back with other firmware.
+//! Klippy's view of a board counts only if Klippy became ready after the board appeared
+//! (Klippy reads an MCU's version when it connects, and a replugged board is not reconnected
+//! until Klipper restarts).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::hotplug::{Action, Board, BoardEvent};
+use crate::identity::Mode;
+use crate::moonraker::McuStatus;
+use crate::registry::BoardEntry;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FirmwareState {
+    Current,
+    Outdated,
+    Unknown,
+    Bootloader,
+    Missing,
+}
+
+/// Where a board's running version came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VersionSource {
+    /// Klippy's `mcu_version` for the `[mcu]` that uses this board's serial.
+    Klippy,
+    /// The board's own identify dictionary, read by the daemon.
+    Identify,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BoardStatus {
+    pub key: String,
+    pub name: String,
+    pub mcu: String,
+    pub connected: bool,
+    pub mode: Option<Mode>,
+    pub devnode: Option<String>,
+    pub version: Option<String>,
+    pub version_source: Option<VersionSource>,
+    pub state: FirmwareState,
+    /// How the board's version relates to the host's, in words ("3 commits behind").
+    pub relation: Option<String>,
+    /// Left out of flash-all.
+    pub excluded: bool,
+    /// More than one connected device matches this entry.
+    pub ambiguous: bool,
+    /// printer.cfg has an `[mcu]` on this board's serial (Klippy needs it).
+    pub in_printer_cfg: bool,
+}
+
+/// Klippy's state, as Moonraker pushes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KlippyState {
+    /// Moonraker is not reachable.
+    Unknown,
+    Disconnected,
+    Startup,
+    Ready,
+    Shutdown,
+    Error,
+}
+
+impl KlippyState {
+    /// Moonraker's `klippy_state` string.
+    pub fn parse(s: &str) -> KlippyState {
+        match s {
+            "disconnected" => KlippyState::Disconnected,
+            "startup" => KlippyState::Startup,
+            "ready" => KlippyState::Ready,
+            "shutdown" => KlippyState::Shutdown,
+            "error" => KlippyState::Error,
+            _ => KlippyState::Unknown,
+        }
+    }
+}
+
+/// The whole picture, as `kflash status --json` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    pub daemon: bool,
+    pub host_version: Option<String>,
+    pub klippy: KlippyState,
+    pub boards: Vec<BoardStatus>,
+    /// Klipper/Katapult boards connected but not registered.
+    pub unregistered: Vec<Board>,
+    /// Boards in a ROM bootloader (not registrable, and stuck if they were flashed).
+    pub rom_bootloaders: Vec<Board>,
+    /// Why the registry on disk is not the one in use (a broken edit), if it is not.
+    pub registry_error: Option<String>,
+}
+
+/// Something worth announcing: a change the status alone would not make loud.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "notice", rename_all = "kebab-case")]
+pub enum Notice {
+    /// A registered board's status changed (state, version, connection).
+    Board { status: BoardStatus },
+    /// A Klipper or Katapult board that is not registered appeared.
+    Unregistered { board: Board },
+    /// A board appeared in a chip's ROM bootloader.
+    RomBootloader { board: Board },
+    /// Two connected devices match one registered board.
+    SameIdentity { key: String, devnodes: Vec<String> },
+    /// A registered board printer.cfg uses went away.
+    MissingButNeeded { key: String },
+}
+
+#[derive(Debug, Clone)]
+struct Learned {
+    version: String,
+    source: VersionSource,
+}
+
+/// The daemon's knowledge. Every input returns the notices it caused.
+pub struct Tracker {
+    entries: Vec<BoardEntry>,
+    /// Present devices by syspath, with the input count when each appeared.
+    present: BTreeMap<String, (Board, u64)>,
+    versions: BTreeMap<String, Learned>,
+    host_version: Option<String>,
+    klippy: KlippyState,
+    /// The input count when Klippy last became ready, and the MCUs it reported then.
+    klippy_ready_at: Option<u64>,
+    mcus: Vec<McuStatus>,
+    registry_error: Option<String>,
+    seq: u64,
+}
+
+impl Tracker {
+    pub fn new(entries: Vec<BoardEntry>, host_version: Option<String>, boards: Vec<Board>) -> Tracker {
+        let mut t = Tracker {
+            entries,
+            present: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            host_version,
+            klippy: KlippyState::Unknown,
+            klippy_ready_at: None,
+            mcus: Vec::new(),
+            registry_error: None,
+            seq: 0,
+        };
+        for b in boards {
+            t.present.insert(b.identity.syspath.clone(), (b, 0));
+        }
+        t
+    }
+
+    pub fn status(&self) -> Status {
+        let connected: Vec<&Board> = self.present.values().map(|(b, _)| b).collect();
+        let boards = self.entries.iter().map(|e| self.board_status(e, &connected)).collect();
+        let unregistered = connected
+            .iter()
+            .filter(|b| b.key.is_none() && b.identity.mode.is_eligible() && b.identity.mcu.is_some())
+            .map(|b| (*b).clone())
+            .collect();
+        let rom_bootloaders =
+            connected.iter().filter(|b| b.identity.mode == Mode::RomBootloader).map(|b| (*b).clone()).collect();
+        Status {
+            daemon: true,
+            host_version: self.host_version.clone(),
+            klippy: self.klippy,
+            boards,
+            unregistered,
+            rom_bootloaders,
+            registry_error: self.registry_error.clone(),
+        }
+    }
+
+    fn board_status(&self, e: &BoardEntry, connected: &[&Board]) -> BoardStatus {
+        let matches: Vec<&&Board> = connected.iter().filter(|b| b.key.as_deref() == Some(&e.key)).collect();
+        let first = matches.first().map(|b| **b);
+        let learned = self.versions.get(&e.key).filter(|_| first.is_some_and(|b| b.identity.mode == Mode::Klipper));
+        let version = learned.map(|l| l.version.clone());
+        let state = match first.map(|b| b.identity.mode) {
+            None => FirmwareState::Missing,
+            Some(Mode::Katapult | Mode::RomBootloader) => FirmwareState::Bootloader,
+            Some(_) => match (&version, &self.host_version) {
+                (Some(v), Some(h)) if v == h => FirmwareState::Current,
+                (Some(_), Some(_)) => FirmwareState::Outdated,
+                _ => FirmwareState::Unknown,
+            },
+        };
+        let relation = match (&version, &self.host_version) {
+            (Some(v), Some(h)) => Some(crate::version::relation(h, v).to_string()),
+            _ => None,
+        };
+        BoardStatus {
+            key: e.key.clone(),
+            name: e.name.clone(),
+            mcu: e.mcu.clone(),
+            connected: first.is_some(),
+            mode: first.map(|b| b.identity.mode),
+            devnode: first.and_then(|b| b.identity.devnode.clone()),
+            version,
+            version_source: learned.map(|l| l.source),
+            state,
+            relation,
+            excluded: !e.flashable,
+            ambiguous: matches.len() > 1,
+            in_printer_cfg: self.in_printer_cfg(e, first),
+        }
+    }
+
+    fn in_printer_cfg(&self, e: &BoardEntry, board: Option<&Board>) -> bool {
+        let by_board = board.is_some_and(|b| crate::moonraker::mcu_for_board(&self.mcus, &b.identity).is_some());
+        let by_serial = e.serial.as_deref().is_some_and(|s| crate::moonraker::mcu_for_serial(&self.mcus, s).is_some());
+        by_board || by_serial
+    }
+
+    /// Run `change` and return what it changed, as notices.
+    fn observe(&mut self, change: impl FnOnce(&mut Tracker) -> Vec<Notice>) -> Vec<Notice> {
+        self.seq += 1;
+        let before = self.status();
+        let mut notices = change(self);
+        let after = self.status();
+        for b in &after.boards {
+            let old = before.boards.iter().find(|o| o.key == b.key);
+            if old != Some(b) {
+                if b.ambiguous && !old.is_some_and(|o| o.ambiguous) {
+                    let devnodes = self.devnodes_of(&b.key);
+                    notices.push(Notice::SameIdentity { key: b.key.clone(), devnodes });
+                }
+                if !b.connected && old.is_some_and(|o| o.connected) && b.in_printer_cfg {
+                    notices.push(Notice::MissingButNeeded { key: b.key.clone() });
+                }
+                notices.push(Notice::Board { status: b.clone() });
+            }
+        }
+        notices
+    }
+
+    fn devnodes_of(&self, key: &str) -> Vec<String> {
+        self.present
+            .values()
+            .filter(|(b, _)| b.key.as_deref() == Some(key))
+            .filter_map(|(b, _)| b.identity.devnode.clone())
+            .collect()
+    }
+
+    /// A device came, went or changed.
+    pub fn board_event(&mut self, ev: &BoardEvent) -> Vec<Notice> {
+        self.observe(|t| {
+            let b = &ev.board;
+            let syspath = b.identity.syspath.clone();
+            let mut notices = Vec::new();
+            match ev.action {
+                Action::Removed => {
+                    t.present.remove(&syspath);
+                    if let Some(key) = &b.key {
+                        t.versions.remove(key);
+                    }
+                }
+                Action::Added | Action::ModeChanged => {
+                    if let Some(key) = &b.key {
+                        t.versions.remove(key);
+                    }
+                    let seq = t.seq;
+                    t.present.insert(syspath, (b.clone(), seq));
+                    if b.key.is_none() && b.identity.mode.is_eligible() && b.identity.mcu.is_some() {
+                        notices.push(Notice::Unregistered { board: b.clone() });
+                    }
+                    if b.identity.mode == Mode::RomBootloader {
+                        notices.push(Notice::RomBootloader { board: b.clone() });
+                    }
+                    t.take_klippy_version(b);
+                }
+                Action::Changed => {
+                    let seq = t.present.get(&syspath).map(|(_, s)| *s).unwrap_or(t.seq);
+                    t.present.insert(syspath, (b.clone(), seq));
+                }
+            }
+            notices
+        })
+    }
+
+    /// Klippy's state changed (pushed by Moonraker). On `ready`, `mcus` is what it reports.
+    pub fn klippy_state(&mut self, state: KlippyState, mcus: Vec<McuStatus>) -> Vec<Notice> {
+        self.observe(|t| {
+            t.klippy = state;
+            if state == KlippyState::Ready {
+                t.klippy_ready_at = Some(t.seq);
+                t.mcus = mcus;
+                let boards: Vec<Board> = t.present.values().map(|(b, _)| b.clone()).collect();
+                for b in &boards {
+                    t.take_klippy_version(b);
+                }
+            }
+            Vec::new()
+        })
+    }
+
+    /// Klippy's word for `board`, if Klippy connected to it after it appeared.
+    fn take_klippy_version(&mut self, board: &Board) {
+        let (Some(key), Some(ready_at)) = (&board.key, self.klippy_ready_at) else { return };
+        if self.klippy != KlippyState::Ready || board.identity.mode != Mode::Klipper {
+            return;
+        }
+        let appeared = self.present.get(&board.identity.syspath).map(|(_, s)| *s).unwrap_or(u64::MAX);
+        if appeared >= ready_at {
+            return;
+        }
+        let found = crate::moonraker::mcu_for_board(&self.mcus, &board.identity).and_then(|m| m.mcu_version.clone());
+        if let Some(version) = found {
+            self.versions.insert(key.clone(), Learned { version, source: VersionSource::Klippy });
+        }
+    }
+
+    /// The board's own word (identify), read by the daemon.
+    pub fn identified(&mut self, syspath: &str, version: String) -> Vec<Notice> {
+        self.observe(|t| {
+            if let Some(key) = t.present.get(syspath).and_then(|(b, _)| b.key.clone()) {
+                t.versions.insert(key, Learned { version, source: VersionSource::Identify });
+            }
+            Vec::new()
+        })
+    }
+
+    /// Registered boards running Klipper whose version is not known: candidates for
+    /// identify (the daemon checks nobody holds their tty).
+    pub fn unknown_versions(&self) -> Vec<Board> {
+        self.present
+            .values()
+            .map(|(b, _)| b)
+            .filter(|b| b.identity.mode == Mode::Klipper)
+            .filter(|b| b.key.as_ref().is_some_and(|k| !self.versions.contains_key(k)))
+            .cloned()
+            .collect()
+    }
+
+    /// A reloaded registry (SIGHUP): new entries, and boards re-resolved against them.
+    pub fn registry(&mut self, entries: Vec<BoardEntry>, boards: Vec<Board>) -> Vec<Notice> {
+        self.observe(|t| {
+            t.entries = entries;
+            t.registry_error = None;
+            let old = std::mem::take(&mut t.present);
+            for b in boards {
+                let seq = old.get(&b.identity.syspath).map(|(_, s)| *s).unwrap_or(t.seq);
+                t.present.insert(b.identity.syspath.clone(), (b, seq));
+            }
+            let keys: Vec<String> = t.entries.iter().map(|e| e.key.clone()).collect();
+            t.versions.retain(|k, _| keys.contains(k));
+            let boards: Vec<Board> = t.present.values().map(|(b, _)| b.clone()).collect();
+            for b in &boards {
+                t.take_klippy_version(b);
+            }
+            Vec::new()
+        })
+    }
+
+    /// The registry on disk is broken: the last good one stays in use.
+    pub fn registry_broken(&mut self, error: String) -> Vec<Notice> {
+        self.observe(|t| {
+            t.registry_error = Some(error);
+            Vec::new()
+        })
+    }
+
+    pub fn host_version(&mut self, version: Option<String>) -> Vec<Notice> {
+        self.observe(|t| {
+            t.host_version = version;
+            Vec::new()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::BoardIdentity;
+    use crate::registry::FlashMethod;
+
+    const HOST: &str = "v0.13.0-10-gnew";
+    const OLD: &str = "v0.13.0-7-gold";
+
+    fn entry(key: &str, serial: &str) -> BoardEntry {
+        BoardEntry {
+            key: key.into(),
+            name: key.to_uppercase(),
+            mcu: "stm32h723xx".into(),
+            serial: Some(serial.into()),
+            serial_pattern: None,
+            flash_method: FlashMethod::Katapult,
+            flashable: true,
+        }
+    }
+
+    fn board(key: Option<&str>, serial: &str, mode: Mode, n: u32) -> Board {
+        let app = match mode {
+            Mode::Katapult => "katapult",
+            _ => "Klipper",
+        };
+        let by_id = format!("/dev/serial/by-id/usb-{app}_stm32h723xx_{serial}-if00");
+        Board {
+            identity: BoardIdentity {
+                mode,
+                mcu: Some("stm32h723xx".into()),
+                serial: Some(serial.into()),
+                vendor_id: Some("1d50".into()),
+                product_id: Some(if mode == Mode::Katapult { "6177" } else { "614e" }.into()),
+                manufacturer: Some(app.into()),
+                port_path: Some(format!("platform-dummy_hcd.0-usb-0:{n}:1.0")),
+                usb_device: Some(format!("/devices/usb1/1-{n}")),
+                devnode: Some(format!("/dev/ttyACM{n}")),
+                by_id: Some(by_id),
+                by_path: None,
+                syspath: format!("/devices/usb1/1-{n}/1-{n}:1.0/tty/ttyACM{n}"),
+                rom_bootloader: None,
+            },
+            key: key.map(String::from),
+        }
+    }
+
+    fn ev(action: Action, b: &Board) -> BoardEvent {
+        BoardEvent { action, board: b.clone(), previous_mode: None }
+    }
+
+    fn mcu(serial_by_id: &str, version: &str) -> McuStatus {
+        McuStatus {
+            object: "mcu".into(),
+            name: "mcu".into(),
+            mcu_version: Some(version.into()),
+            mcu: Some("stm32h723xx".into()),
+            app: None,
+            serial: Some(serial_by_id.into()),
+            canbus_uuid: None,
+        }
+    }
+
+    fn state_of(t: &Tracker, key: &str) -> BoardStatus {
+        t.status().boards.into_iter().find(|b| b.key == key).unwrap()
+    }
+
+    fn board_notices(n: &[Notice]) -> Vec<(String, FirmwareState)> {
+        n.iter()
+            .filter_map(|n| match n {
+                Notice::Board { status } => Some((status.key.clone(), status.state)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_board_is_missing_then_unknown_then_outdated_by_identify() {
+        let mut t = Tracker::new(vec![entry("octopus", "AAA")], Some(HOST.into()), vec![]);
+        assert_eq!(state_of(&t, "octopus").state, FirmwareState::Missing);
+        let b = board(Some("octopus"), "AAA", Mode::Klipper, 1);
+        let n = t.board_event(&ev(Action::Added, &b));
+        assert_eq!(board_notices(&n), [("octopus".to_string(), FirmwareState::Unknown)]);
+        assert_eq!(t.unknown_versions(), [b.clone()]);
+        let n = t.identified(&b.identity.syspath, OLD.into());
+        assert_eq!(board_notices(&n), [("octopus".to_string(), FirmwareState::Outdated)]);
+        let s = state_of(&t, "octopus");
+        assert_eq!((s.version.as_deref(), s.version_source), (Some(OLD), Some(VersionSource::Identify)));
+        assert_eq!(s.relation.as_deref(), Some("3 commits behind"));
+        assert!(t.unknown_versions().is_empty());
+        // Nothing changes: nothing is said.
+        assert!(t.identified(&b.identity.syspath, OLD.into()).is_empty());
+    }
+
+    #[test]
+    fn a_version_is_forgotten_when_the_board_goes_away_or_enters_its_bootloader() {
+        let b = board(Some("octopus"), "AAA", Mode::Klipper, 1);
+        let mut t = Tracker::new(vec![entry("octopus", "AAA")], Some(HOST.into()), vec![b.clone()]);
+        t.identified(&b.identity.syspath, HOST.into());
+        assert_eq!(state_of(&t, "octopus").state, FirmwareState::Current);
+        t.board_event(&ev(Action::Removed, &b));
+        let boot = board(Some("octopus"), "AAA", Mode::Katapult, 2);
+        let n = t.board_event(&ev(Action::ModeChanged, &boot));
+        assert_eq!(board_notices(&n), [("octopus".to_string(), FirmwareState::Bootloader)]);
+        t.board_event(&ev(Action::Removed, &boot));
+        let back = board(Some("octopus"), "AAA", Mode::Klipper, 3);
+        t.board_event(&ev(Action::ModeChanged, &back));
+        assert_eq!(state_of(&t, "octopus").state, FirmwareState::Unknown, "a returning board is asked again");
+    }
+
+    #[test]
+    fn klippys_word_counts_only_for_boards_it_connected_to_after_they_appeared() {
+        let b = board(Some("octopus"), "AAA", Mode::Klipper, 1);
+        let by_id = b.identity.by_id.clone().unwrap();
+        let mut t = Tracker::new(vec![entry("octopus", "AAA")], Some(HOST.into()), vec![b.clone()]);
+        let n = t.klippy_state(KlippyState::Ready, vec![mcu(&by_id, OLD)]);
+        assert_eq!(board_notices(&n), [("octopus".to_string(), FirmwareState::Outdated)]);
+        assert_eq!(state_of(&t, "octopus").version_source, Some(VersionSource::Klippy));
+        assert!(state_of(&t, "octopus").in_printer_cfg);
+        // Replugged (e.g. flashed by hand): Klippy's view is from before, so it is not taken.
+        t.board_event(&ev(Action::Removed, &b));
+        let n = t.board_event(&ev(Action::Added, &b));
+        assert_eq!(board_notices(&n), [("octopus".to_string(), FirmwareState::Unknown)]);
+        // Klipper restarted: now it counts.
+        t.klippy_state(KlippyState::Disconnected, vec![]);
+        t.klippy_state(KlippyState::Ready, vec![mcu(&by_id, HOST)]);
+        assert_eq!(state_of(&t, "octopus").state, FirmwareState::Current);
+    }
+
+    #[test]
+    fn a_needed_board_going_away_an_unregistered_board_and_one_identity_twice_are_announced() {
+        let b = board(Some("octopus"), "AAA", Mode::Klipper, 1);
+        let by_id = b.identity.by_id.clone().unwrap();
+        let mut t = Tracker::new(vec![entry("octopus", "AAA")], Some(HOST.into()), vec![b.clone()]);
+        t.klippy_state(KlippyState::Ready, vec![mcu(&by_id, HOST)]);
+        let n = t.board_event(&ev(Action::Removed, &b));
+        assert!(n.contains(&Notice::MissingButNeeded { key: "octopus".into() }), "{n:?}");
+        let stranger = board(None, "BBB", Mode::Klipper, 2);
+        let n = t.board_event(&ev(Action::Added, &stranger));
+        assert_eq!(n, [Notice::Unregistered { board: stranger.clone() }]);
+        assert_eq!(t.status().unregistered, [stranger]);
+        t.board_event(&ev(Action::Added, &b));
+        let twin = board(Some("octopus"), "AAA", Mode::Klipper, 3);
+        let n = t.board_event(&ev(Action::Added, &twin));
+        assert!(
+            n.contains(&Notice::SameIdentity {
+                key: "octopus".into(),
+                devnodes: vec!["/dev/ttyACM1".into(), "/dev/ttyACM3".into()]
+            }),
+            "{n:?}"
+        );
+    }
+
+    #[test]
+    fn a_reloaded_registry_resolves_present_boards_again() {
+        let stranger = board(None, "BBB", Mode::Klipper, 2);
+        let mut t = Tracker::new(vec![], Some(HOST.into()), vec![stranger.clone()]);
+        assert_eq!(t.status().unregistered.len(), 1);
+        let registered = board(Some("ebb"), "BBB", Mode::Klipper, 2);
+        let n = t.registry(vec![entry("ebb", "BBB")], vec![registered]);
+        assert_eq!(board_notices(&n), [("ebb".to_string(), FirmwareState::Unknown)]);
+        assert!(t.status().unregistered.is_empty());
+        t.registry_broken("boards.toml:3: expected `=`".into());
+        assert_eq!(t.status().registry_error.as_deref(), Some("boards.toml:3: expected `=`"));
+        assert_eq!(t.status().boards.len(), 1, "the last good registry stays in use");
+    }
+}
