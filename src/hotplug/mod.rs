@@ -39,6 +39,12 @@ impl Shared {
     }
 }
 
+/// The shared state, also after a panic elsewhere while it was held: every change to it is
+/// complete before anything that could panic runs (the resolver is guarded on its own).
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A receiver that reports the stream closed at once, for a source that has ended.
 fn closed() -> broadcast::Receiver<BoardEvent> {
     broadcast::channel(1).1
@@ -73,25 +79,25 @@ impl Hotplug {
 
     /// The boards present now.
     pub fn snapshot(&self) -> Vec<Board> {
-        self.shared.lock().unwrap().snapshot.boards().cloned().collect()
+        lock(&self.shared).snapshot.boards().cloned().collect()
     }
 
     /// Every board event from now on. The stream ends if the source dies.
     pub fn subscribe(&self) -> broadcast::Receiver<BoardEvent> {
-        self.shared.lock().unwrap().listen().unwrap_or_else(closed)
+        lock(&self.shared).listen().unwrap_or_else(closed)
     }
 
     /// The boards present now and every event after that moment, taken atomically: a board
     /// is either in the list or arrives as an event, never neither nor both.
     pub fn subscribe_with_snapshot(&self) -> (Vec<Board>, broadcast::Receiver<BoardEvent>) {
-        let s = self.shared.lock().unwrap();
+        let s = lock(&self.shared);
         let boards = s.snapshot.boards().cloned().collect();
         (boards, s.listen().unwrap_or_else(closed))
     }
 
     /// Why the source stopped, if it did.
     pub fn failure(&self) -> Option<String> {
-        self.shared.lock().unwrap().failure.clone()
+        lock(&self.shared).failure.clone()
     }
 
     /// Resolve with the first board matching `matcher`: at once if one is present, else on
@@ -106,7 +112,7 @@ impl Hotplug {
     pub fn arm<M: Fn(&Board) -> bool>(&self, what: &str, matcher: M) -> Waiter<'_, M> {
         // Look and subscribe under one lock: the source applies and broadcasts under the
         // same lock, so no event can slip between the look and the subscription.
-        let s = self.shared.lock().unwrap();
+        let s = lock(&self.shared);
         let state = match s.snapshot.find(&matcher) {
             Some(b) => Armed::Found(Box::new(b)),
             None => s.armed(),
@@ -117,8 +123,20 @@ impl Hotplug {
     /// Like [`Hotplug::arm`], but only a future event counts, not what is present now: for
     /// "the board re-enumerates" while the old device is still listed.
     pub fn arm_next<M: Fn(&Board) -> bool>(&self, what: &str, matcher: M) -> Waiter<'_, M> {
-        let state = self.shared.lock().unwrap().armed();
+        let state = lock(&self.shared).armed();
         Waiter { hotplug: self, what: what.to_string(), matcher, state, armed_at: Instant::now(), events_only: true }
+    }
+
+    /// Resolve keys with `resolve` from now on (a reloaded registry), present boards included;
+    /// boards whose key changed are sent as `Changed` events. The source keeps running.
+    pub fn set_resolver(&self, resolve: KeyResolver) {
+        let mut s = lock(&self.shared);
+        let events = s.snapshot.set_resolver(resolve);
+        if let Some(tx) = &s.events {
+            for ev in events {
+                let _ = tx.send(ev);
+            }
+        }
     }
 
     /// Ask the source for a fresh enumeration and wait until it is applied (bounded, in
@@ -167,7 +185,7 @@ impl<M: Fn(&Board) -> bool> Waiter<'_, M> {
                 Ok(Ok(_)) => {}
                 // Missed events: the snapshot has the truth, unless only new events count.
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) if !events_only => {
-                    if let Some(b) = hotplug.shared.lock().unwrap().snapshot.find(&matcher) {
+                    if let Some(b) = lock(&hotplug.shared).snapshot.find(&matcher) {
                         return Ok(b);
                     }
                 }
@@ -176,7 +194,7 @@ impl<M: Fn(&Board) -> bool> Waiter<'_, M> {
                 Err(_) => {
                     if !events_only {
                         hotplug.rescan_now().await;
-                        if let Some(b) = hotplug.shared.lock().unwrap().snapshot.find(&matcher) {
+                        if let Some(b) = lock(&hotplug.shared).snapshot.find(&matcher) {
                             tracing::warn!("{what} was found only by re-enumerating; a udev event was lost");
                             return Ok(b);
                         }
@@ -202,11 +220,11 @@ impl Sink for Apply {
         if !matches!(msg, SourceMessage::Enumerated { .. } | SourceMessage::Failed(_)) {
             if let Some(first) = self.first.take() {
                 let _ = first.send(Err(format!("device source began with {msg:?} instead of an enumeration")));
-                self.shared.lock().unwrap().events = None;
+                lock(&self.shared).events = None;
                 return;
             }
         }
-        let mut s = self.shared.lock().unwrap();
+        let mut s = lock(&self.shared);
         if s.events.is_none() {
             return;
         }

@@ -82,7 +82,7 @@ impl Snapshot {
             // It stopped looking like a board (or never did): treat as gone if we had it.
             return self.remove(&rec.syspath);
         };
-        let board = Board { key: (self.resolve)(&identity), identity };
+        let board = Board { key: self.key_of(&identity), identity };
         match self.present.get(&rec.syspath) {
             Some(old) if *old == board => None,
             Some(old) => {
@@ -103,6 +103,33 @@ impl Snapshot {
                 }
             }
         }
+    }
+
+    /// The registry key of a device. A resolver that panics resolves nothing: it runs under
+    /// the hotplug's lock, and a panic there must not take discovery down with it.
+    fn key_of(&self, identity: &BoardIdentity) -> Option<String> {
+        let resolve = &self.resolve;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolve(identity))).unwrap_or_else(|_| {
+            tracing::error!(syspath = %identity.syspath, "the registry key resolver panicked; the device stays unresolved");
+            None
+        })
+    }
+
+    /// Use another resolver (a reloaded registry) and resolve the present boards again: a
+    /// board whose key changed is told as `Changed`.
+    pub fn set_resolver(&mut self, resolve: KeyResolver) -> Vec<BoardEvent> {
+        self.resolve = resolve;
+        let mut events = Vec::new();
+        let syspaths: Vec<String> = self.present.keys().cloned().collect();
+        for syspath in syspaths {
+            let key = self.key_of(&self.present[&syspath].identity);
+            let board = self.present.get_mut(&syspath).expect("listed above");
+            if board.key != key {
+                board.key = key;
+                events.push(BoardEvent { action: Action::Changed, board: board.clone(), previous_mode: None });
+            }
+        }
+        events
     }
 
     pub fn remove(&mut self, syspath: &str) -> Option<BoardEvent> {

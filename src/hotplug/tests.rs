@@ -249,3 +249,43 @@ async fn arm_next_ignores_the_board_already_present() {
     let never = hp.arm_next("octopus re-enumerated", is_octopus_in(Mode::Klipper));
     assert!(never.until(Instant::now() + Duration::from_secs(2)).await.is_err());
 }
+
+/// A reloaded registry: the source keeps running, present boards get their new keys as
+/// `Changed` events, and later events use the new resolver.
+#[tokio::test(start_paused = true)]
+async fn a_swapped_resolver_resolves_present_and_later_boards() {
+    let (hp, script) = start(vec![klipper("rp2040", NITEHAWK, 1, 0)]).await;
+    let mut events = hp.subscribe();
+    assert_eq!(hp.snapshot()[0].key, None);
+    hp.set_resolver(Arc::new(|id| match id.serial.as_deref() {
+        Some(NITEHAWK) => Some("nitehawk".to_string()),
+        Some(OCTOPUS) => Some("octopus-renamed".to_string()),
+        _ => None,
+    }));
+    let ev = events.recv().await.unwrap();
+    assert_eq!((ev.action, ev.board.key.as_deref()), (Action::Changed, Some("nitehawk")));
+    script.add(klipper("stm32h723xx", OCTOPUS, 2, 1));
+    let ev = events.recv().await.unwrap();
+    assert_eq!((ev.action, ev.board.key.as_deref()), (Action::Added, Some("octopus-renamed")));
+}
+
+/// A resolver that panics (it runs under the hotplug's lock) leaves the device unresolved and
+/// discovery working: the next board is still seen and resolved.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_resolver_does_not_take_discovery_down() {
+    let resolver: KeyResolver = Arc::new(|id| match id.serial.as_deref() {
+        Some(NITEHAWK) => panic!("a resolver bug"),
+        Some(OCTOPUS) => Some("octopus".to_string()),
+        _ => None,
+    });
+    let (source, script) = ScriptedSource::new(vec![]);
+    let hp = Hotplug::start(source, resolver).await.unwrap();
+    let mut events = hp.subscribe();
+    script.add(klipper("rp2040", NITEHAWK, 1, 0));
+    let ev = events.recv().await.unwrap();
+    assert_eq!((ev.action, ev.board.key), (Action::Added, None));
+    script.add(klipper("stm32h723xx", OCTOPUS, 2, 1));
+    let b = hp.wait_for("octopus", is_octopus_in(Mode::Klipper), Instant::now() + Duration::from_secs(1)).await;
+    assert_eq!(b.unwrap().key.as_deref(), Some("octopus"));
+    assert_eq!(hp.snapshot().len(), 2);
+}
