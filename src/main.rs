@@ -60,6 +60,19 @@ enum Command {
     History(HistoryArgs),
     /// Does this board have Katapult? Requests the bootloader with Klipper stopped.
     KatapultCheck(KatapultCheckArgs),
+    /// Every registered board's firmware state (current, outdated, unknown, bootloader,
+    /// missing): from the daemon when it runs, else checked once now.
+    Status(JsonFlag),
+    /// The background service: watches boards and Klippy, answers `kflash status`.
+    Daemon(DaemonArgs),
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// Listen on this socket (default: $RUNTIME_DIRECTORY, /run/kflash, $XDG_RUNTIME_DIR or
+    /// the state directory, the first that exists).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -276,7 +289,7 @@ fn parse_method(s: &str) -> std::result::Result<FlashMethod, String> {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, matches!(cli.command, Command::Daemon(_)));
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -322,7 +335,7 @@ impl Command {
     /// Whether the command was asked for JSON output.
     fn json(&self) -> bool {
         match self {
-            Command::Devices(a) | Command::Watch(a) => a.json,
+            Command::Devices(a) | Command::Watch(a) | Command::Status(a) => a.json,
             Command::Add(a) => a.json,
             Command::Settings(a) => a.json,
             Command::Import(a) => a.json,
@@ -331,13 +344,15 @@ impl Command {
             Command::FlashAll(a) => a.json,
             Command::History(a) => a.json,
             Command::KatapultCheck(a) => a.json,
-            Command::Remove(_) | Command::Set(_) | Command::Config(_) => false,
+            Command::Remove(_) | Command::Set(_) | Command::Config(_) | Command::Daemon(_) => false,
         }
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, daemon: bool) {
     let level = match verbose {
+        // A service says what it does; a command only what goes wrong.
+        0 if daemon => "info",
         0 => "warn",
         1 => "info",
         2 => "debug",
@@ -345,13 +360,23 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("kflash={level}")));
+    // Under systemd (stderr is the journal's stream) the daemon logs to the journal itself,
+    // with fields (board=…) kept as journal fields.
+    if daemon && std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::util::SubscriberInitExt;
+            tracing_subscriber::registry().with(filter).with(journald).init();
+            return;
+        }
+    }
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal());
     // Timestamps only when asked for detail; plain warnings read like the rest of the output.
-    if verbose > 0 {
+    if verbose > 0 || daemon {
         fmt.init();
     } else {
         fmt.without_time().init();
@@ -363,6 +388,15 @@ fn init_logging(verbose: u8) {
 /// signals themselves (restart Klipper, record the interruption).
 async fn run(cli: Cli) -> Result<()> {
     let dir = cli.config_dir.clone().unwrap_or_else(registry::default_config_dir);
+    if let Command::Daemon(a) = cli.command {
+        // The daemon recovers an interrupted flash's stop itself, and logs it.
+        let opts = kflash::daemon::DaemonOptions {
+            config_dir: dir,
+            state_dir: registry::default_state_dir(),
+            socket: a.socket,
+        };
+        return kflash::daemon::run(opts).await;
+    }
     recover_klipper(&dir).await;
     match cli.command {
         Command::Devices(a) => interruptible(devices(&dir, a.json)).await,
@@ -378,7 +412,35 @@ async fn run(cli: Cli) -> Result<()> {
         Command::FlashAll(a) => flash_all(&dir, a).await,
         Command::History(a) => history(a),
         Command::KatapultCheck(a) => katapult_check(&dir, a).await,
+        Command::Status(a) => interruptible(status(&dir, a.json)).await,
+        Command::Daemon(_) => unreachable!("run above"),
     }
+}
+
+/// `kflash status`: the daemon's view when it runs, else a one-shot check.
+async fn status(dir: &std::path::Path, json: bool) -> Result<()> {
+    let state_dir = registry::default_state_dir();
+    let status = match kflash::daemon::socket::ask_status(&state_dir).await {
+        Some(Ok(status)) => status,
+        Some(Err(e)) => {
+            tracing::warn!("the kflash daemon did not answer ({e}); checking once now");
+            status_once(dir, &state_dir).await?
+        }
+        None => status_once(dir, &state_dir).await?,
+    };
+    if json {
+        print_json(&status);
+    } else {
+        ui::print_status(&status);
+    }
+    Ok(())
+}
+
+async fn status_once(dir: &std::path::Path, state_dir: &std::path::Path) -> Result<serde_json::Value> {
+    let reg = Registry::open(dir)?;
+    let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
+    let status = kflash::daemon::status_once(&reg, &hp, state_dir).await;
+    Ok(serde_json::to_value(status).expect("the status serializes"))
 }
 
 async fn katapult_check(dir: &std::path::Path, a: KatapultCheckArgs) -> Result<()> {

@@ -6,41 +6,17 @@
 mod host;
 mod support;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use host::tty;
 use kflash::app::flash_all::{plan, FlashAllPlan, LeftOut, PlanBoard, PlannedBuild, Versions};
 use kflash::hotplug::{Hotplug, KeyResolver, ScriptedSource};
-use kflash::identity::{DeviceRecord, Mode};
+use kflash::identity::Mode;
 use kflash::registry::{FlashMethod, Registry};
 
 const OCTOPUS: (&str, &str) = ("stm32h723xx", "29001A001151313531383332");
 const NITEHAWK: (&str, &str) = ("rp2040", "E661640843545B2E");
 const EBB: (&str, &str) = ("stm32f446xx", "1D0041000B50534E4E313020");
-
-/// A CDC-ACM tty as udev reports it.
-fn tty(vendor: &str, pid: &str, (mcu, serial): (&str, &str), port: u32) -> DeviceRecord {
-    let id_path = format!("platform-dummy_hcd.{port}-usb-0:1:1.0");
-    let props = [
-        ("ID_BUS", "usb".to_string()),
-        ("ID_USB_VENDOR", vendor.to_string()),
-        ("ID_USB_VENDOR_ID", "1d50".to_string()),
-        ("ID_USB_MODEL", mcu.to_string()),
-        ("ID_USB_MODEL_ID", pid.to_string()),
-        ("ID_USB_SERIAL_SHORT", serial.to_string()),
-        ("ID_PATH", id_path.clone()),
-        ("DEVLINKS", format!("/dev/serial/by-id/usb-{vendor}_{mcu}_{serial}-if00 /dev/serial/by-path/{id_path}")),
-    ];
-    DeviceRecord {
-        syspath: format!(
-            "/sys/devices/platform/dummy_hcd.{port}/usb{p}/{p}-1/{p}-1:1.0/tty/ttyACM{port}",
-            p = port + 1
-        ),
-        subsystem: "tty".into(),
-        devnode: Some(format!("/dev/ttyACM{port}")),
-        properties: props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<BTreeMap<_, _>>(),
-    }
-}
 
 struct Setup {
     _root: tempfile::TempDir,

@@ -1,5 +1,368 @@
 //! `kflash daemon`: the background service. It watches the boards (udev events) and Klippy
-//! (Moonraker's pushes), learns what each board runs, and answers `kflash status` and the
-//! web UI. It does nothing while nothing happens: no timers, no rescans.
+//! (Moonraker), learns what each board runs, and answers `kflash status` on its socket. It
+//! does nothing while nothing happens: no timers, no rescans; every wake-up is an event.
+//!
+//! - [`status`]: what it knows, as a sans-IO tracker that says what changed;
+//! - [`socket`]: the JSON-lines status surface;
+//! - [`holders`]: whether a process holds a tty (Klipper's), so the daemon never talks to a
+//!   board Klipper is using.
+//!
+//! One loop owns the state (mini-redis style): board events, Klippy updates, identify
+//! results, socket questions and signals come to it on channels. SIGHUP reloads the registry
+//! and settings (the hotplug's key resolver is swapped; discovery keeps running); a broken
+//! registry keeps the last good one in use. SIGTERM and SIGINT stop it cleanly. The udev
+//! source failing ends it with an error, so systemd restarts it.
 
+pub mod holders;
+pub mod socket;
 pub mod status;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::hotplug::{Board, Hotplug};
+use crate::moonraker::{McuStatus, Moonraker};
+use crate::registry::Registry;
+use socket::Ask;
+use status::{KlippyState, Notice, Tracker};
+
+/// How long identify may take on a board that just appeared.
+const IDENTIFY_DEADLINE: Duration = Duration::from_secs(5);
+/// Notices buffered per subscriber before it is told it lagged.
+const NOTICE_BUFFER: usize = 256;
+
+pub struct DaemonOptions {
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Where to listen (default: [`socket::bind_path`]).
+    pub socket: Option<PathBuf>,
+}
+
+/// What Moonraker said about Klippy, for the loop.
+#[derive(Debug)]
+pub struct KlippyUpdate {
+    pub state: KlippyState,
+    /// What Klippy reports about its MCUs, when it is ready.
+    pub mcus: Vec<McuStatus>,
+}
+
+/// Ask Moonraker once: Klippy's state and, when ready, its MCUs. Unreachable is `Unknown`.
+pub async fn ask_klippy(mr: &Moonraker) -> KlippyUpdate {
+    let state = match mr.server_info().await {
+        Ok(info) if !info.klippy_connected => KlippyState::Disconnected,
+        Ok(info) => KlippyState::parse(&info.klippy_state),
+        Err(e) => {
+            tracing::info!("Moonraker: {e}");
+            KlippyState::Unknown
+        }
+    };
+    let mcus = match state {
+        KlippyState::Ready => mr.mcus().await.unwrap_or_else(|e| {
+            tracing::warn!("Moonraker did not list Klippy's MCUs: {e}");
+            Vec::new()
+        }),
+        _ => Vec::new(),
+    };
+    KlippyUpdate { state, mcus }
+}
+
+/// The host tree's version (`git describe`), `None` when it is not a git checkout.
+async fn host_version(reg: &Registry) -> Option<String> {
+    crate::firmware::TreeStamp::compute(&reg.settings.klipper_dir()).await.version().map(String::from)
+}
+
+/// The status once, without a daemon: the boards now, Klippy's view, and identify on the
+/// boards nobody holds. For `kflash status` when no daemon runs.
+pub async fn status_once(reg: &Registry, hp: &Hotplug, state_dir: &Path) -> status::Status {
+    let entries = reg.boards().cloned().collect();
+    let mut tracker = Tracker::new(entries, host_version(reg).await, hp.snapshot());
+    let k = ask_klippy(&Moonraker::from_settings(&reg.settings)).await;
+    tracker.klippy_state(k.state, k.mcus);
+    for board in tracker.unknown_versions() {
+        if let Some(Ok(version)) = identify_if_free(&board, state_dir).await {
+            tracker.identified(&board.identity.syspath, version);
+        }
+    }
+    let mut s = tracker.status();
+    s.daemon = false;
+    s
+}
+
+/// Read the board's version itself, unless a process holds its tty (Klipper) or another
+/// kflash is flashing (its lock is held for the moment of the read). `None`: not asked.
+async fn identify_if_free(board: &Board, state_dir: &Path) -> Option<std::result::Result<String, String>> {
+    let devnode = board.identity.devnode.clone()?;
+    match holders::tty_in_use(Path::new(&devnode)) {
+        Ok(false) => {}
+        Ok(true) => {
+            tracing::debug!(%devnode, "a process holds the tty: not identifying");
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(%devnode, "cannot tell who holds the tty ({e}): not identifying");
+            return None;
+        }
+    }
+    let key = board.key.clone().unwrap_or_default();
+    let Ok(_lock) = crate::service::FlashLock::acquire(state_dir, &format!("reading the version of {key}")) else {
+        tracing::debug!(%devnode, "another kflash holds the flash lock: not identifying");
+        return None;
+    };
+    let read = crate::flash::identify::read_identify(Path::new(&devnode), Instant::now() + IDENTIFY_DEADLINE).await;
+    Some(read.map(|d| d.version).map_err(|e| e.to_string()))
+}
+
+/// Log a notice for the journal.
+fn log_notice(n: &Notice) {
+    use status::FirmwareState as F;
+    match n {
+        Notice::Board { status: s } => match s.state {
+            F::Outdated => tracing::warn!(
+                board = %s.key,
+                version = s.version.as_deref().unwrap_or("?"),
+                relation = s.relation.as_deref().unwrap_or(""),
+                "{} runs {}, not the host's version ({})",
+                s.name,
+                s.version.as_deref().unwrap_or("?"),
+                s.relation.as_deref().unwrap_or("")
+            ),
+            F::Bootloader => tracing::warn!(board = %s.key, "{} is in its bootloader", s.name),
+            F::Current => tracing::info!(board = %s.key, "{} runs the host's version", s.name),
+            F::Unknown => tracing::info!(board = %s.key, "{} is connected; its version is not known yet", s.name),
+            F::Missing => tracing::info!(board = %s.key, "{} is not connected", s.name),
+        },
+        Notice::Unregistered { board } => tracing::warn!(
+            devnode = board.identity.devnode.as_deref().unwrap_or("?"),
+            "an unregistered {} board appeared ({}); register it with `kflash add`",
+            board.identity.mode,
+            board.identity.mcu.as_deref().unwrap_or("?")
+        ),
+        Notice::RomBootloader { board } => tracing::warn!(
+            "a board is in its ROM bootloader ({}); it runs no firmware until it is flashed",
+            board.identity.rom_bootloader.unwrap_or("ROM bootloader")
+        ),
+        Notice::SameIdentity { key, devnodes } => tracing::warn!(
+            board = %key,
+            "{} connected devices match board '{key}' ({}); register it by its USB serial",
+            devnodes.len(),
+            devnodes.join(", ")
+        ),
+        Notice::MissingButNeeded { key } => {
+            tracing::warn!(board = %key, "board '{key}' went away, and printer.cfg uses it")
+        }
+    }
+}
+
+/// The daemon's loop and what it owns.
+struct Daemon {
+    dir: PathBuf,
+    state_dir: PathBuf,
+    reg: Registry,
+    hp: Hotplug,
+    tracker: Tracker,
+    notices: broadcast::Sender<Notice>,
+    identified_tx: mpsc::Sender<(String, std::result::Result<String, String>)>,
+    /// Boards being identified, by syspath.
+    identifying: BTreeSet<String>,
+    mr: Moonraker,
+    klippy_tx: mpsc::Sender<KlippyUpdate>,
+}
+
+impl Daemon {
+    fn tell(&self, notices: Vec<Notice>) {
+        for n in notices {
+            log_notice(&n);
+            // No subscriber is fine.
+            let _ = self.notices.send(n);
+        }
+    }
+
+    /// Identify the registered boards whose version is unknown, each once at a time.
+    fn identify_unknown(&mut self) {
+        for board in self.tracker.unknown_versions() {
+            let syspath = board.identity.syspath.clone();
+            if !self.identifying.insert(syspath.clone()) {
+                continue;
+            }
+            let (tx, state_dir) = (self.identified_tx.clone(), self.state_dir.clone());
+            tokio::spawn(async move {
+                let result = identify_if_free(&board, &state_dir).await;
+                let answer = result.unwrap_or_else(|| Err("not asked".into()));
+                let _ = tx.send((syspath, answer)).await;
+            });
+        }
+    }
+
+    /// Ask Moonraker about Klippy, off the loop.
+    fn ask_klippy(&self) {
+        let (mr, tx) = (self.mr.clone(), self.klippy_tx.clone());
+        tokio::spawn(async move {
+            let _ = tx.send(ask_klippy(&mr).await).await;
+        });
+    }
+
+    async fn reload(&mut self) {
+        match Registry::open(&self.dir) {
+            Ok(reg) => {
+                self.hp.set_resolver(crate::app::boards::resolver(&reg));
+                let entries = reg.boards().cloned().collect();
+                self.mr = Moonraker::from_settings(&reg.settings);
+                self.reg = reg;
+                let n = self.tracker.registry(entries, self.hp.snapshot());
+                self.tell(n);
+                let v = host_version(&self.reg).await;
+                let n = self.tracker.host_version(v);
+                self.tell(n);
+                tracing::info!("registry and settings reloaded ({} boards)", self.reg.boards().count());
+                self.ask_klippy();
+                self.identify_unknown();
+            }
+            Err(e) => {
+                tracing::error!("the registry could not be reloaded, the last good one stays in use: {e}");
+                let n = self.tracker.registry_broken(e.to_string());
+                self.tell(n);
+            }
+        }
+    }
+}
+
+/// What the daemon is told from outside its loop (signals, in `kflash daemon`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// SIGHUP: reload the registry and settings.
+    Reload,
+    /// SIGTERM/SIGINT: stop cleanly.
+    Stop(&'static str),
+}
+
+/// `kflash daemon`: signals become [`Control`]s, discovery is udev, and systemd is told
+/// when the daemon is ready. Runs until SIGTERM/SIGINT (Ok) or until discovery fails (Err).
+pub async fn run(opts: DaemonOptions) -> Result<()> {
+    let mut signals = crate::service::ShutdownSignals::install().map_err(|e| Error::io("install", "signals", e))?;
+    let reg = Registry::open(&opts.config_dir)?;
+    let manager = crate::service::ServiceManager::from_settings(&reg.settings);
+    match crate::service::recover_stale_stop(&manager, &opts.state_dir).await {
+        Some(Ok(msg)) => tracing::warn!("{msg}"),
+        Some(Err(e)) => {
+            tracing::error!("Klipper was left stopped by an interrupted kflash and could not be started: {e}")
+        }
+        None => {}
+    }
+    let hp = Hotplug::start_udev(crate::app::boards::resolver(&reg)).await?;
+    let (control_tx, control) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let c = match signals.recv().await {
+                "SIGHUP" => Control::Reload,
+                other => Control::Stop(other),
+            };
+            if control_tx.send(c).await.is_err() {
+                return;
+            }
+        }
+    });
+    let ready = || {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    };
+    let result = serve(opts, reg, hp, control, ready).await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    result
+}
+
+/// The daemon's loop over a started discovery: until [`Control::Stop`] (Ok) or until
+/// discovery fails (Err). `ready` is called after the first enumeration and the first
+/// contact attempt with Moonraker, with the socket listening.
+pub async fn serve(
+    opts: DaemonOptions,
+    reg: Registry,
+    hp: Hotplug,
+    mut control: mpsc::Receiver<Control>,
+    ready: impl FnOnce(),
+) -> Result<()> {
+    let (boards, mut events) = hp.subscribe_with_snapshot();
+    let entries = reg.boards().cloned().collect();
+    let tracker = Tracker::new(entries, host_version(&reg).await, boards);
+
+    let path = opts.socket.clone().unwrap_or_else(|| socket::bind_path(&opts.state_dir));
+    let listener = socket::bind(&path).await.map_err(|e| Error::io("listen on", &path, e))?;
+    let (ask_tx, mut asks) = mpsc::channel::<Ask>(64);
+    let server = tokio::spawn(socket::serve(listener, ask_tx));
+
+    let (identified_tx, mut identified) = mpsc::channel(64);
+    let (klippy_tx, mut klippy) = mpsc::channel(16);
+    let mr = Moonraker::from_settings(&reg.settings);
+    let mut d = Daemon {
+        dir: opts.config_dir.clone(),
+        state_dir: opts.state_dir.clone(),
+        reg,
+        hp,
+        tracker,
+        notices: broadcast::channel(NOTICE_BUFFER).0,
+        identified_tx,
+        identifying: BTreeSet::new(),
+        mr,
+        klippy_tx,
+    };
+    // The first contact with Moonraker, then ready.
+    let first = ask_klippy(&d.mr).await;
+    let n = d.tracker.klippy_state(first.state, first.mcus);
+    d.tell(n);
+    d.identify_unknown();
+    ready();
+    tracing::info!(socket = %path.display(), boards = d.reg.boards().count(), "kflash daemon ready");
+
+    let result = loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(ev) => {
+                    let n = d.tracker.board_event(&ev);
+                    d.tell(n);
+                    d.identify_unknown();
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "board events were missed; taking the boards as they are now");
+                    let entries = d.reg.boards().cloned().collect();
+                    let n = d.tracker.registry(entries, d.hp.snapshot());
+                    d.tell(n);
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    break Err(Error::Udev(d.hp.failure().unwrap_or_else(|| "the udev event stream ended".into())));
+                }
+            },
+            Some((syspath, answer)) = identified.recv() => {
+                d.identifying.remove(&syspath);
+                match answer {
+                    Ok(version) => {
+                        let n = d.tracker.identified(&syspath, version);
+                        d.tell(n);
+                    }
+                    Err(why) => tracing::debug!(%syspath, "no version from identify: {why}"),
+                }
+            }
+            Some(update) = klippy.recv() => {
+                let n = d.tracker.klippy_state(update.state, update.mcus);
+                d.tell(n);
+            }
+            Some(ask) = asks.recv() => match ask {
+                Ask::Status(tx) => { let _ = tx.send(d.tracker.status()); }
+                Ask::Subscribe(tx) => { let _ = tx.send((d.tracker.status(), d.notices.subscribe())); }
+            },
+            c = control.recv() => match c {
+                Some(Control::Reload) => d.reload().await,
+                Some(Control::Stop(why)) => {
+                    tracing::info!("{why}: stopping");
+                    break Ok(());
+                }
+                None => break Ok(()),
+            },
+        }
+    };
+    server.abort();
+    let _ = std::fs::remove_file(&path);
+    result
+}

@@ -463,7 +463,7 @@ mod tests {
         let b = board(Some("octopus"), "AAA", Mode::Klipper, 1);
         let n = t.board_event(&ev(Action::Added, &b));
         assert_eq!(board_notices(&n), [("octopus".to_string(), FirmwareState::Unknown)]);
-        assert_eq!(t.unknown_versions(), [b.clone()]);
+        assert_eq!(t.unknown_versions(), std::slice::from_ref(&b));
         let n = t.identified(&b.identity.syspath, OLD.into());
         assert_eq!(board_notices(&n), [("octopus".to_string(), FirmwareState::Outdated)]);
         let s = state_of(&t, "octopus");

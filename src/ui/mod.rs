@@ -158,3 +158,46 @@ pub async fn confirm_default(question: String, default: bool) -> bool {
     .await
     .unwrap_or(default)
 }
+
+/// `kflash status` as a table: one row per registered board, then what else is connected.
+pub fn print_status(s: &serde_json::Value) {
+    use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let source = if s["daemon"].as_bool() == Some(true) { "the kflash daemon" } else { "checked now (no daemon)" };
+    println!("Host version: {}   Klippy: {}   ({source})", text(&s["host_version"]), text(&s["klippy"]));
+    if let Some(e) = s["registry_error"].as_str() {
+        println!("!! boards.toml is broken, the last good registry is in use: {e}");
+    }
+    let mut table = Table::new();
+    table.load_style(UTF8_FULL_CONDENSED);
+    table.set_header(["", "board", "mode", "MCU", "version", "state"]);
+    for b in s["boards"].as_array().into_iter().flatten() {
+        let dot = if b["connected"].as_bool() == Some(true) { "●" } else { "○" };
+        let state = match (b["state"].as_str(), b["relation"].as_str()) {
+            (Some("outdated"), Some(rel)) => format!("outdated ({rel})"),
+            (Some(st), _) => st.to_string(),
+            _ => "-".into(),
+        };
+        let excluded = if b["excluded"].as_bool() == Some(true) { " (excluded)" } else { "" };
+        table.add_row([
+            dot.to_string(),
+            format!("{}{excluded}", text(&b["key"])),
+            text(&b["mode"]),
+            text(&b["mcu"]),
+            text(&b["version"]),
+            state,
+        ]);
+    }
+    println!("{table}");
+    for b in s["unregistered"].as_array().into_iter().flatten() {
+        println!(
+            "Unregistered {} board {} at {}: `kflash add` registers it",
+            text(&b["mode"]),
+            text(&b["mcu"]),
+            text(&b["devnode"])
+        );
+    }
+    for b in s["rom_bootloaders"].as_array().into_iter().flatten() {
+        println!("A board is in its ROM bootloader ({}): it runs no firmware", text(&b["rom_bootloader"]));
+    }
+}

@@ -56,3 +56,28 @@ pub fn kflash(root: &Path, args: &[&str]) -> Command {
         .env("XDG_CACHE_HOME", root.join("cache"));
     cmd
 }
+
+/// A CDC-ACM tty as udev reports it (`vendor` Klipper or katapult, `pid` 614e or 6177), on
+/// dummy_hcd port `port`.
+pub fn tty(vendor: &str, pid: &str, (mcu, serial): (&str, &str), port: u32) -> kflash::identity::DeviceRecord {
+    let id_path = format!("platform-dummy_hcd.{port}-usb-0:1:1.0");
+    let props = [
+        ("ID_BUS", "usb".to_string()),
+        ("ID_USB_VENDOR", vendor.to_string()),
+        ("ID_USB_VENDOR_ID", "1d50".to_string()),
+        ("ID_USB_MODEL", mcu.to_string()),
+        ("ID_USB_MODEL_ID", pid.to_string()),
+        ("ID_USB_SERIAL_SHORT", serial.to_string()),
+        ("ID_PATH", id_path.clone()),
+        ("DEVLINKS", format!("/dev/serial/by-id/usb-{vendor}_{mcu}_{serial}-if00 /dev/serial/by-path/{id_path}")),
+    ];
+    kflash::identity::DeviceRecord {
+        syspath: format!(
+            "/sys/devices/platform/dummy_hcd.{port}/usb{p}/{p}-1/{p}-1:1.0/tty/ttyACM{port}",
+            p = port + 1
+        ),
+        subsystem: "tty".into(),
+        devnode: Some(format!("/dev/ttyACM{port}")),
+        properties: props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+    }
+}

@@ -1,0 +1,199 @@
+//! The daemon's loop and its status socket on the host, with scripted board events (udev
+//! itself, identify on real ttys, signals and systemd are proven in the rig): the status,
+//! a subscription's notices, a reload picking up a newly registered board, a broken
+//! registry keeping the last good one, a clean stop that removes the socket, a udev failure
+//! ending the daemon with an error, and a peer that is neither root nor the daemon's user
+//! refused.
+
+mod host;
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use host::tty;
+use kflash::daemon::{serve, Control, DaemonOptions};
+use kflash::hotplug::{Hotplug, Script, ScriptedSource};
+use kflash::registry::Registry;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+const OCTOPUS: (&str, &str) = ("stm32h723xx", "29001A001151313531383332");
+const EBB: (&str, &str) = ("stm32f446xx", "1D0041000B50534E4E313020");
+
+struct Daemon {
+    root: tempfile::TempDir,
+    cfg: PathBuf,
+    socket: PathBuf,
+    script: Script,
+    control: mpsc::Sender<Control>,
+    task: tokio::task::JoinHandle<kflash::error::Result<()>>,
+}
+
+/// octopus registered and connected (running Klipper), ebb connected but not registered;
+/// Moonraker unreachable.
+async fn start() -> Daemon {
+    let root = tempfile::tempdir().unwrap();
+    let tree = host::stand_in_tree(root.path());
+    let cfg = host::config_dir(root.path(), &tree);
+    std::fs::write(
+        cfg.join("boards.toml"),
+        format!("[boards.octopus]\nname = \"Octopus\"\nmcu = \"{}\"\nserial = \"{}\"\n", OCTOPUS.0, OCTOPUS.1),
+    )
+    .unwrap();
+    let settings = std::fs::read_to_string(cfg.join("settings.toml")).unwrap();
+    let extra = format!("moonraker_url = \"{}\"\n", support::closed_port_url());
+    std::fs::write(cfg.join("settings.toml"), settings + &extra).unwrap();
+    let reg = Registry::open(&cfg).unwrap();
+    let (source, script) =
+        ScriptedSource::new(vec![tty("Klipper", "614e", OCTOPUS, 0), tty("Klipper", "614e", EBB, 1)]);
+    let hp = Hotplug::start(source, kflash::app::boards::resolver(&reg)).await.unwrap();
+    let socket = root.path().join("run/kflash.sock");
+    let opts =
+        DaemonOptions { config_dir: cfg.clone(), state_dir: root.path().join("state"), socket: Some(socket.clone()) };
+    let (control, rx) = mpsc::channel(4);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(serve(opts, reg, hp, rx, move || {
+        let _ = ready_tx.send(());
+    }));
+    ready_rx.await.expect("the daemon says it is ready");
+    Daemon { root, cfg, socket, script, control, task }
+}
+
+type Lines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
+
+/// Send one request; the reply lines, and the write half (a subscription ends when the
+/// client hangs up, so it is kept).
+async fn request(socket: &Path, line: &str) -> (Lines, tokio::net::unix::OwnedWriteHalf) {
+    let stream = UnixStream::connect(socket).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    w.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+    (BufReader::new(r).lines(), w)
+}
+
+async fn next(lines: &mut Lines) -> serde_json::Value {
+    let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("a reply within the deadline")
+        .unwrap()
+        .expect("a line");
+    serde_json::from_str(&line).unwrap()
+}
+
+async fn status(socket: &Path) -> serde_json::Value {
+    let (mut lines, _) = request(socket, r#"{"request":"status"}"#).await;
+    let reply = next(&mut lines).await;
+    assert_eq!(reply["reply"], "status", "{reply}");
+    reply["status"].clone()
+}
+
+fn board<'a>(status: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    status["boards"].as_array().unwrap().iter().find(|b| b["key"] == key).unwrap_or_else(|| panic!("{status}"))
+}
+
+#[tokio::test]
+async fn status_subscription_reload_and_stop() {
+    let d = start().await;
+    let s = status(&d.socket).await;
+    assert_eq!(s["daemon"], true);
+    assert_eq!(s["host_version"], kflash_tree_version(&d.cfg));
+    assert_eq!(s["klippy"], "unknown", "Moonraker is unreachable: {s}");
+    let octopus = board(&s, "octopus");
+    assert_eq!((&octopus["connected"], &octopus["mode"]), (&serde_json::json!(true), &serde_json::json!("klipper")));
+    // Its tty does not exist on the host, so identify cannot read it: unknown, not guessed.
+    assert_eq!(octopus["state"], "unknown", "{s}");
+    assert_eq!(s["unregistered"][0]["serial"], EBB.1, "{s}");
+
+    // A subscription: the status, then what changes.
+    let (mut sub, _hold) = request(&d.socket, r#"{"request":"subscribe"}"#).await;
+    assert_eq!(next(&mut sub).await["reply"], "status");
+    d.script.remove(&tty("Klipper", "614e", OCTOPUS, 0).syspath);
+    let n = next(&mut sub).await;
+    assert_eq!((&n["notice"]["notice"], &n["notice"]["status"]["state"]), (&"board".into(), &"missing".into()), "{n}");
+    d.script.add(tty("katapult", "6177", OCTOPUS, 2));
+    let n = next(&mut sub).await;
+    assert_eq!(n["notice"]["status"]["state"], "bootloader", "{n}");
+
+    // ebb registered in the file, then SIGHUP's reload: the present board gets its key.
+    let boards = std::fs::read_to_string(d.cfg.join("boards.toml")).unwrap()
+        + &format!("[boards.ebb]\nname = \"EBB\"\nmcu = \"{}\"\nserial = \"{}\"\n", EBB.0, EBB.1);
+    std::fs::write(d.cfg.join("boards.toml"), boards).unwrap();
+    d.control.send(Control::Reload).await.unwrap();
+    let n = next(&mut sub).await;
+    assert_eq!((&n["notice"]["status"]["key"], &n["notice"]["status"]["state"]), (&"ebb".into(), &"unknown".into()));
+    let s = status(&d.socket).await;
+    assert!(s["unregistered"].as_array().unwrap().is_empty(), "{s}");
+
+    // A broken edit: the last good registry stays, and the status says why.
+    std::fs::write(d.cfg.join("boards.toml"), "[boards.ebb\n").unwrap();
+    d.control.send(Control::Reload).await.unwrap();
+    let s = status(&d.socket).await;
+    assert!(s["registry_error"].as_str().is_some_and(|e| e.contains("boards.toml")), "{s}");
+    assert_eq!(s["boards"].as_array().unwrap().len(), 2, "{s}");
+
+    // A clean stop: the loop ends Ok, the subscription ends, and the socket is gone.
+    d.control.send(Control::Stop("SIGTERM")).await.unwrap();
+    d.task.await.unwrap().unwrap();
+    assert!(sub.next_line().await.unwrap().is_none(), "the subscription ends with the daemon");
+    assert!(!d.socket.exists());
+    drop(d.root);
+}
+
+#[tokio::test]
+async fn a_udev_failure_ends_the_daemon_with_an_error() {
+    let d = start().await;
+    d.script.fail("netlink socket closed");
+    let e = d.task.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), "udev", "{e}");
+    assert!(e.to_string().contains("netlink socket closed"), "{e}");
+    assert!(e.exit_code() != 0);
+}
+
+#[tokio::test]
+async fn a_second_daemon_does_not_take_over_a_live_socket() {
+    let d = start().await;
+    let e = kflash::daemon::socket::bind(&d.socket).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+    assert_eq!(status(&d.socket).await["daemon"], true, "the first daemon still answers");
+}
+
+/// The socket is 0660; a peer of another user that gets past the file mode (here: made
+/// 0666 on purpose) is still refused by its SO_PEERCRED uid.
+#[tokio::test]
+async fn other_users_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = start().await;
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: cannot act as another user; skipped");
+        return;
+    }
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(d.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(d.root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // It only listens: a refused peer is told so at once, before it sends anything.
+    let client = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1]); \
+                  print(s.makefile().readline(), end='')";
+    let out = tokio::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", client])
+        .arg(&d.socket)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["reply"], "error", "{reply}");
+    assert!(reply["message"].as_str().unwrap().contains("refused"), "{reply}");
+}
+
+/// The stand-in tree's `git describe`, as the daemon reports it.
+fn kflash_tree_version(cfg: &Path) -> String {
+    let settings = std::fs::read_to_string(cfg.join("settings.toml")).unwrap();
+    let tree = settings.lines().find_map(|l| l.strip_prefix("klipper_dir = \"")).unwrap().trim_end_matches('"');
+    let out = std::process::Command::new("git")
+        .args(["-C", tree, "describe", "--always", "--tags", "--long", "--dirty"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
