@@ -293,9 +293,13 @@ impl Tracker {
     /// Klippy's state changed (pushed by Moonraker). On `ready`, `mcus` is what it reports.
     pub fn klippy_state(&mut self, state: KlippyState, mcus: Vec<McuStatus>) -> Vec<Notice> {
         self.observe(|t| {
+            // Only the change into `ready` is Klippy connecting to its MCUs; asking again while
+            // it stays ready says nothing new about when it read them.
+            if state == KlippyState::Ready && t.klippy != KlippyState::Ready {
+                t.klippy_ready_at = Some(t.seq);
+            }
             t.klippy = state;
             if state == KlippyState::Ready {
-                t.klippy_ready_at = Some(t.seq);
                 t.mcus = mcus;
                 let boards: Vec<Board> = t.present.values().map(|(b, _)| b.clone()).collect();
                 for b in &boards {

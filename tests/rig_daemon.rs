@@ -1,0 +1,184 @@
+//! Step 7 on real USB, with the real Klippy and Moonraker: `kflash daemon` reports each
+//! board's firmware state from udev events (an outdated board within 1 s of its USB bind, a
+//! board stuck in Katapult, an unregistered board), picks up a newly registered board on
+//! SIGHUP, answers `kflash status`, stops cleanly on SIGTERM, and starts Klipper when an
+//! interrupted flash left it stopped.
+
+mod rig_support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rig_support::*;
+
+/// A subscription to the daemon's notices, read on a thread; each with the wall time it came.
+struct Subscription {
+    notices: mpsc::Receiver<(f64, serde_json::Value)>,
+    _stream: UnixStream,
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+impl Subscription {
+    fn new(socket: &Path) -> Subscription {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream.write_all(b"{\"request\":\"subscribe\"}\n").unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                if tx.send((now(), v)).is_err() {
+                    break;
+                }
+            }
+        });
+        let sub = Subscription { notices: rx, _stream: stream };
+        let (_, first) = sub.notices.recv_timeout(Duration::from_secs(10)).expect("the status first");
+        assert_eq!(first["reply"], "status", "{first}");
+        sub
+    }
+
+    /// The first notice about `key`'s status in state `state`, and when it came.
+    fn board_state(&self, key: &str, state: &str, secs: u64) -> (f64, serde_json::Value) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok((at, n)) = self.notices.recv_timeout(left) else {
+                panic!("no notice of {key} {state} within {secs} s; saw {seen:#?}");
+            };
+            let s = &n["notice"]["status"];
+            if s["key"] == key && s["state"] == state {
+                return (at, s.clone());
+            }
+            seen.push(n);
+        }
+    }
+}
+
+struct Daemon {
+    process: Background,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(rig: &FlashRig) -> Daemon {
+        let socket = rig.state.join("daemon.sock");
+        let mut cmd = rig.command(&["daemon", "--socket", socket.to_str().unwrap()]);
+        cmd.env("RUST_LOG", "kflash=debug");
+        let mut process = Background::spawn(cmd);
+        process.wait_for_line("kflash daemon ready", 60);
+        Daemon { process, socket }
+    }
+
+    fn status(&self, rig: &FlashRig) -> serde_json::Value {
+        let out = rig.command(&["status", "--json"]).env("KFLASH_SOCKET", &self.socket).output().unwrap();
+        serde_json::from_str(&ok(&out)).unwrap()
+    }
+}
+
+fn board<'a>(status: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    status["boards"].as_array().unwrap().iter().find(|b| b["key"] == key).unwrap_or_else(|| panic!("{status}"))
+}
+
+/// The boardsim `connect` event of `board` after the mark: when its USB gadget was bound.
+fn bound_at(events: &EventLog, board: &str) -> f64 {
+    events.kind(board, "connect").last().unwrap_or_else(|| panic!("no connect event of {board}"))["ts"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn the_daemon_reports_board_states_reloads_on_sighup_and_stops_on_sigterm() {
+    in_rig();
+    let _clean = LeaveRigClean;
+    reset_boards();
+    // Klippy ready on octopus: it holds octopus's tty, so its version comes from Klippy.
+    klipper_ready_on(&[("mcu", OCTOPUS.0)]);
+    let host = klipper_tree_version();
+    let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, &[]);
+    let d = Daemon::start(&rig);
+
+    let s = d.status(&rig);
+    assert_eq!((&s["daemon"], &s["host_version"], &s["klippy"]), (&true.into(), &host.clone().into(), &"ready".into()));
+    let octopus = board(&s, OCTOPUS.0);
+    let old = board_json(OCTOPUS.0)["version"].as_str().unwrap().to_string();
+    assert_eq!((&octopus["state"], &octopus["version"]), (&"outdated".into(), &old.clone().into()), "{s}");
+    assert_eq!(octopus["version_source"], "klippy", "Klippy holds its tty, so the daemon did not touch it: {s}");
+    assert_eq!(octopus["in_printer_cfg"], true);
+    let unregistered: Vec<&str> =
+        s["unregistered"].as_array().unwrap().iter().map(|b| b["serial"].as_str().unwrap()).collect();
+    assert!(unregistered.contains(&NITEHAWK.2) && unregistered.contains(&EBB.2), "{s}");
+
+    // A board nobody holds appears: the daemon reads its version itself, within 1 s of the bind.
+    let sub = Subscription::new(&d.socket);
+    let events = EventLog::mark("daemon: cubic plugged");
+    boardctl(&["plug", MMB.0]);
+    let mut process = d.process;
+    process.wait_for_line("an unregistered klipper board appeared", 30);
+    ok(&rig.kflash(&["add", "--device", &by_id(MMB, "Klipper"), "--name", "Cubic", "--key", MMB.0]));
+    process.signal("HUP");
+    let (at, cubic) = sub.board_state(MMB.0, "outdated", 30);
+    assert_eq!((&cubic["version"], &cubic["version_source"]), (&old.clone().into(), &"identify".into()), "{cubic}");
+    eprintln!("SIGHUP: cubic registered and identified {:.3} s after its bind", at - bound_at(&events, MMB.0));
+
+    let events = EventLog::mark("daemon: cubic replugged");
+    boardctl(&["unplug", MMB.0]);
+    sub.board_state(MMB.0, "missing", 30);
+    boardctl(&["plug", MMB.0]);
+    let (at, _) = sub.board_state(MMB.0, "outdated", 30);
+    let took = at - bound_at(&events, MMB.0);
+    eprintln!("cubic replugged: outdated reported {:.3} s after its USB bind", took);
+    assert!(took < 1.0, "the outdated board was reported {took:.3} s after its bind");
+
+    // Stuck in Katapult: reported as such, without a version.
+    boardctl(&["reboot", MMB.0, "katapult"]);
+    let (_, stuck) = sub.board_state(MMB.0, "bootloader", 30);
+    assert_eq!((&stuck["mode"], &stuck["version"]), (&"katapult".into(), &serde_json::Value::Null), "{stuck}");
+    process.wait_for_line("Cubic is in its bootloader", 10);
+
+    // No daemon: `kflash status` checks once by itself, and says so.
+    process.signal("TERM");
+    let (status, stderr) = process.finish(30);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!d.socket.exists(), "the socket is removed at a clean stop");
+    let out = rig.command(&["status", "--json"]).env("KFLASH_SOCKET", &d.socket).output().unwrap();
+    let once: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(once["daemon"], false, "{once}");
+    assert_eq!(board(&once, MMB.0)["state"], "bootloader", "{once}");
+    assert_eq!(board(&once, OCTOPUS.0)["state"], "outdated", "{once}");
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn the_daemon_starts_klipper_left_stopped_by_an_interrupted_flash() {
+    in_rig();
+    let _clean = LeaveRigClean;
+    reset_boards();
+    klipper_running_on(&[("mcu", OCTOPUS.0)]);
+    let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, &[("bootloader_secs", 15), ("reconnect_secs", 20)]);
+    boardctl(&["fault", OCTOPUS.0, "slow-flash=1.8"]);
+    let log = ServiceLog::start();
+    let mut flash = Background::spawn(rig.command(&["flash", OCTOPUS.0, "--yes"]));
+    flash.wait_for_line("[Flash] writing", 120);
+    flash.signal("KILL");
+    flash.finish(30);
+    assert!(!klipper_is_active() && rig.stop_marker().exists(), "kill -9 left Klipper stopped, with its marker");
+
+    let socket = rig.state.join("daemon.sock");
+    let mut daemon = Background::spawn(rig.command(&["daemon", "--socket", socket.to_str().unwrap()]));
+    let line = daemon.wait_for_line("left stopped by kflash", 60);
+    assert!(line.contains("flash of octopus") && line.contains("started it again"), "{line}");
+    daemon.wait_for_line("kflash daemon ready", 60);
+    log.assert_klipper_stopped_and_restarted();
+    assert!(!rig.stop_marker().exists());
+    daemon.signal("TERM");
+    assert!(daemon.finish(30).0.success());
+}
