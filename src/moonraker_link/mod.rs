@@ -52,6 +52,7 @@ impl LinkConfig {
 
 pub(crate) enum Command {
     Call { method: String, params: Value, reply: oneshot::Sender<Result<Value, LinkError>> },
+    RefreshKlippy { reply: oneshot::Sender<Result<KlippyState, LinkError>> },
 }
 
 /// Requests over the link. Cheap to clone. Every request fails at once with
@@ -90,6 +91,19 @@ impl LinkHandle {
     /// configs include it).
     pub async fn respond(&self, text: &str) -> Result<(), LinkError> {
         self.gcode_script(&respond_script(text)).await
+    }
+
+    /// Ask Moonraker for Klippy's state now (`server.info`) and publish it like a push.
+    ///
+    /// Needed because Moonraker 0.11.0 pushes only some changes: `notify_klippy_ready`,
+    /// `notify_klippy_disconnected`, and `notify_klippy_shutdown` only when Klippy shuts
+    /// down while Moonraker watches. A Klippy that (re)starts straight into `shutdown` or
+    /// `error` (a config error, an MCU it cannot talk to) is not pushed at all. Call this
+    /// on the owner's own events (a board appeared, before acting), not on a timer.
+    pub async fn refresh_klippy(&self) -> Result<KlippyState, LinkError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::RefreshKlippy { reply }).await.map_err(|_| LinkError::Stopped)?;
+        answer.await.unwrap_or(Err(LinkError::Stopped))
     }
 
     /// Klippy's state now; `changed()` on a clone waits for the next push.
@@ -150,7 +164,14 @@ pub fn spawn(config: LinkConfig) -> (LinkHandle, LinkInbox, LinkTask) {
     let (calls_tx, calls_rx) = mpsc::channel(64);
     let (klippy_tx, klippy_rx) = watch::channel(KlippyState::Unknown);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let link = session::Link { config, commands: commands_rx, events: events_tx, calls: calls_tx, klippy: klippy_tx };
+    let link = session::Link {
+        config,
+        commands: commands_rx,
+        events: events_tx,
+        calls: calls_tx,
+        klippy: klippy_tx,
+        setup: None,
+    };
     let join = tokio::spawn(link.run(stop_rx));
     (
         LinkHandle { commands: commands_tx, klippy: klippy_rx.clone() },

@@ -20,6 +20,9 @@ pub(crate) struct Link {
     pub events: mpsc::Sender<LinkEvent>,
     pub calls: mpsc::Sender<MethodCall>,
     pub klippy: watch::Sender<KlippyState>,
+    /// This connection's id, and how many set-up answers (registrations, `server.info`)
+    /// are still due before it counts as connected.
+    pub setup: Option<(Option<i64>, usize)>,
 }
 
 /// Moonraker binds its socket, then listens: a connect right after the creation event can
@@ -32,6 +35,7 @@ enum Pending {
     Identify,
     Register(String),
     ServerInfo,
+    Refresh(oneshot::Sender<Result<KlippyState, LinkError>>),
     Owner(String, oneshot::Sender<Result<Value, LinkError>>),
 }
 
@@ -73,6 +77,7 @@ impl Link {
                 None => return,
             };
             session += 1;
+            self.setup = None;
             let end = self.serve(stream, session, &mut stop).await;
             self.klippy.send_replace(KlippyState::Unknown);
             match end {
@@ -138,6 +143,7 @@ impl Link {
                     }
                     cmd = self.commands.recv() => match cmd {
                         Some(Command::Call { reply, .. }) => { let _ = reply.send(Err(LinkError::NotConnected)); }
+                        Some(Command::RefreshKlippy { reply }) => { let _ = reply.send(Err(LinkError::NotConnected)); }
                         None => {} // the handles are gone; the task still runs until stopped
                     },
                 }
@@ -201,6 +207,9 @@ impl Link {
                         let what = Pending::Owner(method.clone(), reply);
                         out.push(request(&mut next_id, &mut pending, &method, params, what));
                     }
+                    Some(Command::RefreshKlippy { reply }) => {
+                        out.push(request(&mut next_id, &mut pending, "server.info", json!({}), Pending::Refresh(reply)));
+                    }
                     None => commands_open = false,
                 },
             }
@@ -260,7 +269,7 @@ impl Link {
                 Ok(r) => {
                     let connection_id = r.get("connection_id").and_then(Value::as_i64);
                     tracing::info!("identified to Moonraker as agent {}", self.config.client_name);
-                    self.event(LinkEvent::Connected { connection_id });
+                    self.setup = Some((connection_id, self.config.remote_methods.len() + 1));
                     for m in self.config.remote_methods.clone() {
                         let params = json!({ "method_name": m });
                         out.push(request(
@@ -283,14 +292,41 @@ impl Link {
                     tracing::warn!("Moonraker refused remote method {m}: {message}");
                     self.event(LinkEvent::Problem(format!("Moonraker refused remote method {m}: {message}")));
                 }
+                self.setup_step();
             }
-            Pending::ServerInfo => match result {
-                Ok(info) => {
-                    let state = info.get("klippy_state").and_then(Value::as_str).unwrap_or("");
-                    self.klippy_state(KlippyState::from_server_info(state));
+            Pending::Refresh(reply) => {
+                let _ = reply.send(match result {
+                    Ok(info) => {
+                        let state = info.get("klippy_state").and_then(Value::as_str).unwrap_or("");
+                        let state = KlippyState::from_server_info(state);
+                        self.klippy_state(state);
+                        Ok(state)
+                    }
+                    Err((code, message)) => Err(LinkError::Refused { method: "server.info".into(), code, message }),
+                });
+            }
+            Pending::ServerInfo => {
+                match result {
+                    Ok(info) => {
+                        let state = info.get("klippy_state").and_then(Value::as_str).unwrap_or("");
+                        self.klippy_state(KlippyState::from_server_info(state));
+                    }
+                    Err((_, message)) => tracing::warn!("Moonraker's server.info failed: {message}"),
                 }
-                Err((_, message)) => tracing::warn!("Moonraker's server.info failed: {message}"),
-            },
+                self.setup_step();
+            }
+        }
+    }
+
+    /// One set-up answer in; the last one makes the connection count as connected.
+    fn setup_step(&mut self) {
+        if let Some((id, left)) = self.setup.as_mut() {
+            *left -= 1;
+            if *left == 0 {
+                let connection_id = *id;
+                self.setup = None;
+                self.event(LinkEvent::Connected { connection_id });
+            }
         }
     }
 
@@ -345,8 +381,10 @@ fn request(
 
 fn fail_pending(pending: HashMap<u64, Pending>) {
     for (_, p) in pending {
-        if let Pending::Owner(_, reply) = p {
-            let _ = reply.send(Err(LinkError::Lost));
+        match p {
+            Pending::Owner(_, reply) => drop(reply.send(Err(LinkError::Lost))),
+            Pending::Refresh(reply) => drop(reply.send(Err(LinkError::Lost))),
+            _ => {}
         }
     }
 }

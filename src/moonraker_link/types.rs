@@ -46,8 +46,9 @@ impl KlippyState {
 /// What happened on the link, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LinkEvent {
-    /// Identified as the `kflash` agent; `connection_id` is Moonraker's id for it. Remote
-    /// methods are being registered (each failure is reported as [`LinkEvent::Problem`]).
+    /// Identified as the `kflash` agent, remote methods registered (a refused one is
+    /// reported as [`LinkEvent::Problem`] first) and Klippy's state known (its
+    /// [`LinkEvent::Klippy`] comes first); `connection_id` is Moonraker's id for it.
     Connected { connection_id: Option<i64> },
     /// The connection is gone (Moonraker stopped or restarted); the link waits for the
     /// socket to come back.
