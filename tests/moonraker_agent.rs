@@ -378,7 +378,7 @@ fn the_link_waits_for_an_absent_moonraker_without_waking_and_connects_when_it_st
     m.launch();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(connected(&mut inbox));
-    eprintln!("connected {:?} after Moonraker listened", started.elapsed());
+    eprintln!("connected {:?} after starting Moonraker (its own start-up included)", started.elapsed());
     stop_tx.send(()).unwrap();
     thread.join().unwrap();
 }
