@@ -87,8 +87,8 @@ impl LinkHandle {
     }
 
     /// Show `text` in the printer's console (Mainsail/Fluidd) with Klipper's `RESPOND`,
-    /// one `RESPOND` per line. Needs `[respond]` in printer.cfg (Mainsail's and Fluidd's
-    /// configs include it).
+    /// one `RESPOND` per line. Needs a `[respond]` section in printer.cfg; without it
+    /// Klippy refuses the unknown command and this returns [`LinkError::Refused`].
     pub async fn respond(&self, text: &str) -> Result<(), LinkError> {
         self.gcode_script(&respond_script(text)).await
     }
