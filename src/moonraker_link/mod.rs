@@ -14,6 +14,9 @@ mod session;
 mod socket_watch;
 mod types;
 
+#[cfg(test)]
+mod link_tests;
+
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
