@@ -137,6 +137,38 @@ async fn malformed_input_is_skipped_and_the_link_carries_on() {
     task.shutdown().await;
 }
 
+/// CPU time of this process's threads, in clock ticks.
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn dropped_handles_leave_the_link_idle() {
+    // The link on this thread only (current-thread runtime), with every handle dropped,
+    // while the socket is absent and while connected: it must sleep, not spin.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("moonraker.sock");
+        let (handle, mut inbox, task) = spawn(LinkConfig::new(socket.clone(), &[]));
+        drop(handle);
+        let before = cpu_ticks();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let listener = UnixListener::bind(&socket).unwrap();
+        let mut peer = Peer::accept(&listener).await;
+        let id = peer.recv().await["id"].clone();
+        peer.send(json!({"jsonrpc": "2.0", "id": id, "result": {}})).await;
+        peer.answer("server.info", json!({"klippy_state": "ready"})).await;
+        assert_eq!(event(&mut inbox).await, LinkEvent::Klippy(KlippyState::Ready));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let used = cpu_ticks() - before;
+        assert!(used <= 10, "the link used {used} ticks of CPU in 1 s with no handles: it spins");
+        task.shutdown().await;
+    });
+}
+
 #[tokio::test]
 async fn shutdown_ends_every_wait() {
     // Waiting for a socket that never appears.

@@ -174,6 +174,7 @@ pub fn spawn(config: LinkConfig) -> (LinkHandle, LinkInbox, LinkTask) {
         calls: calls_tx,
         klippy: klippy_tx,
         setup: None,
+        commands_open: true,
     };
     let join = tokio::spawn(link.run(stop_rx));
     (

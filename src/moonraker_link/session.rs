@@ -23,6 +23,9 @@ pub(crate) struct Link {
     /// This connection's id, and how many set-up answers (registrations, `server.info`)
     /// are still due before it counts as connected.
     pub setup: Option<(Option<i64>, usize)>,
+    /// False once every [`super::LinkHandle`] is dropped (the channel would then be ready
+    /// at once, forever).
+    pub commands_open: bool,
 }
 
 /// Moonraker binds its socket, then listens: a connect right after the creation event can
@@ -141,10 +144,11 @@ impl Link {
                         after_event = true;
                         break;
                     }
-                    cmd = self.commands.recv() => match cmd {
+                    cmd = self.commands.recv(), if self.commands_open => match cmd {
                         Some(Command::Call { reply, .. }) => { let _ = reply.send(Err(LinkError::NotConnected)); }
                         Some(Command::RefreshKlippy { reply }) => { let _ = reply.send(Err(LinkError::NotConnected)); }
-                        None => {} // the handles are gone; the task still runs until stopped
+                        // The handles are gone; the task still runs until stopped.
+                        None => self.commands_open = false,
                     },
                 }
             }
@@ -158,7 +162,6 @@ impl Link {
         let mut pending: HashMap<u64, Pending> = HashMap::new();
         let mut next_id = 1u64;
         let (answers_tx, mut answers_rx) = mpsc::unbounded_channel::<Answer>();
-        let mut commands_open = true;
 
         let identify = json!({
             "client_name": self.config.client_name,
@@ -202,7 +205,7 @@ impl Link {
                         });
                     }
                 }
-                cmd = self.commands.recv(), if commands_open => match cmd {
+                cmd = self.commands.recv(), if self.commands_open => match cmd {
                     Some(Command::Call { method, params, reply }) => {
                         let what = Pending::Owner(method.clone(), reply);
                         out.push(request(&mut next_id, &mut pending, &method, params, what));
@@ -210,7 +213,7 @@ impl Link {
                     Some(Command::RefreshKlippy { reply }) => {
                         out.push(request(&mut next_id, &mut pending, "server.info", json!({}), Pending::Refresh(reply)));
                     }
-                    None => commands_open = false,
+                    None => self.commands_open = false,
                 },
             }
         }
