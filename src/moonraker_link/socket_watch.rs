@@ -91,7 +91,10 @@ impl SocketWatch {
             let mut rearm = false;
             let mut hit = false;
             for ev in &events {
-                if ev
+                if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    // Events were lost: the socket may have appeared among them.
+                    hit = true;
+                } else if ev
                     .mask
                     .intersects(AddWatchFlags::IN_IGNORED | AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF)
                 {
