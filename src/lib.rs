@@ -17,6 +17,7 @@ pub mod identity;
 pub mod json;
 pub mod kconfig;
 pub mod moonraker;
+pub mod moonraker_link;
 pub mod orchestrator;
 pub mod protocol;
 pub mod registry;

@@ -203,6 +203,9 @@ pub struct Settings {
     pub moonraker_url: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moonraker_api_key: Option<String>,
+    /// Moonraker's Unix socket (`<printer_data>/comms/moonraker.sock`): the agent
+    /// connection of `kflash daemon` (no authentication needed on the printer host).
+    pub moonraker_socket: String,
     pub klipper_service: String,
     /// How to run systemctl; the service name and `stop`/`start` are appended.
     pub service_command: String,
@@ -221,6 +224,7 @@ impl Default for Settings {
             katapult_dir: "~/katapult".into(),
             moonraker_url: "http://localhost:7125".into(),
             moonraker_api_key: None,
+            moonraker_socket: "~/printer_data/comms/moonraker.sock".into(),
             klipper_service: "klipper".into(),
             service_command: "sudo -n systemctl".into(),
             build_jobs: 0,
@@ -239,6 +243,10 @@ impl Settings {
 
     pub fn katapult_dir(&self) -> PathBuf {
         expand_home(&self.katapult_dir)
+    }
+
+    pub fn moonraker_socket(&self) -> PathBuf {
+        expand_home(&self.moonraker_socket)
     }
 
     fn validate(&self) -> std::result::Result<(), String> {

@@ -10,10 +10,19 @@ objects kflash queries. Its state is fixed at start:
 STATE is Klippy's (`ready`, `shutdown`, ...); PRINT_STATE is print_stats.state. A
 `shutdown` carries the message Klippy gives after an M112. Prints `SUBSCRIBED` once
 Moonraker has first identified Klippy and subscribed (Moonraker knows its state by then).
+
+`gcode/script` runs two kinds of G-code, as Klippy would with the README's printer.cfg:
+`RESPOND MSG="..."` (Klipper's [respond] module) writes `echo: ...` to the connections that
+subscribed to G-code output (`gcode/subscribe_output`), and the macros in MACROS stand for
+the README's `[gcode_macro KFLASH_*]`, whose `action_call_remote_method(...)` sends
+`{"method": <name>, "params": {...}}` (plus the registered response template) to the
+connections that registered that remote method (`register_remote_method`), like
+klippy/webhooks.py. Anything else is accepted and does nothing.
 Standard library only; no Klipper code is copied.
 """
 import json
 import os
+import shlex
 import socket
 import sys
 import threading
@@ -22,6 +31,8 @@ import time
 SHUTDOWN_MSG = ("Shutdown due to M112 command\nOnce the underlying issue is corrected, use the\n"
                 "\"FIRMWARE_RESTART\" command to reset the firmware, reload the\nconfig, and "
                 "restart the host software.\nPrinter is shutdown\n")
+# printer.cfg macro -> the remote method its action_call_remote_method names (README).
+MACROS = {"KFLASH_STATUS": "kflash_status", "KFLASH_FLASH_ALL": "kflash_flash_all"}
 MESSAGES = {"ready": "Printer is ready", "shutdown": SHUTDOWN_MSG}
 ENDPOINTS = ["list_endpoints", "info", "emergency_stop", "register_remote_method",
              "objects/list", "objects/query", "objects/subscribe", "gcode/help",
@@ -59,7 +70,51 @@ def main():
                 out[name] = full if fields is None else {k: v for k, v in full.items() if k in fields}
         return {"eventtime": time.monotonic(), "status": out}
 
-    def answer(method, params):
+    remote_methods = {}  # name -> [(conn, response_template)]
+    gcode_listeners = []  # [(conn, response_template)]
+    lock = threading.Lock()
+
+    def send(conn, template, params):
+        out = {"params": params}
+        out.update(template)
+        try:
+            conn.sendall(json.dumps(out).encode() + b"\x03")
+        except OSError:
+            pass
+
+    def run_gcode(script):
+        for line in script.splitlines():
+            words = line.split(";", 1)[0].strip()
+            if not words:
+                continue
+            cmd, _, rest = words.partition(" ")
+            cmd = cmd.upper()
+            args = {}
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                args[key.upper()] = value
+            with lock:
+                if cmd == "RESPOND":
+                    for conn, template in gcode_listeners:
+                        send(conn, template, {"response": "echo: " + args.get("MSG", "")})
+                elif cmd in MACROS:
+                    kwargs = {k.lower(): v for k, v in args.items()}
+                    for conn, template in remote_methods.get(MACROS[cmd], []):
+                        send(conn, template, kwargs)
+
+    def answer(method, params, conn):
+        if method == "gcode/script":
+            run_gcode(params.get("script", ""))
+            return {}
+        if method == "register_remote_method":
+            with lock:
+                remote_methods.setdefault(params["remote_method"], []).append(
+                    (conn, params.get("response_template", {})))
+            return {}
+        if method == "gcode/subscribe_output":
+            with lock:
+                gcode_listeners.append((conn, params.get("response_template", {})))
+            return {}
         if method == "info":
             return {"state": state, "state_message": MESSAGES.get(state, ""),
                     "hostname": socket.gethostname(), "klipper_path": "/tmp/klipper",
@@ -73,8 +128,6 @@ def main():
             return {"objects": list(objects)}
         if method in ("objects/query", "objects/subscribe"):
             return status(params.get("objects"))
-        if method in ("gcode/subscribe_output", "register_remote_method"):
-            return {}
         raise KeyError(method)
 
     try:
@@ -99,15 +152,18 @@ def main():
                 req = json.loads(raw)
                 method = req.get("method")
                 try:
-                    reply = {"id": req.get("id"), "result": answer(method, req.get("params") or {})}
+                    reply = {"id": req.get("id"), "result": answer(method, req.get("params") or {}, conn)}
                 except KeyError:
                     reply = {"id": req.get("id"), "error": {
                         "error": "WebRequestError", "message": "No registered endpoint '%s'" % method}}
                 conn.sendall(json.dumps(reply).encode() + b"\x03")
                 if method == "objects/subscribe" and not subscribed.is_set():
                     subscribed.set()
-                    print("SUBSCRIBED", flush=True)
-                    sys.stdout.close()  # nothing more to say; the reader may go away
+                    try:
+                        print("SUBSCRIBED", flush=True)
+                        sys.stdout.close()  # nothing more to say; the reader may go away
+                    except BrokenPipeError:
+                        pass  # nobody waits for it (a Klippy restarted under a running Moonraker)
 
     while True:
         conn, _ = server.accept()

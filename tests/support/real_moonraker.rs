@@ -40,38 +40,60 @@ pub struct Config {
 }
 
 pub struct RealMoonraker {
-    child: Child,
+    /// `None` while stopped (or not yet launched).
+    child: Option<Child>,
     klippy: Option<Child>,
     dir: tempfile::TempDir,
+    conf_path: PathBuf,
     pub url: String,
     pub ssl_port: Option<u16>,
-    _lines: std::thread::JoinHandle<()>,
+    _lines: Option<std::thread::JoinHandle<()>>,
 }
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `fake_klippy.py` serving `sock`, once it listens; its stdout lines follow.
+fn spawn_klippy(
+    sock: &Path,
+    (state, job, file, progress): (&str, &str, &str, f64),
+) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let mut child = Command::new(venv().join("bin/python3"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_klippy.py"))
+        .arg(sock)
+        .args([state, job, file, &progress.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start fake_klippy.py");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("LISTENING"), "fake_klippy.py");
+    (child, lines)
+}
+
 impl RealMoonraker {
     pub fn start(config: Config) -> RealMoonraker {
-        let bin = moonraker_bin();
+        let klippy = config.klippy;
+        let mut m = RealMoonraker::prepare(&config);
+        let klippy = klippy.map(|k| spawn_klippy(&m.klippy_socket(), k));
+        m.launch();
+        // Moonraker sets Klippy's state from `info` before it subscribes.
+        m.klippy = klippy.map(|(child, mut lines)| {
+            assert!(lines.any(|l| l.is_ok_and(|l| l == "SUBSCRIBED")), "Moonraker never subscribed to the fake Klippy");
+            child
+        });
+        m
+    }
+
+    /// The data directory and moonraker.conf, without starting Moonraker ([`Self::launch`]).
+    /// The data directory itself does not exist until Moonraker creates it.
+    pub fn prepare(config: &Config) -> RealMoonraker {
+        moonraker_bin();
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let ssl_port = config.tls.as_ref().map(|_| free_port());
         let sock = dir.path().join("klippy.sock");
-        let mut klippy = config.klippy.map(|(state, job, file, progress)| {
-            let mut child = Command::new(venv().join("bin/python3"))
-                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_klippy.py"))
-                .arg(&sock)
-                .args([state, job, file, &progress.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("start fake_klippy.py");
-            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-            assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("LISTENING"), "fake_klippy.py");
-            (child, lines)
-        });
         let mut conf = format!("[server]\nhost: 127.0.0.1\nport: {port}\nklippy_uds_address: {}\n", sock.display());
         if let (Some((cert, key)), Some(ssl)) = (&config.tls, ssl_port) {
             conf.push_str(&format!(
@@ -86,11 +108,25 @@ impl RealMoonraker {
         }
         let conf_path = dir.path().join("moonraker.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let mut child = Command::new(bin)
+        RealMoonraker {
+            child: None,
+            klippy: None,
+            dir,
+            conf_path,
+            url: format!("http://127.0.0.1:{port}"),
+            ssl_port,
+            _lines: None,
+        }
+    }
+
+    /// Start Moonraker (again) on the same data directory and port; returns once it listens.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "Moonraker is already running");
+        let mut child = Command::new(moonraker_bin())
             .arg("-d")
-            .arg(dir.path().join("data"))
+            .arg(self.dir.path().join("data"))
             .arg("-c")
-            .arg(&conf_path)
+            .arg(&self.conf_path)
             .arg("-n")
             .env_remove("MOONRAKER_DATA_PATH")
             .env_remove("MOONRAKER_CONFIG_PATH")
@@ -105,7 +141,7 @@ impl RealMoonraker {
         // right before its HTTPS listen, which follows synchronously).
         let seen = wait_for_line(&mut lines, deadline, |l| l.contains("[application.py:listen()]"));
         assert!(seen.is_some(), "moonraker exited before listening");
-        if let Some(ssl) = ssl_port {
+        if let Some(ssl) = self.ssl_port {
             // The HTTPS listen runs right after that line; if it has not yet, the next log
             // line comes after it.
             while std::net::TcpStream::connect(("127.0.0.1", ssl)).is_err() {
@@ -114,13 +150,48 @@ impl RealMoonraker {
             }
         }
         // Keep draining its log so it never blocks on a full pipe.
-        let drain = std::thread::spawn(move || lines.for_each(drop));
-        // Moonraker sets Klippy's state from `info` before it subscribes.
-        let klippy = klippy.take().map(|(child, mut lines)| {
-            assert!(lines.any(|l| l.is_ok_and(|l| l == "SUBSCRIBED")), "Moonraker never subscribed to the fake Klippy");
-            child
-        });
-        RealMoonraker { child, klippy, dir, url: format!("http://127.0.0.1:{port}"), ssl_port, _lines: drain }
+        self._lines = Some(std::thread::spawn(move || lines.for_each(drop)));
+        self.child = Some(child);
+    }
+
+    /// Stop Moonraker with `signal` (SIGTERM: a clean stop; SIGKILL: a crash, which leaves
+    /// its socket file behind) and wait for it to exit.
+    pub fn stop(&mut self, signal: nix::sys::signal::Signal) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            let _ = nix::sys::signal::kill(pid, signal);
+            let _ = child.wait();
+        }
+        // Its log drain ends by itself at EOF.
+        self._lines.take();
+    }
+
+    /// Moonraker's Unix socket, `<data>/comms/moonraker.sock`.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("data/comms/moonraker.sock")
+    }
+
+    /// The socket Moonraker expects Klippy on.
+    pub fn klippy_socket(&self) -> PathBuf {
+        self.dir.path().join("klippy.sock")
+    }
+
+    /// Start `fake_klippy.py` on Moonraker's Klippy socket; returns once Moonraker (which
+    /// finds it on its own) has connected and subscribed.
+    pub fn start_klippy(&mut self, state: (&'static str, &'static str, &'static str, f64)) {
+        assert!(self.klippy.is_none(), "a Klippy is already running");
+        let (child, mut lines) = spawn_klippy(&self.klippy_socket(), state);
+        assert!(lines.any(|l| l.is_ok_and(|l| l == "SUBSCRIBED")), "Moonraker never subscribed to the fake Klippy");
+        self.klippy = Some(child);
+    }
+
+    /// Kill the fake Klippy, as Klippy exiting does: Moonraker sees its socket close.
+    pub fn stop_klippy(&mut self) {
+        if let Some(mut k) = self.klippy.take() {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
     }
 
     /// The API key, asked over Moonraker's Unix socket (which needs no authentication), as
@@ -150,7 +221,7 @@ impl RealMoonraker {
     }
 
     fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.child.id() as i32)
+        nix::unistd::Pid::from_raw(self.child.as_ref().expect("Moonraker is running").id() as i32)
     }
 
     /// SIGSTOP the fake Klippy: its socket stays open and answers nothing, so Moonraker
@@ -179,9 +250,7 @@ fn wait_for_line(
 
 impl Drop for RealMoonraker {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGCONT);
-        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM);
-        let _ = self.child.wait();
+        self.stop(nix::sys::signal::Signal::SIGTERM);
         if let Some(k) = &mut self.klippy {
             let _ =
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(k.id() as i32), nix::sys::signal::Signal::SIGCONT);
