@@ -55,7 +55,7 @@ pub struct KlippyUpdate {
 pub async fn ask_klippy(mr: &Moonraker) -> KlippyUpdate {
     let state = match mr.server_info().await {
         Ok(info) if !info.klippy_connected => KlippyState::Disconnected,
-        Ok(info) => KlippyState::parse(&info.klippy_state),
+        Ok(info) => KlippyState::from_server_info(&info.klippy_state),
         Err(e) => {
             tracing::info!("Moonraker: {e}");
             KlippyState::Unknown

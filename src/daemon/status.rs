@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::hotplug::{Action, Board, BoardEvent};
 use crate::identity::Mode;
 use crate::moonraker::McuStatus;
+pub use crate::moonraker_link::KlippyState;
 use crate::registry::BoardEntry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -62,33 +63,6 @@ pub struct BoardStatus {
     pub ambiguous: bool,
     /// printer.cfg has an `[mcu]` on this board's serial (Klippy needs it).
     pub in_printer_cfg: bool,
-}
-
-/// Klippy's state, as Moonraker pushes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum KlippyState {
-    /// Moonraker is not reachable.
-    Unknown,
-    Disconnected,
-    Startup,
-    Ready,
-    Shutdown,
-    Error,
-}
-
-impl KlippyState {
-    /// Moonraker's `klippy_state` string.
-    pub fn parse(s: &str) -> KlippyState {
-        match s {
-            "disconnected" => KlippyState::Disconnected,
-            "startup" => KlippyState::Startup,
-            "ready" => KlippyState::Ready,
-            "shutdown" => KlippyState::Shutdown,
-            "error" => KlippyState::Error,
-            _ => KlippyState::Unknown,
-        }
-    }
 }
 
 /// The whole picture, as `kflash status --json` prints it.
