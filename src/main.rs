@@ -13,6 +13,7 @@ use kflash::hotplug::{Board, Hotplug};
 use kflash::kconfig::{self, KConfig};
 use kflash::registry::{self, import, FlashMethod, Registry};
 
+mod install_cmd;
 mod ui;
 
 #[derive(Parser)]
@@ -60,6 +61,10 @@ enum Command {
     History(HistoryArgs),
     /// Does this board have Katapult? Requests the bootloader with Klipper stopped.
     KatapultCheck(KatapultCheckArgs),
+    /// Install kflash as a service: binary, udev rules, systemd unit, optional sudoers rule.
+    Install(install_cmd::InstallArgs),
+    /// Undo exactly what `kflash install` changed.
+    Uninstall(install_cmd::UninstallArgs),
 }
 
 #[derive(Args)]
@@ -324,6 +329,7 @@ impl Command {
             Command::History(a) => a.json,
             Command::KatapultCheck(a) => a.json,
             Command::Remove(_) | Command::Set(_) | Command::Config(_) => false,
+            Command::Install(_) | Command::Uninstall(_) => false,
         }
     }
 }
@@ -370,6 +376,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::FlashAll(a) => flash_all(&dir, a).await,
         Command::History(a) => history(a),
         Command::KatapultCheck(a) => katapult_check(&dir, a).await,
+        Command::Install(a) => install_cmd::install(cli.config_dir.clone(), a).await,
+        Command::Uninstall(a) => install_cmd::uninstall(a).await,
     }
 }
 
