@@ -110,6 +110,9 @@ pub enum Error {
     #[error(transparent)]
     Safety(#[from] crate::safety::SafetyError),
 
+    #[error(transparent)]
+    Install(#[from] crate::install::InstallError),
+
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
 
@@ -167,6 +170,7 @@ impl Error {
             Error::History(e) => return e.help(),
             Error::Moonraker(e) => return e.help(),
             Error::Safety(e) => return e.help(),
+            Error::Install(e) => e.help(),
             Error::PrinterBusy(_) => "wait for the print to finish (or cancel it), then run kflash again".into(),
             Error::Interrupted(_) => {
                 "kflash started Klipper again if it had stopped it; a board interrupted mid-flash may be left in Katapult: run `kflash flash KEY` again".into()
@@ -208,6 +212,7 @@ impl Error {
             Error::Safety(crate::safety::SafetyError::Unanswered { .. }) => "print-state-unknown",
             Error::Safety(crate::safety::SafetyError::MoonrakerDownNotConfirmed { .. }) => "moonraker-down",
             Error::Safety(crate::safety::SafetyError::HaltedNotConfirmed { .. }) => "klippy-halted",
+            Error::Install(e) => e.kind(),
             Error::Interrupted(_) => "interrupted",
             Error::BoardsUnconfigured(_) => "boards-unconfigured",
             Error::BoardsFailed(_) => "boards-failed",
@@ -237,6 +242,7 @@ impl Error {
             Error::Moonraker(_) => exit::MOONRAKER,
             Error::PrinterBusy(_) => exit::BUSY,
             Error::Safety(e) => e.exit_code(),
+            Error::Install(e) => e.exit_code(),
             Error::Interrupted(_) => exit::INTERRUPTED,
             Error::BoardsUnconfigured(_) => exit::CONFIG,
             Error::BoardsFailed(_) => exit::FLASH,

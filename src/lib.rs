@@ -14,6 +14,7 @@ pub mod flash;
 pub mod history;
 pub mod hotplug;
 pub mod identity;
+pub mod install;
 pub mod json;
 pub mod kconfig;
 pub mod moonraker;

@@ -13,6 +13,7 @@ use kflash::hotplug::{Board, Hotplug};
 use kflash::kconfig::{self, KConfig};
 use kflash::registry::{self, import, FlashMethod, Registry};
 
+mod install_cmd;
 mod ui;
 
 #[derive(Parser)]
@@ -65,6 +66,10 @@ enum Command {
     Status(JsonFlag),
     /// The background service: watches boards and Klippy, answers `kflash status`.
     Daemon(DaemonArgs),
+    /// Install kflash as a service: binary, udev rules, systemd unit, optional sudoers rule.
+    Install(install_cmd::InstallArgs),
+    /// Undo exactly what `kflash install` changed.
+    Uninstall(install_cmd::UninstallArgs),
 }
 
 #[derive(Args)]
@@ -345,6 +350,7 @@ impl Command {
             Command::History(a) => a.json,
             Command::KatapultCheck(a) => a.json,
             Command::Remove(_) | Command::Set(_) | Command::Config(_) | Command::Daemon(_) => false,
+            Command::Install(_) | Command::Uninstall(_) => false,
         }
     }
 }
@@ -414,6 +420,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::KatapultCheck(a) => katapult_check(&dir, a).await,
         Command::Status(a) => interruptible(status(&dir, a.json)).await,
         Command::Daemon(_) => unreachable!("run above"),
+        Command::Install(a) => install_cmd::install(cli.config_dir.clone(), a).await,
+        Command::Uninstall(a) => install_cmd::uninstall(a).await,
     }
 }
 

@@ -427,6 +427,34 @@ class ServicesTest(Tmp):
         with open(self.path("state", "systemctl.log")) as f:
             return [line.split() for line in f]
 
+    def test_unit_file_enable_disable(self):
+        units = self.path("units")
+        os.makedirs(units)
+        with open(os.path.join(units, "kflash.service"), "w") as f:
+            f.write("[Service]\nType=notify\nExecStart=/usr/local/bin/kflash daemon\n"
+                    "[Install]\nWantedBy=multi-user.target\n")
+        env = dict(self.env, KFLASH_RIG_UNIT_DIR=units)
+        ctl = lambda *a: run([SYSTEMCTL] + list(a), env=env, check=False)  # noqa: E731
+        link = os.path.join(units, "multi-user.target.wants", "kflash.service")
+        self.assertEqual((ctl("is-enabled", "kflash").returncode, ctl("is-enabled", "kflash").stdout),
+                         (1, "disabled\n"))
+        self.assertEqual(ctl("daemon-reload").returncode, 0)
+        p = ctl("enable", "--now", "kflash.service")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("Created symlink " + link, p.stderr)
+        self.assertIn("is not run", p.stderr)
+        self.assertEqual(os.readlink(link), os.path.join(units, "kflash.service"))
+        self.assertEqual(ctl("is-enabled", "kflash").stdout, "enabled\n")
+        self.assertEqual(ctl("is-active", "kflash").returncode, 3)  # never pretends to run it
+        p = ctl("disable", "--now", "kflash")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertFalse(os.path.lexists(link))
+        self.assertFalse(os.path.exists(os.path.dirname(link)))
+        self.assertEqual([w[1:] for w in self.log_lines()],
+                         [["daemon-reload", "-"], ["enable", "kflash"], ["start-not-run", "kflash"],
+                          ["disable", "kflash"], ["stop", "kflash"]])
+        self.assertEqual(ctl("enable", "nosuch").returncode, 1)
+
     def test_stop_start_log_and_state(self):
         self.ctl("rig-register", "klipper", "active", check=True)
         self.assertFalse(os.path.exists(self.path("state", "systemctl.log")))
