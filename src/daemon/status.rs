@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::hotplug::{Action, Board, BoardEvent};
 use crate::identity::Mode;
 use crate::moonraker::McuStatus;
+pub use crate::moonraker_link::KlippyState;
 use crate::registry::BoardEntry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -64,33 +65,6 @@ pub struct BoardStatus {
     pub in_printer_cfg: bool,
 }
 
-/// Klippy's state, as Moonraker pushes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum KlippyState {
-    /// Moonraker is not reachable.
-    Unknown,
-    Disconnected,
-    Startup,
-    Ready,
-    Shutdown,
-    Error,
-}
-
-impl KlippyState {
-    /// Moonraker's `klippy_state` string.
-    pub fn parse(s: &str) -> KlippyState {
-        match s {
-            "disconnected" => KlippyState::Disconnected,
-            "startup" => KlippyState::Startup,
-            "ready" => KlippyState::Ready,
-            "shutdown" => KlippyState::Shutdown,
-            "error" => KlippyState::Error,
-            _ => KlippyState::Unknown,
-        }
-    }
-}
-
 /// The whole picture, as `kflash status --json` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Status {
@@ -104,6 +78,35 @@ pub struct Status {
     pub rom_bootloaders: Vec<Board>,
     /// Why the registry on disk is not the one in use (a broken edit), if it is not.
     pub registry_error: Option<String>,
+}
+
+impl Status {
+    /// The status in a few lines, for the printer's console (`KFLASH_STATUS`).
+    pub fn console_lines(&self) -> Vec<String> {
+        let host = self.host_version.as_deref().unwrap_or("unknown (the Klipper tree is not a git checkout)");
+        let mut lines = vec![format!("kflash: host Klipper {host}")];
+        for b in &self.boards {
+            let what = match b.state {
+                FirmwareState::Current => format!("current ({})", b.version.as_deref().unwrap_or("?")),
+                FirmwareState::Outdated => format!(
+                    "OUTDATED: runs {} ({})",
+                    b.version.as_deref().unwrap_or("?"),
+                    b.relation.as_deref().unwrap_or("another version")
+                ),
+                FirmwareState::Unknown => "connected, version not known yet".into(),
+                FirmwareState::Bootloader => {
+                    format!("in its bootloader ({})", b.mode.map(|m| m.as_str()).unwrap_or("?"))
+                }
+                FirmwareState::Missing => "not connected".into(),
+            };
+            lines.push(format!("kflash: {} ({}): {what}", b.name, b.key));
+        }
+        let outdated = self.boards.iter().filter(|b| b.state == FirmwareState::Outdated).count();
+        if outdated > 0 {
+            lines.push(format!("kflash: {outdated} board(s) to flash: run KFLASH_FLASH_ALL or `kflash flash-all`"));
+        }
+        lines
+    }
 }
 
 /// Something worth announcing: a change the status alone would not make loud.
@@ -374,6 +377,10 @@ impl Tracker {
             t.registry_error = Some(error);
             Vec::new()
         })
+    }
+
+    pub fn host_version_str(&self) -> Option<&str> {
+        self.host_version.as_deref()
     }
 
     pub fn host_version(&mut self, version: Option<String>) -> Vec<Notice> {
