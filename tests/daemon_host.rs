@@ -42,7 +42,12 @@ async fn start() -> Daemon {
     )
     .unwrap();
     let settings = std::fs::read_to_string(cfg.join("settings.toml")).unwrap();
-    let extra = format!("moonraker_url = \"{}\"\n", support::closed_port_url());
+    // Nothing listens at either of Moonraker's addresses.
+    let extra = format!(
+        "moonraker_url = \"{}\"\nmoonraker_socket = \"{}\"\n",
+        support::closed_port_url(),
+        root.path().join("comms/moonraker.sock").display()
+    );
     std::fs::write(cfg.join("settings.toml"), settings + &extra).unwrap();
     let reg = Registry::open(&cfg).unwrap();
     let (source, script) =

@@ -96,6 +96,30 @@ impl Daemon {
     }
 }
 
+/// A line of the printer's console (Moonraker's gcode store) containing `needle`, within
+/// `secs` (Moonraker pushes nothing over HTTP: asked again until then).
+fn console_line_with(needle: &str, secs: u64) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let store = moonraker_get("/server/gcode_store?count=100");
+        let lines: Vec<String> = store["result"]["gcode_store"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l["message"].as_str().map(String::from))
+            .collect();
+        if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no console line with {needle:?}; the console:\n{}",
+            lines.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn board<'a>(status: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
     status["boards"].as_array().unwrap().iter().find(|b| b["key"] == key).unwrap_or_else(|| panic!("{status}"))
 }
@@ -129,6 +153,21 @@ fn the_daemon_reports_board_states_reloads_on_sighup_and_stops_on_sigterm() {
     let unregistered: Vec<&str> =
         s["unregistered"].as_array().unwrap().iter().map(|b| b["serial"].as_str().unwrap()).collect();
     assert!(unregistered.contains(&NITEHAWK.2) && unregistered.contains(&EBB.2), "{s}");
+
+    // Through the real Moonraker: the agent is listed, the README's KFLASH_STATUS macro (in the
+    // real Klippy's printer.cfg) answers in the console, and front ends get the status as JSON.
+    let agents = moonraker_get("/server/extensions/list");
+    let names: Vec<&str> =
+        agents["result"]["agents"].as_array().unwrap().iter().filter_map(|a| a["name"].as_str()).collect();
+    assert!(names.contains(&"kflash"), "{agents}");
+    moonraker_post("/printer/gcode/script?script=KFLASH_STATUS");
+    let line = console_line_with("kflash: octopus (octopus): OUTDATED", 20);
+    eprintln!("KFLASH_STATUS answered in the console: {line}");
+    let req = moonraker_post_json(
+        "/server/extensions/request",
+        &serde_json::json!({"agent": "kflash", "method": "kflash_status"}),
+    );
+    assert_eq!(board(&req["result"], OCTOPUS.0)["state"], "outdated", "{req}");
 
     // A board nobody holds appears: the daemon reads its version itself, within 1 s of the bind.
     let sub = Subscription::new(&d.socket);

@@ -27,9 +27,14 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 use crate::hotplug::{Board, Hotplug};
 use crate::moonraker::{McuStatus, Moonraker};
+use crate::moonraker_link::{self, BoardEvent, CallError, LinkConfig, LinkEvent, LinkHandle, MethodCall};
 use crate::registry::Registry;
 use socket::Ask;
 use status::{KlippyState, Notice, Tracker};
+
+/// The remote methods the daemon offers printer.cfg macros and front ends.
+pub const STATUS_METHOD: &str = "kflash_status";
+pub const FLASH_ALL_METHOD: &str = "kflash_flash_all";
 
 /// How long identify may take on a board that just appeared.
 const IDENTIFY_DEADLINE: Duration = Duration::from_secs(5);
@@ -117,6 +122,26 @@ async fn identify_if_free(board: &Board, state_dir: &Path) -> Option<std::result
     Some(read.map(|d| d.version).map_err(|e| e.to_string()))
 }
 
+/// The agent event a notice is worth, for Moonraker's front ends.
+fn agent_event(n: &Notice, host: Option<&str>) -> Option<BoardEvent> {
+    let Notice::Board { status: s } = n else { return None };
+    match s.state {
+        status::FirmwareState::Outdated => {
+            let (host, board) = (host?.to_string(), s.version.clone()?);
+            let commits_apart = match crate::version::relation(&host, &board) {
+                crate::version::Relation::Behind(n) | crate::version::Relation::Ahead(n) => Some(n as u64),
+                _ => None,
+            };
+            Some(BoardEvent::Outdated { board: s.key.clone(), host_version: host, board_version: board, commits_apart })
+        }
+        status::FirmwareState::Bootloader => Some(BoardEvent::StuckInBootloader {
+            board: s.key.clone(),
+            bootloader: s.mode.map(|m| m.as_str().to_string()).unwrap_or_default(),
+        }),
+        _ => None,
+    }
+}
+
 /// Log a notice for the journal.
 fn log_notice(n: &Notice) {
     use status::FirmwareState as F;
@@ -171,14 +196,93 @@ struct Daemon {
     identifying: BTreeSet<String>,
     mr: Moonraker,
     klippy_tx: mpsc::Sender<KlippyUpdate>,
+    /// The Moonraker agent connection, and Klippy's state as it pushes it.
+    link: LinkHandle,
+    pushed: tokio::sync::watch::Receiver<KlippyState>,
 }
 
 impl Daemon {
     fn tell(&self, notices: Vec<Notice>) {
         for n in notices {
             log_notice(&n);
+            if let Some(event) = agent_event(&n, self.tracker.host_version_str()) {
+                let link = self.link.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = link.send_event(&event).await {
+                        tracing::debug!("agent event {} not sent: {e}", event.name());
+                    }
+                });
+            }
             // No subscriber is fine.
             let _ = self.notices.send(n);
+        }
+    }
+
+    /// What Moonraker said about Klippy (an answer to our own question): taken unless the
+    /// link's pushes say Klippy has moved on since.
+    fn klippy_update(&mut self, update: KlippyUpdate) {
+        let pushed = *self.pushed.borrow();
+        if pushed != KlippyState::Unknown && pushed != update.state {
+            tracing::debug!(?update.state, ?pushed, "a stale answer about Klippy: ignored");
+            return;
+        }
+        let n = self.tracker.klippy_state(update.state, update.mcus);
+        self.tell(n);
+        self.identify_unknown();
+    }
+
+    fn link_event(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected { .. } => tracing::info!("connected to Moonraker as the kflash agent"),
+            LinkEvent::Disconnected { reason } => {
+                tracing::info!("Moonraker went away ({reason}); watching USB meanwhile");
+                let n = self.tracker.klippy_state(KlippyState::Unknown, Vec::new());
+                self.tell(n);
+            }
+            LinkEvent::Problem(p) => tracing::warn!("Moonraker: {p}"),
+            // Ready: what Klippy read from its MCUs is asked for; the rest says it all.
+            LinkEvent::Klippy(KlippyState::Ready) => self.ask_klippy(),
+            LinkEvent::Klippy(state) => {
+                let n = self.tracker.klippy_state(state, Vec::new());
+                self.tell(n);
+                self.identify_unknown();
+            }
+        }
+    }
+
+    /// A printer.cfg macro or a front end called one of the daemon's methods.
+    fn method_call(&self, call: MethodCall) {
+        match call.method.as_str() {
+            STATUS_METHOD => {
+                let status = self.tracker.status();
+                if call.expects_answer() {
+                    call.answer(serde_json::to_value(&status).map_err(|e| CallError::failed(e.to_string())));
+                } else {
+                    let (link, text) = (self.link.clone(), status.console_lines().join("\n"));
+                    tokio::spawn(async move {
+                        if let Err(e) = link.respond(&text).await {
+                            tracing::warn!("the status could not be shown in the printer's console: {e}");
+                        }
+                    });
+                }
+            }
+            FLASH_ALL_METHOD => {
+                let text = "kflash: flashing from the printer's console is not available in this version; run \
+                            `kflash flash-all` on the printer's host";
+                tracing::warn!("{FLASH_ALL_METHOD} was called: {text}");
+                if call.expects_answer() {
+                    call.answer(Err(CallError::failed(text)));
+                } else {
+                    let link = self.link.clone();
+                    tokio::spawn(async move {
+                        let _ = link.respond(text).await;
+                    });
+                }
+            }
+            other => {
+                let other = other.to_string();
+                call.answer(Err(CallError::unknown_method(&other)));
+            }
         }
     }
 
@@ -296,6 +400,8 @@ pub async fn serve(
     let (identified_tx, mut identified) = mpsc::channel(64);
     let (klippy_tx, mut klippy) = mpsc::channel(16);
     let mr = Moonraker::from_settings(&reg.settings);
+    let config = LinkConfig::new(reg.settings.moonraker_socket(), &[STATUS_METHOD, FLASH_ALL_METHOD]);
+    let (link, mut inbox, link_task) = moonraker_link::spawn(config);
     let mut d = Daemon {
         dir: opts.config_dir.clone(),
         state_dir: opts.state_dir.clone(),
@@ -307,6 +413,8 @@ pub async fn serve(
         identifying: BTreeSet::new(),
         mr,
         klippy_tx,
+        link,
+        pushed: inbox.klippy.clone(),
     };
     // The first contact with Moonraker, then ready.
     let first = ask_klippy(&d.mr).await;
@@ -322,6 +430,11 @@ pub async fn serve(
                 Ok(ev) => {
                     let n = d.tracker.board_event(&ev);
                     d.tell(n);
+                    if ev.board.key.is_some() && ev.action != crate::hotplug::Action::Removed {
+                        // Klippy's errors at its start are not pushed: ask (answered as a push).
+                        let link = d.link.clone();
+                        tokio::spawn(async move { link.refresh_klippy().await });
+                    }
                     d.identify_unknown();
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -344,10 +457,9 @@ pub async fn serve(
                     Err(why) => tracing::debug!(%syspath, "no version from identify: {why}"),
                 }
             }
-            Some(update) = klippy.recv() => {
-                let n = d.tracker.klippy_state(update.state, update.mcus);
-                d.tell(n);
-            }
+            Some(update) = klippy.recv() => d.klippy_update(update),
+            Some(event) = inbox.events.recv() => d.link_event(event),
+            Some(call) = inbox.calls.recv() => d.method_call(call),
             Some(ask) = asks.recv() => match ask {
                 Ask::Status(tx) => { let _ = tx.send(d.tracker.status()); }
                 Ask::Subscribe(tx) => { let _ = tx.send((d.tracker.status(), d.notices.subscribe())); }
@@ -364,5 +476,6 @@ pub async fn serve(
     };
     server.abort();
     let _ = std::fs::remove_file(&path);
+    link_task.shutdown().await;
     result
 }

@@ -80,6 +80,35 @@ pub struct Status {
     pub registry_error: Option<String>,
 }
 
+impl Status {
+    /// The status in a few lines, for the printer's console (`KFLASH_STATUS`).
+    pub fn console_lines(&self) -> Vec<String> {
+        let host = self.host_version.as_deref().unwrap_or("unknown (the Klipper tree is not a git checkout)");
+        let mut lines = vec![format!("kflash: host Klipper {host}")];
+        for b in &self.boards {
+            let what = match b.state {
+                FirmwareState::Current => format!("current ({})", b.version.as_deref().unwrap_or("?")),
+                FirmwareState::Outdated => format!(
+                    "OUTDATED: runs {} ({})",
+                    b.version.as_deref().unwrap_or("?"),
+                    b.relation.as_deref().unwrap_or("another version")
+                ),
+                FirmwareState::Unknown => "connected, version not known yet".into(),
+                FirmwareState::Bootloader => {
+                    format!("in its bootloader ({})", b.mode.map(|m| m.as_str()).unwrap_or("?"))
+                }
+                FirmwareState::Missing => "not connected".into(),
+            };
+            lines.push(format!("kflash: {} ({}): {what}", b.name, b.key));
+        }
+        let outdated = self.boards.iter().filter(|b| b.state == FirmwareState::Outdated).count();
+        if outdated > 0 {
+            lines.push(format!("kflash: {outdated} board(s) to flash: run KFLASH_FLASH_ALL or `kflash flash-all`"));
+        }
+        lines
+    }
+}
+
 /// Something worth announcing: a change the status alone would not make loud.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "notice", rename_all = "kebab-case")]
@@ -348,6 +377,10 @@ impl Tracker {
             t.registry_error = Some(error);
             Vec::new()
         })
+    }
+
+    pub fn host_version_str(&self) -> Option<&str> {
+        self.host_version.as_deref()
     }
 
     pub fn host_version(&mut self, version: Option<String>) -> Vec<Notice> {

@@ -50,18 +50,26 @@ impl SocketWatch {
         &self.socket
     }
 
-    /// Watch the socket's directory, or its nearest existing ancestor.
+    /// Watch the socket's directory, or its nearest existing ancestor. Watching the same
+    /// directory again keeps its watch: removing it would queue an IN_IGNORED, which would
+    /// rearm again, and so on for ever.
     fn arm(&mut self) -> io::Result<()> {
-        if let Some((_, wd)) = self.watched.take() {
-            // Gone already when the directory was removed; nothing to undo then.
-            let _ = self.fd.get_ref().0.rm_watch(wd);
-        }
         let mut dir = self.socket.parent().unwrap_or(Path::new("/")).to_path_buf();
         loop {
+            if let Some((watched, _)) = &self.watched {
+                if *watched == dir && dir.is_dir() {
+                    return Ok(());
+                }
+            }
             match self.fd.get_ref().0.add_watch(&dir, DIR_EVENTS) {
                 Ok(wd) => {
                     tracing::debug!(dir = %dir.display(), "watching for {}", self.socket.display());
-                    self.watched = Some((dir, wd));
+                    if let Some((_, old)) = self.watched.replace((dir, wd)) {
+                        if old != wd {
+                            // Gone already when the directory was removed; nothing to undo then.
+                            let _ = self.fd.get_ref().0.rm_watch(old);
+                        }
+                    }
                     return Ok(());
                 }
                 Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => match dir.parent() {
@@ -90,14 +98,20 @@ impl SocketWatch {
             let watching_parent = self.watched.as_ref().map(|(d, _)| Some(d) == parent.as_ref()).unwrap_or(false);
             let mut rearm = false;
             let mut hit = false;
+            let current = self.watched.as_ref().map(|(_, wd)| *wd);
             for ev in &events {
                 if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                     // Events were lost: the socket may have appeared among them.
                     hit = true;
+                } else if Some(ev.wd) != current {
+                    // A watch given up when rearming (its IN_IGNORED among them).
+                    continue;
                 } else if ev
                     .mask
                     .intersects(AddWatchFlags::IN_IGNORED | AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF)
                 {
+                    // The watched directory went (or moved): its watch is dead, so start afresh.
+                    self.watched = None;
                     rearm = true;
                 } else if watching_parent {
                     hit |= ev.name.as_ref() == name.as_ref();
@@ -157,5 +171,37 @@ mod tests {
         assert!(woke.is_err(), "an unrelated file woke the watch");
         let _l = std::os::unix::net::UnixListener::bind(&socket).unwrap();
         tokio::time::timeout(Duration::from_secs(10), watch.changed()).await.expect("woken").unwrap();
+    }
+
+    /// Activity beside the missing directory makes it look again, once: it must not turn
+    /// into a loop of rearming (each removed watch queues an IN_IGNORED). The daemon's host
+    /// test hung on exactly that, its single-threaded runtime starved; here the watch runs
+    /// on a thread of its own, so a spin fails the test instead of hanging it.
+    #[test]
+    fn activity_in_an_ancestor_does_not_spin() {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let wakes = rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let socket = dir.path().join("comms/moonraker.sock");
+                let mut watch = SocketWatch::new(&socket).unwrap();
+                std::fs::create_dir(dir.path().join("run")).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir.path().join("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+                let mut wakes = 0;
+                let _ = tokio::time::timeout(Duration::from_millis(300), async {
+                    loop {
+                        watch.changed().await.unwrap();
+                        wakes += 1;
+                    }
+                })
+                .await;
+                wakes
+            });
+            let _ = done_tx.send(wakes);
+        });
+        let wakes = done.recv_timeout(Duration::from_secs(10)).expect("the watch spun instead of waiting");
+        assert_eq!(wakes, 0, "nothing the socket needs happened");
     }
 }

@@ -522,6 +522,25 @@ pub fn moonraker_post(path: &str) -> serde_json::Value {
     moonraker_request("POST", path, 30).unwrap_or_else(|e| panic!("POST {path}: {e}"))
 }
 
+/// `POST path` with a JSON body on Moonraker; the parsed JSON body.
+pub fn moonraker_post_json(path: &str, body: &serde_json::Value) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 7125)).expect("connect to Moonraker");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let json = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("POST {path}: Moonraker answered {resp:?}: {e}"))
+}
+
 pub fn moonraker_get(path: &str) -> serde_json::Value {
     try_moonraker_get(path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }

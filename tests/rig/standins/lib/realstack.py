@@ -61,7 +61,18 @@ def printer_cfg(state):
     gcodes = os.path.join(printer_data(), "gcodes")
     lines += ["[printer]", "kinematics: none", "max_velocity: 300", "max_accel: 3000", "",
               "[virtual_sdcard]", "path: %s" % gcodes, "", "[pause_resume]", "", "[display_status]", ""]
+    # kflash's macros, as the README gives them to paste.
+    lines += readme_macros()
     return "\n".join(lines)
+
+
+def readme_macros():
+    """The printer.cfg block of the README's "Mainsail and Fluidd" section, verbatim."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start = readme.index("<!-- kflash-macros -->")
+    block = readme[start:].split("```ini\n", 1)[1].split("```", 1)[0]
+    return block.splitlines() + [""]
 
 
 def moonraker_conf(state):
