@@ -116,6 +116,10 @@ pub enum Error {
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
 
+    /// The kflash daemon carried out the run, and it failed with this.
+    #[error("{}", .0.message)]
+    Daemon(crate::daemon::socket::ErrorDoc),
+
     /// flash-all: boards without a usable config (one line each).
     #[error("{} board(s) have no usable firmware config:\n  {}", .0.len(), .0.join("\n  "))]
     BoardsUnconfigured(Vec<String>),
@@ -172,6 +176,7 @@ impl Error {
             Error::Safety(e) => return e.help(),
             Error::Install(e) => e.help(),
             Error::PrinterBusy(_) => "wait for the print to finish (or cancel it), then run kflash again".into(),
+            Error::Daemon(doc) => return doc.help.clone(),
             Error::Interrupted(_) => {
                 "kflash started Klipper again if it had stopped it; a board interrupted mid-flash may be left in Katapult: run `kflash flash KEY` again".into()
             }
@@ -214,6 +219,8 @@ impl Error {
             Error::Safety(crate::safety::SafetyError::HaltedNotConfirmed { .. }) => "klippy-halted",
             Error::Install(e) => e.kind(),
             Error::Interrupted(_) => "interrupted",
+            // The daemon's own kind; leaked once, as the process ends with it.
+            Error::Daemon(doc) => Box::leak(doc.kind.clone().into_boxed_str()),
             Error::BoardsUnconfigured(_) => "boards-unconfigured",
             Error::BoardsFailed(_) => "boards-failed",
         }
@@ -244,6 +251,7 @@ impl Error {
             Error::Safety(e) => e.exit_code(),
             Error::Install(e) => e.exit_code(),
             Error::Interrupted(_) => exit::INTERRUPTED,
+            Error::Daemon(doc) => doc.exit_code,
             Error::BoardsUnconfigured(_) => exit::CONFIG,
             Error::BoardsFailed(_) => exit::FLASH,
         }

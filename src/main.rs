@@ -604,6 +604,26 @@ impl BuildDraw {
 }
 
 async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
+    let request = kflash::daemon::socket::Request::Flash(kflash::daemon::socket::FlashRequest {
+        key: a.key.clone(),
+        force: a.force,
+        method: a.method,
+        no_build: a.no_build,
+        skip_print_check: a.skip_print_check,
+        yes: a.yes,
+        config_dir: Some(dir.to_path_buf()),
+    });
+    let mut reporter = ui::batch::BatchReporter::new(a.yes, a.json, std::slice::from_ref(&a.key)).with_events(a.events);
+    if let Some(done) = hand_over(&request, &mut reporter).await? {
+        drop(reporter);
+        let HandedOver::Flashed(summary) = done else { unreachable!("a flash ends flashed or failed") };
+        if a.json {
+            print_json(&summary);
+        } else {
+            ui::print_flash_summary(&summary);
+        }
+        return Ok(());
+    }
     let reg = Registry::open(dir)?;
     reg.get(&a.key)?;
     let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
@@ -614,7 +634,6 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
         skip_print_check: a.skip_print_check,
         ..Default::default()
     };
-    let mut reporter = ui::batch::BatchReporter::new(a.yes, a.json, std::slice::from_ref(&a.key)).with_events(a.events);
     // A signal cancels the run, which starts Klipper again, records the attempt and ends
     // with `Error::Interrupted`. The handlers are installed when the run first waits.
     let signal = kflash::service::shutdown_signal();
@@ -631,6 +650,33 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
 
 async fn flash_all(dir: &std::path::Path, a: FlashAllArgs) -> Result<()> {
     use kflash::app::flash_all;
+    if !a.dry_run {
+        use std::io::IsTerminal;
+        let current = if a.all {
+            flash_all::CurrentBoards::Flash
+        } else if a.only_outdated || a.yes || a.json || !std::io::stdin().is_terminal() {
+            flash_all::CurrentBoards::Skip
+        } else {
+            flash_all::CurrentBoards::Ask
+        };
+        let request = kflash::daemon::socket::Request::FlashAll(kflash::daemon::socket::FlashAllRequest {
+            current,
+            parallel: a.parallel,
+            builds: a.builds.unwrap_or(0),
+            skip_unconfigured: a.skip_unconfigured,
+            no_build: a.no_build,
+            skip_print_check: a.skip_print_check,
+            yes: a.yes,
+            config_dir: Some(dir.to_path_buf()),
+        });
+        // The daemon's run has its own keys; the drawer learns them from the events.
+        let mut rep = ui::batch::BatchReporter::new(a.yes, a.json, &[]).boards_as_they_come().with_events(a.events);
+        if let Some(done) = hand_over(&request, &mut rep).await? {
+            drop(rep);
+            let HandedOver::FlashAll(report, error) = done else { unreachable!("a flash-all ends with its report") };
+            return flash_all_outcome(&a, report, error.map(Error::Daemon));
+        }
+    }
     let reg = Registry::open(dir)?;
     let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
     let mut plan = interruptible(flash_all::plan(&reg, &hp, a.skip_unconfigured)).await?;
@@ -676,6 +722,18 @@ async fn flash_all(dir: &std::path::Path, a: FlashAllArgs) -> Result<()> {
         drop(rep);
         report
     };
+    let mut report = report;
+    let error = report.error.take();
+    flash_all_outcome(&a, report, error)
+}
+
+/// Print a flash-all's report (run here or by the daemon) and end with its error.
+fn flash_all_outcome(
+    a: &FlashAllArgs,
+    mut report: kflash::app::flash_all::FlashAllReport,
+    error: Option<Error>,
+) -> Result<()> {
+    report.error = error;
     if a.json {
         let mut doc = serde_json::to_value(&report).expect("kflash's reports always serialize");
         if let Some(e) = &report.error {
@@ -691,6 +749,95 @@ async fn flash_all(dir: &std::path::Path, a: FlashAllArgs) -> Result<()> {
     match report.error {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// How a run handed to the daemon ended.
+enum HandedOver {
+    Flashed(kflash::app::flash::FlashSummary),
+    FlashAll(kflash::app::flash_all::FlashAllReport, Option<kflash::daemon::socket::ErrorDoc>),
+}
+
+/// When `kflash daemon` runs, it carries out flashes, so that only one process ever holds the
+/// flash lock and the Klipper guard: hand `request` over and draw its events and questions
+/// as if the run were here. `None`: no daemon (or one for another registry), run it here.
+/// `KFLASH_NO_DAEMON=1` runs it here regardless (the flash lock still keeps runs apart).
+async fn hand_over(
+    request: &kflash::daemon::socket::Request,
+    rep: &mut ui::batch::BatchReporter,
+) -> Result<Option<HandedOver>> {
+    use kflash::app::flash::Reporter;
+    use kflash::daemon::socket::{self, ErrorDoc, RunReply};
+    if std::env::var_os("KFLASH_NO_DAEMON").is_some_and(|v| !v.is_empty() && v != "0") {
+        return Ok(None);
+    }
+    let mut conn = match socket::hand_over(&registry::default_state_dir(), request).await {
+        None => return Ok(None),
+        Some(Ok(conn)) => conn,
+        Some(Err(e)) => {
+            tracing::warn!("the kflash daemon could not be asked ({e}); running here");
+            return Ok(None);
+        }
+    };
+    let daemon_error = |kind: &str, message: String, help: &str, exit_code: i32| {
+        Error::Daemon(ErrorDoc { kind: kind.into(), message, help: Some(help.into()), exit_code })
+    };
+    let mut cancelled = false;
+    loop {
+        let reply = tokio::select! {
+            biased;
+            sig = kflash::service::shutdown_signal(), if !cancelled => {
+                eprintln!("kflash: {sig}: the daemon cancels the run and starts Klipper again if it stopped it");
+                cancelled = true;
+                if let Err(e) = conn.cancel().await {
+                    tracing::warn!("the cancel could not be sent: {e}");
+                    return Err(Error::Interrupted(sig));
+                }
+                continue;
+            }
+            r = conn.next() => r.map_err(|e| Error::io("read from", &conn.socket, e))?,
+        };
+        match reply {
+            None => {
+                return Err(daemon_error(
+                    "daemon-gone",
+                    "the kflash daemon hung up during the run".into(),
+                    "see `journalctl -u kflash`; the daemon starts Klipper again when a run of its own ends in any way",
+                    kflash::error::exit::FAILURE,
+                ))
+            }
+            Some(RunReply::Accepted { run }) => {
+                eprintln!("kflash: {run} is carried out by the kflash daemon ({})", conn.socket.display())
+            }
+            Some(RunReply::Busy { message }) => {
+                return Err(daemon_error(
+                    "daemon-busy",
+                    message,
+                    "wait for that run to end, then run kflash again",
+                    kflash::error::exit::BUSY,
+                ))
+            }
+            Some(RunReply::Event { event }) => rep.event(&event),
+            Some(RunReply::Question { text }) => {
+                let answer = rep.confirm(&text).await;
+                conn.answer(answer).await.map_err(|e| Error::io("write to", &conn.socket, e))?;
+            }
+            Some(RunReply::Flashed { summary }) => return Ok(Some(HandedOver::Flashed(summary))),
+            Some(RunReply::FlashAllDone { report, error }) => return Ok(Some(HandedOver::FlashAll(report, error))),
+            Some(RunReply::Failed { error }) if error.kind == kflash::daemon::runs::OTHER_REGISTRY => {
+                eprintln!("kflash: {}; running here instead", error.message);
+                return Ok(None);
+            }
+            Some(RunReply::Failed { error }) => return Err(Error::Daemon(error)),
+            Some(RunReply::Error { message }) => {
+                return Err(daemon_error(
+                    "daemon-refused",
+                    message,
+                    "run kflash as the user the daemon runs as (or root)",
+                    kflash::error::exit::USAGE,
+                ))
+            }
+        }
     }
 }
 

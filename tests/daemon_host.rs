@@ -202,3 +202,81 @@ fn kflash_tree_version(cfg: &Path) -> String {
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
+
+/// Reply lines until one whose `reply` is `want`; the ones before it are returned too.
+async fn until(lines: &mut Lines, want: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let mut before = Vec::new();
+    loop {
+        let reply = next(lines).await;
+        if reply["reply"] == want {
+            return (reply, before);
+        }
+        assert!(
+            !matches!(reply["reply"].as_str(), Some("flashed" | "flash-all-done" | "failed" | "busy")),
+            "the run ended before `{want}`: {reply}"
+        );
+        before.push(reply);
+    }
+}
+
+/// A flash handed to the daemon: taken, its events streamed (to the client and to a
+/// subscriber), its question asked over the socket; a second run meanwhile is refused as
+/// busy; the answer "no" ends it refused, and then the daemon takes the next run. A cancel
+/// from the client ends a run as interrupted.
+#[tokio::test]
+async fn flashes_are_carried_out_one_at_a_time() {
+    let d = start().await;
+    let (mut sub, _keep_sub) = request(&d.socket, r#"{"request":"subscribe"}"#).await;
+    assert_eq!(next(&mut sub).await["reply"], "status");
+
+    let (mut run, mut run_w) = request(&d.socket, r#"{"request":"flash","key":"octopus"}"#).await;
+    let (accepted, _) = until(&mut run, "accepted").await;
+    assert_eq!(accepted["run"], "a flash of octopus");
+    // Moonraker is unreachable: the print gate asks whether to go on, through the client.
+    let (question, events) = until(&mut run, "question").await;
+    assert!(question["text"].as_str().unwrap().contains("print-safety check"), "{question}");
+    assert!(events.iter().all(|e| e["reply"] == "event"), "{events:?}");
+    assert!(events.iter().any(|e| e["event"]["event"] == "moonraker-down"), "{events:?}");
+    assert!(events.iter().any(|e| e["event"]["event"] == "print-check-started"), "{events:?}");
+
+    // Only one run at a time.
+    let (mut second, _w2) = request(&d.socket, r#"{"request":"flash-all"}"#).await;
+    let busy = next(&mut second).await;
+    assert_eq!(busy["reply"], "busy", "{busy}");
+    assert!(busy["message"].as_str().unwrap().contains("a flash of octopus"), "{busy}");
+
+    // The subscriber saw the same run's events.
+    let mut seen = Vec::new();
+    while seen.len() < events.len() {
+        let (e, _) = until(&mut sub, "event").await;
+        seen.push(e["event"].clone());
+    }
+    assert_eq!(seen, events.iter().map(|e| e["event"].clone()).collect::<Vec<_>>());
+
+    run_w.write_all(b"{\"answer\":false}\n").await.unwrap();
+    let (failed, _) = until(&mut run, "failed").await;
+    assert_eq!(failed["error"]["kind"], "moonraker-down", "{failed}");
+    assert!(failed["error"]["exit_code"].as_i64().unwrap() != 0, "{failed}");
+
+    // Free again: the next run is taken (and ends with its own error: octopus has no config).
+    let (mut third, _w3) = request(&d.socket, r#"{"request":"flash-all"}"#).await;
+    until(&mut third, "accepted").await;
+    let (failed, _) = until(&mut third, "failed").await;
+    assert_eq!(failed["error"]["kind"], "boards-unconfigured", "{failed}");
+
+    // A cancel from the client: the run ends interrupted.
+    let (mut fourth, mut w4) = request(&d.socket, r#"{"request":"flash","key":"octopus"}"#).await;
+    until(&mut fourth, "question").await;
+    w4.write_all(b"{\"cancel\":true}\n").await.unwrap();
+    let (failed, _) = until(&mut fourth, "failed").await;
+    assert_eq!(failed["error"]["kind"], "interrupted", "{failed}");
+
+    // A run for another registry is refused with a kind the CLI knows.
+    let other = serde_json::json!({"request": "flash", "key": "octopus", "config_dir": d.root.path().join("other")});
+    let (mut fifth, _w5) = request(&d.socket, &other.to_string()).await;
+    let (failed, _) = until(&mut fifth, "failed").await;
+    assert_eq!(failed["error"]["kind"], kflash::daemon::runs::OTHER_REGISTRY, "{failed}");
+
+    d.control.send(Control::Stop("test")).await.unwrap();
+    d.task.await.unwrap().unwrap();
+}

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant as StdInstant;
 
 use futures::future::LocalBoxFuture;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::flash_effects::{BoardWork, FlashEffects, SharedReporter};
@@ -57,7 +57,7 @@ pub struct FlashOptions {
     pub tree: Option<std::sync::Arc<crate::firmware::TreeStamp>>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timings {
     pub build: Option<f64>,
     pub bootloader: Option<f64>,
@@ -68,7 +68,7 @@ pub struct Timings {
     pub total: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FlashSummary {
     pub board: String,
     pub method: FlashMethod,

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::flash::{method_for, method_order, FlashOptions, Reporter};
@@ -45,7 +45,7 @@ pub struct FlashAllOptions {
 }
 
 /// Why a registered board is not in the run.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "why", rename_all = "kebab-case")]
 pub enum LeftOut {
     /// `flashable = false` in the registry (`kflash set KEY --exclude`).
@@ -65,7 +65,7 @@ pub enum LeftOut {
     },
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeftOutBoard {
     pub key: String,
     pub name: String,
@@ -160,6 +160,40 @@ impl FlashAllPlan {
             self.left_out.push(LeftOutBoard { key: b.key, name: b.name, why: LeftOut::Current { version } });
         }
     }
+}
+
+/// What a flash-all does with boards that already run the host's version, when no
+/// `--all` / `--only-outdated` said so on a command line that could ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CurrentBoards {
+    /// Flash them too (`--all`).
+    Flash,
+    /// Leave them out (`--only-outdated`, and the answer when nobody can be asked).
+    #[default]
+    Skip,
+    /// Ask through the reporter; an unanswered question leaves them out.
+    Ask,
+}
+
+/// Settle what happens to the current boards of `plan`: `true` flashes them too; otherwise
+/// they are left out of the plan (listed as current).
+pub async fn settle_current(plan: &mut FlashAllPlan, policy: CurrentBoards, rep: &mut dyn Reporter) -> bool {
+    let current: Vec<String> = plan.current().map(|b| b.key.clone()).collect();
+    let flash = match policy {
+        CurrentBoards::Flash => true,
+        CurrentBoards::Skip => false,
+        CurrentBoards::Ask if current.is_empty() => false,
+        CurrentBoards::Ask => {
+            let host = plan.host_version.clone().unwrap_or_default();
+            let who = if plan.all_current() { "All boards".to_string() } else { current.join(", ") };
+            rep.confirm(&format!("{who} already run {host}. Flash them anyway?")).await
+        }
+    };
+    if !flash {
+        plan.drop_current();
+    }
+    flash
 }
 
 /// Plan a flash-all: the registry's boards as connected now, and what Klippy says they run.
@@ -274,7 +308,7 @@ pub fn build_budget(boards: usize, requested: usize, jobs_setting: u32) -> (usiz
 }
 
 /// The outcome of a flash-all, for the table and `--json`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct FlashAllReport {
     /// Every planned board passed, and Klipper runs again if it was stopped.
     pub ok: bool,
@@ -289,17 +323,17 @@ pub struct FlashAllReport {
 }
 
 /// One board's line of the summary.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BoardRow {
     pub key: String,
     pub name: String,
     /// `cached`, `built`, `failed` or `not-built`.
-    pub build: &'static str,
+    pub build: String,
     /// `flashed`, `up-to-date`, `failed`, `left-in-bootloader` or `not-flashed`.
-    pub flash: &'static str,
+    pub flash: String,
     /// `verified` (read back from the board, and Klipper's own view where it could be had),
     /// `unconfirmed` (the board runs it; Klipper could not say), `failed` or `not-checked`.
-    pub verify: &'static str,
+    pub verify: String,
     pub version_before: Option<String>,
     pub version_after: Option<String>,
     /// The board's own time inside Klipper's stop: bootloader, write, reconnect and identify.
@@ -452,9 +486,9 @@ fn row(r: &BoardReport, p: &PlanBoard, error: Option<String>, help: Option<Strin
     BoardRow {
         key: r.key.clone(),
         name: p.name.clone(),
-        build,
-        flash,
-        verify,
+        build: build.to_string(),
+        flash: flash.to_string(),
+        verify: verify.to_string(),
         version_before: r.version_before.clone().or_else(|| p.running.clone()),
         version_after: r.version_after.clone(),
         seconds,

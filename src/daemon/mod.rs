@@ -14,6 +14,7 @@
 //! source failing ends it with an error, so systemd restarts it.
 
 pub mod holders;
+pub mod runs;
 pub mod socket;
 pub mod status;
 
@@ -38,6 +39,8 @@ pub const FLASH_ALL_METHOD: &str = "kflash_flash_all";
 
 /// How long identify may take on a board that just appeared.
 const IDENTIFY_DEADLINE: Duration = Duration::from_secs(5);
+/// Run events buffered per subscriber before it is told it lagged (a build's output is many).
+const RUN_EVENT_BUFFER: usize = 1024;
 /// Notices buffered per subscriber before it is told it lagged.
 const NOTICE_BUFFER: usize = 256;
 
@@ -188,7 +191,13 @@ struct Daemon {
     dir: PathBuf,
     state_dir: PathBuf,
     reg: Registry,
-    hp: Hotplug,
+    hp: std::sync::Arc<Hotplug>,
+    /// The run under way: what it is, and the end of its thread.
+    run: Option<(String, tokio::sync::oneshot::Receiver<runs::LastWord>)>,
+    /// Every run's events, for subscribers.
+    run_events: broadcast::Sender<crate::event::Event>,
+    /// Tells a run the daemon is stopping.
+    stopping: tokio::sync::watch::Sender<bool>,
     tracker: Tracker,
     notices: broadcast::Sender<Notice>,
     identified_tx: mpsc::Sender<(String, std::result::Result<String, String>)>,
@@ -251,7 +260,7 @@ impl Daemon {
     }
 
     /// A printer.cfg macro or a front end called one of the daemon's methods.
-    fn method_call(&self, call: MethodCall) {
+    fn method_call(&mut self, call: MethodCall) {
         match call.method.as_str() {
             STATUS_METHOD => {
                 let status = self.tracker.status();
@@ -267,23 +276,70 @@ impl Daemon {
                 }
             }
             FLASH_ALL_METHOD => {
-                let text = "kflash: flashing from the printer's console is not available in this version; run \
-                            `kflash flash-all` on the printer's host";
-                tracing::warn!("{FLASH_ALL_METHOD} was called: {text}");
                 if call.expects_answer() {
-                    call.answer(Err(CallError::failed(text)));
-                } else {
+                    // A front end's request: it cannot answer the run's questions or see its
+                    // progress here; the printer's console can.
+                    call.answer(Err(CallError::failed(
+                        "call kflash_flash_all from a printer.cfg macro (action_call_remote_method), or run `kflash flash-all` on the printer's host",
+                    )));
+                    return;
+                }
+                if let Some((what, _)) = &self.run {
+                    let text = format!("kflash: busy: {what} is running; try again when it has ended");
                     let link = self.link.clone();
                     tokio::spawn(async move {
-                        let _ = link.respond(text).await;
+                        let _ = link.respond(&text).await;
                     });
+                    return;
                 }
+                tracing::info!("flash-all asked from the printer's console");
+                let run = runs::for_console(self.run_context(), self.link.clone());
+                self.run = Some(("a flash-all asked from the printer's console".into(), run));
             }
             other => {
                 let other = other.to_string();
                 call.answer(Err(CallError::unknown_method(&other)));
             }
         }
+    }
+
+    fn run_context(&self) -> runs::RunContext {
+        runs::RunContext {
+            reg: self.reg.clone(),
+            config_dir: self.dir.clone(),
+            state_dir: self.state_dir.clone(),
+            hp: self.hp.clone(),
+            events: self.run_events.clone(),
+            stop: self.stopping.subscribe(),
+        }
+    }
+
+    /// A socket client hands over a flash or flash-all: taken unless one is under way.
+    fn ask_run(&mut self, request: socket::RunRequest, client: socket::RunClient) {
+        if let Some((what, _)) = &self.run {
+            let message =
+                format!("kflash is busy: {what} is running in the kflash daemon; wait for it to end (`kflash status`)");
+            tracing::info!(uid = client.uid, "a run was refused: {message}");
+            let _ = client.replies.send(socket::Reply::Busy { message });
+            return;
+        }
+        let what = runs::describe(&request);
+        tracing::info!(uid = client.uid, "{what} handed over through the socket");
+        let _ = client.replies.send(socket::Reply::Accepted { run: what.clone() });
+        let run = runs::for_client(self.run_context(), request, client);
+        self.run = Some((what, run));
+    }
+
+    /// A run ended: versions learnt while it held the flash lock can be asked for now.
+    fn run_ended(&mut self, last: runs::LastWord) {
+        if let Some((what, _)) = self.run.take() {
+            tracing::info!("{what} ended");
+        }
+        if let Some((client, reply)) = last {
+            let _ = client.send(reply);
+        }
+        self.ask_klippy();
+        self.identify_unknown();
     }
 
     /// Identify the registered boards whose version is unknown, each once at a time.
@@ -332,6 +388,15 @@ impl Daemon {
                 self.tell(n);
             }
         }
+    }
+}
+
+/// The run under way, to the end (only polled when there is one).
+async fn run_of(run: &mut Option<(String, tokio::sync::oneshot::Receiver<runs::LastWord>)>) -> runs::LastWord {
+    match run {
+        // Err: the thread ended without a word (a panic); over all the same.
+        Some((_, over)) => over.await.unwrap_or(None),
+        None => std::future::pending().await,
     }
 }
 
@@ -406,7 +471,7 @@ pub async fn serve(
         dir: opts.config_dir.clone(),
         state_dir: opts.state_dir.clone(),
         reg,
-        hp,
+        hp: std::sync::Arc::new(hp),
         tracker,
         notices: broadcast::channel(NOTICE_BUFFER).0,
         identified_tx,
@@ -415,6 +480,9 @@ pub async fn serve(
         klippy_tx,
         link,
         pushed: inbox.klippy.clone(),
+        run: None,
+        run_events: broadcast::channel(RUN_EVENT_BUFFER).0,
+        stopping: tokio::sync::watch::channel(false).0,
     };
     // The first contact with Moonraker, then ready.
     let first = ask_klippy(&d.mr).await;
@@ -462,12 +530,24 @@ pub async fn serve(
             Some(call) = inbox.calls.recv() => d.method_call(call),
             Some(ask) = asks.recv() => match ask {
                 Ask::Status(tx) => { let _ = tx.send(d.tracker.status()); }
-                Ask::Subscribe(tx) => { let _ = tx.send((d.tracker.status(), d.notices.subscribe())); }
+                Ask::Subscribe(tx) => {
+                    let _ = tx.send((d.tracker.status(), d.notices.subscribe(), d.run_events.subscribe()));
+                }
+                Ask::Run(request, client) => d.ask_run(request, client),
             },
+            last = run_of(&mut d.run), if d.run.is_some() => d.run_ended(last),
             c = control.recv() => match c {
                 Some(Control::Reload) => d.reload().await,
                 Some(Control::Stop(why)) => {
                     tracing::info!("{why}: stopping");
+                    if let Some((what, run)) = d.run.take() {
+                        // Cancelled like a Ctrl-C: Klipper is started again before the end.
+                        tracing::warn!("{what} is cancelled because the daemon stops");
+                        let _ = d.stopping.send(true);
+                        if let Ok(Some((client, reply))) = run.await {
+                            let _ = client.send(reply);
+                        }
+                    }
                     break Ok(());
                 }
                 None => break Ok(()),

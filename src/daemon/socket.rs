@@ -2,7 +2,15 @@
 //!
 //! A client writes one request line, e.g. `{"request":"status"}` or
 //! `{"request":"subscribe"}`, and reads [`Reply`] lines: one `status` for `status`; for
-//! `subscribe`, the status and then every notice as it happens, until it hangs up.
+//! `subscribe`, the status and then every notice and run event as it happens, until it hangs
+//! up.
+//!
+//! `flash` and `flash-all` hand a run to the daemon, so only one process ever holds the flash
+//! lock and the Klipper guard. The daemon answers `accepted` (or `busy` when a run is under
+//! way), then the run's `event`s and `question`s; the client answers each question with
+//! `{"answer":true|false}` and may send `{"cancel":true}` (or hang up) to cancel, which starts
+//! Klipper again as any cancelled run does. The last line is `flashed`, `flash-all-done` or
+//! `failed`.
 //!
 //! Access: the socket file is mode 0660 (the daemon's user and group), and every peer is
 //! checked with `SO_PEERCRED`: only root and the daemon's own user are served.
@@ -15,6 +23,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::status::{Notice, Status};
+use crate::app::flash::FlashSummary;
+use crate::app::flash_all::{CurrentBoards, FlashAllReport};
+use crate::event::Event;
+use crate::registry::FlashMethod;
 
 /// The socket's file name.
 pub const SOCKET_FILE: &str = "kflash.sock";
@@ -24,9 +36,64 @@ pub const SOCKET_FILE: &str = "kflash.sock";
 pub enum Request {
     Status,
     Subscribe,
+    Flash(FlashRequest),
+    FlashAll(FlashAllRequest),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// `kflash flash KEY`, carried out by the daemon.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FlashRequest {
+    pub key: String,
+    pub force: bool,
+    pub method: Option<FlashMethod>,
+    pub no_build: bool,
+    pub skip_print_check: bool,
+    /// Answer the run's questions yes without asking (never overrides safety).
+    pub yes: bool,
+    /// The client's config directory: the daemon refuses a run for another registry.
+    pub config_dir: Option<PathBuf>,
+}
+
+/// `kflash flash-all`, carried out by the daemon.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FlashAllRequest {
+    pub current: CurrentBoards,
+    /// Boards flashed at once (0: all of them, 1: one after another).
+    pub parallel: Option<usize>,
+    pub builds: usize,
+    pub skip_unconfigured: bool,
+    pub no_build: bool,
+    pub skip_print_check: bool,
+    pub yes: bool,
+    pub config_dir: Option<PathBuf>,
+}
+
+/// A client's line during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RunInput {
+    Answer { answer: bool },
+    Cancel { cancel: bool },
+}
+
+/// An error as the CLI prints it with `--json`, and exits with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDoc {
+    pub kind: String,
+    pub message: String,
+    pub help: Option<String>,
+    pub exit_code: i32,
+}
+
+impl From<&crate::error::Error> for ErrorDoc {
+    fn from(e: &crate::error::Error) -> ErrorDoc {
+        ErrorDoc { kind: e.kind().into(), message: e.to_string(), help: e.help(), exit_code: e.exit_code() }
+    }
+}
+
+#[derive(Debug, Serialize)]
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum Reply {
     Status {
@@ -42,13 +109,62 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// The run was taken; its events follow.
+    Accepted {
+        run: String,
+    },
+    /// Another run is under way: nothing was done.
+    Busy {
+        message: String,
+    },
+    Event {
+        event: Event,
+    },
+    /// Answer with `{"answer":true|false}`.
+    Question {
+        text: String,
+    },
+    Flashed {
+        summary: FlashSummary,
+    },
+    FlashAllDone {
+        report: FlashAllReport,
+        error: Option<ErrorDoc>,
+    },
+    Failed {
+        error: ErrorDoc,
+    },
+}
+
+impl Reply {
+    /// The last line of a run.
+    pub fn ends_run(&self) -> bool {
+        matches!(self, Reply::Busy { .. } | Reply::Flashed { .. } | Reply::FlashAllDone { .. } | Reply::Failed { .. })
+    }
+}
+
+/// A run handed to the daemon, and the way back to its client.
+pub struct RunClient {
+    /// Who asked, for the log.
+    pub uid: u32,
+    pub replies: mpsc::UnboundedSender<Reply>,
+    pub answers: mpsc::UnboundedReceiver<bool>,
+    /// Resolves (or is dropped) when the client cancels or hangs up.
+    pub cancel: oneshot::Receiver<()>,
+}
+
+pub enum RunRequest {
+    Flash(FlashRequest),
+    FlashAll(FlashAllRequest),
 }
 
 /// What a connection asks the daemon's loop, which owns the state.
 pub enum Ask {
     Status(oneshot::Sender<Status>),
     /// The status and every notice after it, taken together so none falls in between.
-    Subscribe(oneshot::Sender<(Status, broadcast::Receiver<Notice>)>),
+    Subscribe(oneshot::Sender<(Status, broadcast::Receiver<Notice>, broadcast::Receiver<Event>)>),
+    /// Carry out a flash or flash-all (or answer `busy`).
+    Run(RunRequest, RunClient),
 }
 
 /// Where the daemon listens and clients look, most specific first: `$KFLASH_SOCKET`,
@@ -153,6 +269,11 @@ async fn connection(stream: UnixStream, asks: mpsc::Sender<Ask>) -> std::io::Res
         }
     };
     let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the daemon is stopping");
+    let request = match request {
+        Request::Flash(r) => return run(RunRequest::Flash(r), uid, asks, lines, w).await,
+        Request::FlashAll(r) => return run(RunRequest::FlashAll(r), uid, asks, lines, w).await,
+        other => other,
+    };
     match request {
         Request::Status => {
             let (tx, rx) = oneshot::channel();
@@ -160,10 +281,11 @@ async fn connection(stream: UnixStream, asks: mpsc::Sender<Ask>) -> std::io::Res
             let status = rx.await.map_err(|_| gone())?;
             send(&mut w, &Reply::Status { status }).await
         }
+        Request::Flash(_) | Request::FlashAll(_) => unreachable!("handed over above"),
         Request::Subscribe => {
             let (tx, rx) = oneshot::channel();
             asks.send(Ask::Subscribe(tx)).await.map_err(|_| gone())?;
-            let (status, mut notices) = rx.await.map_err(|_| gone())?;
+            let (status, mut notices, mut events) = rx.await.map_err(|_| gone())?;
             send(&mut w, &Reply::Status { status }).await?;
             loop {
                 tokio::select! {
@@ -172,10 +294,58 @@ async fn connection(stream: UnixStream, asks: mpsc::Sender<Ask>) -> std::io::Res
                         Err(broadcast::error::RecvError::Lagged(missed)) => send(&mut w, &Reply::Lagged { missed }).await?,
                         Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     },
+                    e = events.recv() => match e {
+                        Ok(event) => send(&mut w, &Reply::Event { event }).await?,
+                        Err(broadcast::error::RecvError::Lagged(missed)) => send(&mut w, &Reply::Lagged { missed }).await?,
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    },
                     // The client hung up (or wrote something): end the subscription.
                     l = lines.next_line() => if !matches!(l, Ok(Some(_))) { return Ok(()) },
                 }
             }
+        }
+    }
+}
+
+/// A run handed to the daemon: its replies out, the client's answers and cancel in.
+async fn run(
+    request: RunRequest,
+    uid: u32,
+    asks: mpsc::Sender<Ask>,
+    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the daemon is stopping");
+    let (replies, mut reply_rx) = mpsc::unbounded_channel();
+    let (answer_tx, answers) = mpsc::unbounded_channel();
+    let (cancel_tx, cancel) = oneshot::channel();
+    let client = RunClient { uid, replies, answers, cancel };
+    asks.send(Ask::Run(request, client)).await.map_err(|_| gone())?;
+    let mut cancel_tx = Some(cancel_tx);
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            reply = reply_rx.recv() => match reply {
+                Some(reply) => {
+                    send(&mut w, &reply).await?;
+                    if reply.ends_run() {
+                        return Ok(());
+                    }
+                }
+                // The daemon stopped without a last word.
+                None => return Err(gone()),
+            },
+            line = lines.next_line(), if reading => match line {
+                Ok(Some(line)) => match serde_json::from_str::<RunInput>(&line) {
+                    Ok(RunInput::Answer { answer }) => { let _ = answer_tx.send(answer); }
+                    Ok(RunInput::Cancel { .. }) => { cancel_tx.take().map(|tx| tx.send(())); }
+                    Err(e) => tracing::debug!("status socket: not a run input ({e}): {line}"),
+                },
+                // Done writing (perhaps a half-close): the replies still go out. A client
+                // that is gone fails the next write, which drops the receiver of the
+                // replies, and that cancels the run.
+                _ => reading = false,
+            },
         }
     }
 }
@@ -202,4 +372,66 @@ async fn read_status(stream: UnixStream) -> std::io::Result<serde_json::Value> {
         Some("status") => Ok(reply["status"].clone()),
         _ => Err(std::io::Error::other(reply["message"].as_str().unwrap_or("an unexpected reply").to_string())),
     }
+}
+
+/// A run's replies as a client reads them.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum RunReply {
+    Accepted { run: String },
+    Busy { message: String },
+    Event { event: Event },
+    Question { text: String },
+    Flashed { summary: FlashSummary },
+    FlashAllDone { report: FlashAllReport, error: Option<ErrorDoc> },
+    Failed { error: ErrorDoc },
+    Error { message: String },
+}
+
+/// The client's end of a run handed to the daemon.
+pub struct RunConnection {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    w: tokio::net::unix::OwnedWriteHalf,
+    pub socket: PathBuf,
+}
+
+impl RunConnection {
+    /// The next reply; `None` when the daemon hung up.
+    pub async fn next(&mut self) -> std::io::Result<Option<RunReply>> {
+        let Some(line) = self.lines.next_line().await? else { return Ok(None) };
+        serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}: {line}")))
+    }
+
+    pub async fn answer(&mut self, answer: bool) -> std::io::Result<()> {
+        self.write(&RunInput::Answer { answer }).await
+    }
+
+    /// Cancel the run: the daemon cancels it as Ctrl-C would, and still sends the last word.
+    pub async fn cancel(&mut self) -> std::io::Result<()> {
+        self.write(&RunInput::Cancel { cancel: true }).await
+    }
+
+    async fn write(&mut self, input: &RunInput) -> std::io::Result<()> {
+        let mut line = serde_json::to_string(input).expect("inputs serialize");
+        line.push('\n');
+        self.w.write_all(line.as_bytes()).await
+    }
+}
+
+/// Hand a run to a running daemon: `None` when no daemon answers at any candidate.
+pub async fn hand_over(state_dir: &Path, request: &Request) -> Option<std::io::Result<RunConnection>> {
+    for path in candidates(state_dir) {
+        let Ok(stream) = UnixStream::connect(&path).await else { continue };
+        let (r, mut w) = stream.into_split();
+        let mut line = serde_json::to_string(request).expect("requests serialize");
+        line.push('\n');
+        return Some(w.write_all(line.as_bytes()).await.map(|()| RunConnection {
+            lines: BufReader::new(r).lines(),
+            w,
+            socket: path,
+        }));
+    }
+    None
 }

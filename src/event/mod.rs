@@ -12,7 +12,7 @@ pub mod words;
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::firmware::Migration;
 use crate::orchestrator::{BoardState, Cause, RunState};
@@ -20,7 +20,7 @@ use crate::protocol::katapult::ConnectInfo;
 use crate::registry::FlashMethod;
 
 /// Something that happened. `board` is `None` for the run as a whole.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub board: Option<String>,
@@ -57,7 +57,7 @@ impl Progress for Vec<EventKind> {
 }
 
 /// Why Klipper's own view of the flashed boards was not checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NotChecked {
     MoonrakerDown,
@@ -65,7 +65,7 @@ pub enum NotChecked {
     KlipperLeftStopped,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum EventKind {
     // ---- the orchestrator's machine ------------------------------------------------------

@@ -17,7 +17,7 @@ use crate::kconfig::{self, assignments};
 use crate::registry::store;
 
 /// One option whose value olddefconfig changed. `None` is "not set".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Changed {
     pub key: String,
     pub old: Option<String>,
@@ -25,7 +25,7 @@ pub struct Changed {
 }
 
 /// What olddefconfig would do to a board's config.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Migration {
     /// New options, with the default they get.
     pub added: Vec<(String, Option<String>)>,

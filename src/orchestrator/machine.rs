@@ -95,7 +95,7 @@ pub struct PlannedBoard {
 }
 
 /// Where the run is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunState {
     /// Asking Moonraker whether Klipper may be stopped at all.
@@ -112,7 +112,7 @@ pub enum RunState {
 }
 
 /// The step a board failed in, in the order a board goes through them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     Preflight,
@@ -129,7 +129,7 @@ pub enum Phase {
 }
 
 /// Why a step failed. Data, not prose: front ends word it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "cause", rename_all = "kebab-case")]
 pub enum Cause {
     /// The run was interrupted (a signal, the user).
@@ -157,7 +157,7 @@ pub enum Cause {
 }
 
 /// Why Klipper's own view of a flashed board was not checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Unchecked {
     /// Moonraker could not be reached at the print check.
@@ -172,7 +172,7 @@ pub enum Unchecked {
 }
 
 /// Klipper's view of a flashed board.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "klipper", rename_all = "kebab-case")]
 pub enum KlipperView {
     /// Klipper has not been asked yet.
@@ -187,7 +187,7 @@ pub enum KlipperView {
 }
 
 /// Where a board is. The last five are terminal (with `Flashed` once Klipper's view is in).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum BoardState {
     Queued,

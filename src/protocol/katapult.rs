@@ -373,7 +373,7 @@ impl Command {
 }
 
 /// The CONNECT acknowledgement: what the bootloader says about itself.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConnectInfo {
     /// (major, minor, patch); current Katapult reports (1, 1, 0).
     pub proto_version: (u8, u8, u8),

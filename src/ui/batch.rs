@@ -28,6 +28,8 @@ pub struct BatchReporter {
     batch: bool,
     /// `--events`: the events themselves, as JSON lines, instead of lines and bars.
     events: bool,
+    /// Boards are added as their events arrive.
+    lazy: bool,
 }
 
 impl BatchReporter {
@@ -57,6 +59,25 @@ impl BatchReporter {
             width,
             batch,
             events: false,
+            lazy: false,
+        }
+    }
+
+    /// For a run whose boards are not known in advance (a flash-all the daemon plans): each
+    /// board gets its bar, or its key before its lines, when its first event arrives.
+    pub fn boards_as_they_come(mut self) -> Self {
+        self.batch = true;
+        self.lazy = true;
+        self
+    }
+
+    fn add_board(&mut self, key: &str) {
+        self.width = self.width.max(key.len());
+        if let Some(m) = &self.multi {
+            let bar = m.add(ProgressBar::new_spinner());
+            bar.set_style(spinner_style());
+            bar.set_prefix(format!("{key:>w$}", w = self.width));
+            self.bars.insert(key.to_string(), bar);
         }
     }
 
@@ -178,6 +199,11 @@ impl Reporter for BatchReporter {
                 Err(e) => tracing::warn!("an event could not be written as JSON: {e}"),
             }
             return;
+        }
+        if let Some(key) = event.board.as_deref() {
+            if self.lazy && !self.bars.contains_key(key) && self.multi.is_some() {
+                self.add_board(key);
+            }
         }
         if let Some(m) = &self.multi {
             // Drawing again after a question, if one hid the bars.
