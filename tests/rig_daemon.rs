@@ -196,11 +196,14 @@ fn the_daemon_reports_board_states_reloads_on_sighup_and_stops_on_sigterm() {
     );
     assert!(since_udev < 1.0, "the outdated board was reported {since_udev:.3} s after it appeared");
 
-    // Stuck in Katapult: reported as such, without a version.
+    // Stuck in Katapult: reported as such, without a version; auto_recover is off (the
+    // default), so nothing is written.
+    let stuck_events = EventLog::mark("daemon: cubic stuck");
     boardctl(&["reboot", MMB.0, "katapult"]);
     let (_, stuck) = sub.board_state(MMB.0, "bootloader", 30);
     assert_eq!((&stuck["mode"], &stuck["version"]), (&"katapult".into(), &serde_json::Value::Null), "{stuck}");
     process.wait_for_line("Cubic is in its bootloader", 10);
+    stuck_events.assert_not_written(MMB.0);
 
     // No daemon: `kflash status` checks once by itself, and says so.
     process.signal("TERM");
@@ -239,4 +242,96 @@ fn the_daemon_starts_klipper_left_stopped_by_an_interrupted_flash() {
     assert!(!rig.stop_marker().exists());
     daemon.signal("TERM");
     assert!(daemon.finish(30).0.success());
+}
+
+/// Flashing through the daemon. `KFLASH_FLASH_ALL` from the real printer's console during a
+/// real print is refused, says so in the console, and Klipper is never stopped. Then
+/// `kflash flash-all` on the command line is carried out by the daemon (the CLI draws its
+/// events and summary), a second concurrent `flash-all` is refused as busy, and the board
+/// ends current with Klipper stopped once and started again.
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn the_daemon_carries_out_flash_all_one_at_a_time_and_refuses_the_console_during_a_print() {
+    in_rig();
+    let _clean = LeaveRigClean;
+    reset_boards();
+    klipper_ready_on(&[("mcu", OCTOPUS.0)]);
+    let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, &[]);
+    let mut d = Daemon::start(&rig);
+    let s = d.status(&rig);
+    assert_eq!(board(&s, OCTOPUS.0)["state"], "outdated", "{s}");
+
+    // From the console, during a print: refused by the print gate, and said in the console.
+    let log = ServiceLog::start();
+    let print = RealPrint::start("benchy.gcode", 4000);
+    moonraker_post("/printer/gcode/script?script=KFLASH_FLASH_ALL");
+    let line = console_line_with("the printer is printing", 60);
+    eprintln!("KFLASH_FLASH_ALL during a print answered in the console: {line}");
+    assert!(line.starts_with("kflash: "), "{line}");
+    assert!(log.verbs("klipper").is_empty(), "Klipper was touched during a print: {:?}", log.entries());
+    assert_eq!(print_state(), "printing", "the print ran on");
+    d.process.wait_for_line("a flash-all asked from the printer's console ended", 30);
+    print.cancel();
+
+    // From the command line: the daemon carries it out.
+    let log = ServiceLog::start();
+    boardctl(&["fault", OCTOPUS.0, "slow-flash=1.8"]);
+    let mut cmd = rig.command(&["flash-all", "--yes"]);
+    cmd.env("KFLASH_SOCKET", &d.socket);
+    let mut first = Background::spawn(cmd);
+    first.wait_for_line("a flash-all is carried out by the kflash daemon", 60);
+    first.wait_for_line("writing", 300);
+    let second = rig.command(&["flash-all", "--yes"]).env("KFLASH_SOCKET", &d.socket).output().unwrap();
+    let second_err = text(&second.stderr);
+    assert_eq!(second.status.code(), Some(10), "{second_err}");
+    assert!(second_err.contains("busy") && second_err.contains("a flash-all is running"), "{second_err}");
+    let (status, stderr) = first.finish(600);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(OCTOPUS.0) && stderr.contains("flashed"), "the summary is drawn by the CLI: {stderr}");
+    log.assert_klipper_stopped_and_restarted();
+    d.process.wait_for_line("a flash-all handed over through the socket", 10);
+    d.process.wait_for_line("a flash-all ended", 10);
+    let after = board_json(OCTOPUS.0);
+    assert_eq!(after["version"].as_str().unwrap(), klipper_tree_version(), "the board runs the host's version");
+
+    d.process.signal("TERM");
+    let (status, stderr) = d.process.finish(30);
+    assert!(status.success(), "{status}: {stderr}");
+}
+
+/// `auto_recover = true`: a registered board found stuck in Katapult is re-flashed with its
+/// cached image for the host's version, through the print gate, and verified; Klipper stops
+/// once and starts again. (With it off, the default, the first scenario shows a stuck board
+/// reported and nothing written.)
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn with_auto_recover_a_board_stuck_in_katapult_is_reflashed_from_the_cache() {
+    in_rig();
+    let _clean = LeaveRigClean;
+    reset_boards();
+    klipper_ready_on(&[("mcu", OCTOPUS.0)]);
+    let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, &[]);
+    // The cached image for the host's version: auto-recovery never builds.
+    ok(&rig.kflash(&["build", OCTOPUS.0]));
+    let settings = rig.cfg.join("settings.toml");
+    let old = std::fs::read_to_string(&settings).unwrap();
+    std::fs::write(&settings, format!("auto_recover = true\n{old}")).unwrap();
+    let mut d = Daemon::start(&rig);
+
+    let log = ServiceLog::start();
+    let events = EventLog::mark("auto-recover: octopus stuck");
+    boardctl(&["reboot", OCTOPUS.0, "katapult"]);
+    d.process.wait_for_line("is stuck in Katapult: re-flashing it (auto_recover)", 60);
+    let line = d.process.wait_for_line("auto-recovery", 600);
+    assert!(line.contains("was re-flashed and runs"), "{line}");
+    assert!(events.writes(OCTOPUS.0) > 0, "the stuck board was written: {:?}", events.of(OCTOPUS.0));
+    log.assert_klipper_stopped_and_restarted();
+    let after = board_json(OCTOPUS.0);
+    assert_eq!(after["version"].as_str().unwrap(), klipper_tree_version(), "the board runs the host's version");
+    let s = d.status(&rig);
+    assert_eq!(board(&s, OCTOPUS.0)["mode"], "klipper", "{s}");
+
+    d.process.signal("TERM");
+    let (status, stderr) = d.process.finish(30);
+    assert!(status.success(), "{status}: {stderr}");
 }

@@ -196,6 +196,8 @@ struct Daemon {
     run: Option<(String, tokio::sync::oneshot::Receiver<runs::LastWord>)>,
     /// Every run's events, for subscribers.
     run_events: broadcast::Sender<crate::event::Event>,
+    /// Boards auto-recovery took on while they stay in Katapult.
+    recovering: BTreeSet<String>,
     /// Tells a run the daemon is stopping.
     stopping: tokio::sync::watch::Sender<bool>,
     tracker: Tracker,
@@ -211,8 +213,9 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn tell(&self, notices: Vec<Notice>) {
+    fn tell(&mut self, notices: Vec<Notice>) {
         for n in notices {
+            self.maybe_recover(&n);
             log_notice(&n);
             if let Some(event) = agent_event(&n, self.tracker.host_version_str()) {
                 let link = self.link.clone();
@@ -327,6 +330,30 @@ impl Daemon {
         tracing::info!(uid = client.uid, "{what} handed over through the socket");
         let _ = client.replies.send(socket::Reply::Accepted { run: what.clone() });
         let run = runs::for_client(self.run_context(), request, client);
+        self.run = Some((what, run));
+    }
+
+    /// `auto_recover`: a registered board seen stuck in Katapult is re-flashed, once per time
+    /// it appears there, when no other run is under way.
+    fn maybe_recover(&mut self, n: &Notice) {
+        let Notice::Board { status: s } = n else { return };
+        if !s.connected || s.mode != Some(crate::identity::Mode::Katapult) {
+            // Out of Katapult (or gone): the next time it is stuck counts again.
+            self.recovering.remove(&s.key);
+            return;
+        }
+        if !self.reg.settings.auto_recover || s.excluded || self.run.is_some() || self.recovering.contains(&s.key) {
+            return;
+        }
+        // A kflash of its own (not through the daemon) may have put it there on purpose.
+        if crate::service::FlashLock::acquire(&self.state_dir, "a look at the flash lock").is_err() {
+            tracing::debug!(board = %s.key, "in Katapult while another kflash holds the flash lock: left alone");
+            return;
+        }
+        self.recovering.insert(s.key.clone());
+        tracing::warn!(board = %s.key, "{} is stuck in Katapult: re-flashing it (auto_recover)", s.name);
+        let what = format!("the auto-recovery of {}", s.key);
+        let run = runs::recover(self.run_context(), s.key.clone());
         self.run = Some((what, run));
     }
 
@@ -481,6 +508,7 @@ pub async fn serve(
         link,
         pushed: inbox.klippy.clone(),
         run: None,
+        recovering: BTreeSet::new(),
         run_events: broadcast::channel(RUN_EVENT_BUFFER).0,
         stopping: tokio::sync::watch::channel(false).0,
     };

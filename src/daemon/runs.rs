@@ -49,8 +49,16 @@ pub fn describe(request: &RunRequest) -> String {
 
 /// Where a run's progress and questions go.
 enum Front {
-    Client { replies: mpsc::UnboundedSender<Reply>, answers: Arc<Mutex<mpsc::UnboundedReceiver<bool>>>, yes: bool },
-    Console { link: LinkHandle },
+    Client {
+        replies: mpsc::UnboundedSender<Reply>,
+        answers: Arc<Mutex<mpsc::UnboundedReceiver<bool>>>,
+        yes: bool,
+    },
+    Console {
+        link: LinkHandle,
+    },
+    /// Nobody to ask or show: the journal (auto-recovery).
+    Log,
 }
 
 struct DaemonReporter {
@@ -77,6 +85,10 @@ impl Reporter for DaemonReporter {
                 }
                 let answers = answers.clone();
                 Box::pin(async move { answers.lock().await.recv().await.unwrap_or(false) })
+            }
+            Front::Log => {
+                tracing::warn!("{question} No: nobody to ask (the daemon's own run)");
+                Box::pin(async { false })
             }
             Front::Console { link } => {
                 let text = format!(
@@ -203,6 +215,48 @@ pub fn for_console(ctx: RunContext, link: LinkHandle) -> oneshot::Receiver<LastW
                 tracing::info!("{line}");
             }
             respond(&link, lines.join("\n")).await;
+            None
+        })
+    })
+}
+
+/// Auto-recovery: `key` was found stuck in Katapult. Flash it with the cached image for the
+/// host's version (never a build), through the print gate, and verify it; nobody is asked,
+/// so whatever would need a question (Moonraker unreachable) leaves it alone.
+pub fn recover(ctx: RunContext, key: String) -> oneshot::Receiver<LastWord> {
+    spawn(move || {
+        Box::pin(async move {
+            let mut rep = DaemonReporter { front: Front::Log, events: ctx.events.clone() };
+            let mut plan = match flash_all::plan(&ctx.reg, &ctx.hp, true).await {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::warn!(board = %key, "auto-recovery not tried: {e}");
+                    return None;
+                }
+            };
+            plan.boards.retain(|b| b.key == key);
+            if plan.boards.is_empty() {
+                tracing::warn!(board = %key, "auto-recovery not tried: the board is not flashable now (see `kflash flash-all --dry-run`)");
+                return None;
+            }
+            let opts = FlashAllOptions {
+                flash_current: true,
+                no_build: true,
+                state_dir: Some(ctx.state_dir.clone()),
+                ..Default::default()
+            };
+            let cancel = cancelled(None, ctx.stop.clone());
+            match flash_all::run(&ctx.reg, &ctx.hp, &plan, &opts, &mut rep, cancel).await {
+                Ok(report) if report.error.is_none() => {
+                    let version = report.boards.first().and_then(|b| b.version_after.clone()).unwrap_or_default();
+                    tracing::info!(board = %key, "auto-recovery: {key} was re-flashed and runs {version} again");
+                }
+                Ok(report) => {
+                    let e = report.error.expect("checked above");
+                    tracing::error!(board = %key, "auto-recovery of {key} failed: {e}; {}", e.help().unwrap_or_default());
+                }
+                Err(e) => tracing::error!(board = %key, "auto-recovery of {key} failed: {e}"),
+            }
             None
         })
     })

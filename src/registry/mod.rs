@@ -213,6 +213,9 @@ pub struct Settings {
     pub build_jobs: u32,
     pub default_flash_method: FlashMethod,
     pub allow_flash_fallback: bool,
+    /// `kflash daemon`: re-flash a registered board found stuck in Katapult with its cached
+    /// image for the host's version, through the print gate. Off unless asked for.
+    pub auto_recover: bool,
     pub blocked: Vec<BlockedPattern>,
     pub timeouts: Timeouts,
 }
@@ -230,6 +233,7 @@ impl Default for Settings {
             build_jobs: 0,
             default_flash_method: FlashMethod::Katapult,
             allow_flash_fallback: true,
+            auto_recover: false,
             blocked: Vec::new(),
             timeouts: Timeouts::default(),
         }

@@ -397,6 +397,11 @@ impl EventLog {
     }
 
     /// Nothing written to `board` since the mark.
+    /// How many writes to `board`'s flash followed the mark.
+    pub fn writes(&self, board: &str) -> usize {
+        self.of(board).into_iter().filter(is_write).count()
+    }
+
     pub fn assert_not_written(&self, board: &str) {
         let w: Vec<_> = self.of(board).into_iter().filter(is_write).collect();
         assert!(w.is_empty(), "{board} was written: {w:?}");
