@@ -277,6 +277,24 @@ async fn flashes_are_carried_out_one_at_a_time() {
     let (failed, _) = until(&mut fifth, "failed").await;
     assert_eq!(failed["error"]["kind"], kflash::daemon::runs::OTHER_REGISTRY, "{failed}");
 
+    // A board registered a moment ago (no SIGHUP) is known to the run, as to the CLI.
+    let boards = d.cfg.join("boards.toml");
+    let before = std::fs::read_to_string(&boards).unwrap();
+    std::fs::write(
+        &boards,
+        format!("{before}[boards.ebb]\nname = \"EBB\"\nmcu = \"{}\"\nserial = \"{}\"\n", EBB.0, EBB.1),
+    )
+    .unwrap();
+    let (mut sixth, mut w6) = request(&d.socket, r#"{"request":"flash","key":"ebb"}"#).await;
+    until(&mut sixth, "question").await;
+    w6.write_all(b"{\"answer\":false}\n").await.unwrap();
+    until(&mut sixth, "failed").await;
+    // A broken registry refuses the run, as the CLI would.
+    std::fs::write(&boards, "[boards.ebb\n").unwrap();
+    let (mut seventh, _w7) = request(&d.socket, r#"{"request":"flash","key":"ebb"}"#).await;
+    let (failed, _) = until(&mut seventh, "failed").await;
+    assert_eq!(failed["error"]["kind"], "file-parse", "{failed}");
+
     d.control.send(Control::Stop("test")).await.unwrap();
     d.task.await.unwrap().unwrap();
 }

@@ -318,13 +318,23 @@ impl Daemon {
     }
 
     /// A socket client hands over a flash or flash-all: taken unless one is under way.
-    fn ask_run(&mut self, request: socket::RunRequest, client: socket::RunClient) {
+    async fn ask_run(&mut self, request: socket::RunRequest, client: socket::RunClient) {
         if let Some((what, _)) = &self.run {
             let message =
                 format!("kflash is busy: {what} is running in the kflash daemon; wait for it to end (`kflash status`)");
             tracing::info!(uid = client.uid, "a run was refused: {message}");
             let _ = client.replies.send(socket::Reply::Busy { message });
             return;
+        }
+        // The run takes the registry as it is on disk now, as the CLI would (a board added
+        // with `kflash add` a moment ago, without a SIGHUP); a broken file refuses the run.
+        match Registry::open(&self.dir) {
+            Ok(reg) if !same_registry(&reg, &self.reg) => self.reload().await,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = client.replies.send(socket::Reply::Failed { error: socket::ErrorDoc::from(&e) });
+                return;
+            }
         }
         let what = runs::describe(&request);
         tracing::info!(uid = client.uid, "{what} handed over through the socket");
@@ -416,6 +426,10 @@ impl Daemon {
             }
         }
     }
+}
+
+fn same_registry(a: &Registry, b: &Registry) -> bool {
+    a.settings == b.settings && a.boards().eq(b.boards())
 }
 
 /// The run under way, to the end (only polled when there is one).
@@ -561,7 +575,7 @@ pub async fn serve(
                 Ask::Subscribe(tx) => {
                     let _ = tx.send((d.tracker.status(), d.notices.subscribe(), d.run_events.subscribe()));
                 }
-                Ask::Run(request, client) => d.ask_run(request, client),
+                Ask::Run(request, client) => d.ask_run(request, client).await,
             },
             last = run_of(&mut d.run), if d.run.is_some() => d.run_ended(last),
             c = control.recv() => match c {
