@@ -290,7 +290,9 @@ fn the_daemon_carries_out_flash_all_one_at_a_time_and_refuses_the_console_during
     assert!(stderr.contains(OCTOPUS.0) && stderr.contains("flashed"), "the summary is drawn by the CLI: {stderr}");
     log.assert_klipper_stopped_and_restarted();
     d.process.wait_for_line("a flash-all handed over through the socket", 10);
-    d.process.wait_for_line("a flash-all ended", 10);
+    // Moonraker's front ends are told (an agent event), with the version read back.
+    let sent = d.process.wait_for_line("agent event board_flashed sent", 30);
+    assert!(sent.contains(OCTOPUS.0) && sent.contains(&klipper_tree_version()), "{sent}");
     let after = board_json(OCTOPUS.0);
     assert_eq!(after["version"].as_str().unwrap(), klipper_tree_version(), "the board runs the host's version");
 

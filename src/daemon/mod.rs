@@ -18,7 +18,7 @@ pub mod runs;
 pub mod socket;
 pub mod status;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -196,6 +196,8 @@ struct Daemon {
     run: Option<(String, tokio::sync::oneshot::Receiver<runs::LastWord>)>,
     /// Every run's events, for subscribers.
     run_events: broadcast::Sender<crate::event::Event>,
+    /// What each board of the run under way read back after its write.
+    read_back: BTreeMap<String, String>,
     /// Boards auto-recovery took on while they stay in Katapult.
     recovering: BTreeSet<String>,
     /// Tells a run the daemon is stopping.
@@ -367,6 +369,32 @@ impl Daemon {
         self.run = Some((what, run));
     }
 
+    /// A run's event, seen by the daemon itself: a board flashed and verified is announced to
+    /// Moonraker's front ends (`board_flashed`) with the version it read back.
+    fn run_event(&mut self, event: crate::event::Event) {
+        use crate::event::EventKind;
+        let Some(key) = event.board else { return };
+        match event.kind {
+            EventKind::Identified { version, .. } => {
+                self.read_back.insert(key, version);
+            }
+            EventKind::Board { state: crate::orchestrator::BoardState::Flashed { view } }
+                if view != crate::orchestrator::KlipperView::Pending =>
+            {
+                let Some(version) = self.read_back.remove(&key) else { return };
+                let link = self.link.clone();
+                let agent_event = BoardEvent::Flashed { board: key, version };
+                tokio::spawn(async move {
+                    match link.send_event(&agent_event).await {
+                        Ok(()) => tracing::debug!("agent event {} sent: {agent_event:?}", agent_event.name()),
+                        Err(e) => tracing::debug!("agent event {} not sent: {e}", agent_event.name()),
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+
     /// A run ended: versions learnt while it held the flash lock can be asked for now.
     fn run_ended(&mut self, last: runs::LastWord) {
         if let Some((what, _)) = self.run.take() {
@@ -523,6 +551,7 @@ pub async fn serve(
         pushed: inbox.klippy.clone(),
         run: None,
         recovering: BTreeSet::new(),
+        read_back: BTreeMap::new(),
         run_events: broadcast::channel(RUN_EVENT_BUFFER).0,
         stopping: tokio::sync::watch::channel(false).0,
     };
@@ -534,8 +563,10 @@ pub async fn serve(
     ready();
     tracing::info!(socket = %path.display(), boards = d.reg.boards().count(), "kflash daemon ready");
 
+    let mut own_view = d.run_events.subscribe();
     let result = loop {
         tokio::select! {
+            Ok(event) = own_view.recv() => d.run_event(event),
             ev = events.recv() => match ev {
                 Ok(ev) => {
                     let n = d.tracker.board_event(&ev);
