@@ -409,6 +409,10 @@ impl Daemon {
 
     /// Identify the registered boards whose version is unknown, each once at a time.
     fn identify_unknown(&mut self) {
+        if self.run.is_some() {
+            // The run holds the flash lock; asked again when it ends.
+            return;
+        }
         for board in self.tracker.unknown_versions() {
             let syspath = board.identity.syspath.clone();
             if !self.identifying.insert(syspath.clone()) {
