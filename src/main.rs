@@ -610,7 +610,8 @@ async fn flash(dir: &std::path::Path, a: FlashArgs) -> Result<()> {
         method: a.method,
         no_build: a.no_build,
         skip_print_check: a.skip_print_check,
-        yes: a.yes,
+        // The questions come back here; this reporter answers them (with --yes, and says so).
+        yes: false,
         config_dir: Some(dir.to_path_buf()),
     });
     let mut reporter = ui::batch::BatchReporter::new(a.yes, a.json, std::slice::from_ref(&a.key)).with_events(a.events);
@@ -666,7 +667,7 @@ async fn flash_all(dir: &std::path::Path, a: FlashAllArgs) -> Result<()> {
             skip_unconfigured: a.skip_unconfigured,
             no_build: a.no_build,
             skip_print_check: a.skip_print_check,
-            yes: a.yes,
+            yes: false,
             config_dir: Some(dir.to_path_buf()),
         });
         // The daemon's run has its own keys; the drawer learns them from the events.
