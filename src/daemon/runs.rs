@@ -273,7 +273,8 @@ pub fn console_lines(report: &FlashAllReport) -> Vec<String> {
     } else if report.boards.is_empty() {
         out.push("kflash: nothing to flash: every board runs the host's version".into());
     }
-    for b in &report.boards {
+    // A board the run never reached (refused at the gate) has nothing to say.
+    for b in report.boards.iter().filter(|b| b.flash != "not-flashed" || b.verify != "not-checked") {
         let version = b.version_after.as_deref().unwrap_or("?");
         out.push(format!("kflash: {}: {} / {} ({version})", b.key, b.flash, b.verify));
     }
