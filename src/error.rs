@@ -61,7 +61,9 @@ pub enum Error {
     #[error("{message}")]
     ConfigRejected { key: String, message: String },
 
-    #[error("board '{key}' has a firmware config seeded from the board profile '{profile}' that nobody has reviewed yet")]
+    #[error(
+        "board '{key}' has a firmware config seeded from the board profile '{profile}' that nobody has reviewed yet"
+    )]
     ConfigUnreviewed { key: String, profile: String },
 
     #[error("the board profile '{profile}' is for {profile_mcu}, but the board is an {board_mcu}; nothing was registered or written")]

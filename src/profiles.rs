@@ -113,9 +113,10 @@ pub fn all() -> Vec<Profile> {
 
 /// The shipped profile called `name`.
 pub fn find(name: &str) -> Result<Profile> {
-    all().into_iter().find(|p| p.name == name).ok_or_else(|| {
-        Error::InvalidInput(format!("there is no board profile '{name}'; `kflash profiles` lists them"))
-    })
+    all()
+        .into_iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| Error::InvalidInput(format!("there is no board profile '{name}'; `kflash profiles` lists them")))
 }
 
 #[cfg(test)]

@@ -45,6 +45,15 @@ pub fn lost_settings(profile: &Profile, config: &str) -> Vec<String> {
         .collect()
 }
 
+/// The MCU a config is for: `CONFIG_MCU`, or `linux` for Klipper's Linux process (whose
+/// Kconfig has no `CONFIG_MCU`).
+pub fn config_mcu(cfg: &KConfig) -> Option<String> {
+    match cfg.mcu() {
+        Some(m) => Some(m.to_string()),
+        None => (cfg.get("CONFIG_BOARD_DIRECTORY") == Some("linux")).then(|| "linux".to_string()),
+    }
+}
+
 /// Run the tree's olddefconfig on the profile's fragment and return the complete config.
 /// Refused when a setting did not survive or the result is for another MCU.
 pub async fn seed_config(klipper: &Path, profile: &Profile, timeout: Duration) -> Result<Vec<u8>> {
@@ -58,7 +67,7 @@ pub async fn seed_config(klipper: &Path, profile: &Profile, timeout: Duration) -
     let m = crate::firmware::migrate::check(klipper, &fragment, timeout).await?;
     let text = String::from_utf8_lossy(&m.migrated).into_owned();
     let lost = lost_settings(profile, &text);
-    let mcu = KConfig::parse(&text).mcu().map(str::to_string);
+    let mcu = config_mcu(&KConfig::parse(&text));
     if !lost.is_empty() || mcu.as_deref() != Some(profile.mcu.as_str()) {
         return Err(Error::Tool {
             program: "make olddefconfig".into(),
@@ -136,7 +145,8 @@ mod tests {
         let p = profile();
         let full = "CONFIG_MACH_STM32H723=y\nCONFIG_CANBUS_FREQUENCY=500000\nCONFIG_MCU=\"stm32h723xx\"\n";
         assert!(lost_settings(&p, full).is_empty());
-        let changed = "# CONFIG_MACH_STM32H723 is not set\nCONFIG_CANBUS_FREQUENCY=1000000\nCONFIG_MCU=\"stm32h723xx\"\n";
+        let changed =
+            "# CONFIG_MACH_STM32H723 is not set\nCONFIG_CANBUS_FREQUENCY=1000000\nCONFIG_MCU=\"stm32h723xx\"\n";
         assert_eq!(lost_settings(&p, changed), ["CONFIG_MACH_STM32H723=y", "CONFIG_CANBUS_FREQUENCY=500000"]);
     }
 
