@@ -949,7 +949,10 @@ async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
             (true, false, Some(m)) => format!("connected, {m}"),
             _ => "absent".to_string(),
         };
-        let flags = if r.flashable { "" } else { "  [excluded]" };
+        let mut flags = if r.flashable { String::new() } else { "  [excluded]".to_string() };
+        if let Some(profile) = &r.config_unreviewed {
+            flags += &format!("  [config from profile {profile} not reviewed: `kflash config {}`]", r.key);
+        }
         println!(
             "  {:<20} {:<24} {:<12} {:<28} {}{flags}",
             r.key,

@@ -96,6 +96,9 @@ async fn add_with_a_profile_seeds_the_boards_config_through_olddefconfig_marked_
     let reg = s.reg();
     assert_eq!(reg.unreviewed_profile("octopus"), Some("btt-octopus-pro-h723"));
     assert_eq!(reg.unreviewed_profile("nitehawk"), None);
+    let view = kflash::app::boards::devices_view(&reg, &s.hp.snapshot());
+    let rows: Vec<_> = view.registered.iter().map(|r| (r.key.as_str(), r.config_unreviewed.as_deref())).collect();
+    assert_eq!(rows, [("nitehawk", None), ("octopus", Some("btt-octopus-pro-h723"))]);
     let boards = std::fs::read_to_string(s.cfg.join("boards.toml")).unwrap();
     assert!(boards.contains("[unreviewed_configs]\noctopus = \"btt-octopus-pro-h723\""), "{boards}");
     // Nothing in the tree was touched (olddefconfig ran with a private OUT=).

@@ -236,6 +236,12 @@ fn add_with_a_profile_on_rig_boards() {
         assert!(config.lines().any(|l| l == line), "{line} in\n{config}");
     }
 
+    let devices = ok(&kflash(&cfg, &["devices"]));
+    assert!(
+        devices.contains("[config from profile ldo-nitehawk-36 not reviewed: `kflash config nitehawk`]"),
+        "{devices}"
+    );
+
     // Not reviewed: flash refuses it, flash-all's plan leaves it out, both saying what to do.
     let flash = kflash(&cfg, &["flash", "nitehawk", "--yes"]);
     let err = text(&flash.stderr);
