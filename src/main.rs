@@ -1274,6 +1274,9 @@ fn config(dir: &std::path::Path, a: ConfigArgs) -> Result<()> {
         for (label, value) in summary.highlights() {
             println!("  {label:<18} {value}");
         }
+        if let Some(profile) = reg.unreviewed_profile(&a.key) {
+            println!("  {:<18} no: seeded from the profile '{profile}'; run `kflash config {}`", "reviewed", a.key);
+        }
         return Ok(());
     }
     // A config for another MCU is refused first, terminal or not.

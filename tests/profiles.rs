@@ -169,6 +169,10 @@ async fn flash_all_leaves_out_and_flash_refuses_the_unreviewed_board() {
 async fn kflash_config_on_a_terminal_marks_the_seeded_config_reviewed() {
     let s = setup().await;
     s.add_octopus().await;
+    let show = common::kflash_env(&s.cfg, &["config", "octopus", "--show"], &[]);
+    let (out, _) = common::text(&show);
+    assert!(out.contains("bootloader offset  application at 0x8020000 (128 KiB bootloader offset)"), "{out}");
+    assert!(out.contains("reviewed           no: seeded from the profile 'btt-octopus-pro-h723'"), "{out}");
     // Not on a terminal: menuconfig does not run, the mark stays.
     let o = common::kflash_env(&s.cfg, &["config", "octopus"], &[]);
     assert!(!o.status.success());

@@ -123,7 +123,11 @@ pub async fn add_with_profile(
     }
     store::write_atomic(&path, &config)?;
     trial.mark_unreviewed(&entry.key, &profile.name)?;
-    trial.save_boards()?;
+    if let Err(e) = trial.save_boards() {
+        // The board was not registered: its seeded config must not be left to a later board.
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
     *reg = trial;
     Ok(SeededBoard { entry, config: path, profile: profile.name.clone() })
 }
