@@ -999,6 +999,10 @@ fn profiles(json: bool) {
     }
     for p in &all {
         println!("{:<24} {:<12} {}", p.name, p.mcu, p.title);
+        println!("    bootloader: {}", p.bootloader);
+        for source in &p.sources {
+            println!("    source: {source}");
+        }
     }
     println!("\nSeed a new board's config with `kflash add --profile NAME`, then review it with `kflash config KEY`.");
 }

@@ -213,6 +213,14 @@ fn the_profiles_command_lists_every_profile_and_add_refuses_an_unknown_one_first
         assert!(names.contains(&want), "{want} in {names:?}");
     }
     assert!(list[0]["sources"][0].as_str().unwrap().starts_with("https://"));
+    let o = common::kflash_env(root.path(), &["profiles"], &[]);
+    let (out, _) = common::text(&o);
+    assert!(o.status.success());
+    assert!(out.contains("btt-octopus-pro-h723     stm32h723xx  BIGTREETECH Octopus Pro v1.1 (STM32H723)\n    bootloader: 128KiB offset"), "{out}");
+    assert_eq!(
+        out.matches("    source: https://").count(),
+        list.as_array().unwrap().iter().map(|p| p["sources"].as_array().unwrap().len()).sum::<usize>()
+    );
     let o =
         common::kflash_env(root.path(), &["add", "--profile", "nope", "--device", "/dev/ttyACM0", "--name", "X"], &[]);
     let (_, err) = common::text(&o);
