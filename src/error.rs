@@ -61,6 +61,14 @@ pub enum Error {
     #[error("{message}")]
     ConfigRejected { key: String, message: String },
 
+    #[error(
+        "board '{key}' has a firmware config seeded from the board profile '{profile}' that nobody has reviewed yet"
+    )]
+    ConfigUnreviewed { key: String, profile: String },
+
+    #[error("the board profile '{profile}' is for {profile_mcu}, but the board is an {board_mcu}; nothing was registered or written")]
+    ProfileMismatch { profile: String, profile_mcu: String, board_mcu: String },
+
     #[error("board '{key}' has no firmware config yet ({} does not exist)", path.display())]
     NoBoardConfig { key: String, path: PathBuf },
 
@@ -150,6 +158,12 @@ impl Error {
                 "run `kflash config {key}` and pick the board's MCU, or fix the board's MCU with `kflash set {key} --mcu …`"
             ),
             Error::ConfigRejected { key, .. } => format!("run `kflash config {key}` again and choose the board's MCU"),
+            Error::ConfigUnreviewed { key, .. } => format!(
+                "run `kflash config {key}` and check the MCU, bootloader offset, clock and interface against your board; saving (or leaving menuconfig) marks it reviewed"
+            ),
+            Error::ProfileMismatch { .. } => {
+                "pick the profile for this board's MCU (`kflash profiles`), or add it without --profile and set it up with `kflash config KEY`".into()
+            }
             Error::NoBoardConfig { key, .. } => format!("run `kflash config {key}` to create it"),
             Error::NotKlipperTree { .. } => {
                 "set klipper_dir to your Klipper or Kalico checkout: `kflash settings set klipper_dir ~/klipper`".into()
@@ -199,6 +213,8 @@ impl Error {
             Error::InvalidInput(_) => "invalid-input",
             Error::McuMismatch { .. } => "mcu-mismatch",
             Error::ConfigRejected { .. } => "config-rejected",
+            Error::ConfigUnreviewed { .. } => "config-unreviewed",
+            Error::ProfileMismatch { .. } => "profile-mismatch",
             Error::NoBoardConfig { .. } => "no-board-config",
             Error::NotKlipperTree { .. } => "not-klipper-tree",
             Error::NoCachedFirmware { .. } => "no-cached-firmware",
@@ -232,6 +248,8 @@ impl Error {
             | Error::FileInvalid { .. }
             | Error::McuMismatch { .. }
             | Error::ConfigRejected { .. }
+            | Error::ConfigUnreviewed { .. }
+            | Error::ProfileMismatch { .. }
             | Error::NoBoardConfig { .. }
             | Error::NotKlipperTree { .. }
             | Error::ConfigMigration { .. } => exit::CONFIG,

@@ -20,6 +20,7 @@ pub mod kconfig;
 pub mod moonraker;
 pub mod moonraker_link;
 pub mod orchestrator;
+pub mod profiles;
 pub mod protocol;
 pub mod registry;
 pub mod safety;

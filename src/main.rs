@@ -39,6 +39,8 @@ enum Command {
     Devices(JsonFlag),
     /// Register a connected board: interactive, or fully by flags.
     Add(AddArgs),
+    /// List the board profiles `kflash add --profile NAME` can seed a config from.
+    Profiles(JsonFlag),
     /// Unregister a board.
     Remove(RemoveArgs),
     /// Change a registered board (name, flash method, include/exclude, identity).
@@ -206,6 +208,10 @@ struct AddArgs {
     /// Exclude the board from flash-all.
     #[arg(long)]
     exclude: bool,
+    /// Seed the board's firmware config from this board profile (`kflash profiles`); it
+    /// must be reviewed with `kflash config KEY` before the board is flashed.
+    #[arg(long, value_name = "NAME")]
+    profile: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -340,7 +346,7 @@ impl Command {
     /// Whether the command was asked for JSON output.
     fn json(&self) -> bool {
         match self {
-            Command::Devices(a) | Command::Watch(a) | Command::Status(a) => a.json,
+            Command::Devices(a) | Command::Watch(a) | Command::Status(a) | Command::Profiles(a) => a.json,
             Command::Add(a) => a.json,
             Command::Settings(a) => a.json,
             Command::Import(a) => a.json,
@@ -407,6 +413,10 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices(a) => interruptible(devices(&dir, a.json)).await,
         Command::Add(a) => interruptible(add(&dir, a)).await,
+        Command::Profiles(a) => {
+            profiles(a.json);
+            Ok(())
+        }
         Command::Remove(a) => interruptible(remove(&dir, a)).await,
         Command::Set(a) => set(&dir, a),
         Command::Settings(a) => settings(&dir, a),
@@ -940,7 +950,10 @@ async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
             (true, false, Some(m)) => format!("connected, {m}"),
             _ => "absent".to_string(),
         };
-        let flags = if r.flashable { "" } else { "  [excluded]" };
+        let mut flags = if r.flashable { String::new() } else { "  [excluded]".to_string() };
+        if let Some(profile) = &r.config_unreviewed {
+            flags += &format!("  [config from profile {profile} not reviewed: `kflash config {}`]", r.key);
+        }
         println!(
             "  {:<20} {:<24} {:<12} {:<28} {}{flags}",
             r.key,
@@ -978,7 +991,26 @@ async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `kflash profiles`: the shipped board profiles.
+fn profiles(json: bool) {
+    let all = kflash::profiles::all();
+    if json {
+        print_json(&all);
+        return;
+    }
+    for p in &all {
+        println!("{:<24} {:<12} {}", p.name, p.mcu, p.title);
+        println!("    bootloader: {}", p.bootloader);
+        for source in &p.sources {
+            println!("    source: {source}");
+        }
+    }
+    println!("\nSeed a new board's config with `kflash add --profile NAME`, then review it with `kflash config KEY`.");
+}
+
 async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
+    // An unknown profile is refused before anything else.
+    let profile = a.profile.as_deref().map(kflash::profiles::find).transpose()?;
     let mut reg = Registry::open(dir)?;
     let connected = connected(&reg).await?;
     let interactive = a.device.is_none() || a.name.is_none();
@@ -1008,6 +1040,31 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
         };
         (board, req)
     };
+    if let Some(profile) = profile {
+        let seeded = kflash::app::seed::add_with_profile(&mut reg, &board, &req, &profile).await?;
+        if a.json {
+            let mut doc = serde_json::to_value(&seeded.entry).expect("a board entry serializes");
+            doc["key"] = seeded.entry.key.clone().into();
+            doc["config"] = seeded.config.display().to_string().into();
+            doc["profile"] = seeded.profile.clone().into();
+            doc["config_reviewed"] = false.into();
+            print_json(&doc);
+        } else {
+            println!(
+                "Registered '{}' as {} ({}), with its firmware config seeded from the profile '{}' at {}.",
+                seeded.entry.name,
+                seeded.entry.key,
+                seeded.entry.mcu,
+                seeded.profile,
+                seeded.config.display()
+            );
+            println!(
+                "Next: `kflash config {}` to review it (flash and flash-all skip the board until then).",
+                seeded.entry.key
+            );
+        }
+        return Ok(());
+    }
     let entry = boards::add_board(&mut reg, &board, &req)?;
     reg.save_boards()?;
     if a.json {
@@ -1222,6 +1279,9 @@ fn config(dir: &std::path::Path, a: ConfigArgs) -> Result<()> {
         for (label, value) in summary.highlights() {
             println!("  {label:<18} {value}");
         }
+        if let Some(profile) = reg.unreviewed_profile(&a.key) {
+            println!("  {:<18} no: seeded from the profile '{profile}'; run `kflash config {}`", "reviewed", a.key);
+        }
         return Ok(());
     }
     // A config for another MCU is refused first, terminal or not.
@@ -1233,13 +1293,25 @@ fn config(dir: &std::path::Path, a: ConfigArgs) -> Result<()> {
         )));
     }
     match kflash::app::config::edit_config(&reg, &a.key)? {
-        kflash::app::config::Edited::Saved { path, mcu } => println!("Saved {} (MCU {mcu}).", path.display()),
+        kflash::app::config::Edited::Saved { path, mcu } => {
+            println!("Saved {} (MCU {mcu}).", path.display());
+            mark_reviewed(dir, &a.key)?;
+        }
         kflash::app::config::Edited::Unchanged { path } => {
-            println!("No changes: {} was left as it was.", path.display())
+            println!("No changes: {} was left as it was.", path.display());
+            mark_reviewed(dir, &a.key)?;
         }
         kflash::app::config::Edited::NothingSaved { path } => {
             println!("menuconfig saved nothing; {} was not created.", path.display())
         }
+    }
+    Ok(())
+}
+
+/// menuconfig saved or confirmed the config: a seeded one counts as reviewed from now on.
+fn mark_reviewed(dir: &std::path::Path, key: &str) -> Result<()> {
+    if let Some(profile) = kflash::app::config::mark_reviewed(dir, key)? {
+        println!("Reviewed: the config seeded from the profile '{profile}' is now used by flash and flash-all.");
     }
     Ok(())
 }

@@ -187,3 +187,67 @@ fn add_wizard_on_a_terminal() {
         "{boards}"
     );
 }
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn add_with_a_profile_on_rig_boards() {
+    in_rig();
+    reset_boards();
+    let (_t, cfg) = config_dir();
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(cfg.join("settings.toml"), format!("klipper_dir = \"{}\"\n", klipper_dir().display())).unwrap();
+    let nitehawk = by_id(NITEHAWK, "Klipper");
+
+    // A profile for another MCU than the one the board reports: refused, nothing written.
+    let wrong =
+        kflash(&cfg, &["add", "--device", &nitehawk, "--name", "Nitehawk", "--profile", "btt-octopus-pro-h723"]);
+    let err = text(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("the board profile 'btt-octopus-pro-h723' is for stm32h723xx, but the board is an rp2040"),
+        "{err}"
+    );
+    assert!(err.contains("help:") && err.contains("kflash profiles"), "{err}");
+    assert!(!cfg.join("boards.toml").exists() && !cfg.join("configs").exists());
+
+    // The board's own profile: registered, its config seeded by the tree's olddefconfig.
+    let out = ok(&kflash(
+        &cfg,
+        &[
+            "add",
+            "--device",
+            &nitehawk,
+            "--name",
+            "Nitehawk",
+            "--key",
+            "nitehawk",
+            "--profile",
+            "ldo-nitehawk-36",
+            "--json",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["key"].as_str(), v["profile"].as_str()), (Some("nitehawk"), Some("ldo-nitehawk-36")), "{v}");
+    assert_eq!((v["serial"].as_str(), v["config_reviewed"].as_bool()), (Some(NITEHAWK.2), Some(false)), "{v}");
+    let config = std::fs::read_to_string(cfg.join("configs/nitehawk.config")).unwrap();
+    for line in
+        ["CONFIG_MCU=\"rp2040\"", "CONFIG_RPXXXX_FLASH_START_4000=y", "CONFIG_RPXXXX_USB=y", "CONFIG_USBSERIAL=y"]
+    {
+        assert!(config.lines().any(|l| l == line), "{line} in\n{config}");
+    }
+
+    let devices = ok(&kflash(&cfg, &["devices"]));
+    assert!(
+        devices.contains("[config from profile ldo-nitehawk-36 not reviewed: `kflash config nitehawk`]"),
+        "{devices}"
+    );
+
+    // Not reviewed: flash refuses it, flash-all's plan leaves it out, both saying what to do.
+    let flash = kflash(&cfg, &["flash", "nitehawk", "--yes"]);
+    let err = text(&flash.stderr);
+    assert_eq!(flash.status.code(), Some(3), "{err}");
+    assert!(err.contains("nobody has reviewed") && err.contains("run `kflash config nitehawk`"), "{err}");
+    let plan = ok(&kflash(&cfg, &["flash-all", "--dry-run"]));
+    assert!(plan.contains("seeded from the board profile 'ldo-nitehawk-36' and not reviewed"), "{plan}");
+    assert!(plan.contains("kflash config nitehawk"), "{plan}");
+}

@@ -30,6 +30,10 @@ pub struct RegisteredRow {
     pub devnode: Option<String>,
     pub by_id: Option<String>,
     pub serial: Option<String>,
+    /// The board profile its config was seeded from, while nobody has reviewed it
+    /// (`kflash config KEY`); flash and flash-all refuse the board until then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_unreviewed: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +71,7 @@ pub fn devices_view(reg: &Registry, connected: &[Board]) -> DevicesView {
                 devnode: first.and_then(|b| b.identity.devnode.clone()),
                 by_id: first.and_then(|b| b.identity.by_id.clone()),
                 serial: e.serial.clone().or_else(|| first.and_then(|b| b.identity.serial.clone())),
+                config_unreviewed: reg.unreviewed_profile(&e.key).map(str::to_string),
             }
         })
         .collect();

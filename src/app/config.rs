@@ -120,3 +120,15 @@ pub fn edit_config(reg: &Registry, key: &str) -> Result<Edited> {
     store::write_atomic(&path, &after)?;
     Ok(Edited::Saved { path, mcu: cfg.mcu().unwrap_or("?").to_string() })
 }
+
+/// After menuconfig saved or confirmed a board's config: clear its "seeded from a profile,
+/// not reviewed" mark. Reopens the registry so nothing changed meanwhile is lost. Returns the
+/// profile the config was seeded from, if it was unreviewed.
+pub fn mark_reviewed(dir: &std::path::Path, key: &str) -> Result<Option<String>> {
+    let mut reg = Registry::open(dir)?;
+    let profile = reg.unreviewed_profile(key).map(str::to_string);
+    if reg.mark_reviewed(key) {
+        reg.save_boards()?;
+    }
+    Ok(profile)
+}

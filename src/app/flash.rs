@@ -116,6 +116,10 @@ pub async fn flash_one(
 ) -> Result<FlashSummary> {
     let started = StdInstant::now();
     let entry = reg.get(key)?.clone();
+    // A config seeded from a profile is flashed only after someone has looked at it.
+    if let Some(profile) = reg.unreviewed_profile(key) {
+        return Err(Error::ConfigUnreviewed { key: key.to_string(), profile: profile.to_string() });
+    }
     let method = method_for(reg, &entry, opts.method);
     let state_dir = opts.state_dir.clone().unwrap_or_else(crate::registry::default_state_dir);
     let reason = format!("flash of {key}");

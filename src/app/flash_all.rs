@@ -59,6 +59,10 @@ pub enum LeftOut {
     Unconfigured {
         message: String,
     },
+    /// Its config was seeded from a board profile and nobody has reviewed it in menuconfig.
+    Unreviewed {
+        profile: String,
+    },
     /// It already runs the host's version, and current boards are not flashed.
     Current {
         version: String,
@@ -224,6 +228,10 @@ pub async fn plan(reg: &Registry, hp: &Hotplug, skip_unconfigured: bool) -> Resu
         if let Err(e) = crate::firmware::board_config(reg, entry) {
             unconfigured.push((entry.key.clone(), e));
             left_out.push(leave(&entry.key, &entry.name, LeftOut::Unconfigured { message: String::new() }));
+            continue;
+        }
+        if let Some(profile) = reg.unreviewed_profile(&entry.key) {
+            left_out.push(leave(&entry.key, &entry.name, LeftOut::Unreviewed { profile: profile.to_string() }));
             continue;
         }
         boards.push((entry.clone(), board));

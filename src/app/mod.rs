@@ -7,4 +7,5 @@ pub mod flash;
 pub mod flash_all;
 mod flash_effects;
 pub mod katapult_check;
+pub mod seed;
 pub mod watch;

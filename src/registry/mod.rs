@@ -373,6 +373,10 @@ fn xdg_dir(var: &str, fallback: &str) -> PathBuf {
 struct BoardsFile {
     #[serde(default)]
     boards: BTreeMap<String, BoardEntry>,
+    /// Boards whose firmware config was seeded from a board profile (key -> profile name)
+    /// and not yet reviewed in menuconfig: flash and flash-all refuse them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    unreviewed_configs: BTreeMap<String, String>,
 }
 
 const BOARDS_HEADER: &str = "# kflash board registry. Edit with `kflash add|set|remove`, or by hand.\n\n";
@@ -383,6 +387,7 @@ const SETTINGS_HEADER: &str = "# kflash settings. Edit with `kflash settings set
 pub struct Registry {
     dir: PathBuf,
     boards: BTreeMap<String, BoardEntry>,
+    unreviewed: BTreeMap<String, String>,
     pub settings: Settings,
 }
 
@@ -392,7 +397,8 @@ impl Registry {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Registry> {
         let dir = dir.into();
         let boards_path = dir.join(BOARDS_FILE);
-        let mut boards = store::load_toml::<BoardsFile>(&boards_path)?.unwrap_or_default().boards;
+        let file = store::load_toml::<BoardsFile>(&boards_path)?.unwrap_or_default();
+        let mut boards = file.boards;
         for (key, b) in boards.iter_mut() {
             b.key = key.clone();
             b.validate().map_err(|m| Error::FileInvalid { path: boards_path.clone(), message: m })?;
@@ -402,7 +408,9 @@ impl Registry {
         let settings_path = dir.join(SETTINGS_FILE);
         let settings = store::load_toml::<Settings>(&settings_path)?.unwrap_or_default();
         settings.validate().map_err(|m| Error::FileInvalid { path: settings_path, message: m })?;
-        Ok(Registry { dir, boards, settings })
+        // A mark for a board that is no longer registered means nothing; it goes at the next save.
+        let unreviewed = file.unreviewed_configs.into_iter().filter(|(k, _)| boards.contains_key(k)).collect();
+        Ok(Registry { dir, boards, unreviewed, settings })
     }
 
     pub fn dir(&self) -> &Path {
@@ -450,7 +458,27 @@ impl Registry {
     }
 
     pub fn remove(&mut self, key: &str) -> Result<BoardEntry> {
+        self.unreviewed.remove(key);
         self.boards.remove(key).ok_or_else(|| Error::UnknownBoard(key.to_string()))
+    }
+
+    /// The profile a board's config was seeded from, while nobody has reviewed it in
+    /// menuconfig; `None` for a reviewed (or hand-made) config.
+    pub fn unreviewed_profile(&self, key: &str) -> Option<&str> {
+        self.unreviewed.get(key).map(String::as_str)
+    }
+
+    /// Mark a board's config as seeded from `profile` and not reviewed (in memory; call
+    /// [`Registry::save_boards`]).
+    pub fn mark_unreviewed(&mut self, key: &str, profile: &str) -> Result<()> {
+        self.get(key)?;
+        self.unreviewed.insert(key.to_string(), profile.to_string());
+        Ok(())
+    }
+
+    /// Mark a board's config as reviewed; true if it was not before.
+    pub fn mark_reviewed(&mut self, key: &str) -> bool {
+        self.unreviewed.remove(key).is_some()
     }
 
     /// Change a board; the result must still be valid and names still unique.
@@ -470,7 +498,7 @@ impl Registry {
     }
 
     pub fn save_boards(&self) -> Result<()> {
-        let file = BoardsFile { boards: self.boards.clone() };
+        let file = BoardsFile { boards: self.boards.clone(), unreviewed_configs: self.unreviewed.clone() };
         store::save_toml(&self.dir.join(BOARDS_FILE), BOARDS_HEADER, &file)
     }
 

@@ -239,3 +239,48 @@ fn import_of_corrupt_json_writes_nothing() {
     assert!(err.to_string().contains("devices.json:1:"), "{err}");
     assert!(!dir.path().join(BOARDS_FILE).exists());
 }
+
+#[test]
+fn unreviewed_marks_round_trip_and_old_files_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    // A boards.toml from before profiles: no table for the marks, every config reviewed.
+    std::fs::write(
+        dir.path().join(BOARDS_FILE),
+        "[boards.octopus]\nname = \"Octopus\"\nmcu = \"stm32h723xx\"\nserial = \"1\"\n",
+    )
+    .unwrap();
+    let mut reg = Registry::open(dir.path()).unwrap();
+    assert_eq!(reg.unreviewed_profile("octopus"), None);
+    assert!(reg.mark_unreviewed("ghost", "p").is_err(), "only a registered board is marked");
+    reg.mark_unreviewed("octopus", "btt-octopus-pro-h723").unwrap();
+    reg.save_boards().unwrap();
+    let text = std::fs::read_to_string(dir.path().join(BOARDS_FILE)).unwrap();
+    assert!(text.contains("[unreviewed_configs]\noctopus = \"btt-octopus-pro-h723\""), "{text}");
+    let mut reg = Registry::open(dir.path()).unwrap();
+    assert_eq!(reg.unreviewed_profile("octopus"), Some("btt-octopus-pro-h723"));
+    assert!(reg.mark_reviewed("octopus"));
+    assert!(!reg.mark_reviewed("octopus"), "already reviewed");
+    reg.save_boards().unwrap();
+    let text = std::fs::read_to_string(dir.path().join(BOARDS_FILE)).unwrap();
+    assert!(!text.contains("unreviewed"), "an empty table is not written: {text}");
+}
+
+#[test]
+fn removing_a_board_drops_its_mark_and_a_stale_mark_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(BOARDS_FILE),
+        "[boards.a]\nname = \"A\"\nmcu = \"rp2040\"\nserial = \"1\"\n[boards.b]\nname = \"B\"\nmcu = \"rp2040\"\nserial = \"2\"\n\n[unreviewed_configs]\na = \"rp2040-pico\"\nb = \"rp2040-pico\"\ngone = \"rp2040-pico\"\n",
+    )
+    .unwrap();
+    let mut reg = Registry::open(dir.path()).unwrap();
+    assert_eq!(reg.unreviewed_profile("gone"), None);
+    reg.remove("a").unwrap();
+    assert_eq!(reg.unreviewed_profile("a"), None);
+    reg.save_boards().unwrap();
+    let text = std::fs::read_to_string(dir.path().join(BOARDS_FILE)).unwrap();
+    assert!(text.contains("[unreviewed_configs]\nb = \"rp2040-pico\"\n") && !text.contains("gone"), "{text}");
+    // The marks table is checked like the rest of the file.
+    std::fs::write(dir.path().join(BOARDS_FILE), "[unreviewed_configs]\na = 1\n").unwrap();
+    assert!(Registry::open(dir.path()).is_err());
+}

@@ -280,6 +280,10 @@ fn left_out_text(l: &LeftOutBoard) -> String {
         LeftOut::Disconnected => "not connected".to_string(),
         LeftOut::Ambiguous { devices } => format!("{devices} connected devices match it; register it by USB serial"),
         LeftOut::Unconfigured { message } => format!("no usable config: {}", first_line(message)),
+        LeftOut::Unreviewed { profile } => format!(
+            "its config was seeded from the board profile '{profile}' and not reviewed: run `kflash config {}` first",
+            l.key
+        ),
         LeftOut::Current { version } => format!("already runs {version}"),
     };
     format!("  {} ({}): {why}", l.key, l.name)

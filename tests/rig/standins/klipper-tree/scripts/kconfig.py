@@ -92,6 +92,17 @@ def drop_invalid(vals):
             del vals[sym]
     return vals
 CHIP_SYMS = sorted({m["mach"][0] for m in rigmcu.MCUS.values()})
+# Communication interface choices (Klipper's src/*/Kconfig "Communication interface"), each
+# selecting its transport. Kept only when a config sets one, so configs written without them
+# (most tests' own) are rendered as before; a board profile sets one.
+INTERFACES = {
+    "stm32": {"STM32_USB_PA11_PA12": "USBSERIAL", "STM32_USBCANBUS_PA11_PA12": "USBCANBUS",
+              "STM32_MMENU_CANBUS_PB0_PB1": "CANSERIAL", "STM32_MMENU_CANBUS_PB8_PB9": "CANSERIAL",
+              "STM32_MMENU_CANBUS_PD0_PD1": "CANSERIAL"},
+    "rp2040": {"RPXXXX_USB": "USBSERIAL", "RPXXXX_CANBUS": "CANSERIAL",
+               "RPXXXX_USBCANBUS": "USBCANBUS"},
+}
+ALL_INTERFACES = {s for arch in INTERFACES.values() for s in arch}
 
 def config_path():
     return os.environ.get("KCONFIG_CONFIG") or ".config"
@@ -118,7 +129,7 @@ def family(sym):
     """The choice group a symbol belongs to (setting one member clears the rest)."""
     if sym.startswith(("STM32_FLASH_START_", "RPXXXX_FLASH_START_")):
         return "flash"
-    if sym in rigmcu.TRANSPORTS:
+    if sym in rigmcu.TRANSPORTS or sym in ALL_INTERFACES:
         return "transport"
     if sym.startswith("STM32_CLOCK_REF_"):
         return "clockref"
@@ -174,7 +185,9 @@ def resolve(cur, default_mcu):
     flash_members = [prefix + k for k in m["flash_starts"]]
     flash = pick(flash_members, prefix + m["flash_default"])
     app_start = m["flash_starts"][flash[len(prefix):]]
-    transport = pick(rigmcu.TRANSPORTS, "USBSERIAL")
+    interfaces = INTERFACES.get(m["arch"], {})
+    iface = next((s for s in interfaces if cur.get(s) == "y"), None)
+    transport = interfaces[iface] if iface else pick(rigmcu.TRANSPORTS, "USBSERIAL")
 
     out = []
     add = out.append
@@ -214,6 +227,9 @@ def resolve(cur, default_mcu):
             add(("STM32_CLOCK_REF_" + r, "y" if ref == "STM32_CLOCK_REF_" + r else None))
         freq = ref[len("STM32_CLOCK_REF_"):]
         add(("CLOCK_REF_FREQ", "0" if freq == "INTERNAL" else str(int(freq[:-1]) * 1000000)))
+    if iface:
+        for s in interfaces:
+            add((s, "y" if s == iface else None))
     for t in rigmcu.TRANSPORTS:
         add((t, "y" if t == transport else None))
     if transport in ("USBSERIAL", "USBCANBUS"):
