@@ -92,8 +92,9 @@ pub async fn status_once(reg: &Registry, hp: &Hotplug, state_dir: &Path) -> stat
     let k = ask_klippy(&Moonraker::from_settings(&reg.settings)).await;
     tracker.klippy_state(k.state, k.mcus);
     for board in tracker.unknown_versions() {
+        let Some(appearance) = tracker.appearance(&board.identity.syspath) else { continue };
         if let Some(Ok(version)) = identify_if_free(&board, state_dir).await {
-            tracker.identified(&board.identity.syspath, version);
+            tracker.identified(&board.identity.syspath, appearance, version);
         }
     }
     let mut s = tracker.status();
@@ -204,9 +205,9 @@ struct Daemon {
     stopping: tokio::sync::watch::Sender<bool>,
     tracker: Tracker,
     notices: broadcast::Sender<Notice>,
-    identified_tx: mpsc::Sender<(String, std::result::Result<String, String>)>,
-    /// Boards being identified, by syspath.
-    identifying: BTreeSet<String>,
+    identified_tx: mpsc::Sender<(String, u64, std::result::Result<String, String>)>,
+    /// Boards being identified: syspath → the appearance asked about.
+    identifying: BTreeMap<String, u64>,
     mr: Moonraker,
     klippy_tx: mpsc::Sender<KlippyUpdate>,
     /// The Moonraker agent connection, and Klippy's state as it pushes it.
@@ -415,14 +416,17 @@ impl Daemon {
         }
         for board in self.tracker.unknown_versions() {
             let syspath = board.identity.syspath.clone();
-            if !self.identifying.insert(syspath.clone()) {
+            let Some(appearance) = self.tracker.appearance(&syspath) else { continue };
+            // One at a time per device: a newer appearance is asked when this one answers.
+            if self.identifying.contains_key(&syspath) {
                 continue;
             }
+            self.identifying.insert(syspath.clone(), appearance);
             let (tx, state_dir) = (self.identified_tx.clone(), self.state_dir.clone());
             tokio::spawn(async move {
                 let result = identify_if_free(&board, &state_dir).await;
                 let answer = result.unwrap_or_else(|| Err("not asked".into()));
-                let _ = tx.send((syspath, answer)).await;
+                let _ = tx.send((syspath, appearance, answer)).await;
             });
         }
     }
@@ -548,7 +552,7 @@ pub async fn serve(
         tracker,
         notices: broadcast::channel(NOTICE_BUFFER).0,
         identified_tx,
-        identifying: BTreeSet::new(),
+        identifying: BTreeMap::new(),
         mr,
         klippy_tx,
         link,
@@ -592,14 +596,19 @@ pub async fn serve(
                     break Err(Error::Udev(d.hp.failure().unwrap_or_else(|| "the udev event stream ended".into())));
                 }
             },
-            Some((syspath, answer)) = identified.recv() => {
+            Some((syspath, appearance, answer)) = identified.recv() => {
                 d.identifying.remove(&syspath);
                 match answer {
                     Ok(version) => {
-                        let n = d.tracker.identified(&syspath, version);
+                        let n = d.tracker.identified(&syspath, appearance, version);
                         d.tell(n);
                     }
                     Err(why) => tracing::debug!(%syspath, "no version from identify: {why}"),
+                }
+                // The device left and came back while it was asked: its new appearance is
+                // asked now (not before: two identifies on one tty would garble each other).
+                if d.tracker.appearance(&syspath).is_some_and(|now| now != appearance) {
+                    d.identify_unknown();
                 }
             }
             Some(update) = klippy.recv() => d.klippy_update(update),

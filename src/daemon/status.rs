@@ -330,13 +330,26 @@ impl Tracker {
     }
 
     /// The board's own word (identify), read by the daemon.
-    pub fn identified(&mut self, syspath: &str, version: String) -> Vec<Notice> {
+    pub fn identified(&mut self, syspath: &str, appearance: u64, version: String) -> Vec<Notice> {
         self.observe(|t| {
-            if let Some(key) = t.present.get(syspath).and_then(|(b, _)| b.key.clone()) {
-                t.versions.insert(key, Learned { version, source: VersionSource::Identify });
+            // An answer read from an earlier appearance of the device (it left and came back
+            // meanwhile, perhaps with other firmware) says nothing about this one.
+            match t.present.get(syspath) {
+                Some((b, seen)) if *seen == appearance => {
+                    if let Some(key) = b.key.clone() {
+                        t.versions.insert(key, Learned { version, source: VersionSource::Identify });
+                    }
+                }
+                _ => {}
             }
             Vec::new()
         })
+    }
+
+    /// Which appearance of the device at `syspath` is present now (a count that changes each
+    /// time it is added or changes mode); `None` when it is not present.
+    pub fn appearance(&self, syspath: &str) -> Option<u64> {
+        self.present.get(syspath).map(|(_, seen)| *seen)
     }
 
     /// Registered boards running Klipper whose version is not known: candidates for
@@ -475,21 +488,34 @@ mod tests {
         let n = t.board_event(&ev(Action::Added, &b));
         assert_eq!(board_notices(&n), [("octopus".to_string(), FirmwareState::Unknown)]);
         assert_eq!(t.unknown_versions(), std::slice::from_ref(&b));
-        let n = t.identified(&b.identity.syspath, OLD.into());
+        let first = t.appearance(&b.identity.syspath).unwrap();
+        let n = t.identified(&b.identity.syspath, first, OLD.into());
         assert_eq!(board_notices(&n), [("octopus".to_string(), FirmwareState::Outdated)]);
         let s = state_of(&t, "octopus");
         assert_eq!((s.version.as_deref(), s.version_source), (Some(OLD), Some(VersionSource::Identify)));
         assert_eq!(s.relation.as_deref(), Some("3 commits behind"));
         assert!(t.unknown_versions().is_empty());
         // Nothing changes: nothing is said.
-        assert!(t.identified(&b.identity.syspath, OLD.into()).is_empty());
+        assert!(t.identified(&b.identity.syspath, first, OLD.into()).is_empty());
+
+        // It leaves and comes back while an identify of its first appearance is under way:
+        // that answer is not taken for the new appearance.
+        t.board_event(&ev(Action::Removed, &b));
+        t.board_event(&ev(Action::Added, &b));
+        let second = t.appearance(&b.identity.syspath).unwrap();
+        assert_ne!(first, second);
+        assert!(t.identified(&b.identity.syspath, first, HOST.into()).is_empty());
+        assert_eq!(state_of(&t, "octopus").state, FirmwareState::Unknown);
+        assert_eq!(t.unknown_versions(), std::slice::from_ref(&b));
+        let n = t.identified(&b.identity.syspath, second, HOST.into());
+        assert_eq!(board_notices(&n), [("octopus".to_string(), FirmwareState::Current)]);
     }
 
     #[test]
     fn a_version_is_forgotten_when_the_board_goes_away_or_enters_its_bootloader() {
         let b = board(Some("octopus"), "AAA", Mode::Klipper, 1);
         let mut t = Tracker::new(vec![entry("octopus", "AAA")], Some(HOST.into()), vec![b.clone()]);
-        t.identified(&b.identity.syspath, HOST.into());
+        t.identified(&b.identity.syspath, 0, HOST.into());
         assert_eq!(state_of(&t, "octopus").state, FirmwareState::Current);
         t.board_event(&ev(Action::Removed, &b));
         let boot = board(Some("octopus"), "AAA", Mode::Katapult, 2);
