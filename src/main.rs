@@ -817,6 +817,10 @@ async fn hand_over(
                     kflash::error::exit::FAILURE,
                 ))
             }
+            Some(RunReply::Accepted { run }) if rep.draws_events() => {
+                let line = serde_json::json!({"event": "handed-over", "run": run, "daemon": conn.socket});
+                eprintln!("{line}");
+            }
             Some(RunReply::Accepted { run }) => {
                 eprintln!("kflash: {run} is carried out by the kflash daemon ({})", conn.socket.display())
             }

@@ -93,6 +93,11 @@ impl BatchReporter {
         self
     }
 
+    /// `--events`: stderr carries only JSON lines.
+    pub fn draws_events(&self) -> bool {
+        self.events
+    }
+
     /// A question's answer given without asking (`--yes`, no terminal).
     fn answered(&self, question: &str, answer: bool, why: &str) {
         if self.events {
