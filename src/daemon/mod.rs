@@ -206,6 +206,8 @@ struct Daemon {
     tracker: Tracker,
     notices: broadcast::Sender<Notice>,
     identified_tx: mpsc::Sender<(String, u64, std::result::Result<String, String>)>,
+    /// Identifies take turns (each holds the flash lock while it reads).
+    identify_turn: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// Boards being identified: syspath → the appearance asked about.
     identifying: BTreeMap<String, u64>,
     mr: Moonraker,
@@ -423,7 +425,11 @@ impl Daemon {
             }
             self.identifying.insert(syspath.clone(), appearance);
             let (tx, state_dir) = (self.identified_tx.clone(), self.state_dir.clone());
+            let one_at_a_time = self.identify_turn.clone();
             tokio::spawn(async move {
+                // Each identify takes the flash lock for its moment; two at once would refuse
+                // each other (found by the soak: boards left unknown at start).
+                let _turn = one_at_a_time.lock().await;
                 let result = identify_if_free(&board, &state_dir).await;
                 let answer = result.unwrap_or_else(|| Err("not asked".into()));
                 let _ = tx.send((syspath, appearance, answer)).await;
@@ -553,6 +559,7 @@ pub async fn serve(
         notices: broadcast::channel(NOTICE_BUFFER).0,
         identified_tx,
         identifying: BTreeMap::new(),
+        identify_turn: Default::default(),
         mr,
         klippy_tx,
         link,
