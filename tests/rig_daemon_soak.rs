@@ -296,7 +296,7 @@ impl Subscription {
     /// Read until the daemon has caught up with `cycles` cycles of every soaked board (two
     /// connection changes each) and each is settled, within `secs`. (Settled alone is not
     /// enough: a daemon behind udev may look settled between two of its queued events.)
-    fn caught_up(&mut self, cycles: usize, secs: u64) {
+    fn caught_up(&mut self, cycles: usize, secs: u64) -> Result<(), String> {
         let keys: Vec<&str> = SOAKED.iter().map(|b| b.0).collect();
         self.until_boards(&keys, secs, |sub, k| {
             sub.changes.get(k).copied().unwrap_or(0) == 2 * cycles && sub.latest.get(k).is_some_and(settled)
@@ -304,16 +304,26 @@ impl Subscription {
     }
 
     /// Read until the latest status of each of `keys` satisfies `done`, within `secs`.
-    fn until_boards(&mut self, keys: &[&str], secs: u64, done: impl Fn(&Subscription, &str) -> bool) {
+    fn until_boards(
+        &mut self,
+        keys: &[&str],
+        secs: u64,
+        done: impl Fn(&Subscription, &str) -> bool,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             if keys.iter().all(|k| done(self, k)) {
-                return;
+                return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(l) => self.push(l),
-                Err(_) => panic!("the boards did not settle within {secs} s; last statuses: {:#?}", self.latest),
+                Err(_) => {
+                    return Err(format!(
+                        "the boards did not settle within {secs} s; connection changes {:?}; last statuses: {:#?}",
+                        self.changes, self.latest
+                    ))
+                }
             }
         }
     }
@@ -424,7 +434,10 @@ impl Daemon {
             ok(&rig.kflash(&["add", "--device", &by_id(*b, "Klipper"), "--name", b.0, "--key", b.0]));
         }
         let socket = rig.state.join("daemon.sock");
-        let mut process = Background::spawn(rig.command(&["daemon", "--socket", socket.to_str().unwrap()]));
+        let mut cmd = rig.command(&["daemon", "--socket", socket.to_str().unwrap()]);
+        // Why a version was not read is logged at debug: one line per identify.
+        cmd.env("RUST_LOG", "kflash=info,kflash::daemon=debug");
+        let mut process = Background::spawn(cmd);
         process.wait_for_line("kflash daemon ready", 60);
         (rig, Daemon { process, socket })
     }
@@ -436,6 +449,14 @@ impl Daemon {
     fn status(&self, rig: &FlashRig) -> serde_json::Value {
         let out = rig.command(&["status", "--json"]).env("KFLASH_SOCKET", &self.socket).output().unwrap();
         serde_json::from_str(&ok(&out)).unwrap()
+    }
+
+    /// Fail the scenario with `why`, then the daemon's log.
+    fn fail(&mut self, why: &str) -> ! {
+        eprintln!("{why}");
+        // Panics with everything the daemon printed so far.
+        self.process.wait_for_line("(a line the daemon never prints: show its log)", 2);
+        unreachable!()
     }
 
     fn stop(self) {
@@ -468,10 +489,10 @@ fn soak(
 fn a_thousand_plug_cycles_of_three_boards_miss_nothing_and_leak_nothing() {
     in_rig();
     let _clean = LeaveRigClean;
-    let (rig, d) = Daemon::start_with_soaked_boards();
+    let (rig, mut d) = Daemon::start_with_soaked_boards();
     let (_monitor, mut udev) = UdevMonitor::start(&SOAKED);
     let mut sub = Subscription::new(&d.socket);
-    sub.caught_up(0, 60);
+    sub.caught_up(0, 60).unwrap_or_else(|e| d.fail(&e));
     idle(&d, &mut sub);
     let t = Instant::now();
 
@@ -484,7 +505,7 @@ fn a_thousand_plug_cycles_of_three_boards_miss_nothing_and_leak_nothing() {
             events.entry(name).or_default().extend(more);
         }
         done = checkpoint;
-        sub.caught_up(done, 120);
+        sub.caught_up(done, 120).unwrap_or_else(|e| d.fail(&e));
         let mem = Memory::of(d.pid());
         eprintln!(
             "{done} cycles of 3 boards at once after {:.1} s ({:.0} ms per cycle per board): daemon {mem}",
@@ -549,7 +570,8 @@ fn a_thousand_plug_cycles_of_three_boards_miss_nothing_and_leak_nothing() {
             let ev = expect_udev(rx, board.0, if on { "add" } else { "remove" });
             sub.until_boards(&[board.0], 60, |sub, k| {
                 sub.latest.get(k).is_some_and(|s| if on { settled(s) } else { s["connected"] == false })
-            });
+            })
+            .unwrap_or_else(|e| d.fail(&e));
             let (at, _) = sub.got[from..]
                 .iter()
                 .find(|(_, v)| v["notice"]["status"]["key"] == board.0 && v["notice"]["status"]["connected"] == on)
