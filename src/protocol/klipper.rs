@@ -632,6 +632,9 @@ pub struct IdentifyClient {
     /// Retransmissions of the current request.
     retries: u32,
     max_retries: u32,
+    /// An empty block with `sent_seq + 1` came for the outstanding request: its ack, or a nak
+    /// from a firmware that expects `sent_seq + 1` (the same bytes).
+    acked: bool,
     done: bool,
 }
 
@@ -656,6 +659,7 @@ impl IdentifyClient {
             sent_seq: 0,
             retries: 0,
             max_retries: 10,
+            acked: false,
             done: false,
         }
     }
@@ -691,8 +695,13 @@ impl IdentifyClient {
         Ok(self.request_bytes())
     }
 
-    /// Nothing arrived in time: resend the outstanding request (error after too many).
+    /// Nothing arrived in time: resend the outstanding request (error after too many). If
+    /// it was "acked" without an answer, that was a nak for the next sequence (or the answer
+    /// was lost): either way the firmware expects the next sequence, and identify may repeat.
     pub fn on_timeout(&mut self) -> Result<Vec<u8>, KlipperError> {
+        if std::mem::take(&mut self.acked) {
+            self.sent_seq = (self.sent_seq + 1) & MESSAGE_SEQ_MASK;
+        }
         self.retry()
     }
 
@@ -709,9 +718,11 @@ impl IdentifyClient {
             if block.is_ack() {
                 if block.seq == expect_next || block.seq == self.sent_seq {
                     // Ack of the outstanding request, or a stale ack of the previous one.
+                    self.acked |= block.seq == expect_next;
                     continue;
                 }
                 // Nak: the firmware expects another sequence number.
+                self.acked = false;
                 self.sent_seq = block.seq;
                 send = Some(self.retry()?);
                 continue;
@@ -729,6 +740,7 @@ impl IdentifyClient {
             }
             self.sent_seq = block.seq;
             self.retries = 0;
+            self.acked = false;
             send = Some(self.request_bytes());
         }
         Ok(match send {
@@ -1034,6 +1046,19 @@ mod tests {
         let mut c = IdentifyClient::new();
         let d = run_client(&mut mcu, &mut c, true);
         assert_eq!(d.app.as_deref(), Some("Klipper"));
+    }
+
+    #[test]
+    fn identify_client_resyncs_when_the_nak_looks_like_an_ack() {
+        // A firmware expecting sequence 1 naks the first request (sequence 0) with an empty
+        // block of sequence 1: the same bytes as an ack of it. No answer follows, so the
+        // resend after the timeout must use sequence 1 (seen in the rig after a board's host
+        // side was deauthorized mid-identify: the firmware keeps its sequence).
+        let dict = compress_dictionary(&sample_json());
+        let mut mcu = FakeMcu { next_seq: 1, dict, dec: BlockDecoder::new() };
+        let mut c = IdentifyClient::new();
+        let d = run_client(&mut mcu, &mut c, false);
+        assert_eq!(d.version, "v0.12.0-300-gdeadbeef");
     }
 
     #[test]
