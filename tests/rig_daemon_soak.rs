@@ -11,8 +11,8 @@
 //! - The final state is right: every board connected, in Klipper, its version identified
 //!   (checked at each memory checkpoint, once the daemon has caught up with udev, and through
 //!   `kflash status --json` at the end).
-//! - Memory does not grow: VmRSS after 750 cycles (buffers full, allocator warm) and after
-//!   1000 differ by less than 1 MiB.
+//! - Memory does not grow: VmRSS after 1000 cycles is at most 1 MiB above its highest at
+//!   250, 500 and 750 cycles (buffers full, the allocator's footprint moving up and down).
 //! - Reaction time: from udev's broadcast (the `udevadm monitor` receipt, CLOCK_MONOTONIC) to
 //!   the subscriber's receipt of the notice (CLOCK_MONOTONIC, read as the line arrives; the
 //!   daemon's notices carry no timestamp). Printed under the soak's load, and measured in
@@ -37,7 +37,8 @@ use rig_support::*;
 const SOAKED: [(&str, &str, &str); 3] = [NITEHAWK, EBB, MMB];
 /// Plug/unplug cycles per board.
 const CYCLES: usize = 1000;
-/// Cycles before the memory sample the last one is compared with. The daemon's anonymous
+/// The last checkpoint before the end; memory at the end is compared with the highest up to
+/// here. The daemon's anonymous
 /// memory climbs for several hundred cycles and then flattens (measured, one identify per
 /// appearance: RssAnon 3.4 MiB idle, 8.9 after 250 cycles, 11.7 after 500, 14.8 after 750,
 /// 15.3 after 1000; an earlier build: 4.9, 15.9, 18.5, 18.0, 18.5): its buffers fill (the
@@ -55,7 +56,8 @@ const QUIET_CYCLES: usize = 50;
 const REACTION_P99_LIMIT_MS: f64 = 1000.0;
 /// The idle daemon's CPU time over 60 s.
 const IDLE_CPU_LIMIT_SECS: f64 = 0.5;
-/// How much VmRSS may grow from cycle WARMUP to CYCLES.
+/// How far VmRSS at CYCLES may exceed its highest at the earlier checkpoints (a leak of
+/// about 700 bytes per board event or more shows as a new high beyond this).
 const RSS_GROWTH_LIMIT_KIB: u64 = 1024;
 
 /// CLOCK_MONOTONIC in seconds (udev's and `udevadm monitor`'s clock).
@@ -538,11 +540,15 @@ fn a_thousand_plug_cycles_of_three_boards_miss_nothing_and_leak_nothing() {
         );
         mem_at.push(mem);
     }
-    let (warm, end) = (&mem_at[2], &mem_at[mem_at.len() - 1]);
-    let growth = end.rss as i64 - warm.rss as i64;
+    // The allocator's footprint moves up and down by a few MiB between checkpoints (measured:
+    // 33.8, 34.7, 38.1, 34.1 MiB); a leak climbs to a new high at every one. So the end may
+    // not exceed the highest of the earlier checkpoints by more than the bound.
+    let end = &mem_at[mem_at.len() - 1];
+    let high = mem_at[..mem_at.len() - 1].iter().map(|m| m.rss).max().expect("earlier checkpoints");
+    let growth = end.rss as i64 - high as i64;
     eprintln!(
-        "daemon VmRSS after {WARMUP} cycles {} KiB, after {CYCLES} {} KiB: growth {growth} KiB",
-        warm.rss, end.rss
+        "daemon VmRSS after {CYCLES} cycles {} KiB, highest at 250-{WARMUP} cycles {high} KiB: {growth:+} KiB",
+        end.rss
     );
 
     // Nothing missed, nothing twice: per board one appearance per udev add and one
@@ -628,7 +634,10 @@ fn a_thousand_plug_cycles_of_three_boards_miss_nothing_and_leak_nothing() {
         let last: Vec<_> = sub.statuses(b.0).into_iter().rev().take(6).collect();
         assert!(settled(st), "{}: {st}\nits last statuses, newest first: {last:#?}", b.0);
     }
-    assert!(growth < RSS_GROWTH_LIMIT_KIB as i64, "VmRSS grew by {growth} KiB from cycle {WARMUP} to {CYCLES}");
+    assert!(
+        growth < RSS_GROWTH_LIMIT_KIB as i64,
+        "VmRSS at {CYCLES} cycles is {growth} KiB above its highest at 250-{WARMUP} cycles"
+    );
     d.stop();
 }
 
