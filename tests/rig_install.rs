@@ -116,6 +116,9 @@ fn marked(mode: &str) -> (Option<String>, Option<String>, bool) {
 #[ignore = "runs inside the USB rig"]
 fn install_then_uninstall_leaves_the_file_system_as_it_was() {
     in_rig();
+    // The replugs below make a running Klippy shut down, and it shuts the other boards down
+    // with it: reset them and restart Klipper afterwards, as every scenario does.
+    let _clean = LeaveRigClean;
     reset_boards();
     // One board in Klipper, one in Katapult.
     boardctl(&["reboot", NITEHAWK.0, "katapult"]);
