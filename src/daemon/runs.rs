@@ -157,15 +157,8 @@ pub fn for_client(ctx: RunContext, request: RunRequest, client: RunClient) -> on
     spawn(move || {
         Box::pin(async move {
             let RunClient { uid: _, replies, answers, cancel } = client;
-            let yes = match &request {
-                RunRequest::Flash(r) => r.yes,
-                RunRequest::FlashAll(r) => r.yes,
-            };
-            let asked_dir = match &request {
-                RunRequest::Flash(r) => r.config_dir.clone(),
-                RunRequest::FlashAll(r) => r.config_dir.clone(),
-            };
-            if let Some(dir) = asked_dir.filter(|d| !same_dir(d, &ctx.config_dir)) {
+            let yes = request.yes();
+            if let Some(dir) = request.config_dir().filter(|d| !same_dir(d, &ctx.config_dir)) {
                 let error = ErrorDoc {
                     kind: OTHER_REGISTRY.into(),
                     message: format!(

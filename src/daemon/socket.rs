@@ -158,6 +158,22 @@ pub enum RunRequest {
     FlashAll(FlashAllRequest),
 }
 
+impl RunRequest {
+    pub fn yes(&self) -> bool {
+        match self {
+            RunRequest::Flash(r) => r.yes,
+            RunRequest::FlashAll(r) => r.yes,
+        }
+    }
+
+    pub fn config_dir(&self) -> Option<&Path> {
+        match self {
+            RunRequest::Flash(r) => r.config_dir.as_deref(),
+            RunRequest::FlashAll(r) => r.config_dir.as_deref(),
+        }
+    }
+}
+
 /// What a connection asks the daemon's loop, which owns the state.
 pub enum Ask {
     Status(oneshot::Sender<Status>),
@@ -352,9 +368,16 @@ async fn run(
 
 /// The client side: ask a running daemon. `None` when no daemon answers at any candidate.
 pub async fn ask_status(state_dir: &Path) -> Option<std::io::Result<serde_json::Value>> {
+    let (stream, _) = connect(state_dir).await?;
+    Some(read_status(stream).await)
+}
+
+/// The first candidate a daemon answers at.
+async fn connect(state_dir: &Path) -> Option<(UnixStream, PathBuf)> {
     for path in candidates(state_dir) {
-        let Ok(stream) = UnixStream::connect(&path).await else { continue };
-        return Some(read_status(stream).await);
+        if let Ok(stream) = UnixStream::connect(&path).await {
+            return Some((stream, path));
+        }
     }
     None
 }
@@ -422,16 +445,9 @@ impl RunConnection {
 
 /// Hand a run to a running daemon: `None` when no daemon answers at any candidate.
 pub async fn hand_over(state_dir: &Path, request: &Request) -> Option<std::io::Result<RunConnection>> {
-    for path in candidates(state_dir) {
-        let Ok(stream) = UnixStream::connect(&path).await else { continue };
-        let (r, mut w) = stream.into_split();
-        let mut line = serde_json::to_string(request).expect("requests serialize");
-        line.push('\n');
-        return Some(w.write_all(line.as_bytes()).await.map(|()| RunConnection {
-            lines: BufReader::new(r).lines(),
-            w,
-            socket: path,
-        }));
-    }
-    None
+    let (stream, socket) = connect(state_dir).await?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_string(request).expect("requests serialize");
+    line.push('\n');
+    Some(w.write_all(line.as_bytes()).await.map(|()| RunConnection { lines: BufReader::new(r).lines(), w, socket }))
 }
