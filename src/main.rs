@@ -793,17 +793,17 @@ async fn hand_over(
     let daemon_error = |kind: &str, message: String, help: &str, exit_code: i32| {
         Error::Daemon(ErrorDoc { kind: kind.into(), message, help: Some(help.into()), exit_code })
     };
+    let mut signals = kflash::service::ShutdownSignals::install()
+        .inspect_err(|e| tracing::warn!("cannot listen for SIGINT/SIGTERM/SIGHUP: {e}"))
+        .ok();
+    // The first signal asks the daemon to cancel (it starts Klipper again and answers with its
+    // last word); a second one leaves at once, should the daemon not answer.
     let mut cancelled = false;
     loop {
         let reply = tokio::select! {
             biased;
-            sig = kflash::service::shutdown_signal(), if !cancelled => {
-                eprintln!("kflash: {sig}: the daemon cancels the run and starts Klipper again if it stopped it");
-                cancelled = true;
-                if let Err(e) = conn.cancel().await {
-                    tracing::warn!("the cancel could not be sent: {e}");
-                    return Err(Error::Interrupted(sig));
-                }
+            sig = next_signal(&mut signals) => {
+                interrupt(&mut conn, &mut cancelled, sig).await?;
                 continue;
             }
             r = conn.next() => r.map_err(|e| Error::io("read from", &conn.socket, e))?,
@@ -834,7 +834,15 @@ async fn hand_over(
             }
             Some(RunReply::Event { event }) => rep.event(&event),
             Some(RunReply::Question { text }) => {
-                let answer = rep.confirm(&text).await;
+                // A signal while the question waits cancels the run instead of answering it.
+                let answer = tokio::select! {
+                    biased;
+                    sig = next_signal(&mut signals) => {
+                        interrupt(&mut conn, &mut cancelled, sig).await?;
+                        continue;
+                    }
+                    a = rep.confirm(&text) => a,
+                };
                 conn.answer(answer).await.map_err(|e| Error::io("write to", &conn.socket, e))?;
             }
             Some(RunReply::Flashed { summary }) => return Ok(Some(HandedOver::Flashed(summary))),
@@ -854,6 +862,36 @@ async fn hand_over(
             }
         }
     }
+}
+
+/// The next shutdown signal; never, when they could not be listened for.
+async fn next_signal(signals: &mut Option<kflash::service::ShutdownSignals>) -> &'static str {
+    match signals {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A signal during a handed-over run: the first asks the daemon to cancel, a second (or a
+/// cancel that cannot be sent) leaves at once.
+async fn interrupt(
+    conn: &mut kflash::daemon::socket::RunConnection,
+    cancelled: &mut bool,
+    sig: &'static str,
+) -> Result<()> {
+    if *cancelled {
+        eprintln!("kflash: {sig} again: leaving now; the daemon still ends the run and starts Klipper again (see `kflash status`)");
+        return Err(Error::Interrupted(sig));
+    }
+    eprintln!(
+        "kflash: {sig}: the daemon cancels the run and starts Klipper again if it stopped it (again to leave at once)"
+    );
+    *cancelled = true;
+    if let Err(e) = conn.cancel().await {
+        tracing::warn!("the cancel could not be sent: {e}");
+        return Err(Error::Interrupted(sig));
+    }
+    Ok(())
 }
 
 /// Settle the version questions before the run: `Some(true)` flashes current boards too,

@@ -64,3 +64,40 @@ fn ctrl_c_while_another_kflash_builds_exits_130_at_once() {
     let (took, status) = first.ctrl_c(Duration::from_secs(10));
     assert_interrupted("build running make", took, status, &first.output());
 }
+
+/// A flash handed over to a daemon: Ctrl-C at the daemon's question sends a cancel (not an
+/// answer), and a second Ctrl-C leaves at once when the daemon does not give its last word.
+/// The daemon here is a stand-in on the socket: a hung daemon is a fault the real one cannot
+/// be made to produce.
+#[test]
+fn ctrl_c_twice_leaves_a_handed_over_run_whose_daemon_does_not_answer() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    let root = tempfile::tempdir().unwrap();
+    setup(root.path());
+    let socket = root.path().join("kflash.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let daemon = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut w = stream.try_clone().unwrap();
+        let mut lines = BufReader::new(stream).lines();
+        let request = lines.next().unwrap().unwrap();
+        w.write_all(b"{\"reply\":\"accepted\",\"run\":\"flash nitehawk\"}\n").unwrap();
+        w.write_all(b"{\"reply\":\"question\",\"text\":\"Moonraker is unreachable. Flash anyway?\"}\n").unwrap();
+        // What the client sends next; then hang, holding the connection open.
+        let next = lines.next().unwrap().unwrap();
+        let _ = lines.next();
+        (request, next)
+    });
+    let mut cmd = kflash(root.path(), &["flash", "nitehawk"]);
+    cmd.env("KFLASH_SOCKET", &socket);
+    let mut flash = PtyChild::spawn(cmd);
+    flash.expect("Flash anyway?", Duration::from_secs(20));
+    flash.type_bytes(b"\x03");
+    flash.expect("again to leave at once", Duration::from_secs(10));
+    let (took, status) = flash.ctrl_c(Duration::from_secs(10));
+    assert_interrupted("a handed-over run", took, status, &flash.output());
+    let (request, next) = daemon.join().unwrap();
+    assert!(request.contains("\"request\":\"flash\""), "{request}");
+    assert_eq!(next, "{\"cancel\":true}", "the first Ctrl-C cancels the run instead of answering");
+}

@@ -20,6 +20,8 @@
 //!   bound), each step once the daemon has said it all.
 //! - CPU time while idle, first: utime + stime and the scheduler's exact figure over 60 s with
 //!   the three boards connected and identified, Klippy and Moonraker running; no notices.
+//!   Then 20 s with Moonraker stopped, whose once-a-second push is the only thing left to wake
+//!   the daemon: at most 2 wake-ups.
 
 mod rig_support;
 
@@ -54,6 +56,11 @@ const QUIET_CYCLES: usize = 50;
 /// The bound on the quiet reaction time's p99 under the rig's emulated CPU (target on
 /// hardware: 5 ms).
 const REACTION_P99_LIMIT_MS: f64 = 1000.0;
+/// The window with nothing at all to wake the daemon (Moonraker stopped), and the wake-ups
+/// allowed in it (none are expected; the allowance is for the kernel's own, such as a
+/// migration between CPUs counted as an involuntary switch).
+const QUIET_WINDOW_SECS: u64 = 20;
+const QUIET_WAKEUP_LIMIT: u64 = 2;
 /// The idle daemon's CPU time over 60 s.
 const IDLE_CPU_LIMIT_SECS: f64 = 0.5;
 /// How far VmRSS at CYCLES may exceed its highest at the earlier checkpoints: a bound for a
@@ -521,7 +528,7 @@ fn a_thousand_plug_cycles_of_three_boards_miss_nothing_and_leak_nothing() {
     let (_monitor, mut udev) = UdevMonitor::start(&SOAKED);
     let mut sub = Subscription::new(&d.socket);
     sub.caught_up(0, 60).unwrap_or_else(|e| d.fail(&e));
-    idle(&d, &mut sub);
+    idle(&mut d, &mut sub);
     let t = Instant::now();
 
     // Memory sampled at checkpoints, each once the daemon has caught up.
@@ -645,7 +652,7 @@ fn a_thousand_plug_cycles_of_three_boards_miss_nothing_and_leak_nothing() {
 
 /// With the three boards connected and identified and nothing happening, for 60 s: the
 /// daemon's CPU time, wake-ups and notices, and its memory.
-fn idle(d: &Daemon, sub: &mut Subscription) {
+fn idle(d: &mut Daemon, sub: &mut Subscription) {
     let (cpu0, sched0, wake0, n0) = (cpu_secs(d.pid()), sched_cpu_secs(d.pid()), wakeups(d.pid()), sub.got.len());
     // The measurement window itself: nothing is awaited, the daemon is watched being idle.
     std::thread::sleep(Duration::from_secs(60));
@@ -659,4 +666,19 @@ fn idle(d: &Daemon, sub: &mut Subscription) {
     );
     assert_eq!(notices, 0, "notices while nothing happened: {:?}", &sub.got[n0..]);
     assert!(cpu < IDLE_CPU_LIMIT_SECS, "the idle daemon used {cpu:.2} s of CPU in 60 s");
+
+    // The wake-ups above are Moonraker's: it pushes `notify_proc_stat_update` to every
+    // websocket client once a second (its proc_stats component), agents included. Without
+    // Moonraker the daemon has no timer left to wake it.
+    let stop = run("systemctl", &["stop", "moonraker"]);
+    assert!(stop.status.success(), "systemctl stop moonraker: {}", text(&stop.stderr));
+    d.process.wait_for_line("Moonraker connection lost", 30);
+    let (cpu0, wake0) = (sched_cpu_secs(d.pid()), wakeups(d.pid()));
+    std::thread::sleep(Duration::from_secs(QUIET_WINDOW_SECS));
+    let (cpu, wake) = (sched_cpu_secs(d.pid()) - cpu0, wakeups(d.pid()) - wake0);
+    eprintln!("idle {QUIET_WINDOW_SECS} s with Moonraker stopped: daemon CPU (schedstat) {cpu:.4} s, {wake} wake-ups");
+    let start = run("systemctl", &["start", "moonraker"]);
+    assert!(start.status.success(), "systemctl start moonraker: {}", text(&start.stderr));
+    d.process.wait_for_line("identified to Moonraker as agent", 120);
+    assert!(wake <= QUIET_WAKEUP_LIMIT, "{wake} wake-ups in {QUIET_WINDOW_SECS} s with nothing to wake the daemon");
 }

@@ -148,6 +148,8 @@ struct BoardStatus {
     blocks_written: u32,
     flashes: u32,
     faults: Vec<String>,
+    /// The Klipper firmware is in its shutdown state (until the board reboots).
+    shutdown: bool,
     udc: String,
     bus: u32,
     board_tty: String,
@@ -610,6 +612,8 @@ impl Sim {
                     self.log.log(Some(&name), "configured", json!({"oids": oids, "crc": crc}));
                 }
                 KlipperEvent::Shutdown { reason } => {
+                    // A real board stays shut down until it reboots: `reset` must re-power it.
+                    self.boards[i].dirty = true;
                     self.log.log(Some(&name), "shutdown", json!({"reason": reason}));
                 }
                 other => say!("{name}: klipper: {other:?}"),
@@ -777,6 +781,7 @@ impl Sim {
             blocks_written: b.blocks_session,
             flashes: b.flashes,
             faults: b.faults.specs(),
+            shutdown: b.gadget.bound && b.mode == Mode::Klipper && b.klipper.as_ref().is_some_and(|k| k.is_shutdown()),
             udc: b.gadget.udc.clone(),
             bus: b.bus,
             board_tty: b.gadget.tty.display().to_string(),
