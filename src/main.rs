@@ -300,7 +300,11 @@ fn parse_method(s: &str) -> std::result::Result<FlashMethod, String> {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.verbose, matches!(cli.command, Command::Daemon(_)));
+    let daemon = matches!(cli.command, Command::Daemon(_));
+    init_logging(cli.verbose, daemon);
+    if daemon {
+        settle_allocator();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -320,6 +324,22 @@ fn main() {
     // wait) that an interruption abandoned.
     rt.shutdown_background();
     std::process::exit(code);
+}
+
+/// The daemon stays resident for months: tell glibc's allocator to give freed memory back.
+/// By default it makes an arena per thread that allocates (up to 8 per core), and raises its
+/// trim threshold as large blocks come and go, so a burst of board events leaves megabytes
+/// resident that the daemon no longer uses (measured in the rig soak: 1.6 MiB anonymous idle,
+/// 8-13 MiB after 1000 plug cycles, while the live heap stays under 1 MiB). Fixed thresholds
+/// and one arena keep the footprint near what is live. Call before any thread starts.
+fn settle_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called while the process has one thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// Set once a command has printed its JSON document (with its error in it): the error is
