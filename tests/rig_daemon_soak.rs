@@ -383,23 +383,29 @@ struct Memory {
     rss: u64,
     hwm: u64,
     anon: u64,
+    /// The daemon's threads (each keeps its stack's touched pages).
+    threads: u64,
     file: u64,
 }
 
 impl Memory {
     fn of(pid: u32) -> Memory {
         let f = |k| proc_status_kib(pid, k);
-        Memory { rss: f("VmRSS"), hwm: f("VmHWM"), anon: f("RssAnon"), file: f("RssFile") }
+        Memory { rss: f("VmRSS"), hwm: f("VmHWM"), anon: f("RssAnon"), file: f("RssFile"), threads: f("Threads") }
     }
 }
 
 impl std::fmt::Display for Memory {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(f, "VmRSS {} KiB (anon {}, file {}), VmHWM {} KiB", self.rss, self.anon, self.file, self.hwm)
+        write!(
+            f,
+            "VmRSS {} KiB (anon {}, file {}), VmHWM {} KiB, {} threads",
+            self.rss, self.anon, self.file, self.hwm, self.threads
+        )
     }
 }
 
-/// `/proc/PID/status` fields in KiB (VmRSS, VmHWM).
+/// `/proc/PID/status` fields in KiB (VmRSS, VmHWM), or counts (Threads).
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = text.lines().find(|l| l.starts_with(&format!("{field}:"))).unwrap_or_else(|| panic!("{text}"));
