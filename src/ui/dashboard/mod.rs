@@ -5,6 +5,7 @@
 
 pub mod model;
 pub mod render;
+pub mod runner;
 pub mod view;
 
 #[cfg(test)]

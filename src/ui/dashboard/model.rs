@@ -29,7 +29,10 @@ pub enum Input {
     /// The run asks; answer with [`Action::Answer`].
     Question(String),
     /// The run ended: the summary lines (the CLI's), and whether it failed.
-    RunEnded { lines: Vec<String>, failed: bool },
+    RunEnded {
+        lines: Vec<String>,
+        failed: bool,
+    },
     /// Something the runner wants said in the message line (an edit saved, a failure).
     Message(String),
 }
@@ -277,8 +280,7 @@ impl State {
                 run.summary = Some(lines);
                 run.failed = failed;
                 // A cancel question left open is moot now.
-                if matches!(self.dialog.as_ref().map(|d| &d.purpose), Some(Purpose::CancelRun | Purpose::RunQuestion))
-                {
+                if matches!(self.dialog.as_ref().map(|d| &d.purpose), Some(Purpose::CancelRun | Purpose::RunQuestion)) {
                     self.dialog = None;
                 }
                 Outcome::redraw()
@@ -337,9 +339,7 @@ impl State {
             }
             KeyCode::Char('f' | 'F') => match selected {
                 None => self.say("No registered board: A adds one."),
-                Some(b) if !b.connected => {
-                    self.say(&format!("{} is not connected: plug it in, then press F.", b.name))
-                }
+                Some(b) if !b.connected => self.say(&format!("{} is not connected: plug it in, then press F.", b.name)),
                 Some(b) if b.ambiguous => self.say(&format!(
                     "Several connected devices match {}: register it by its USB serial (E, or `kflash set`).",
                     b.name

@@ -68,7 +68,9 @@ pub fn render(state: &State, f: &mut Frame) {
 
 fn status_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
     let (host, klippy) = match &state.boards {
-        Some(b) => (b.host_version.clone().unwrap_or_else(|| "unknown (not a git checkout)".into()), klippy_text(b.klippy)),
+        Some(b) => {
+            (b.host_version.clone().unwrap_or_else(|| "unknown (not a git checkout)".into()), klippy_text(b.klippy))
+        }
         None => ("…".into(), "…"),
     };
     let print = state.host.print_state.clone().unwrap_or_else(|| "unknown".into());
@@ -140,7 +142,10 @@ fn boards_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
         return;
     };
     if let Some(e) = &view.registry_error {
-        lines.push(Line::styled(format!("boards.toml is broken, the last good registry is in use: {e}"), p.fg(Color::Red)));
+        lines.push(Line::styled(
+            format!("boards.toml is broken, the last good registry is in use: {e}"),
+            p.fg(Color::Red),
+        ));
     }
     lines.push(Line::styled(
         format!("    {:<14} {:<9} {:<12} {:<24} {:<22} {}", "board", "mode", "MCU", "USB serial", "version", "state"),
@@ -241,8 +246,7 @@ fn run_pane(run: &RunView, p: &Paint, f: &mut Frame, area: Rect) {
     // Per board: a checklist line and three bars (build, write, read-back).
     let per_board = 4u16;
     let boards_height = (run.boards.len() as u16 * per_board).min(inner.height.saturating_sub(4));
-    let [boards_area, rest] =
-        Layout::vertical([Constraint::Length(boards_height), Constraint::Min(3)]).areas(inner);
+    let [boards_area, rest] = Layout::vertical([Constraint::Length(boards_height), Constraint::Min(3)]).areas(inner);
     let mut y = boards_area.y;
     for (key, b) in &run.boards {
         if y + per_board > boards_area.y + boards_area.height {
@@ -252,7 +256,8 @@ fn run_pane(run: &RunView, p: &Paint, f: &mut Frame, area: Rect) {
         let bar = |label: String, ratio: f64| {
             Gauge::default().label(label).ratio(ratio.clamp(0.0, 1.0)).gauge_style(p.fg(Color::Blue)).use_unicode(true)
         };
-        let row = |i: u16| Rect { x: boards_area.x + 2, y: y + i, width: boards_area.width.saturating_sub(2), height: 1 };
+        let row =
+            |i: u16| Rect { x: boards_area.x + 2, y: y + i, width: boards_area.width.saturating_sub(2), height: 1 };
         let build = if b.phase > 0 {
             bar(format!("build: done ({} lines)", b.build_lines), 1.0)
         } else {

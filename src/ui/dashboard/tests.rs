@@ -176,13 +176,7 @@ fn flash_progress_mid_write() {
 #[test]
 fn failure_and_summary() {
     let mut s = mid_write();
-    s.input(state_ev(
-        "octopus",
-        BoardState::Failed {
-            phase: Phase::Write,
-            cause: Cause::DeviceGone,
-        },
-    ));
+    s.input(state_ev("octopus", BoardState::Failed { phase: Phase::Write, cause: Cause::DeviceGone }));
     s.input(Input::RunEnded {
         lines: vec![
             "octopus: the board went away during the write".into(),

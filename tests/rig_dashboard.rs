@@ -1,0 +1,195 @@
+//! Step 8 on real USB: the dashboard, the real binary in a real terminal (tmux in the
+//! guest). It sees a board appear live, flashes it with F, shows the CLI's summary, leaves
+//! Klipper running, takes no CPU while idle, and gives the terminal back sane after Q.
+//!
+//! tmux has no event for "the pane shows X": [`Pane::wait_for`] polls `capture-pane` with
+//! a short interval until a deadline. This polling is in the test only; the dashboard
+//! itself waits on events.
+
+mod rig_support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rig_support::*;
+
+/// printer.cfg uses ebb only: the octopus is flashed, and unplugging it does not shut Klippy down.
+const PRINTER_CFG: [(&str, &str); 1] = [("mcu", "ebb")];
+
+/// A tmux server of our own with one 120x40 pane running a shell.
+struct Pane {
+    socket: String,
+}
+
+impl Pane {
+    fn start(dir: &Path) -> Pane {
+        let socket = format!("kflash-dash-{}", std::process::id());
+        let pane = Pane { socket };
+        let rcfile = dir.join("shrc");
+        std::fs::write(&rcfile, "PS1='rig-shell$ '\n").unwrap();
+        let out = Command::new("tmux")
+            .args(["-L", &pane.socket, "-f", "/dev/null", "new-session", "-d", "-x", "120", "-y", "40"])
+            .arg(format!("bash --norc --noprofile --rcfile {} -i", rcfile.display()))
+            .env("TERM", "xterm-256color")
+            .output()
+            .expect("tmux must be installed (tests/setup-host installs it)");
+        assert!(out.status.success(), "tmux new-session: {}", text(&out.stderr));
+        pane.wait_for("rig-shell$", 10);
+        pane
+    }
+
+    fn tmux(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux").args(["-L", &self.socket]).args(args).output().unwrap();
+        assert!(out.status.success(), "tmux {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    fn capture(&self) -> String {
+        self.tmux(&["capture-pane", "-p"])
+    }
+
+    /// Type a line into the shell.
+    fn line(&self, s: &str) {
+        self.tmux(&["send-keys", "-l", s]);
+        self.tmux(&["send-keys", "Enter"]);
+    }
+
+    fn key(&self, k: &str) {
+        self.tmux(&["send-keys", k]);
+    }
+
+    /// The screen once it contains `needle` (polled, see the module comment), or panic with
+    /// the last screen after `secs`.
+    fn wait_for(&self, needle: &str, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let screen = self.capture();
+            if screen.contains(needle) {
+                return screen;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} on screen within {secs} s; the screen:\n{screen}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The pid of the pane's foreground program (the shell's child).
+    fn child_pid(&self) -> u32 {
+        let shell = self.tmux(&["display-message", "-p", "#{pane_pid}"]).trim().to_string();
+        let out = run("pgrep", &["-P", &shell]);
+        text(&out.stdout).lines().next().and_then(|l| l.trim().parse().ok()).expect("the dashboard's pid")
+    }
+}
+
+impl Drop for Pane {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["-L", &self.socket, "kill-server"]).output();
+    }
+}
+
+/// utime + stime of `pid`, in clock ticks (/proc/PID/stat fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces: count fields after its closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as u64
+}
+
+fn print_screen(title: &str, screen: &str) {
+    eprintln!("==== {title} (tmux capture-pane) ====\n{screen}==== end of {title} ====");
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn dashboard_sees_a_board_arrive_flashes_it_with_f_and_gives_the_terminal_back() {
+    let _clean = begin(&PRINTER_CFG);
+    let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, &[("bootloader_secs", 15), ("reconnect_secs", 20)]);
+    let tmp = tempfile::tempdir().unwrap();
+    let log = ServiceLog::start();
+    let version = klipper_tree_version();
+
+    // The octopus starts unplugged: the dashboard must see it arrive.
+    boardctl(&["unplug", OCTOPUS.0]);
+    settle();
+
+    let pane = Pane::start(tmp.path());
+    let stty_before = dir_file(tmp.path(), "stty-before");
+    pane.line(&format!("stty -a > {}", stty_before.display()));
+    pane.line(&format!(
+        "KFLASH_STATE_DIR={} KFLASH_CACHE_DIR={} {} --config-dir {}; echo dashboard-exit=$?",
+        rig.state.display(),
+        rig.cache.display(),
+        kflash_bin(),
+        rig.cfg.display()
+    ));
+    let screen = pane.wait_for("○ octopus", 30);
+    assert!(screen.contains("absent"), "{screen}");
+    assert!(screen.contains("F flash"), "the keys are on screen:\n{screen}");
+
+    // Plugged: the row turns connected, live (no key pressed, no rescan).
+    boardctl(&["plug", OCTOPUS.0]);
+    let screen = pane.wait_for("● octopus", 30);
+    assert!(screen.contains("Klipper"), "mode shown:\n{screen}");
+    assert!(screen.contains(OCTOPUS.2), "USB serial shown:\n{screen}");
+    // Klippy's state arrives over Moonraker's link.
+    let idle = pane.wait_for("Klippy ready", 60);
+    print_screen("idle dashboard", &idle);
+
+    // Idle: nothing happens for 60 s, so nothing is drawn and no CPU is used.
+    let pid = pane.child_pid();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(60));
+    let used = cpu_ticks(pid) - before;
+    let secs = used as f64 / clock_ticks() as f64;
+    eprintln!("idle CPU of the dashboard over 60 s: {used} ticks = {secs:.2} s CPU ({:.3} %)", secs / 60.0 * 100.0);
+    assert!(secs < 0.5, "the idle dashboard used {secs:.2} s of CPU in 60 s");
+
+    // F flashes the highlighted (only) board.
+    let mark = EventLog::mark("dashboard F");
+    pane.key("F");
+    let progress = pane.wait_for("[>] write", 180);
+    print_screen("flash in progress", &progress);
+    let done = pane.wait_for("verified running it", 240);
+    print_screen("summary", &done);
+    assert!(done.contains(&format!("octopus: flashed {version} via katapult")), "the CLI's summary:\n{done}");
+    assert!(done.contains("Klipper down"), "{done}");
+    assert!(mark.writes(OCTOPUS.0) > 0, "the board was written");
+    log.assert_klipper_stopped_and_restarted();
+    assert!(klipper_is_active(), "Klipper runs after the flash");
+    assert_eq!(board_json(OCTOPUS.0)["version"], version.as_str());
+
+    // Any key back to the boards, Q quits, the shell gets a sane terminal back.
+    pane.key("x");
+    pane.wait_for("F flash", 10);
+    pane.key("q");
+    let after = pane.wait_for("dashboard-exit=", 10);
+    assert!(after.contains("dashboard-exit=0"), "{after}");
+    let stty_after = dir_file(tmp.path(), "stty-after");
+    pane.line(&format!("stty -a > {}", stty_after.display()));
+    wait_file(&stty_after);
+    let (b, a) = (std::fs::read_to_string(&stty_before).unwrap(), std::fs::read_to_string(&stty_after).unwrap());
+    assert_eq!(b, a, "the terminal settings after the dashboard are those before it");
+    assert!(a.contains(" icanon") && a.contains(" echo"), "cooked mode with echo:\n{a}");
+    // The shell's prompt is back on the main screen (the alternate screen was left).
+    let screen = pane.capture();
+    assert!(screen.contains("rig-shell$ stty -a"), "{screen}");
+}
+
+fn dir_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// Wait for the shell to have written `path` (it writes it in one go; polled, test only).
+fn wait_file(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "{} was not written", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
