@@ -287,3 +287,65 @@ fn an_unchanged_host_view_does_not_redraw() {
     let host = s.host.clone();
     assert!(!s.input(Input::Host(host)).redraw);
 }
+
+/// A udev record of a USB serial device as the rig's boards show up.
+fn record(vendor: &str, pid: &str, mcu: &str, serial: &str, port: u32) -> kflash::identity::DeviceRecord {
+    let id_path = format!("platform-dummy_hcd.{port}-usb-0:1:1.0");
+    let props = [
+        ("ID_BUS", "usb".to_string()),
+        ("ID_USB_VENDOR", vendor.to_string()),
+        ("ID_USB_VENDOR_ID", "1d50".to_string()),
+        ("ID_USB_MODEL", mcu.to_string()),
+        ("ID_USB_MODEL_ID", pid.to_string()),
+        ("ID_USB_SERIAL_SHORT", serial.to_string()),
+        ("ID_PATH", id_path.clone()),
+        ("DEVLINKS", format!("/dev/serial/by-id/usb-{vendor}_{mcu}_{serial}-if00 /dev/serial/by-path/{id_path}")),
+    ];
+    kflash::identity::DeviceRecord {
+        syspath: format!(
+            "/sys/devices/platform/dummy_hcd.{port}/usb{p}/{p}-1/{p}-1:1.0/tty/ttyACM{port}",
+            p = port + 1
+        ),
+        subsystem: "tty".into(),
+        devnode: Some(format!("/dev/ttyACM{port}")),
+        properties: props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+    }
+}
+
+#[test]
+fn the_view_joins_the_trackers_status_and_the_devices_view() {
+    use kflash::app::boards::{add_board, devices_view, AddRequest};
+    use kflash::daemon::status::Tracker;
+    use kflash::hotplug::Board;
+    use kflash::identity::BoardIdentity;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = kflash::registry::Registry::open(dir.path()).unwrap();
+    let ident = |r| BoardIdentity::from_record(&r).unwrap();
+    let octopus = Board { identity: ident(record("Klipper", "614e", "stm32h723xx", "29001A0011", 0)), key: None };
+    let req = AddRequest {
+        name: "Octopus".into(),
+        key: Some("octopus".into()),
+        mcu: None,
+        flash_method: FlashMethod::Katapult,
+        exclude: false,
+    };
+    add_board(&mut reg, &octopus, &req).unwrap();
+    let octopus = Board { key: Some("octopus".into()), ..octopus };
+    let stray = Board { identity: ident(record("katapult", "6177", "rp2040", "E6616408", 1)), key: None };
+    let connected = vec![octopus, stray];
+    let tracker = Tracker::new(reg.boards().cloned().collect(), Some(HOST.into()), connected.clone());
+    let v = BoardsView::new(&tracker.status(), &devices_view(&reg, &connected));
+    assert_eq!(v.boards.len(), 1);
+    let b = &v.boards[0];
+    assert_eq!((b.key.as_str(), b.name.as_str(), b.mcu.as_str()), ("octopus", "Octopus", "stm32h723xx"));
+    assert!(b.connected);
+    assert_eq!(b.mode, Some(Mode::Klipper));
+    assert_eq!(b.serial.as_deref(), Some("29001A0011"));
+    assert_eq!(b.method, "katapult");
+    assert_eq!(b.state, FirmwareState::Unknown, "no version known yet");
+    assert_eq!(v.unregistered.len(), 1);
+    assert_eq!(v.unregistered[0].mode, "katapult");
+    assert_eq!(v.unregistered[0].mcu.as_deref(), Some("rp2040"));
+    assert_eq!(v.host_version.as_deref(), Some(HOST));
+}
