@@ -102,8 +102,10 @@ impl Drop for ScreenGuard {
 /// `kflash dashboard`.
 pub async fn run(dir: &Path) -> Result<()> {
     if !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
-        return Err(Error::NeedsTerminal(
-            "the dashboard needs a terminal (stdin and stdout are not one); `kflash status` and `kflash devices` print the same facts"
+        // Not `NeedsTerminal`: its help is about `kflash config`.
+        return Err(Error::InvalidInput(
+            "the dashboard needs a terminal (stdin and stdout are not one): run it in an interactive terminal \
+             (over SSH: `ssh -t`); `kflash status` and `kflash devices` print the same facts"
                 .into(),
         ));
     }
