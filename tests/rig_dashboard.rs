@@ -23,14 +23,13 @@ struct Pane {
 }
 
 impl Pane {
-    fn start(dir: &Path) -> Pane {
+    fn start() -> Pane {
         let socket = format!("kflash-dash-{}", std::process::id());
         let pane = Pane { socket };
-        let rcfile = dir.join("shrc");
-        std::fs::write(&rcfile, "PS1='rig-shell$ '\n").unwrap();
+        // A plain interactive bash whose prompt the test knows (PS1 comes from the environment).
         let out = Command::new("tmux")
             .args(["-L", &pane.socket, "-f", "/dev/null", "new-session", "-d", "-x", "120", "-y", "40"])
-            .arg(format!("bash --norc --noprofile --rcfile {} -i", rcfile.display()))
+            .arg("env PS1='rig-shell$ ' bash --norc --noprofile -i")
             .env("TERM", "xterm-256color")
             .output()
             .expect("tmux must be installed (tests/setup-host installs it)");
@@ -118,7 +117,7 @@ fn dashboard_sees_a_board_arrive_flashes_it_with_f_and_gives_the_terminal_back()
     boardctl(&["unplug", OCTOPUS.0]);
     settle();
 
-    let pane = Pane::start(tmp.path());
+    let pane = Pane::start();
     let stty_before = dir_file(tmp.path(), "stty-before");
     pane.line(&format!("stty -a > {}", stty_before.display()));
     pane.line(&format!(
