@@ -122,6 +122,7 @@ struct Dashboard {
     reg: Arc<Registry>,
     hp: Arc<Hotplug>,
     tracker: Tracker,
+    board_events: Option<tokio::sync::broadcast::Receiver<kflash::hotplug::BoardEvent>>,
     state: State,
     mr: Moonraker,
     notes_tx: mpsc::UnboundedSender<Note>,
@@ -142,7 +143,9 @@ impl Dashboard {
         let hp = Hotplug::start_udev(boards::resolver(&reg)).await?;
         let host_version =
             kflash::firmware::TreeStamp::compute(&reg.settings.klipper_dir()).await.version().map(String::from);
-        let tracker = Tracker::new(reg.boards().cloned().collect(), host_version, hp.snapshot());
+        // The snapshot and the events after it, taken together so no change falls in between.
+        let (snapshot, board_events) = hp.subscribe_with_snapshot();
+        let tracker = Tracker::new(reg.boards().cloned().collect(), host_version, snapshot);
         let (notes_tx, notes) = mpsc::unbounded_channel();
         let (run_tx, run_rx) = mpsc::unbounded_channel();
         let mr = Moonraker::from_settings(&reg.settings);
@@ -152,6 +155,7 @@ impl Dashboard {
             reg: Arc::new(reg),
             hp: Arc::new(hp),
             tracker,
+            board_events: Some(board_events),
             state: State::new(color),
             mr,
             notes_tx,
@@ -264,7 +268,7 @@ impl Dashboard {
         let _link = link;
         self.subscribe_daemon().await;
         self.ask_klippy();
-        let (_, mut board_events) = self.hp.subscribe_with_snapshot();
+        let mut board_events = self.board_events.take().expect("the loop runs once");
         self.refresh_boards(terminal)?;
         self.refresh_host(terminal)?;
         let mut keys = Some(EventStream::new());
