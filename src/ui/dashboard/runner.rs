@@ -320,6 +320,11 @@ impl Dashboard {
                 },
                 Some(note) = self.notes.recv() => match note {
                     Note::Klippy(update, print) => {
+                        // An answer older than the link's last push is stale (as in the daemon).
+                        let pushed = *inbox.klippy.borrow();
+                        if pushed != KlippyState::Unknown && pushed != update.state {
+                            continue;
+                        }
                         self.tracker.klippy_state(update.state, update.mcus);
                         self.print_state = print;
                         self.refresh_host(terminal)?;
