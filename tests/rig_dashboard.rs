@@ -225,3 +225,35 @@ fn wait_file(path: &Path) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// SIGTERM and SIGHUP (the SSH session gone) end the dashboard like every kflash command
+/// (exit 130), and the shell gets its terminal back as it was.
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn sigterm_and_sighup_give_the_terminal_back() {
+    in_rig();
+    let (_tmp, cfg) = config_dir();
+    let files = tempfile::tempdir().unwrap();
+    let pane = Pane::start();
+    let before = files.path().join("stty-before");
+    pane.line(&format!("stty -a > {}", before.display()));
+    for (i, sig) in ["TERM", "HUP"].iter().enumerate() {
+        pane.line(&format!("{} --config-dir {} dashboard; echo exit-{i}=$?", kflash_bin(), cfg.display()));
+        pane.wait_for("F flash", 30);
+        let pid = pane.child_pid();
+        let out = run("kill", &[&format!("-{sig}"), &pid.to_string()]);
+        assert!(out.status.success());
+        let screen = pane.wait_for(&format!("exit-{i}="), 10);
+        assert!(screen.contains(&format!("exit-{i}=130")), "SIG{sig}: {screen}");
+        assert!(screen.contains("interrupted"), "SIG{sig}: the reason is said: {screen}");
+        let after = files.path().join(format!("stty-after-{i}"));
+        pane.line(&format!("stty -a > {}", after.display()));
+        wait_file(&after);
+        wait_file(&before);
+        assert_eq!(
+            std::fs::read_to_string(&before).unwrap(),
+            std::fs::read_to_string(&after).unwrap(),
+            "SIG{sig}: the terminal settings are those before the dashboard"
+        );
+    }
+}

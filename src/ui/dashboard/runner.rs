@@ -133,8 +133,9 @@ struct Dashboard {
     /// The daemon's socket, while its `subscribe` stream is open.
     daemon: Option<PathBuf>,
     print_state: Option<String>,
-    /// A signal came: end once the run (if any) has started Klipper again.
-    quitting: bool,
+    /// A signal came: end (exit 130, as every command) once the run, if any, has started
+    /// Klipper again.
+    quitting: Option<&'static str>,
 }
 
 impl Dashboard {
@@ -165,7 +166,7 @@ impl Dashboard {
             run: None,
             daemon: None,
             print_state: None,
-            quitting: false,
+            quitting: None,
         })
     }
 
@@ -279,10 +280,10 @@ impl Dashboard {
                 sig = &mut signal, if !signalled => {
                     signalled = true;
                     match &mut self.run {
-                        None => break Ok(()),
+                        None => break Err(Error::Interrupted(sig)),
                         Some(_) => {
                             // Cancel the run; it starts Klipper again; then end.
-                            self.quitting = true;
+                            self.quitting = Some(sig);
                             self.cancel_run().await;
                             Input::Message(format!("{sig}: cancelling the run; the dashboard ends when Klipper runs again"))
                         }
@@ -379,8 +380,8 @@ impl Dashboard {
                 Ok(a) => a,
                 Err(e) => break Err(e),
             };
-            if self.quitting && self.run.is_none() {
-                break Ok(());
+            if let (Some(sig), None) = (self.quitting, &self.run) {
+                break Err(Error::Interrupted(sig));
             }
             if let Some(action) = action {
                 match self.act(action, terminal, &mut keys).await {
