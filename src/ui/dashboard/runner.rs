@@ -453,7 +453,7 @@ impl Dashboard {
                 self.reload(terminal)?;
                 self.say(terminal, said)?;
             }
-            Action::Add => self.suspended(terminal, keys, |dir| child(dir, &["add"])).await?,
+            Action::Add => self.suspended(terminal, keys, add_flow).await?,
             Action::Menuconfig(key) => self.suspended(terminal, keys, move |dir| child(dir, &["config", &key])).await?,
             Action::Settings => {
                 self.suspended(terminal, keys, |dir| {
@@ -671,6 +671,37 @@ fn child(dir: &Path, args: &[&str]) -> std::result::Result<(), String> {
         wait_enter();
         Err(format!("`kflash {}` ended with {status}", args.join(" ")))
     }
+}
+
+/// A: pick a board profile (or none), run the `kflash add` wizard with it, then menuconfig
+/// on the new board's config (a seeded one must be reviewed before it is flashed).
+fn add_flow(dir: &Path) -> std::result::Result<(), String> {
+    let keys = |dir: &Path| -> Vec<String> {
+        Registry::open(dir).map(|r| r.boards().map(|b| b.key.clone()).collect()).unwrap_or_default()
+    };
+    let before = keys(dir);
+    let profiles = kflash::profiles::all();
+    println!("Board profiles: a first firmware config for popular boards (`kflash profiles` lists their sources).");
+    for (i, p) in profiles.iter().enumerate() {
+        println!("  {:>2}) {:<24} {:<12} {}", i + 1, p.name, p.mcu, p.title);
+    }
+    let pick =
+        crate::ui::ask_until("Profile number (Enter: none, set the config up in menuconfig)", Some(""), |s| match s {
+            "" => Ok(None),
+            s => match s.parse::<usize>() {
+                Ok(n) if (1..=profiles.len()).contains(&n) => Ok(Some(n - 1)),
+                _ => Err(format!("enter a number from 1 to {}, or nothing", profiles.len())),
+            },
+        })
+        .map_err(|e| format!("nothing added: {e}"))?;
+    let mut args = vec!["add".to_string()];
+    if let Some(i) = pick {
+        args.extend(["--profile".to_string(), profiles[i].name.clone()]);
+    }
+    child(dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let Some(key) = keys(dir).into_iter().find(|k| !before.contains(k)) else { return Ok(()) };
+    println!("\nNow menuconfig for {key}: review its firmware config and save it.");
+    child(dir, &["config", &key])
 }
 
 fn wait_enter() {
