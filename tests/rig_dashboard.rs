@@ -257,3 +257,51 @@ fn sigterm_and_sighup_give_the_terminal_back() {
         );
     }
 }
+
+/// A leaves the dashboard for the profile list, the `kflash add` wizard and menuconfig on the
+/// real terminal, and comes back to the dashboard with the new board on it.
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn a_adds_a_board_through_the_wizard_and_menuconfig_and_comes_back() {
+    let _clean = begin(&PRINTER_CFG);
+    let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, &[]);
+    let pane = Pane::start();
+    // The stand-in's menuconfig is not interactive: it makes a config for this MCU.
+    pane.line(&format!(
+        "RIG_MENUCONFIG_MCU={} KFLASH_STATE_DIR={} {} --config-dir {}; echo dashboard-exit=$?",
+        NITEHAWK.1,
+        rig.state.display(),
+        kflash_bin(),
+        rig.cfg.display()
+    ));
+    pane.wait_for("● octopus", 30);
+    pane.key("A");
+    // The main screen: profiles first (none taken here), then the wizard's questions.
+    pane.wait_for("Profile number", 10);
+    pane.key("Enter");
+    let screen = pane.wait_for("Board number", 30);
+    let pick = screen
+        .lines()
+        .find(|l| l.contains(NITEHAWK.1) && l.contains(')'))
+        .and_then(|l| l.trim().split(')').next())
+        .unwrap_or_else(|| panic!("the wizard lists the nitehawk:\n{screen}"))
+        .to_string();
+    pane.line(&pick);
+    pane.wait_for("Display name", 10);
+    pane.line("nitehawk");
+    pane.wait_for("MCU", 10);
+    pane.key("Enter");
+    pane.wait_for("Flash method", 10);
+    pane.key("Enter");
+    pane.wait_for("Exclude from flash-all?", 10);
+    pane.key("n");
+    // menuconfig ran on the new board's config; back in the dashboard with the board on it.
+    let screen = pane.wait_for("Back in the dashboard.", 60);
+    assert!(screen.contains("● nitehawk"), "{screen}");
+    let cfg = rig.cfg.join("configs/nitehawk.config");
+    let text = std::fs::read_to_string(&cfg).unwrap_or_else(|e| panic!("{}: {e}", cfg.display()));
+    assert!(text.contains(&format!("CONFIG_MCU=\"{}\"", NITEHAWK.1)), "{text}");
+    pane.key("q");
+    let after = pane.wait_for("dashboard-exit=", 10);
+    assert!(after.contains("dashboard-exit=0"), "{after}");
+}
