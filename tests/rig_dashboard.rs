@@ -289,9 +289,9 @@ fn a_adds_a_board_through_the_wizard_and_menuconfig_and_comes_back() {
     pane.line(&pick);
     pane.wait_for("Display name", 10);
     pane.line("nitehawk");
-    pane.wait_for("MCU", 10);
+    pane.wait_for("MCU [", 10);
     pane.key("Enter");
-    pane.wait_for("Flash method", 10);
+    pane.wait_for("Flash method (", 10);
     pane.key("Enter");
     pane.wait_for("Exclude from flash-all?", 10);
     pane.key("n");
