@@ -180,7 +180,10 @@ fn dashboard_sees_a_board_arrive_flashes_it_with_f_and_gives_the_terminal_back()
         secs / 60.0 * 100.0
     );
     assert_eq!(pane.capture(), idle, "nothing changed, so nothing was drawn");
-    assert!(secs < 0.5, "the idle dashboard used {secs:.2} s of CPU in 60 s");
+    // Not zero: Moonraker pushes `notify_proc_stat_update` to every connection once a second
+    // (the agent link's too; read and dropped, nothing drawn). Under the rig's emulated CPU
+    // that is ~0.3 s a minute; a loop that polls or redraws would take many seconds.
+    assert!(secs < 1.0, "the idle dashboard used {secs:.2} s of CPU in 60 s");
 
     // F flashes the highlighted (only) board.
     let mark = EventLog::mark("dashboard F");
@@ -282,7 +285,7 @@ fn a_adds_a_board_through_the_wizard_and_menuconfig_and_comes_back() {
     let screen = pane.wait_for("Board number", 30);
     let pick = screen
         .lines()
-        .find(|l| l.contains(NITEHAWK.1) && l.contains(')'))
+        .find(|l| l.contains(&format!("klipper {} serial", NITEHAWK.1)))
         .and_then(|l| l.trim().split(')').next())
         .unwrap_or_else(|| panic!("the wizard lists the nitehawk:\n{screen}"))
         .to_string();
