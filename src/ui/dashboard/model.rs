@@ -119,6 +119,9 @@ pub struct RunView {
     pub failed: bool,
     /// Cancel asked for (and sent).
     pub cancelling: bool,
+    /// Someone else's run (the daemon's, for a console macro or another `kflash`), seen on
+    /// the daemon's stream: shown, never cancelled from here, dismissed by any key.
+    pub observed: bool,
 }
 
 impl RunView {
@@ -135,6 +138,17 @@ impl RunView {
 
     fn event(&mut self, ev: &Event) {
         let key = ev.board.clone();
+        if self.observed && ev.kind == (EventKind::Run { state: kflash::orchestrator::RunState::Done }) {
+            let lines = self
+                .boards
+                .iter()
+                .map(|(k, b)| {
+                    format!("{k}: {}", b.state.as_ref().map(crate::ui::batch::state_text).unwrap_or_default())
+                })
+                .collect();
+            self.failed = self.boards.values().any(|b| b.failed);
+            self.summary = Some(lines);
+        }
         if let Some(key) = &key {
             let b = self.boards.entry(key.clone()).or_default();
             match &ev.kind {
@@ -219,9 +233,9 @@ impl State {
         }
     }
 
-    /// A run is under way (not just ended).
+    /// A run of this dashboard is under way (not just ended).
     pub fn running(&self) -> bool {
-        self.run.as_ref().is_some_and(|r| !r.ended())
+        self.run.as_ref().is_some_and(|r| !r.ended() && !r.observed)
     }
 
     pub fn selected(&self) -> Option<&super::view::BoardRow> {
@@ -264,7 +278,11 @@ impl State {
                     Some(run) => run.event(&ev),
                     // Someone else's run (the daemon's): shown the same way.
                     None => {
-                        let mut run = RunView { title: "a run of the kflash daemon".into(), ..Default::default() };
+                        let mut run = RunView {
+                            title: "A run of the kflash daemon (any key hides it)".into(),
+                            observed: true,
+                            ..Default::default()
+                        };
                         run.event(&ev);
                         self.run = Some(run);
                     }

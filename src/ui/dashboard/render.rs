@@ -56,7 +56,7 @@ pub fn render(state: &State, f: &mut Frame) {
     let msg = state.message.clone().unwrap_or_default();
     f.render_widget(Paragraph::new(msg).style(p.fg(Color::Yellow)), message);
     let help = match &state.run {
-        Some(r) if !r.ended() => RUN_KEYS,
+        Some(r) if !r.ended() && !r.observed => RUN_KEYS,
         Some(_) => SUMMARY_KEYS,
         None => KEYS,
     };

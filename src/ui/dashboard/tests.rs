@@ -349,3 +349,19 @@ fn the_view_joins_the_trackers_status_and_the_devices_view() {
     assert_eq!(v.unregistered[0].mcu.as_deref(), Some("rp2040"));
     assert_eq!(v.host_version.as_deref(), Some(HOST));
 }
+
+#[test]
+fn the_daemons_own_run_is_shown_but_not_cancelled_from_here() {
+    let mut s = idle_state();
+    s.input(state_ev("ebb", BoardState::Writing { method: FlashMethod::Katapult }));
+    let run = s.run.clone().unwrap();
+    assert!(run.observed && !s.running());
+    assert!(draw(&s).to_string().contains("A run of the kflash daemon"));
+    s.input(state_ev("ebb", BoardState::Flashed { view: kflash::orchestrator::KlipperView::Confirmed }));
+    s.input(Input::RunEvent(Event::run(EventKind::Run { state: kflash::orchestrator::RunState::Done })));
+    let summary = s.run.as_ref().unwrap().summary.clone().unwrap();
+    assert_eq!(summary, vec!["ebb: flashed, verified by the board and by Klipper".to_string()]);
+    // Esc does not ask to cancel someone else's run: any key hides it.
+    assert_eq!(s.input(code(KeyCode::Esc)).action, None);
+    assert!(s.dialog.is_none() && s.run.is_none());
+}
