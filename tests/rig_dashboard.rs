@@ -308,3 +308,43 @@ fn a_adds_a_board_through_the_wizard_and_menuconfig_and_comes_back() {
     let after = pane.wait_for("dashboard-exit=", 10);
     assert!(after.contains("dashboard-exit=0"), "{after}");
 }
+
+/// With `kflash daemon` running: the dashboard says so, shows the version the daemon read
+/// from the board, and F hands the flash to the daemon (as `kflash flash` does) and draws it.
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn with_the_daemon_f_hands_the_flash_over_and_draws_it() {
+    let _clean = begin(&PRINTER_CFG);
+    let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, &[("bootloader_secs", 15), ("reconnect_secs", 20)]);
+    let socket = rig.state.join("daemon.sock");
+    let mut daemon = Background::spawn(rig.command(&["daemon", "--socket", socket.to_str().unwrap()]));
+    daemon.wait_for_line("kflash daemon ready", 60);
+    let log = ServiceLog::start();
+    let version = klipper_tree_version();
+    let pane = Pane::start();
+    pane.line(&format!(
+        "KFLASH_SOCKET={} KFLASH_STATE_DIR={} KFLASH_CACHE_DIR={} {} --config-dir {} dashboard; echo dashboard-exit=$?",
+        socket.display(),
+        rig.state.display(),
+        rig.cache.display(),
+        kflash_bin(),
+        rig.cfg.display()
+    ));
+    let screen = pane.wait_for("Daemon running", 30);
+    assert!(screen.contains(&socket.display().to_string()), "{screen}");
+    // The octopus is not in printer.cfg: only the daemon's identify knows what it runs.
+    let screen = pane.wait_for("OUTDATED", 60);
+    print_screen("with the daemon", &screen);
+    pane.key("F");
+    pane.wait_for("by the kflash daemon", 30);
+    let done = pane.wait_for("verified running it", 240);
+    print_screen("summary of the daemon's run", &done);
+    assert!(done.contains(&format!("octopus: flashed {version} via katapult")), "{done}");
+    log.assert_klipper_stopped_and_restarted();
+    assert!(klipper_is_active(), "Klipper runs after the flash");
+    pane.key("x");
+    pane.key("q");
+    let after = pane.wait_for("dashboard-exit=", 10);
+    assert!(after.contains("dashboard-exit=0"), "{after}");
+    daemon.signal("TERM");
+}
