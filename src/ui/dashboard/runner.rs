@@ -501,7 +501,8 @@ impl Dashboard {
         let dir = self.dir.clone();
         let outcome = tokio::task::spawn_blocking(move || work(&dir)).await;
         *terminal = ratatui::init();
-        *keys = Some(EventStream::new());
+        // Before the key reader is back: clearing asks the terminal for the cursor position,
+        // and the answer must not go to a reader that is waiting for keys.
         terminal.clear().map_err(|e| Error::io("draw on", Path::new("the terminal"), e))?;
         self.reload(terminal)?;
         self.refresh_host(terminal)?;
@@ -510,7 +511,9 @@ impl Dashboard {
             Ok(Err(e)) => e,
             Err(e) => format!("the suspended step failed: {e}"),
         };
-        self.say(terminal, said)
+        self.say(terminal, said)?;
+        *keys = Some(EventStream::new());
+        Ok(())
     }
 
     async fn start_flash(&mut self, key: Option<String>, terminal: &mut DefaultTerminal) -> Result<()> {
