@@ -304,6 +304,28 @@ fn a_adds_a_board_through_the_wizard_and_menuconfig_and_comes_back() {
     let cfg = rig.cfg.join("configs/nitehawk.config");
     let text = std::fs::read_to_string(&cfg).unwrap_or_else(|e| panic!("{}: {e}", cfg.display()));
     assert!(text.contains(&format!("CONFIG_MCU=\"{}\"", NITEHAWK.1)), "{text}");
+
+    // E on the octopus (the cursor is on it): name, method and flash-all on the real terminal.
+    pane.key("E");
+    pane.wait_for("Display name [octopus]", 10);
+    pane.line("Octopus Pro");
+    pane.wait_for("Flash method (", 10);
+    pane.key("Enter");
+    pane.wait_for("Include in flash-all?", 10);
+    pane.key("n");
+    let screen = pane.wait_for("Back in the dashboard.", 20);
+    let row = screen.lines().find(|l| l.contains("● octopus")).unwrap_or_else(|| panic!("{screen}"));
+    assert!(row.contains("[excluded]"), "{screen}");
+    let boards = std::fs::read_to_string(rig.cfg.join("boards.toml")).unwrap();
+    assert!(boards.contains("Octopus Pro"), "{boards}");
+
+    // R on the nitehawk asks, and removes it.
+    pane.key("j");
+    pane.key("R");
+    pane.wait_for("Remove 'nitehawk' (nitehawk)?", 10);
+    pane.key("y");
+    let screen = pane.wait_for("Removed 'nitehawk'", 10);
+    assert!(!screen.contains("● nitehawk"), "{screen}");
     pane.key("q");
     let after = pane.wait_for("dashboard-exit=", 10);
     assert!(after.contains("dashboard-exit=0"), "{after}");
