@@ -370,3 +370,40 @@ fn with_the_daemon_f_hands_the_flash_over_and_draws_it() {
     assert!(after.contains("dashboard-exit=0"), "{after}");
     daemon.signal("TERM");
 }
+
+/// Esc during a flash asks first (no: the run goes on), then yes cancels it; Klipper runs
+/// again either way, and the summary says the run was interrupted.
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn esc_during_a_flash_asks_then_cancels_and_klipper_runs_again() {
+    let _clean = begin(&PRINTER_CFG);
+    let rig = FlashRig::new(OCTOPUS, OCTOPUS.1, &[("bootloader_secs", 15), ("reconnect_secs", 20)]);
+    let log = ServiceLog::start();
+    let pane = Pane::start();
+    pane.line(&format!(
+        "KFLASH_STATE_DIR={} KFLASH_CACHE_DIR={} {} --config-dir {}; echo dashboard-exit=$?",
+        rig.state.display(),
+        rig.cache.display(),
+        kflash_bin(),
+        rig.cfg.display()
+    ));
+    pane.wait_for("● octopus", 30);
+    pane.key("F");
+    pane.wait_for("[>] write", 180);
+    pane.key("Escape");
+    pane.wait_for("Cancel the run?", 10);
+    pane.key("n");
+    let screen = pane.wait_for("Esc / Ctrl-C cancel the run", 10);
+    assert!(!screen.contains("Cancel the run?"), "no: the dialog is gone and the run goes on:\n{screen}");
+    pane.key("Escape");
+    pane.wait_for("Cancel the run?", 10);
+    pane.key("y");
+    let done = pane.wait_for("interrupted by a cancel in the dashboard", 120);
+    print_screen("cancelled flash", &done);
+    log.assert_klipper_stopped_and_restarted();
+    assert!(klipper_is_active(), "Klipper runs after the cancel");
+    pane.key("x");
+    pane.key("q");
+    let after = pane.wait_for("dashboard-exit=", 10);
+    assert!(after.contains("dashboard-exit=0"), "{after}");
+}

@@ -543,7 +543,7 @@ impl Dashboard {
         let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
         let cancelled = async move {
             match cancel_rx.await {
-                Ok(()) => "cancelled from the dashboard",
+                Ok(()) => "a cancel in the dashboard",
                 // The sender is kept for the whole run; dropped means nobody cancels.
                 Err(_) => std::future::pending().await,
             }
