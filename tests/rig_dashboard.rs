@@ -59,7 +59,8 @@ impl Pane {
     }
 
     /// The screen once it contains `needle` (polled, see the module comment), or panic with
-    /// the last screen after `secs`.
+    /// the last screen after `secs`. A command line typed into the shell must not contain the
+    /// needle its output is waited for (hence `echo "dashboard"-exit=$?`).
     fn wait_for(&self, needle: &str, secs: u64) -> String {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
@@ -146,7 +147,7 @@ fn dashboard_sees_a_board_arrive_flashes_it_with_f_and_gives_the_terminal_back()
     let stty_before = dir_file(tmp.path(), "stty-before");
     pane.line(&format!("stty -a > {}", stty_before.display()));
     pane.line(&format!(
-        "KFLASH_STATE_DIR={} KFLASH_CACHE_DIR={} {} --config-dir {}; echo dashboard-exit=$?",
+        "KFLASH_STATE_DIR={} KFLASH_CACHE_DIR={} {} --config-dir {}; echo \"dashboard\"-exit=$?",
         rig.state.display(),
         rig.cache.display(),
         kflash_bin(),
@@ -241,7 +242,7 @@ fn sigterm_and_sighup_give_the_terminal_back() {
     let before = files.path().join("stty-before");
     pane.line(&format!("stty -a > {}", before.display()));
     for (i, sig) in ["TERM", "HUP"].iter().enumerate() {
-        pane.line(&format!("{} --config-dir {} dashboard; echo exit-{i}=$?", kflash_bin(), cfg.display()));
+        pane.line(&format!("{} --config-dir {} dashboard; echo \"exit-{i}\"=$?", kflash_bin(), cfg.display()));
         pane.wait_for("F flash", 30);
         let pid = pane.child_pid();
         let out = run("kill", &[&format!("-{sig}"), &pid.to_string()]);
@@ -271,7 +272,7 @@ fn a_adds_a_board_through_the_wizard_and_menuconfig_and_comes_back() {
     let pane = Pane::start();
     // The stand-in's menuconfig is not interactive: it makes a config for this MCU.
     pane.line(&format!(
-        "RIG_MENUCONFIG_MCU={} KFLASH_STATE_DIR={} {} --config-dir {}; echo dashboard-exit=$?",
+        "RIG_MENUCONFIG_MCU={} KFLASH_STATE_DIR={} {} --config-dir {}; echo \"dashboard\"-exit=$?",
         NITEHAWK.1,
         rig.state.display(),
         kflash_bin(),
@@ -345,7 +346,7 @@ fn with_the_daemon_f_hands_the_flash_over_and_draws_it() {
     let version = klipper_tree_version();
     let pane = Pane::start();
     pane.line(&format!(
-        "KFLASH_SOCKET={} KFLASH_STATE_DIR={} KFLASH_CACHE_DIR={} {} --config-dir {} dashboard; echo dashboard-exit=$?",
+        "KFLASH_SOCKET={} KFLASH_STATE_DIR={} KFLASH_CACHE_DIR={} {} --config-dir {} dashboard; echo \"dashboard\"-exit=$?",
         socket.display(),
         rig.state.display(),
         rig.cache.display(),
@@ -381,7 +382,7 @@ fn esc_during_a_flash_asks_then_cancels_and_klipper_runs_again() {
     let log = ServiceLog::start();
     let pane = Pane::start();
     pane.line(&format!(
-        "KFLASH_STATE_DIR={} KFLASH_CACHE_DIR={} {} --config-dir {}; echo dashboard-exit=$?",
+        "KFLASH_STATE_DIR={} KFLASH_CACHE_DIR={} {} --config-dir {}; echo \"dashboard\"-exit=$?",
         rig.state.display(),
         rig.cache.display(),
         kflash_bin(),

@@ -501,9 +501,10 @@ impl Dashboard {
         let dir = self.dir.clone();
         let outcome = tokio::task::spawn_blocking(move || work(&dir)).await;
         *terminal = ratatui::init();
-        // Before the key reader is back: clearing asks the terminal for the cursor position,
-        // and the answer must not go to a reader that is waiting for keys.
-        terminal.clear().map_err(|e| Error::io("draw on", Path::new("the terminal"), e))?;
+        // The screen is cleared by hand: ratatui's `clear` asks the terminal for the cursor
+        // position, and after a suspend that answer was not read in time (seen in tmux).
+        crossterm::execute!(std::io::stdout(), crossterm::terminal::Clear(crossterm::terminal::ClearType::All))
+            .map_err(|e| Error::io("draw on", Path::new("the terminal"), e))?;
         self.reload(terminal)?;
         self.refresh_host(terminal)?;
         let said = match outcome {
