@@ -320,8 +320,8 @@ fn a_adds_a_board_through_the_wizard_and_menuconfig_and_comes_back() {
     let boards = std::fs::read_to_string(rig.cfg.join("boards.toml")).unwrap();
     assert!(boards.contains("Octopus Pro"), "{boards}");
 
-    // R on the nitehawk asks, and removes it.
-    pane.key("j");
+    // R on the nitehawk (the row above: boards are listed by key) asks, and removes it.
+    pane.key("k");
     pane.key("R");
     pane.wait_for("Remove 'nitehawk' (nitehawk)?", 10);
     pane.key("y");
