@@ -35,6 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The live dashboard: boards, versions, Klippy, flashing with F/B (also `kflash` alone on a terminal).
+    Dashboard,
     /// List registered boards (connected or absent), unregistered boards and other serial devices.
     Devices(JsonFlag),
     /// Register a connected board: interactive, or fully by flags.
@@ -299,7 +301,7 @@ fn parse_method(s: &str) -> std::result::Result<FlashMethod, String> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let daemon = matches!(cli.command, Command::Daemon(_));
     init_logging(cli.verbose, daemon);
     if daemon {
@@ -348,6 +350,28 @@ fn settle_allocator() {
     }
 }
 
+/// The arguments; `kflash` without a command on a terminal (stdin and stdout) opens the
+/// dashboard. Anywhere else a missing command is the usage error it always was.
+fn parse_cli() -> Cli {
+    use clap::error::ErrorKind;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand
+            ) && std::io::stdin().is_terminal()
+                && std::io::stdout().is_terminal() =>
+        {
+            let mut with = args.clone();
+            with.push("dashboard".into());
+            Cli::try_parse_from(with).unwrap_or_else(|_| e.exit())
+        }
+        Err(e) => e.exit(),
+    }
+}
+
 /// Set once a command has printed its JSON document (with its error in it): the error is
 /// then not printed to stdout a second time.
 static JSON_WRITTEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -382,7 +406,7 @@ impl Command {
             Command::History(a) => a.json,
             Command::KatapultCheck(a) => a.json,
             Command::Remove(_) | Command::Set(_) | Command::Config(_) | Command::Daemon(_) => false,
-            Command::Install(_) | Command::Uninstall(_) => false,
+            Command::Install(_) | Command::Uninstall(_) | Command::Dashboard => false,
         }
     }
 }
@@ -437,6 +461,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
     recover_klipper(&dir).await;
     match cli.command {
+        Command::Dashboard => ui::dashboard::runner::run(&dir).await,
         Command::Devices(a) => interruptible(devices(&dir, a.json)).await,
         Command::Add(a) => interruptible(add(&dir, a)).await,
         Command::Profiles(a) => {

@@ -179,3 +179,25 @@ fn import_a_kalico_flash_installation() {
     let boards = std::fs::read_to_string(dir.join("boards.toml")).unwrap();
     assert!(boards.contains("serial = \"29001A001151313531383332\""), "{boards}");
 }
+
+/// `kflash` alone off a terminal is the usage error it always was (help, exit 2): the
+/// dashboard opens only on a terminal, and `kflash dashboard` off one says why.
+#[test]
+fn bare_kflash_off_a_terminal_prints_usage_and_dashboard_needs_a_terminal() {
+    let (_root, dir) = setup();
+    let out = Command::new(env!("CARGO_BIN_EXE_kflash")).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let (_, err) = text(&out);
+    assert!(err.contains("Usage: kflash [OPTIONS] <COMMAND>"), "{err}");
+    assert!(err.contains("dashboard"), "the command list names the dashboard");
+    let out = Command::new(env!("CARGO_BIN_EXE_kflash"))
+        .arg("--config-dir")
+        .arg(&dir)
+        .arg("dashboard")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let (_, err) = text(&out);
+    assert!(err.contains("the dashboard needs a terminal"), "{err}");
+}

@@ -347,6 +347,14 @@ pub fn print_plan(plan: &FlashAllPlan) {
 
 /// The summary table, then Klipper's downtime, what to do about failures, and the boards left out.
 pub fn print_summary(r: &FlashAllReport) {
+    for line in summary_lines(r) {
+        println!("{line}");
+    }
+}
+
+/// [`print_summary`]'s lines (the dashboard draws the same).
+pub fn summary_lines(r: &FlashAllReport) -> Vec<String> {
+    let mut out = Vec::new();
     let mut t = Table::new();
     t.load_style(UTF8_FULL_CONDENSED);
     t.set_header(["Board", "Build", "Flash", "Verify", "Version before → after", "Time"]);
@@ -368,22 +376,23 @@ pub fn print_summary(r: &FlashAllReport) {
         ]);
     }
     if !r.boards.is_empty() {
-        println!("{t}");
+        out.extend(t.to_string().lines().map(String::from));
     }
     match r.klipper_downtime_secs {
-        Some(d) => println!("Klipper was down {d:.1} s."),
-        None => println!("Klipper was not stopped."),
+        Some(d) => out.push(format!("Klipper was down {d:.1} s.")),
+        None => out.push("Klipper was not stopped.".into()),
     }
     for b in r.boards.iter().filter(|b| b.error.is_some()) {
-        println!("{}: {}", b.key, b.error.as_deref().unwrap_or(""));
+        out.push(format!("{}: {}", b.key, b.error.as_deref().unwrap_or("")));
         if let Some(help) = &b.help {
-            println!("  help: {help}");
+            out.push(format!("  help: {help}"));
         }
     }
     if !r.left_out.is_empty() {
-        println!("Not in this run:");
+        out.push("Not in this run:".into());
         for l in &r.left_out {
-            println!("{}", left_out_text(l));
+            out.push(left_out_text(l));
         }
     }
+    out
 }

@@ -1,6 +1,7 @@
 //! Drawing progress for the terminal: the library reports, this module prints.
 
 pub mod batch;
+pub mod dashboard;
 
 use std::io::IsTerminal;
 
@@ -60,29 +61,37 @@ impl BuildSpinner {
 }
 
 pub fn print_flash_summary(s: &FlashSummary) {
+    for line in flash_summary_lines(s) {
+        println!("{line}");
+    }
+}
+
+/// [`print_flash_summary`]'s lines (the dashboard draws the same).
+pub fn flash_summary_lines(s: &FlashSummary) -> Vec<String> {
     if let Some(why) = &s.skipped {
-        println!("{}: skipped — {why}", s.board);
-        return;
+        return vec![format!("{}: skipped — {why}", s.board)];
     }
     let t = &s.timings;
     let f = |v: Option<f64>| v.map(|x| format!("{x:.1} s")).unwrap_or_else(|| "-".into());
-    println!(
-        "{}: flashed {} via {} — verified running it.",
-        s.board,
-        s.version_after.as_deref().unwrap_or("?"),
-        s.method.as_str()
-    );
-    println!(
-        "  build {}{}, bootloader {}, write {}, reconnect {}, identify {}; Klipper down {}; total {:.1} s",
-        f(t.build),
-        if s.cached_build { " (cached)" } else { "" },
-        f(t.bootloader),
-        f(t.write),
-        f(t.reconnect),
-        f(t.identify),
-        f(t.klipper_downtime),
-        t.total
-    );
+    vec![
+        format!(
+            "{}: flashed {} via {} — verified running it.",
+            s.board,
+            s.version_after.as_deref().unwrap_or("?"),
+            s.method.as_str()
+        ),
+        format!(
+            "  build {}{}, bootloader {}, write {}, reconnect {}, identify {}; Klipper down {}; total {:.1} s",
+            f(t.build),
+            if s.cached_build { " (cached)" } else { "" },
+            f(t.bootloader),
+            f(t.write),
+            f(t.reconnect),
+            f(t.identify),
+            f(t.klipper_downtime),
+            t.total
+        ),
+    ]
 }
 
 /// Ask on the terminal until `parse` accepts the answer; Enter takes `default`. Prompts go

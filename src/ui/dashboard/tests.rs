@@ -1,0 +1,367 @@
+//! Snapshot tests of the dashboard on scripted input sequences (ratatui's `TestBackend`,
+//! `insta`), and its key handling.
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
+
+use kflash::daemon::status::{FirmwareState, KlippyState};
+use kflash::event::{Event, EventKind};
+use kflash::identity::Mode;
+use kflash::orchestrator::{BoardState, Cause, Phase};
+use kflash::registry::FlashMethod;
+
+use super::model::{Action, Input, Purpose, State};
+use super::render::render;
+use super::view::{BoardRow, BoardsView, DeviceRow, HostView};
+
+const HOST: &str = "v0.12.0-456-gabc1234";
+
+fn board(key: &str, mcu: &str, serial: &str) -> BoardRow {
+    BoardRow {
+        key: key.into(),
+        name: key.to_uppercase(),
+        mcu: mcu.into(),
+        connected: true,
+        mode: Some(Mode::Klipper),
+        serial: Some(serial.into()),
+        devnode: Some("/dev/ttyACM0".into()),
+        method: "katapult".into(),
+        version: Some(HOST.into()),
+        state: FirmwareState::Current,
+        relation: None,
+        excluded: false,
+        ambiguous: false,
+        unreviewed: None,
+    }
+}
+
+fn view(boards: Vec<BoardRow>) -> BoardsView {
+    BoardsView {
+        host_version: Some(HOST.into()),
+        klippy: KlippyState::Ready,
+        boards,
+        unregistered: vec![],
+        other: vec![DeviceRow {
+            mode: "other".into(),
+            mcu: None,
+            serial: Some("A10K5X".into()),
+            name: "usb-FTDI_FT232R_USB_UART_A10K5X-if00-port0".into(),
+            reason: Some("not a Klipper or Katapult device (0403:6001)".into()),
+        }],
+        registry_error: None,
+    }
+}
+
+/// Two boards, the second absent and excluded.
+fn idle_state() -> State {
+    let mut s = State::new(false);
+    let mut ebb = board("ebb", "stm32g0b1xx", "1D0041000B50534E4E313020");
+    ebb.connected = false;
+    ebb.mode = None;
+    ebb.version = None;
+    ebb.state = FirmwareState::Missing;
+    ebb.excluded = true;
+    s.input(Input::Boards(view(vec![board("octopus", "stm32h723xx", "29001A001151313531383332"), ebb])));
+    s.input(Input::Host(HostView {
+        print_state: Some("standby".into()),
+        daemon: None,
+        last_flash: Some("octopus ok 2026-11-30 18:02 (v0.12.0-456-gabc1234)".into()),
+    }));
+    s
+}
+
+fn key(c: char) -> Input {
+    Input::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE))
+}
+
+fn code(c: KeyCode) -> Input {
+    Input::Key(KeyEvent::new(c, KeyModifiers::NONE))
+}
+
+fn ctrl_c() -> Input {
+    Input::Key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL))
+}
+
+fn draw(s: &State) -> TestBackend {
+    let mut t = Terminal::new(TestBackend::new(120, 30)).unwrap();
+    t.draw(|f| render(s, f)).unwrap();
+    t.backend().clone()
+}
+
+fn ev(key: &str, kind: EventKind) -> Input {
+    Input::RunEvent(Event::board(key, kind))
+}
+
+fn state_ev(key: &str, state: BoardState) -> Input {
+    ev(key, EventKind::Board { state })
+}
+
+/// The octopus, mid-write: built, in Katapult, 96 of 240 blocks written.
+fn mid_write() -> State {
+    let mut s = idle_state();
+    assert_eq!(s.input(key('f')).action, Some(Action::Flash("octopus".into())));
+    s.input(Input::RunStarted("Flashing octopus".into()));
+    s.input(state_ev("octopus", BoardState::Building));
+    s.input(ev("octopus", EventKind::BuildStarted { name: "octopus".into() }));
+    for l in ["  Compiling out/src/sched.o", "  Linking out/klipper.elf", "  Creating hex file out/klipper.bin"] {
+        s.input(ev("octopus", EventKind::BuildOutput { line: l.into() }));
+    }
+    s.input(ev(
+        "octopus",
+        EventKind::Built { version: HOST.into(), cached: false, app: Some("Klipper".into()), size: 30720, secs: 41.2 },
+    ));
+    s.input(state_ev("octopus", BoardState::Built));
+    s.input(Input::RunEvent(Event::run(EventKind::KlipperStopped)));
+    s.input(state_ev("octopus", BoardState::AwaitingBootloader));
+    s.input(state_ev("octopus", BoardState::Writing { method: FlashMethod::Katapult }));
+    s.input(ev("octopus", EventKind::WriteProgress { done: 96, total: 240 }));
+    s
+}
+
+#[test]
+fn idle_with_boards() {
+    insta::assert_snapshot!(draw(&idle_state()));
+}
+
+#[test]
+fn board_plugged_appears() {
+    let mut s = idle_state();
+    let before = draw(&s);
+    let mut v = s.boards.clone().unwrap();
+    v.boards[1].connected = true;
+    v.boards[1].mode = Some(Mode::Klipper);
+    v.boards[1].state = FirmwareState::Unknown;
+    v.unregistered.push(DeviceRow {
+        mode: "klipper".into(),
+        mcu: Some("rp2040".into()),
+        serial: Some("E661640843545B2E".into()),
+        name: "usb-Klipper_rp2040_E661640843545B2E-if00".into(),
+        reason: None,
+    });
+    assert!(s.input(Input::Boards(v)).redraw);
+    let after = draw(&s);
+    assert_ne!(before, after);
+    insta::assert_snapshot!(after);
+}
+
+#[test]
+fn mode_changed_to_katapult() {
+    let mut s = idle_state();
+    let mut v = s.boards.clone().unwrap();
+    v.boards[0].mode = Some(Mode::Katapult);
+    v.boards[0].version = None;
+    v.boards[0].state = FirmwareState::Bootloader;
+    s.input(Input::Boards(v));
+    insta::assert_snapshot!(draw(&s));
+}
+
+#[test]
+fn outdated_board_says_how_far() {
+    let mut s = idle_state();
+    let mut v = s.boards.clone().unwrap();
+    v.boards[0].version = Some("v0.12.0-453-g0ff1ce0".into());
+    v.boards[0].state = FirmwareState::Outdated;
+    v.boards[0].relation = Some("3 commits behind".into());
+    s.input(Input::Boards(v));
+    let screen = draw(&s);
+    insta::assert_snapshot!(screen);
+}
+
+#[test]
+fn flash_progress_mid_write() {
+    insta::assert_snapshot!(draw(&mid_write()));
+}
+
+#[test]
+fn failure_and_summary() {
+    let mut s = mid_write();
+    s.input(state_ev("octopus", BoardState::Failed { phase: Phase::Write, cause: Cause::DeviceGone }));
+    s.input(Input::RunEnded {
+        lines: vec![
+            "octopus: the board went away during the write".into(),
+            "  help: plug it in again; it stays in Katapult until flashed".into(),
+        ],
+        failed: true,
+    });
+    insta::assert_snapshot!(draw(&s));
+    // Any key goes back to the boards.
+    assert!(s.input(key('x')).redraw);
+    assert!(s.run.is_none());
+}
+
+#[test]
+fn question_dialog_answers_the_run() {
+    let mut s = mid_write();
+    s.input(Input::Question("Moonraker is unreachable at http://127.0.0.1:7125. Flash anyway?".into()));
+    insta::assert_snapshot!(draw(&s));
+    // Keys other than y/n/Esc do nothing while it is open.
+    assert_eq!(s.input(key('f')).action, None);
+    assert_eq!(s.input(key('y')).action, Some(Action::Answer(true)));
+    assert!(s.dialog.is_none());
+}
+
+#[test]
+fn cursor_moves_and_stays_in_range() {
+    let mut s = idle_state();
+    assert_eq!(s.cursor, 0);
+    s.input(code(KeyCode::Down));
+    assert_eq!(s.cursor, 1);
+    s.input(key('j'));
+    assert_eq!(s.cursor, 1, "the cursor stops at the last board");
+    s.input(key('k'));
+    s.input(code(KeyCode::Up));
+    assert_eq!(s.cursor, 0);
+    // The cursor follows its board when the rows change order.
+    s.input(key('j'));
+    let mut v = s.boards.clone().unwrap();
+    v.boards.reverse();
+    s.input(Input::Boards(v));
+    assert_eq!(s.selected().unwrap().key, "ebb");
+}
+
+#[test]
+fn flash_of_an_absent_board_is_refused_with_a_message() {
+    let mut s = idle_state();
+    s.input(key('j'));
+    let out = s.input(key('F'));
+    assert_eq!(out.action, None);
+    assert!(out.redraw);
+    let msg = s.message.clone().unwrap();
+    assert!(msg.contains("EBB is not connected"), "{msg}");
+    assert!(draw(&s).to_string().contains("EBB is not connected"));
+}
+
+#[test]
+fn q_quits_when_idle() {
+    let mut s = idle_state();
+    assert_eq!(s.input(key('q')).action, Some(Action::Quit));
+    assert_eq!(s.input(key('Q')).action, Some(Action::Quit));
+    assert_eq!(s.input(ctrl_c()).action, Some(Action::Quit));
+}
+
+#[test]
+fn esc_during_a_flash_asks_before_cancelling() {
+    let mut s = mid_write();
+    // q does not quit under a run.
+    assert_eq!(s.input(key('q')).action, None);
+    let out = s.input(code(KeyCode::Esc));
+    assert_eq!(out.action, None, "Esc only asks");
+    assert_eq!(s.dialog.as_ref().map(|d| d.purpose.clone()), Some(Purpose::CancelRun));
+    // No: the run goes on.
+    assert_eq!(s.input(key('n')).action, None);
+    assert!(s.dialog.is_none());
+    // Ctrl-C asks too; yes cancels.
+    s.input(ctrl_c());
+    assert!(s.dialog.is_some());
+    assert_eq!(s.input(key('y')).action, Some(Action::Cancel));
+    assert!(s.run.as_ref().unwrap().cancelling);
+}
+
+#[test]
+fn remove_asks_first() {
+    let mut s = idle_state();
+    assert_eq!(s.input(key('r')).action, None);
+    assert!(draw(&s).to_string().contains("Remove 'OCTOPUS' (octopus)?"));
+    assert_eq!(s.input(key('n')).action, None);
+    s.input(key('r'));
+    assert_eq!(s.input(key('y')).action, Some(Action::Remove("octopus".into())));
+}
+
+#[test]
+fn no_color_draws_no_styles() {
+    let s = idle_state();
+    let b = draw(&s);
+    assert!(b.buffer().content.iter().all(|c| c.fg == ratatui::style::Color::Reset
+        && c.bg == ratatui::style::Color::Reset
+        && c.modifier.is_empty()));
+    let mut colored = idle_state();
+    colored.color = true;
+    let b = draw(&colored);
+    assert!(b.buffer().content.iter().any(|c| c.fg != ratatui::style::Color::Reset));
+}
+
+#[test]
+fn an_unchanged_host_view_does_not_redraw() {
+    let mut s = idle_state();
+    let host = s.host.clone();
+    assert!(!s.input(Input::Host(host)).redraw);
+}
+
+/// A udev record of a USB serial device as the rig's boards show up.
+fn record(vendor: &str, pid: &str, mcu: &str, serial: &str, port: u32) -> kflash::identity::DeviceRecord {
+    let id_path = format!("platform-dummy_hcd.{port}-usb-0:1:1.0");
+    let props = [
+        ("ID_BUS", "usb".to_string()),
+        ("ID_USB_VENDOR", vendor.to_string()),
+        ("ID_USB_VENDOR_ID", "1d50".to_string()),
+        ("ID_USB_MODEL", mcu.to_string()),
+        ("ID_USB_MODEL_ID", pid.to_string()),
+        ("ID_USB_SERIAL_SHORT", serial.to_string()),
+        ("ID_PATH", id_path.clone()),
+        ("DEVLINKS", format!("/dev/serial/by-id/usb-{vendor}_{mcu}_{serial}-if00 /dev/serial/by-path/{id_path}")),
+    ];
+    kflash::identity::DeviceRecord {
+        syspath: format!(
+            "/sys/devices/platform/dummy_hcd.{port}/usb{p}/{p}-1/{p}-1:1.0/tty/ttyACM{port}",
+            p = port + 1
+        ),
+        subsystem: "tty".into(),
+        devnode: Some(format!("/dev/ttyACM{port}")),
+        properties: props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+    }
+}
+
+#[test]
+fn the_view_joins_the_trackers_status_and_the_devices_view() {
+    use kflash::app::boards::{add_board, devices_view, AddRequest};
+    use kflash::daemon::status::Tracker;
+    use kflash::hotplug::Board;
+    use kflash::identity::BoardIdentity;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = kflash::registry::Registry::open(dir.path()).unwrap();
+    let ident = |r| BoardIdentity::from_record(&r).unwrap();
+    let octopus = Board { identity: ident(record("Klipper", "614e", "stm32h723xx", "29001A0011", 0)), key: None };
+    let req = AddRequest {
+        name: "Octopus".into(),
+        key: Some("octopus".into()),
+        mcu: None,
+        flash_method: FlashMethod::Katapult,
+        exclude: false,
+    };
+    add_board(&mut reg, &octopus, &req).unwrap();
+    let octopus = Board { key: Some("octopus".into()), ..octopus };
+    let stray = Board { identity: ident(record("katapult", "6177", "rp2040", "E6616408", 1)), key: None };
+    let connected = vec![octopus, stray];
+    let tracker = Tracker::new(reg.boards().cloned().collect(), Some(HOST.into()), connected.clone());
+    let v = BoardsView::new(&tracker.status(), &devices_view(&reg, &connected));
+    assert_eq!(v.boards.len(), 1);
+    let b = &v.boards[0];
+    assert_eq!((b.key.as_str(), b.name.as_str(), b.mcu.as_str()), ("octopus", "Octopus", "stm32h723xx"));
+    assert!(b.connected);
+    assert_eq!(b.mode, Some(Mode::Klipper));
+    assert_eq!(b.serial.as_deref(), Some("29001A0011"));
+    assert_eq!(b.method, "katapult");
+    assert_eq!(b.state, FirmwareState::Unknown, "no version known yet");
+    assert_eq!(v.unregistered.len(), 1);
+    assert_eq!(v.unregistered[0].mode, "katapult");
+    assert_eq!(v.unregistered[0].mcu.as_deref(), Some("rp2040"));
+    assert_eq!(v.host_version.as_deref(), Some(HOST));
+}
+
+#[test]
+fn the_daemons_own_run_is_shown_but_not_cancelled_from_here() {
+    let mut s = idle_state();
+    s.input(state_ev("ebb", BoardState::Writing { method: FlashMethod::Katapult }));
+    let run = s.run.clone().unwrap();
+    assert!(run.observed && !s.running());
+    assert!(draw(&s).to_string().contains("A run of the kflash daemon"));
+    s.input(state_ev("ebb", BoardState::Flashed { view: kflash::orchestrator::KlipperView::Confirmed }));
+    s.input(Input::RunEvent(Event::run(EventKind::Run { state: kflash::orchestrator::RunState::Done })));
+    let summary = s.run.as_ref().unwrap().summary.clone().unwrap();
+    assert_eq!(summary, vec!["ebb: flashed, verified by the board and by Klipper".to_string()]);
+    // Esc does not ask to cancel someone else's run: any key hides it.
+    assert_eq!(s.input(code(KeyCode::Esc)).action, None);
+    assert!(s.dialog.is_none() && s.run.is_none());
+}
