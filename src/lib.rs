@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod atomic_file;
+pub mod can;
 pub mod daemon;
 pub mod error;
 pub mod event;
