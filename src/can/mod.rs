@@ -3,6 +3,7 @@
 //! sans-IO; only `socket` touches SocketCAN.
 
 pub mod admin;
+pub mod bridge;
 pub mod frame;
 pub mod uuid;
 
