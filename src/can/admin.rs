@@ -39,7 +39,7 @@ impl NodeId {
     /// The node whose host→node id this is, if it is one.
     pub fn from_host_to_node(can_id: u16) -> Option<NodeId> {
         let n = can_id.checked_sub(0x100)?;
-        (n % 2 == 0 && n / 2 <= u16::from(u8::MAX)).then(|| NodeId((n / 2) as u8))
+        (n.is_multiple_of(2) && n / 2 <= u16::from(u8::MAX)).then_some(NodeId((n / 2) as u8))
     }
 }
 

@@ -47,7 +47,7 @@ pub fn uuid_from_chip_id(chip_id: &[u8]) -> CanUuid {
 /// (a firmware built with a custom `CONFIG_USB_SERIAL_NUMBER`): then only a query can tell.
 pub fn uuid_from_usb_serial(serial: &str) -> Option<CanUuid> {
     let s = serial.trim();
-    if s.is_empty() || s.len() % 2 != 0 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+    if s.is_empty() || !s.len().is_multiple_of(2) || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
         return None;
     }
     let chip_id: Vec<u8> =

@@ -5,6 +5,9 @@
 pub mod admin;
 pub mod bridge;
 pub mod frame;
+pub mod link;
+pub mod socket;
+pub mod stream;
 pub mod uuid;
 
 pub use admin::{AdminCommand, AdminReply, CanApp, NodeId};
