@@ -18,6 +18,7 @@ pub mod identity;
 pub mod install;
 pub mod json;
 pub mod kconfig;
+pub mod locator;
 pub mod moonraker;
 pub mod moonraker_link;
 pub mod orchestrator;
