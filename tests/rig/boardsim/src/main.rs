@@ -1,6 +1,7 @@
 //! kflash-boardsim: simulated Klipper / Katapult boards as real USB gadgets for the kflash
 //! test rig. See ../README.md.
 
+mod cannode;
 mod config;
 mod ctl;
 mod dfu;
