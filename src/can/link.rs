@@ -183,6 +183,24 @@ pub async fn open_katapult<S: FrameSocket>(mut socket: S, uuid: CanUuid, node: N
     Ok(CanLink::new(socket, node))
 }
 
+/// Identify a node running Klipper, for verification: give it Klipper node id `node` and run
+/// the identify exchange on its stream. Only while Klippy is stopped: Klippy assigns node ids
+/// itself, and two hosts must not hand out the same one.
+pub async fn identify_klipper_node<S: FrameSocket>(
+    mut socket: S,
+    uuid: CanUuid,
+    node: NodeId,
+    deadline: Instant,
+) -> Result<crate::protocol::klipper::DataDictionary, crate::flash::error::FlashError> {
+    let what = format!("CAN node {uuid}");
+    socket
+        .send(&AdminCommand::SetKlipperNodeId { uuid, node }.to_frame())
+        .await
+        .map_err(|e| crate::flash::error::FlashError::Io { path: what.clone(), message: e.to_string() })?;
+    let mut link = CanLink::new(socket, node);
+    crate::flash::identify::identify_over(&mut link, &what, deadline).await
+}
+
 #[cfg(test)]
 pub(crate) mod fake {
     //! A scripted bus for tests: frames the host sent, and a responder that answers them.

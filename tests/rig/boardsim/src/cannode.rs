@@ -592,7 +592,9 @@ mod tests {
     /// bus: the two must agree on every byte for this to pass.
     mod with_kflash_host {
         use super::*;
-        use kflash::can::link::{await_katapult, open_katapult, query_unassigned, request_bootloader, FrameSocket};
+        use kflash::can::link::{
+            await_katapult, identify_klipper_node, open_katapult, query_unassigned, request_bootloader, FrameSocket,
+        };
         use kflash::flash::katapult::{Expectation, KatapultSession, Policy};
         use std::collections::VecDeque;
         use tokio::time::Instant;
@@ -656,6 +658,10 @@ mod tests {
             // The node jumped into the new Klipper: unassigned, it answers a query as Klipper.
             let found = query_unassigned(&mut sock, soon()).await.unwrap();
             assert_eq!(found, [AdminReply { uuid: UUID, app: CanApp::Klipper }]);
+            // Verification (b): identify over CAN reports the new version.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let dict = identify_klipper_node(&mut sock, UUID, NodeId(4), deadline).await.unwrap();
+            assert_eq!((dict.version.as_str(), dict.mcu.as_str()), ("v0.13.0-new", MCU));
             let n = &sock.bus.nodes[0];
             let installed = n.flash.image_from(n.katapult_info.app_start);
             assert_eq!(installed[..img.len()], img[..]);
