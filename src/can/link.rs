@@ -87,6 +87,8 @@ impl<S: FrameSocket> Link for CanLink<S> {
 /// Broadcast a query for unassigned nodes and collect every answer until `deadline`.
 /// Several nodes may answer; the same UUID is reported once.
 pub async fn query_unassigned<S: FrameSocket>(socket: &mut S, deadline: Instant) -> io::Result<Vec<AdminReply>> {
+    // Late answers to an earlier query are not answers to this one.
+    socket.discard_input();
     socket.send(&AdminCommand::QueryUnassigned.to_frame()).await?;
     let mut found: Vec<AdminReply> = Vec::new();
     listen_replies(socket, deadline, |r| {
@@ -118,11 +120,11 @@ async fn listen_replies<S: FrameSocket>(
     Ok(false)
 }
 
-/// How a node was (not) reached in its bootloader.
+/// How a node was (not) reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReachError {
-    #[error("CAN node {uuid} did not answer as Katapult within {waited:?}{}", seen_note(.seen))]
-    NoKatapult { uuid: CanUuid, waited: Duration, seen: Option<CanApp> },
+    #[error("CAN node {uuid} did not answer as {} within {waited:?}{}", .want.name(), seen_note(.seen))]
+    NotAnswering { uuid: CanUuid, want: CanApp, waited: Duration, seen: Option<CanApp> },
 }
 
 fn seen_note(seen: &Option<CanApp>) -> String {
@@ -138,12 +140,23 @@ pub async fn request_bootloader<S: FrameSocket>(socket: &mut S, uuid: CanUuid) -
     socket.send(&AdminCommand::RequestBootloader { uuid }.to_frame()).await
 }
 
-/// Wait until `uuid` answers a query as Katapult. Katapult announces nothing when it starts,
-/// so the host asks: every `every`, clear Katapult node ids and query; the answer frames are
-/// awaited with a deadline. Gives up at `deadline`.
+/// Wait until `uuid` answers a query as Katapult (after a bootloader request).
 pub async fn await_katapult<S: FrameSocket>(
     socket: &mut S,
     uuid: CanUuid,
+    every: Duration,
+    deadline: Instant,
+) -> Result<(), AwaitError> {
+    await_app(socket, uuid, CanApp::Katapult, every, deadline).await
+}
+
+/// Wait until `uuid` answers a query as `want`. A node announces nothing when it starts, so
+/// the host asks: every `every`, clear Katapult node ids (so a Katapult node answers again)
+/// and query; the answer frames are awaited with a deadline. Gives up at `deadline`.
+pub async fn await_app<S: FrameSocket>(
+    socket: &mut S,
+    uuid: CanUuid,
+    want: CanApp,
     every: Duration,
     deadline: Instant,
 ) -> Result<(), AwaitError> {
@@ -158,14 +171,14 @@ pub async fn await_katapult<S: FrameSocket>(
                 return false;
             }
             seen = Some(r.app);
-            r.app == CanApp::Katapult
+            r.app == want
         })
         .await?;
         if reached {
             return Ok(());
         }
     }
-    Err(ReachError::NoKatapult { uuid, waited: deadline.saturating_duration_since(started), seen }.into())
+    Err(ReachError::NotAnswering { uuid, want, waited: deadline.saturating_duration_since(started), seen }.into())
 }
 
 /// What can stop [`await_katapult`].

@@ -200,6 +200,13 @@ impl CanNode {
         CanApp::Katapult
     }
 
+    /// Restart Katapult if it is running, so faults set since its start take effect.
+    pub fn restart_katapult_if_running(&mut self) {
+        if matches!(self.firmware, Firmware::Katapult(_)) {
+            self.enter_katapult();
+        }
+    }
+
     /// Katapult's jump after COMPLETE. The fault `uuid_after_flash` strikes here.
     pub fn jump(&mut self, now: Duration) -> Vec<CanOutput> {
         if let Some(new) = self.faults.uuid_after_flash.take() {
