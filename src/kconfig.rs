@@ -246,6 +246,8 @@ mod tests {
             serial_pattern: None,
             flash_method: FlashMethod::Default,
             flashable: true,
+            canbus_uuid: None,
+            can_interface: None,
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod atomic_file;
+pub mod can;
 pub mod daemon;
 pub mod error;
 pub mod event;
@@ -17,6 +18,7 @@ pub mod identity;
 pub mod install;
 pub mod json;
 pub mod kconfig;
+pub mod locator;
 pub mod moonraker;
 pub mod moonraker_link;
 pub mod orchestrator;

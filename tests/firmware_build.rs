@@ -37,6 +37,8 @@ fn setup(mcu: &str) -> Setup {
         serial_pattern: None,
         flash_method: FlashMethod::Default,
         flashable: true,
+        canbus_uuid: None,
+        can_interface: None,
     })
     .unwrap();
     // The stand-in's menuconfig writes a realistic config for RIG_MENUCONFIG_MCU.

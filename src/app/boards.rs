@@ -177,6 +177,8 @@ pub fn add_board(reg: &mut Registry, board: &Board, req: &AddRequest) -> Result<
         serial_pattern: board.identity.by_id_name().map(serial_pattern_for),
         flash_method: req.flash_method,
         flashable: !req.exclude,
+        canbus_uuid: None,
+        can_interface: None,
     };
     reg.add(entry.clone())?;
     Ok(entry)

@@ -422,6 +422,8 @@ mod tests {
             serial_pattern: None,
             flash_method: FlashMethod::Katapult,
             flashable: true,
+            canbus_uuid: None,
+            can_interface: None,
         }
     }
 

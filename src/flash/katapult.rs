@@ -161,6 +161,15 @@ impl<L: Link> KatapultSession<L> {
         }
     }
 
+    /// The node's UUID as Katapult reports it over CAN (GET_CANBUS_ID), to check that the
+    /// node that answered on our node id is the one meant, as flashtool does.
+    pub async fn canbus_id(&mut self) -> Result<crate::can::CanUuid, FlashError> {
+        match self.command(&Command::GetCanbusId).await? {
+            AckData::CanbusId(id) => Ok(crate::can::CanUuid(id)),
+            other => Err(FlashError::Tool(format!("GET_CANBUS_ID answered with {other:?}"))),
+        }
+    }
+
     /// Leave the bootloader without writing: CONNECT, then COMPLETE, which makes Katapult
     /// start the installed application.
     pub async fn start_application(&mut self) -> Result<ConnectInfo, FlashError> {

@@ -138,7 +138,17 @@ fn board_from_json(key: &str, dev: &Value) -> std::result::Result<BoardEntry, St
     } else {
         super::slug::slugify(key).ok_or("key has no letters or digits")?
     };
-    Ok(BoardEntry { key, name, mcu, serial, serial_pattern: Some(pattern), flash_method, flashable })
+    Ok(BoardEntry {
+        key,
+        name,
+        mcu,
+        serial,
+        serial_pattern: Some(pattern),
+        flash_method,
+        flashable,
+        canbus_uuid: None,
+        can_interface: None,
+    })
 }
 
 fn import_global(settings: &mut Settings, root: &Value, report: &mut ImportReport) {

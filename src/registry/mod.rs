@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::can::CanUuid;
 use crate::error::{Error, Result};
 use crate::identity::BoardIdentity;
+use crate::locator::Locator;
 
 pub const BOARDS_FILE: &str = "boards.toml";
 pub const SETTINGS_FILE: &str = "settings.toml";
@@ -76,7 +78,17 @@ pub struct BoardEntry {
     /// `false` excludes the board from flash-all.
     #[serde(default = "yes")]
     pub flashable: bool,
+    /// Klipper's `canbus_uuid` for a board on a CAN bus (a toolhead), or the CAN node of a
+    /// USB-to-CAN bridge (which also has a USB `serial`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canbus_uuid: Option<CanUuid>,
+    /// The CAN interface the node sits on; `None` means [`DEFAULT_CAN_INTERFACE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub can_interface: Option<String>,
 }
+
+/// The CAN interface of a node that names none, as in Klipper's `[mcu] canbus_interface`.
+pub const DEFAULT_CAN_INTERFACE: &str = "can0";
 
 fn yes() -> bool {
     true
@@ -99,6 +111,26 @@ impl BoardEntry {
         }
     }
 
+    /// Where to find the board: its USB device, or its node on a CAN bus. A USB-to-CAN bridge
+    /// has both a USB serial and a UUID; it is flashed over USB, so it is located by USB.
+    pub fn locator(&self) -> Locator {
+        match (&self.serial, &self.serial_pattern, &self.canbus_uuid) {
+            (None, None, Some(uuid)) => Locator::Can { interface: self.can_interface().to_string(), uuid: *uuid },
+            _ => Locator::Usb { serial: self.serial.clone(), serial_pattern: self.serial_pattern.clone() },
+        }
+    }
+
+    /// The CAN interface this board's node is on (or, for a bridge, provides).
+    pub fn can_interface(&self) -> &str {
+        self.can_interface.as_deref().unwrap_or(DEFAULT_CAN_INTERFACE)
+    }
+
+    /// A USB board that is also a CAN node: Klipper's USB-to-CAN bridge, which provides
+    /// [`BoardEntry::can_interface`] for the CAN boards behind it.
+    pub fn is_can_bridge(&self) -> bool {
+        self.canbus_uuid.is_some() && (self.serial.is_some() || self.serial_pattern.is_some())
+    }
+
     fn validate(&self) -> std::result::Result<(), String> {
         if !slug::is_valid_key(&self.key) {
             return Err(format!(
@@ -113,8 +145,14 @@ impl BoardEntry {
         if self.mcu.trim().is_empty() {
             return Err(format!("board '{}' has an empty mcu", self.key));
         }
-        if self.serial.is_none() && self.serial_pattern.is_none() {
-            return Err(format!("board '{}' needs `serial` or `serial_pattern` to be recognised", self.key));
+        if self.serial.is_none() && self.serial_pattern.is_none() && self.canbus_uuid.is_none() {
+            return Err(format!(
+                "board '{}' needs `serial` or `serial_pattern` (USB) or `canbus_uuid` (CAN) to be recognised",
+                self.key
+            ));
+        }
+        if let Some(i) = &self.can_interface {
+            crate::locator::check_interface_name(i).map_err(|m| format!("board '{}': {m}", self.key))?;
         }
         if let Some(p) = &self.serial_pattern {
             glob::Pattern::new(p)

@@ -1,5 +1,6 @@
 use super::*;
 use crate::identity::{BoardIdentity, DeviceRecord};
+use crate::locator::Locator;
 
 fn entry(key: &str, name: &str, serial: &str) -> BoardEntry {
     BoardEntry {
@@ -10,6 +11,8 @@ fn entry(key: &str, name: &str, serial: &str) -> BoardEntry {
         serial_pattern: None,
         flash_method: FlashMethod::Default,
         flashable: true,
+        canbus_uuid: None,
+        can_interface: None,
     }
 }
 
@@ -283,4 +286,85 @@ fn removing_a_board_drops_its_mark_and_a_stale_mark_is_ignored() {
     // The marks table is checked like the rest of the file.
     std::fs::write(dir.path().join(BOARDS_FILE), "[unreviewed_configs]\na = 1\n").unwrap();
     assert!(Registry::open(dir.path()).is_err());
+}
+
+fn can_entry(key: &str, name: &str, uuid: &str) -> BoardEntry {
+    BoardEntry {
+        key: key.into(),
+        name: name.into(),
+        mcu: "stm32g0b1xx".into(),
+        serial: None,
+        serial_pattern: None,
+        flash_method: FlashMethod::Default,
+        flashable: true,
+        canbus_uuid: Some(uuid.parse().unwrap()),
+        can_interface: None,
+    }
+}
+
+#[test]
+fn can_boards_round_trip_and_are_located_on_their_bus() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(dir.path()).unwrap();
+    let ebb = can_entry("ebb", "EBB36", "0a1b2c3d4e5f");
+    let mut sb = can_entry("sb2209", "SB2209", "00000000beef");
+    sb.can_interface = Some("can1".into());
+    // A USB-to-CAN bridge: a USB board whose own CAN node has the UUID hashed from its serial.
+    let mut bridge = entry("octopus", "Octopus", "2D0028000B51333234383230");
+    bridge.canbus_uuid = crate::can::bridge::uuid_from_usb_serial("2D0028000B51333234383230");
+    for b in [&ebb, &sb, &bridge] {
+        reg.add(b.clone()).unwrap();
+    }
+    reg.save_boards().unwrap();
+    let text = std::fs::read_to_string(dir.path().join(BOARDS_FILE)).unwrap();
+    assert!(text.contains("canbus_uuid = \"0a1b2c3d4e5f\""), "{text}");
+    assert!(text.contains("canbus_uuid = \"00000000beef\""), "leading zeros kept: {text}");
+    assert!(text.contains("can_interface = \"can1\""), "{text}");
+    assert_eq!(text.matches("can_interface").count(), 1, "the default interface is not written: {text}");
+
+    let again = Registry::open(dir.path()).unwrap();
+    assert_eq!(again.get("ebb").unwrap(), &ebb);
+    assert_eq!(again.get("sb2209").unwrap(), &sb);
+    assert_eq!(again.get("octopus").unwrap(), &bridge);
+    assert_eq!(
+        again.get("ebb").unwrap().locator(),
+        Locator::Can { interface: "can0".into(), uuid: "0a1b2c3d4e5f".parse().unwrap() }
+    );
+    assert_eq!(again.get("sb2209").unwrap().locator().to_string(), "CAN can1 uuid 00000000beef");
+    let b = again.get("octopus").unwrap();
+    assert!(matches!(b.locator(), Locator::Usb { .. }), "a bridge is flashed over USB");
+    assert!(b.is_can_bridge() && !again.get("ebb").unwrap().is_can_bridge());
+    assert_eq!(b.canbus_uuid.unwrap().to_string(), "f3f4159b80a6");
+    // A CAN node never matches a USB device.
+    assert!(!again.get("ebb").unwrap().matches(&identity("Klipper", "614e", "stm32g0b1xx", "0a1b2c3d4e5f")));
+}
+
+#[test]
+fn an_old_boards_file_loads_and_saves_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = format!(
+        "{BOARDS_HEADER}[boards.octopus]\nname = \"Octopus Pro\"\nmcu = \"stm32h723xx\"\nserial = \"29001A001151313531383332\"\nflash_method = \"make-flash\"\nflashable = false\n"
+    );
+    std::fs::write(dir.path().join(BOARDS_FILE), &old).unwrap();
+    let reg = Registry::open(dir.path()).unwrap();
+    let b = reg.get("octopus").unwrap();
+    assert_eq!((b.canbus_uuid, b.can_interface.as_deref(), b.can_interface()), (None, None, "can0"));
+    reg.save_boards().unwrap();
+    assert_eq!(std::fs::read_to_string(dir.path().join(BOARDS_FILE)).unwrap(), old);
+}
+
+#[test]
+fn bad_can_fields_are_refused_on_load() {
+    for (body, says) in [
+        ("canbus_uuid = \"12345\"", "12 hex digits"),
+        ("canbus_uuid = \"0a1b2c3d4e5f\"\ncan_interface = \"can 0\"", "not a network interface name"),
+        ("", "canbus_uuid"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("[boards.ebb]\nname = \"EBB\"\nmcu = \"stm32g0b1xx\"\n{body}\n");
+        std::fs::write(dir.path().join(BOARDS_FILE), &text).unwrap();
+        let err = Registry::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(says), "{body}: {err}");
+        assert_eq!(std::fs::read_to_string(dir.path().join(BOARDS_FILE)).unwrap(), text, "left untouched");
+    }
 }

@@ -22,6 +22,8 @@ struct FakeBootloader {
     busy_next: u32,
     silent: bool,
     corrupt_readback: bool,
+    /// Answer GET_CANBUS_ID with this UUID (a CAN build).
+    canbus_uuid: Option<[u8; 6]>,
 }
 
 impl FakeBootloader {
@@ -84,6 +86,9 @@ impl FakeBootloader {
                 Response::ack(&AckData::RequestBlock { addr, data })
             }
             Command::Complete => Response::ack(&AckData::Complete),
+            Command::GetCanbusId if self.canbus_uuid.is_some() => {
+                Response::ack(&AckData::CanbusId(self.canbus_uuid.unwrap()))
+            }
             _ => Response::CommandError,
         }
     }
@@ -212,4 +217,66 @@ fn missing_app_address_is_refused() {
         ConnectInfo { proto_version: (1, 1, 0), app_start: START, block_size: 64, mcu: "rp2040".into(), version: None };
     let r = check_target(&info, &Expectation { mcu: "rp2040".into(), app_start: None }, &[]);
     assert!(matches!(r, Err(FlashError::NoAppAddress)));
+}
+
+/// The same bootloader behind a CAN bus: the host's frames on the node's id feed it, its
+/// answer bytes come back as 8-byte frames on the node's answer id, with other traffic mixed in.
+mod over_can {
+    use super::*;
+    use crate::can::link::fake::FakeBus;
+    use crate::can::link::{open_katapult, CanLink};
+    use crate::can::stream::CanStream;
+    use crate::can::{CanFrame, CanUuid, NodeId};
+
+    const UUID: [u8; 6] = [0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f];
+
+    fn bus(dev: &mut FakeBootloader) -> FakeBus<impl FnMut(&CanFrame) -> Vec<CanFrame> + '_> {
+        let node = CanStream::node(NodeId::KATAPULT_FLASH);
+        FakeBus::new(move |f: &CanFrame| {
+            let Some(bytes) = node.accept(f) else { return vec![] };
+            dev.receive(bytes);
+            let out: Vec<u8> = dev.outbox.drain(..).collect();
+            let mut frames = node.frames(&out);
+            if !frames.is_empty() {
+                // Another node's traffic between the answer's frames.
+                frames.insert(1.min(frames.len()), CanFrame::new(0x109, &[0xee; 8]).unwrap());
+            }
+            frames
+        })
+    }
+
+    async fn session<S: crate::can::link::FrameSocket>(socket: S) -> KatapultSession<CanLink<S>> {
+        let link = open_katapult(socket, CanUuid(UUID), NodeId::KATAPULT_FLASH).await.unwrap();
+        KatapultSession::new(link, Policy::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flashes_and_reads_back_through_can_frames() {
+        let mut dev = FakeBootloader::new("stm32g0b1xx", 0x0800_2000);
+        dev.canbus_uuid = Some(UUID);
+        let img = image(32 * 1024);
+        let mut fake = bus(&mut dev);
+        let mut s = session(&mut fake).await;
+        assert_eq!(s.canbus_id().await.unwrap(), CanUuid(UUID));
+        let mut events = Vec::new();
+        let report = s.flash(&img, &expect("stm32g0b1xx", 0x0800_2000), &mut events).await.unwrap();
+        assert_eq!(report.blocks, 512);
+        drop(s);
+        // Every frame the host sent fits CAN: the admin frame, then only the node's id.
+        assert!(fake.sent.iter().all(|f| f.data().len() <= 8));
+        assert_eq!(fake.sent[0].id(), 0x3f0);
+        assert!(fake.sent[1..].iter().all(|f| f.id() == 0x200));
+        drop(fake);
+        assert_eq!(dev.flash.len(), 512);
+        assert_eq!(dev.flash[&0x0800_2000], img[..64]);
+        assert_eq!(*dev.log.last().unwrap(), 0x15, "COMPLETE last");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_without_can_support_fails_the_uuid_check() {
+        let mut dev = FakeBootloader::new("stm32g0b1xx", 0x0800_2000);
+        let mut fake = bus(&mut dev);
+        let mut s = session(&mut fake).await;
+        assert!(s.canbus_id().await.is_err());
+    }
 }

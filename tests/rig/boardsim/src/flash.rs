@@ -215,6 +215,8 @@ pub struct KatapultDevice {
     /// Stop processing once this many SEND_BLOCKs were acked (the cable is pulled right
     /// after that ack: later frames, even ones already received, are never processed).
     pub halt_after_blocks: Option<u32>,
+    /// A CAN build answers GET_CANBUS_ID with its UUID; a USB build has none.
+    pub canbus_uuid: Option<[u8; 6]>,
 }
 
 impl KatapultDevice {
@@ -233,6 +235,7 @@ impl KatapultDevice {
             timing,
             buffer: None,
             halt_after_blocks: None,
+            canbus_uuid: None,
         }
     }
 
@@ -318,6 +321,10 @@ impl KatapultDevice {
                 self.completed = true;
                 out.push(KatapultOutput::Reply(Response::ack(&AckData::Complete)));
                 out.push(KatapultOutput::Event(KatapultEvent::Complete));
+            }
+            Command::GetCanbusId if self.canbus_uuid.is_some() => {
+                let uuid = self.canbus_uuid.expect("checked");
+                out.push(KatapultOutput::Reply(Response::ack(&AckData::CanbusId(uuid))));
             }
             // USB builds have no CAN id: command error, like any unknown command.
             Command::GetCanbusId | Command::Unknown(_) => {

@@ -1,6 +1,8 @@
 //! kflash-boardsim: simulated Klipper / Katapult boards as real USB gadgets for the kflash
 //! test rig. See ../README.md.
 
+mod cannode;
+mod canserve;
 mod config;
 mod ctl;
 mod dfu;
@@ -21,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kflash::protocol::katapult::{AckData, Command as KCommand, FrameDecoder, Response as KResponse};
 use kflash::protocol::klipper::{IdentifyClient, IdentifyProgress};
@@ -88,6 +91,30 @@ enum Cmd {
         version: String,
         #[arg(long, default_value = "Klipper")]
         app: String,
+    },
+    /// Simulate CAN nodes (toolheads) on a CAN interface (e.g. vcan0) until killed; prints
+    /// one JSON line per event.
+    CanServe {
+        #[arg(long)]
+        interface: String,
+        /// NAME,UUID,MCU[,VERSION] (no VERSION: empty flash, the node sits in Katapult).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// NAME:SPEC, e.g. ebb:never-katapult, ebb:bus-off-after=10, ebb:uuid-after-flash=UUID.
+        #[arg(long = "fault")]
+        faults: Vec<String>,
+    },
+    /// Host side, with kflash's CAN code: flash IMAGE into the node UUID on INTERFACE through
+    /// Katapult over CAN, then identify it; prints timings and the new version as JSON.
+    CanProbe {
+        #[arg(long)]
+        interface: String,
+        #[arg(long)]
+        uuid: String,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        mcu: String,
     },
     /// Serve one Klipper-mode board on a host pty (no USB): LINK becomes a symlink to the pty
     /// slave for Klippy's `serial:`. The image is re-read at every boot (after `reset`).
@@ -389,6 +416,40 @@ fn main() -> ExitCode {
                 None => pty::ImageSource::Standin { app, version, mcu },
             };
             exit_code("pty", pty::run(source, &link, Duration::from_millis(reboot_delay_ms)))
+        }
+        Cmd::CanServe { interface, nodes, faults } => {
+            let run = async {
+                let nodes =
+                    nodes.iter().map(|n| canserve::parse_node(n, &faults)).collect::<anyhow::Result<Vec<_>>>()?;
+                let socket = kflash::can::socket::SocketCan::open(&interface)?;
+                outln!("{}", json!({"event": "ready", "interface": interface}));
+                canserve::serve(socket, cannode::SimBus { nodes }, |v| outln!("{v}")).await
+            };
+            match runtime().block_on(run) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kflash-boardsim can-serve: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::CanProbe { interface, uuid, image, mcu } => {
+            let run = async {
+                let uuid: kflash::can::CanUuid = uuid.parse()?;
+                let bytes = std::fs::read(&image).with_context(|| format!("cannot read {}", image.display()))?;
+                let socket = kflash::can::socket::SocketCan::open(&interface)?;
+                canserve::probe_flash(socket, uuid, &bytes, &mcu).await
+            };
+            match runtime().block_on(run) {
+                Ok(v) => {
+                    outln!("{v}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kflash-boardsim can-probe: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Cmd::ProbeKatapult { device, timeout } => match runtime().block_on(probe_katapult(&device, timeout)) {
             Ok(v) => {
