@@ -307,13 +307,7 @@ fn main() {
     if daemon {
         settle_allocator();
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if daemon {
-        // A resident service with little to do: one worker, and few blocking threads (each
-        // keeps its stack's pages, and glibc caches exited threads' stacks).
-        rt.worker_threads(1).max_blocking_threads(4);
-    }
-    let rt = match rt.enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
