@@ -424,31 +424,6 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// CPU time of all the process's threads from the scheduler (`/proc/PID/task/*/schedstat`,
-/// nanoseconds), in seconds: exact, where utime + stime are counted in whole ticks.
-fn sched_cpu_secs(pid: u32) -> f64 {
-    let mut ns = 0u64;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let text = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-        ns += text.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
-    }
-    ns as f64 / 1e9
-}
-
-/// Voluntary + involuntary context switches of all the process's threads: its wake-ups.
-fn wakeups(pid: u32) -> u64 {
-    let mut n = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let text = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        for l in text.lines() {
-            if l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:") {
-                n += l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
-            }
-        }
-    }
-    n
-}
-
 /// p50, p99 and max of `samples` (seconds), in milliseconds.
 fn percentiles(samples: &mut [f64]) -> (f64, f64, f64) {
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());

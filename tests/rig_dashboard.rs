@@ -96,31 +96,6 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-/// CPU time of all the process's threads from the scheduler (`/proc/PID/task/*/schedstat`,
-/// nanoseconds), in seconds: exact, where utime + stime are counted in whole ticks.
-fn sched_secs(pid: u32) -> f64 {
-    let mut ns = 0u64;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let text = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-        ns += text.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
-    }
-    ns as f64 / 1e9
-}
-
-/// Voluntary + involuntary context switches of all the process's threads: its wake-ups.
-fn wakeups(pid: u32) -> u64 {
-    let mut n = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let text = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        for l in text.lines() {
-            if l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:") {
-                n += l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
-            }
-        }
-    }
-    n
-}
-
 fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as u64
@@ -170,10 +145,10 @@ fn dashboard_sees_a_board_arrive_flashes_it_with_f_and_gives_the_terminal_back()
 
     // Idle: nothing happens for 60 s, so nothing is drawn and no CPU is used.
     let pid = pane.child_pid();
-    let (ticks0, sched0, wake0) = (cpu_ticks(pid), sched_secs(pid), wakeups(pid));
+    let (ticks0, sched0, wake0) = (cpu_ticks(pid), sched_cpu_secs(pid), wakeups(pid));
     // The measurement window itself: nothing is awaited, the dashboard is watched being idle.
     std::thread::sleep(Duration::from_secs(60));
-    let (ticks, sched, wake) = (cpu_ticks(pid) - ticks0, sched_secs(pid) - sched0, wakeups(pid) - wake0);
+    let (ticks, sched, wake) = (cpu_ticks(pid) - ticks0, sched_cpu_secs(pid) - sched0, wakeups(pid) - wake0);
     let secs = ticks as f64 / clock_ticks() as f64;
     eprintln!(
         "idle dashboard over 60 s: CPU (utime + stime) {ticks} ticks = {secs:.2} s ({:.3} %), (schedstat) {sched:.3} s, \
