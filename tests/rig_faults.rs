@@ -8,6 +8,7 @@
 mod rig_support;
 
 use std::process::Output;
+use std::time::Duration;
 
 use rig_support::*;
 
@@ -271,6 +272,10 @@ fn stale_klipper_view_does_not_skip_the_flash() {
     boardctl(&["reboot", OCTOPUS.0]);
     boardctl(&["wait-ready"]);
     settle();
+    // Klippy notices the lost MCU only when its link times out, seconds later: the stale
+    // view this scenario is about exists from then on (CI once asked too early: still ready).
+    let lost = wait_klippy("shutdown", Duration::from_secs(60));
+    eprintln!("note: Klippy shut down {:.1} s after the board was back", lost.as_secs_f64());
     let klippy = klippy_state();
     let mcu = moonraker_get("/printer/objects/query?mcu");
     eprintln!("Klippy is {klippy}; Moonraker's mcu object: {mcu}");
