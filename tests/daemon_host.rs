@@ -31,6 +31,9 @@ async fn status_subscription_reload_and_stop() {
     // Its tty does not exist on the host, so identify cannot read it: unknown, not guessed.
     assert_eq!(octopus["state"], "unknown", "{s}");
     assert_eq!(s["unregistered"][0]["serial"], EBB.1, "{s}");
+    // Its own memory: what the kernel counts and glibc's live heap.
+    assert!(s["memory"]["rss_kib"].as_u64().is_some_and(|k| k > 0), "{s}");
+    assert!(s["memory"]["heap_in_use"].as_u64().is_some_and(|b| b > 0), "{s}");
 
     // A subscription: the status, then what changes.
     let (mut sub, _hold) = request(&d.socket, r#"{"request":"subscribe"}"#).await;

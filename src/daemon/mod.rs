@@ -5,7 +5,8 @@
 //! - [`status`]: what it knows, as a sans-IO tracker that says what changed;
 //! - [`socket`]: the JSON-lines status surface;
 //! - [`holders`]: whether a process holds a tty (Klipper's), so the daemon never talks to a
-//!   board Klipper is using.
+//!   board Klipper is using;
+//! - [`memory`]: its own resident and live-heap size, reported in `status`.
 //!
 //! One loop owns the state (mini-redis style): board events, Klippy updates, identify
 //! results, socket questions and signals come to it on channels. SIGHUP reloads the registry
@@ -14,6 +15,7 @@
 //! source failing ends it with an error, so systemd restarts it.
 
 pub mod holders;
+pub mod memory;
 pub mod runs;
 pub mod socket;
 pub mod status;
@@ -622,7 +624,10 @@ pub async fn serve(
             Some(event) = inbox.events.recv() => d.link_event(event),
             Some(call) = inbox.calls.recv() => d.method_call(call),
             Some(ask) = asks.recv() => match ask {
-                Ask::Status(tx) => { let _ = tx.send(d.tracker.status()); }
+                Ask::Status(tx) => {
+                    let status = status::Status { memory: memory::MemoryUse::now(), ..d.tracker.status() };
+                    let _ = tx.send(status);
+                }
                 Ask::Subscribe(tx) => {
                     let _ = tx.send((d.tracker.status(), d.notices.subscribe(), d.run_events.subscribe()));
                 }

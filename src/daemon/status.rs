@@ -78,6 +78,9 @@ pub struct Status {
     pub rom_bootloaders: Vec<Board>,
     /// Why the registry on disk is not the one in use (a broken edit), if it is not.
     pub registry_error: Option<String>,
+    /// The daemon's own memory, filled in when the daemon answers `status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<super::memory::MemoryUse>,
 }
 
 impl Status {
@@ -183,6 +186,7 @@ impl Tracker {
             unregistered,
             rom_bootloaders,
             registry_error: self.registry_error.clone(),
+            memory: None,
         }
     }
 

@@ -8,10 +8,12 @@ mod ctl;
 mod dfu;
 mod events;
 mod faults;
+mod ffs;
 mod firmware;
 mod flash;
 mod gadget;
 mod gadgetfs;
+mod gsusb;
 mod klipperdev;
 mod pty;
 mod server;
@@ -103,6 +105,20 @@ enum Cmd {
         /// NAME:SPEC, e.g. ebb:never-katapult, ebb:bus-off-after=10, ebb:uuid-after-flash=UUID.
         #[arg(long = "fault")]
         faults: Vec<String>,
+    },
+    /// A USB-to-CAN bridge as a real gs_usb device (1d50:606f, FunctionFS) on UDC, relaying
+    /// the host's CAN interface to WIRE (the vcan the simulated toolheads are on) until
+    /// SIGTERM/SIGINT; prints one JSON line per event.
+    GsUsbBridge {
+        /// A free UDC, e.g. dummy_udc.4.
+        #[arg(long)]
+        udc: String,
+        #[arg(long)]
+        wire: String,
+        #[arg(long, default_value = "0e1d2c3b4a59")]
+        serial: String,
+        #[arg(long, default_value = "stm32h723xx")]
+        product: String,
     },
     /// Host side, with kflash's CAN code: flash IMAGE into the node UUID on INTERFACE through
     /// Katapult over CAN, then identify it; prints timings and the new version as JSON.
@@ -432,6 +448,28 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Cmd::GsUsbBridge { udc, wire, serial, product } => {
+            let usb = ffs::BridgeUsb { udc, manufacturer: "Klipper".into(), product, serial };
+            let log: ffs::Log = std::sync::Arc::new(|v| outln!("{v}"));
+            let bridge = match ffs::Bridge::plug(&usb, &wire, log) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("kflash-boardsim gs-usb-bridge: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            outln!("{}", json!({"event": "ready", "udc": usb.udc, "wire": wire}));
+            runtime().block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            });
+            drop(bridge);
+            ExitCode::SUCCESS
         }
         Cmd::CanProbe { interface, uuid, image, mcu } => {
             let run = async {

@@ -1,0 +1,163 @@
+//! The simulated USB-to-CAN bridge as a real gs_usb device: `kflash-boardsim gs-usb-bridge`
+//! presents 1d50:606f on the rig's spare UDC through FunctionFS, the guest's own `gs_usb`
+//! driver binds to it and creates a CAN interface, and the toolheads simulated on a vcan
+//! "wire" behind it are reached through that interface: udev, the driver, SocketCAN and the
+//! bit timing the driver computes are the real ones.
+
+mod rig_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rig_support::*;
+
+const EBB_UUID: &str = "0a1b2c3d4e5f";
+const MCU: &str = "stm32g0b1xx";
+const WIRE: &str = "vcan-wire";
+
+/// A free UDC: one no configfs gadget is bound to (the rig starts one more than its boards).
+fn free_udc() -> String {
+    let used: Vec<String> = std::fs::read_dir("/sys/kernel/config/usb_gadget")
+        .map(|rd| rd.flatten().filter_map(|g| std::fs::read_to_string(g.path().join("UDC")).ok()).collect())
+        .unwrap_or_default();
+    let mut udcs: Vec<String> = std::fs::read_dir("/sys/class/udc")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    udcs.sort_by_key(|u| u.rsplit('.').next().and_then(|n| n.parse::<u32>().ok()));
+    udcs.into_iter()
+        .rev()
+        .find(|u| !used.iter().any(|x| x.trim() == u))
+        .unwrap_or_else(|| panic!("no free UDC (bound: {used:?}); the rig starts one more than its boards"))
+}
+
+/// The CAN interfaces the gs_usb driver has created.
+fn gs_usb_interfaces() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path().join("device/driver"))
+                .is_ok_and(|d| d.file_name().is_some_and(|n| n == "gs_usb"))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The wire with its toolheads, and the bridge in front of it; all removed on drop.
+struct Rig {
+    serve: Child,
+    bridge: Child,
+    events: mpsc::Receiver<serde_json::Value>,
+}
+
+fn json_lines(out: ChildStdout) -> mpsc::Receiver<serde_json::Value> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    rx
+}
+
+impl Rig {
+    fn start(nodes: &[&str]) -> Rig {
+        in_rig();
+        let _ = run("ip", &["link", "del", WIRE]);
+        for args in [&["link", "add", "dev", WIRE, "type", "vcan"][..], &["link", "set", "up", WIRE]] {
+            let out = run("ip", args);
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+        }
+        let mut cmd = Command::new("kflash-boardsim");
+        cmd.args(["can-serve", "--interface", WIRE]);
+        for n in nodes {
+            cmd.args(["--node", n]);
+        }
+        let serve = cmd.stdout(Stdio::null()).spawn().expect("kflash-boardsim can-serve");
+        let udc = free_udc();
+        let mut bridge = Command::new("kflash-boardsim")
+            .args(["gs-usb-bridge", "--udc", &udc, "--wire", WIRE])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("kflash-boardsim gs-usb-bridge");
+        let events = json_lines(bridge.stdout.take().unwrap());
+        let mut rig = Rig { serve, bridge, events };
+        rig.expect("ready", 30);
+        rig
+    }
+
+    /// The next bridge event named `name` (others are skipped), within `secs`.
+    fn expect(&mut self, name: &str, secs: u64) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) if v["event"] == name => return v,
+                Ok(v) if v["event"] == "bridge-error" => panic!("the bridge failed: {v}"),
+                Ok(_) => {}
+                Err(e) => panic!("no '{name}' event from the bridge within {secs} s ({e})"),
+            }
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        // SIGTERM: the bridge unplugs itself and removes its gadget.
+        let _ = run("kill", &["-TERM", &self.bridge.id().to_string()]);
+        let _ = self.bridge.wait();
+        let _ = self.serve.kill();
+        let _ = self.serve.wait();
+        let _ = run("ip", &["link", "del", WIRE]);
+    }
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn the_real_gs_usb_driver_brings_up_the_bridge_and_reaches_the_toolheads_behind_it() {
+    let mut rig =
+        Rig::start(&[&format!("ebb,{EBB_UUID},{MCU},v0.12.0-old"), &format!("sb,00000000beef,{MCU},v0.12.0-old")]);
+    rig.expect("bridge-usb", 30);
+    settle();
+    let ifaces = gs_usb_interfaces();
+    assert_eq!(ifaces.len(), 1, "one CAN interface from gs_usb: {ifaces:?}");
+    let can = &ifaces[0];
+    let out = run("ip", &["link", "set", can, "type", "can", "bitrate", "1000000"]);
+    assert!(out.status.success(), "ip link set {can} type can bitrate 1000000: {}", text(&out.stderr));
+    assert_eq!(rig.expect("bridge-bittiming", 10)["bitrate"], 1_000_000);
+    let out = run("ip", &["link", "set", can, "up"]);
+    assert!(out.status.success(), "ip link set {can} up: {}", text(&out.stderr));
+    rig.expect("bridge-channel", 10);
+
+    // kflash's CAN code through the driver: a query, Katapult over CAN, identify.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("klipper.bin");
+    let made = run(
+        "kflash-boardsim",
+        &["standin-image", "--out", image.to_str().unwrap(), "--mcu", MCU, "--version", "v0.13.0-new"],
+    );
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let mut bytes = std::fs::read(&image).unwrap();
+    bytes.extend((bytes.len()..32 * 1024).map(|i| (i * 31 % 251) as u8));
+    std::fs::write(&image, &bytes).unwrap();
+    let t = Instant::now();
+    let out = run(
+        "kflash-boardsim",
+        &["can-probe", "--interface", can, "--uuid", EBB_UUID, "--image", image.to_str().unwrap(), "--mcu", MCU],
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    eprintln!("32 KiB through the gs_usb bridge in {:.1} s: {v}", t.elapsed().as_secs_f64());
+    assert_eq!(v["version"], "v0.13.0-new", "{v}");
+    assert_eq!(v["unassigned_nodes"], serde_json::json!(["00000000beef Klipper", "0a1b2c3d4e5f Klipper"]), "{v}");
+
+    // Down: the driver stops the channel.
+    let out = run("ip", &["link", "set", can, "down"]);
+    assert!(out.status.success());
+    assert_eq!(rig.expect("bridge-channel", 10)["state"], "stopped");
+}
