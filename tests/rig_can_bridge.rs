@@ -34,6 +34,12 @@ fn free_udc() -> String {
         .unwrap_or_else(|| panic!("no free UDC (bound: {used:?}); the rig starts one more than its boards"))
 }
 
+fn dmesg_tail(n: usize) -> String {
+    let all = text(&run("dmesg", &[]).stdout);
+    let lines: Vec<&str> = all.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The CAN interfaces the gs_usb driver has created.
 fn gs_usb_interfaces() -> Vec<String> {
     std::fs::read_dir("/sys/class/net")
@@ -52,6 +58,8 @@ struct Rig {
     serve: Child,
     bridge: Child,
     events: mpsc::Receiver<serde_json::Value>,
+    /// Every event received so far.
+    seen: Vec<serde_json::Value>,
 }
 
 fn json_lines(out: ChildStdout) -> mpsc::Receiver<serde_json::Value> {
@@ -87,7 +95,7 @@ impl Rig {
             .spawn()
             .expect("kflash-boardsim gs-usb-bridge");
         let events = json_lines(bridge.stdout.take().unwrap());
-        let mut rig = Rig { serve, bridge, events };
+        let mut rig = Rig { serve, bridge, events, seen: Vec::new() };
         rig.expect("ready", 30);
         rig
     }
@@ -97,11 +105,19 @@ impl Rig {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
+            let got = self.events.recv_timeout(left);
+            if let Ok(v) = &got {
+                eprintln!("bridge: {v}");
+                self.seen.push(v.clone());
+            }
+            match got {
                 Ok(v) if v["event"] == name => return v,
                 Ok(v) if v["event"] == "bridge-error" => panic!("the bridge failed: {v}"),
                 Ok(_) => {}
-                Err(e) => panic!("no '{name}' event from the bridge within {secs} s ({e})"),
+                Err(e) => panic!(
+                    "no '{name}' event from the bridge within {secs} s ({e}); the kernel's last words:\n{}",
+                    dmesg_tail(30)
+                ),
             }
         }
     }
@@ -126,14 +142,18 @@ fn the_real_gs_usb_driver_brings_up_the_bridge_and_reaches_the_toolheads_behind_
     rig.expect("bridge-usb", 30);
     settle();
     let ifaces = gs_usb_interfaces();
-    assert_eq!(ifaces.len(), 1, "one CAN interface from gs_usb: {ifaces:?}");
+    assert_eq!(ifaces.len(), 1, "one CAN interface from gs_usb: {ifaces:?}\n{}", dmesg_tail(30));
     let can = &ifaces[0];
     let out = run("ip", &["link", "set", can, "type", "can", "bitrate", "1000000"]);
     assert!(out.status.success(), "ip link set {can} type can bitrate 1000000: {}", text(&out.stderr));
-    assert_eq!(rig.expect("bridge-bittiming", 10)["bitrate"], 1_000_000);
+    eprintln!("{}", text(&run("ip", &["-details", "link", "show", can]).stdout));
     let out = run("ip", &["link", "set", can, "up"]);
     assert!(out.status.success(), "ip link set {can} up: {}", text(&out.stderr));
-    rig.expect("bridge-channel", 10);
+    assert_eq!(rig.expect("bridge-channel", 10)["state"], "started");
+    // The driver sends the bit timing at `type can bitrate`, or (stable kernels since 2026:
+    // "gs_usb: always configure bitrates") when the interface goes up.
+    let timings: Vec<_> = rig.seen.iter().filter(|v| v["event"] == "bridge-bittiming").collect();
+    assert_eq!(timings.last().map(|v| v["bitrate"].clone()), Some(1_000_000.into()), "{:?}", rig.seen);
 
     // kflash's CAN code through the driver: a query, Katapult over CAN, identify.
     let dir = tempfile::tempdir().unwrap();

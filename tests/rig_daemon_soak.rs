@@ -702,8 +702,11 @@ fn idle(rig: &FlashRig, d: &mut Daemon, sub: &mut Subscription) {
     std::thread::sleep(Duration::from_secs(QUIET_WINDOW_SECS));
     let (cpu, wake) = (sched_cpu_secs(d.pid()) - cpu0, wakeups(d.pid()) - wake0);
     eprintln!("idle {QUIET_WINDOW_SECS} s with Moonraker stopped: daemon CPU (schedstat) {cpu:.4} s, {wake} wake-ups");
+    // The daemon may have reached the Moonraker that was stopping (and said so): only a line
+    // stamped after this start counts (the log's RFC 3339 UTC stamps sort as strings).
+    let since = text(&run("date", &["-u", "+%Y-%m-%dT%H:%M:%S.%6NZ"]).stdout).trim().to_string();
     let start = run("systemctl", &["start", "moonraker"]);
     assert!(start.status.success(), "systemctl start moonraker: {}", text(&start.stderr));
-    d.process.wait_for_line("identified to Moonraker as agent", 120);
+    while d.process.wait_for_line("identified to Moonraker as agent", 120).as_str() < since.as_str() {}
     assert!(wake <= QUIET_WAKEUP_LIMIT, "{wake} wake-ups in {QUIET_WINDOW_SECS} s with nothing to wake the daemon");
 }
