@@ -1,5 +1,5 @@
 //! The simulated USB-to-CAN bridge as a real gs_usb device: `kflash-boardsim gs-usb-bridge`
-//! presents 1d50:606f on the rig's spare UDC through FunctionFS, the guest's own `gs_usb`
+//! presents 1d50:606f through FunctionFS on the UDC of a board unplugged meanwhile, the guest's own `gs_usb`
 //! driver binds to it and creates a CAN interface, and the toolheads simulated on a vcan
 //! "wire" behind it are reached through that interface: udev, the driver, SocketCAN and the
 //! bit timing the driver computes are the real ones.
@@ -17,7 +17,7 @@ const EBB_UUID: &str = "0a1b2c3d4e5f";
 const MCU: &str = "stm32g0b1xx";
 const WIRE: &str = "vcan-wire";
 
-/// A free UDC: one no configfs gadget is bound to (the rig starts one more than its boards).
+/// A free UDC: one no configfs gadget is bound to (the unplugged board's).
 fn free_udc() -> String {
     let used: Vec<String> = std::fs::read_dir("/sys/kernel/config/usb_gadget")
         .map(|rd| rd.flatten().filter_map(|g| std::fs::read_to_string(g.path().join("UDC")).ok()).collect())
@@ -31,7 +31,7 @@ fn free_udc() -> String {
     udcs.into_iter()
         .rev()
         .find(|u| !used.iter().any(|x| x.trim() == u))
-        .unwrap_or_else(|| panic!("no free UDC (bound: {used:?}); the rig starts one more than its boards"))
+        .unwrap_or_else(|| panic!("no free UDC (bound: {used:?})"))
 }
 
 fn dmesg_tail(n: usize) -> String {
@@ -53,8 +53,10 @@ fn gs_usb_interfaces() -> Vec<String> {
         .collect()
 }
 
-/// The wire with its toolheads, and the bridge in front of it; all removed on drop.
+/// The wire with its toolheads, and the bridge in front of it (in the USB port of the
+/// cubic, unplugged meanwhile); all removed on drop, then the boards reset.
 struct Rig {
+    _clean: LeaveRigClean,
     serve: Child,
     bridge: Child,
     events: mpsc::Receiver<serde_json::Value>,
@@ -77,6 +79,13 @@ fn json_lines(out: ChildStdout) -> mpsc::Receiver<serde_json::Value> {
 impl Rig {
     fn start(nodes: &[&str]) -> Rig {
         in_rig();
+        let clean = LeaveRigClean;
+        // The cubic starts unplugged in the default boards file; any earlier scenario's
+        // plug is undone by the reset at the end.
+        if board_json(MMB.0)["plugged"] != false {
+            boardctl(&["unplug", MMB.0]);
+        }
+        settle();
         let _ = run("ip", &["link", "del", WIRE]);
         for args in [&["link", "add", "dev", WIRE, "type", "vcan"][..], &["link", "set", "up", WIRE]] {
             let out = run("ip", args);
@@ -95,7 +104,7 @@ impl Rig {
             .spawn()
             .expect("kflash-boardsim gs-usb-bridge");
         let events = json_lines(bridge.stdout.take().unwrap());
-        let mut rig = Rig { serve, bridge, events, seen: Vec::new() };
+        let mut rig = Rig { _clean: clean, serve, bridge, events, seen: Vec::new() };
         rig.expect("ready", 30);
         rig
     }
