@@ -73,6 +73,18 @@ impl Pane {
         }
     }
 
+    /// A tmux format of the pane, e.g. `#{alternate_on}` (1 while the program is on the
+    /// alternate screen), `#{cursor_flag}` (1: the cursor is shown).
+    fn format(&self, f: &str) -> String {
+        self.tmux(&["display-message", "-p", f]).trim().to_string()
+    }
+
+    /// `stty -a` of the pane's terminal, read from outside (the program in it keeps running).
+    fn stty_of_pane_tty(&self) -> String {
+        let tty = self.format("#{pane_tty}");
+        text(&run("stty", &["-a", "-F", &tty]).stdout)
+    }
+
     /// The pid of the pane's foreground program (the shell's child).
     fn child_pid(&self) -> u32 {
         let shell = self.tmux(&["display-message", "-p", "#{pane_pid}"]).trim().to_string();
@@ -205,34 +217,75 @@ fn wait_file(path: &Path) {
     }
 }
 
-/// SIGTERM and SIGHUP (the SSH session gone) end the dashboard like every kflash command
-/// (exit 130), and the shell gets its terminal back as it was.
+/// Every way the dashboard ends gives the shell its terminal back as it was: SIGTERM and
+/// SIGHUP (the SSH session gone) end it like every kflash command (exit 130), a panic in its
+/// loop ends it with Rust's 101 and the panic's message on the main screen. Each time the
+/// pane has left the alternate screen, shows the cursor, and `stty -a` reads as before the
+/// dashboard (cooked, echo). A panic caught below the loop (in a task) takes the screen for a
+/// moment; the dashboard takes it back and goes on. The panics are provoked with the
+/// debug-build-only `KFLASH_DASHBOARD_PANIC_KEY` / `KFLASH_DASHBOARD_TASK_PANIC_KEY`.
 #[test]
 #[ignore = "runs inside the USB rig"]
-fn sigterm_and_sighup_give_the_terminal_back() {
+fn every_exit_path_gives_the_terminal_back() {
     in_rig();
     let (_tmp, cfg) = config_dir();
     let files = tempfile::tempdir().unwrap();
     let pane = Pane::start();
     let before = files.path().join("stty-before");
     pane.line(&format!("stty -a > {}", before.display()));
-    for (i, sig) in ["TERM", "HUP"].iter().enumerate() {
-        pane.line(&format!("{} --config-dir {} dashboard; echo \"exit-{i}\"=$?", kflash_bin(), cfg.display()));
+    wait_file(&before);
+    let before = std::fs::read_to_string(&before).unwrap();
+    assert!(before.contains(" icanon") && before.contains(" echo"), "{before}");
+    // A release binary (KFLASH_RIG_BIN) has no test panic: only the signals then.
+    let panics = std::env::var_os("KFLASH_RIG_BIN").is_none_or(|b| b.is_empty());
+    let mut ways = vec!["TERM", "HUP"];
+    if panics {
+        ways.push("panic");
+    } else {
+        eprintln!("note: KFLASH_RIG_BIN is set: the panic path needs a debug build, not tested");
+    }
+    for (i, way) in ways.iter().enumerate() {
+        pane.line(&format!(
+            "KFLASH_DASHBOARD_PANIC_KEY=P KFLASH_DASHBOARD_TASK_PANIC_KEY=T {} --config-dir {} dashboard; echo \"exit-{i}\"=$?",
+            kflash_bin(),
+            cfg.display()
+        ));
         pane.wait_for("F flash", 30);
-        let pid = pane.child_pid();
-        let out = run("kill", &[&format!("-{sig}"), &pid.to_string()]);
-        assert!(out.status.success());
+        assert_eq!(pane.format("#{alternate_on}"), "1", "{way}: the dashboard is on the alternate screen");
+        assert!(pane.stty_of_pane_tty().contains(" -icanon"), "{way}: raw mode while it runs");
+        if *way == "panic" {
+            // First a panic the dashboard survives: caught by tokio in a task of its own.
+            pane.key("T");
+            let screen = pane.wait_for("a panic was caught and the dashboard goes on", 10);
+            assert!(screen.contains("F flash"), "the dashboard is drawn again:\n{screen}");
+            assert_eq!(pane.format("#{alternate_on}"), "1", "the alternate screen is taken back");
+            assert!(pane.stty_of_pane_tty().contains(" -icanon"), "raw mode is taken back");
+            pane.key("P");
+        } else {
+            let pid = pane.child_pid();
+            let out = run("kill", &[&format!("-{way}"), &pid.to_string()]);
+            assert!(out.status.success());
+        }
         let screen = pane.wait_for(&format!("exit-{i}="), 10);
-        assert!(screen.contains(&format!("exit-{i}=130")), "SIG{sig}: {screen}");
-        assert!(screen.contains("interrupted"), "SIG{sig}: the reason is said: {screen}");
+        if *way == "panic" {
+            assert!(screen.contains(&format!("exit-{i}=101")), "panic: {screen}");
+            assert!(
+                screen.contains("KFLASH_DASHBOARD_PANIC_KEY: a test panic"),
+                "the panic's message stays on the main screen: {screen}"
+            );
+        } else {
+            assert!(screen.contains(&format!("exit-{i}=130")), "SIG{way}: {screen}");
+            assert!(screen.contains("interrupted"), "SIG{way}: the reason is said: {screen}");
+        }
+        assert_eq!(pane.format("#{alternate_on}"), "0", "{way}: back on the main screen:\n{screen}");
+        assert_eq!(pane.format("#{cursor_flag}"), "1", "{way}: the cursor is shown");
         let after = files.path().join(format!("stty-after-{i}"));
         pane.line(&format!("stty -a > {}", after.display()));
         wait_file(&after);
-        wait_file(&before);
         assert_eq!(
-            std::fs::read_to_string(&before).unwrap(),
+            before,
             std::fs::read_to_string(&after).unwrap(),
-            "SIG{sig}: the terminal settings are those before the dashboard"
+            "{way}: the terminal settings are those before the dashboard"
         );
     }
 }

@@ -8,7 +8,8 @@ use std::future::Future;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
 
 use crossterm::event::{Event as TermEvent, EventStream};
 use futures::future::LocalBoxFuture;
@@ -83,19 +84,80 @@ impl Reporter for DashReporter {
     }
 }
 
+/// Whether the dashboard holds the terminal (raw mode, alternate screen) right now.
+static ON_SCREEN: AtomicBool = AtomicBool::new(false);
+/// A panic that took the screen back while the dashboard went on (one caught by the
+/// orchestrator's driver, or in a task): its message, said once the screen is retaken.
+static CAUGHT_PANIC: Mutex<Option<String>> = Mutex::new(None);
+/// Wakes the loop to take the screen back after such a panic.
+static PANIC_TOOK_SCREEN: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Take the terminal: raw mode, the alternate screen, and (once per process) the panic hook
+/// that gives it back. Not `ratatui::init`: that adds one more hook each time (every suspend).
+fn enter() -> Result<DefaultTerminal> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // Before the message is printed, so it lands on the main screen and stays.
+            if ON_SCREEN.swap(false, Ordering::SeqCst) {
+                restore();
+                if let Ok(mut caught) = CAUGHT_PANIC.lock() {
+                    *caught = Some(info.to_string().replace('\n', " "));
+                }
+                PANIC_TOOK_SCREEN.notify_one();
+            }
+            previous(info);
+        }));
+    });
+    let io = |e| Error::io("set up", Path::new("the terminal"), e);
+    crossterm::terminal::enable_raw_mode().map_err(io)?;
+    ON_SCREEN.store(true, Ordering::SeqCst);
+    crossterm::execute!(std::io::stdout(), crossterm::terminal::EnterAlternateScreen).map_err(io)?;
+    ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(std::io::stdout())).map_err(io)
+}
+
 /// Leave the dashboard's screen: raw mode off, the main screen back, the cursor shown.
 fn restore() {
+    ON_SCREEN.store(false, Ordering::SeqCst);
     ratatui::restore();
     let _ = crossterm::execute!(std::io::stdout(), crossterm::cursor::Show);
 }
 
-/// Restores the terminal when the dashboard ends in any way (an error return included;
-/// `ratatui::init` installs the panic hook that does the same on a panic).
+/// Restores the terminal when the dashboard ends in any way: `Q`, an error return, a signal
+/// (both end the loop), and a panic (the hook restores first, then this on the unwind).
 struct ScreenGuard;
 
 impl Drop for ScreenGuard {
     fn drop(&mut self) {
         restore();
+    }
+}
+
+/// Take the terminal again after it was given back (a suspend, a caught panic).
+fn retake(terminal: &mut DefaultTerminal) -> Result<()> {
+    *terminal = enter()?;
+    // The screen is cleared by hand: ratatui's `clear` asks the terminal for the cursor
+    // position, and after a suspend that answer was not read in time (seen in tmux).
+    crossterm::execute!(std::io::stdout(), crossterm::terminal::Clear(crossterm::terminal::ClearType::All))
+        .map_err(|e| Error::io("draw on", Path::new("the terminal"), e))
+}
+
+/// Debug builds only, for the rig tests of the panic paths: `KFLASH_DASHBOARD_PANIC_KEY=P`
+/// makes the key `P` panic in the dashboard's loop (with the terminal in raw mode on the
+/// alternate screen and every stream open, as a bug would), `KFLASH_DASHBOARD_TASK_PANIC_KEY=T`
+/// makes `T` panic in a task of its own (caught by tokio: the dashboard goes on). A release
+/// build has no such code.
+#[cfg(debug_assertions)]
+fn panic_if_test_key(key: &crossterm::event::KeyEvent) {
+    let is = |var: &str| {
+        std::env::var(var).ok().and_then(|k| k.chars().next()).map(crossterm::event::KeyCode::Char) == Some(key.code)
+    };
+    if is("KFLASH_DASHBOARD_PANIC_KEY") {
+        panic!("KFLASH_DASHBOARD_PANIC_KEY: a test panic in the dashboard's loop");
+    }
+    if is("KFLASH_DASHBOARD_TASK_PANIC_KEY") {
+        tokio::spawn(async { panic!("KFLASH_DASHBOARD_TASK_PANIC_KEY: a test panic in a task") });
     }
 }
 
@@ -111,8 +173,8 @@ pub async fn run(dir: &Path) -> Result<()> {
     }
     let color = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let mut dash = Dashboard::start(dir, color).await?;
-    let mut terminal = ratatui::init();
     let _guard = ScreenGuard;
+    let mut terminal = enter()?;
     dash.main_loop(&mut terminal).await
 }
 
@@ -289,8 +351,14 @@ impl Dashboard {
                         }
                     }
                 }
+                // The screen is taken back below.
+                () = PANIC_TOOK_SCREEN.notified() => Input::Resize,
                 key = next_key(&mut keys) => match key {
-                    Some(Ok(TermEvent::Key(k))) => Input::Key(k),
+                    Some(Ok(TermEvent::Key(k))) => {
+                        #[cfg(debug_assertions)]
+                        panic_if_test_key(&k);
+                        Input::Key(k)
+                    }
                     Some(Ok(TermEvent::Resize(..))) => Input::Resize,
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => break Err(Error::io("read", Path::new("the terminal"), e)),
@@ -376,6 +444,17 @@ impl Dashboard {
                     }
                 },
             };
+            // A panic caught below (in a flash step's work, in a task) gave the screen back
+            // while the dashboard goes on: take it again and say what happened.
+            if let Some(text) = CAUGHT_PANIC.lock().ok().and_then(|mut c| c.take()) {
+                let again = retake(terminal).and_then(|()| {
+                    self.draw(terminal)?;
+                    self.say(terminal, format!("a panic was caught and the dashboard goes on: {text}"))
+                });
+                if let Err(e) = again {
+                    break Err(e);
+                }
+            }
             let action = match self.feed(input, terminal) {
                 Ok(a) => a,
                 Err(e) => break Err(e),
@@ -500,11 +579,7 @@ impl Dashboard {
         restore();
         let dir = self.dir.clone();
         let outcome = tokio::task::spawn_blocking(move || work(&dir)).await;
-        *terminal = ratatui::init();
-        // The screen is cleared by hand: ratatui's `clear` asks the terminal for the cursor
-        // position, and after a suspend that answer was not read in time (seen in tmux).
-        crossterm::execute!(std::io::stdout(), crossterm::terminal::Clear(crossterm::terminal::ClearType::All))
-            .map_err(|e| Error::io("draw on", Path::new("the terminal"), e))?;
+        retake(terminal)?;
         self.reload(terminal)?;
         self.refresh_host(terminal)?;
         let said = match outcome {
