@@ -35,7 +35,7 @@ use super::render::render;
 use super::view::{last_flash_text, BoardsView, HostView};
 
 /// What background tasks tell the loop.
-enum Note {
+pub(super) enum Note {
     /// Moonraker's answer about Klippy, and the print state.
     Klippy(kflash::daemon::KlippyUpdate, Option<String>),
     /// The daemon answers at this socket; its `subscribe` stream follows.
@@ -722,7 +722,7 @@ impl Dashboard {
 /// away, wait for one of its socket paths to be created (inotify on the socket's directory,
 /// as the Moonraker link does), not on a timer. The watches start before the first connect,
 /// so a daemon that binds in between is not missed.
-async fn follow_daemon(candidates: Vec<PathBuf>, tx: mpsc::UnboundedSender<Note>) {
+pub(super) async fn follow_daemon(candidates: Vec<PathBuf>, tx: mpsc::UnboundedSender<Note>) {
     let mut watches: Vec<moonraker_link::SocketWatch> = candidates
         .iter()
         .filter_map(|p| {
