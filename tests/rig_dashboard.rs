@@ -1,6 +1,8 @@
 //! Step 8 on real USB: the dashboard, the real binary in a real terminal (tmux in the
 //! guest). It sees a board appear live, flashes it with F, shows the CLI's summary, leaves
-//! Klipper running, takes no CPU while idle, and gives the terminal back sane after Q.
+//! Klipper running, takes no CPU while idle, and gives the terminal back sane after Q, a
+//! signal or a panic. B flashes flash-all's plan, C changes a setting, a daemon started later
+//! is followed, and without one the dashboard reads a board's version itself.
 //!
 //! tmux has no event for "the pane shows X": [`Pane::wait_for`] polls `capture-pane` with
 //! a short interval until a deadline. This polling is in the test only; the dashboard
