@@ -644,7 +644,7 @@ impl Dashboard {
         self.stop_identifying().await;
         let title = match &key {
             Some(k) => format!("Flashing {k}"),
-            None => "Flashing all boards (only those not running the host's version)".into(),
+            None => "Flashing all boards (kflash flash-all)".into(),
         };
         if std::env::var_os("KFLASH_NO_DAEMON").is_none_or(|v| v.is_empty() || v == "0") && self.daemon.is_some() {
             let request = match &key {
