@@ -109,15 +109,17 @@ fn board_line(b: &BoardRow, selected: bool, p: &Paint) -> Line<'static> {
         FirmwareState::Outdated | FirmwareState::Bootloader => p.fg(Color::Yellow),
         _ => Style::default(),
     };
+    // Before the state: a long state ("OUTDATED (a different version)") may run off a narrow
+    // screen, the flags must not.
     let mut flags = String::new();
     if b.excluded {
-        flags += " [excluded]";
+        flags += "[excluded] ";
     }
     if b.ambiguous {
-        flags += " [ambiguous]";
+        flags += "[ambiguous] ";
     }
     if b.unreviewed.is_some() {
-        flags += " [config not reviewed]";
+        flags += "[config not reviewed] ";
     }
     let marker = if selected { "> " } else { "  " };
     let row_style = if selected { p.s(Style::default().add_modifier(Modifier::REVERSED)) } else { Style::default() };
@@ -129,8 +131,8 @@ fn board_line(b: &BoardRow, selected: bool, p: &Paint) -> Line<'static> {
             b.serial.as_deref().unwrap_or("-"),
             b.version.as_deref().unwrap_or("-")
         )),
-        Span::styled(state, state_style),
         Span::styled(flags, p.fg(Color::Magenta)),
+        Span::styled(state, state_style),
     ])
 }
 
