@@ -87,6 +87,19 @@ impl Pane {
         text(&run("stty", &["-a", "-F", &tty]).stdout)
     }
 
+    /// The screen once `done(screen)` holds (polled like [`Pane::wait_for`]).
+    fn wait_until(&self, what: &str, secs: u64, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let screen = self.capture();
+            if done(&screen) {
+                return screen;
+            }
+            assert!(Instant::now() < deadline, "not {what} within {secs} s; the screen:\n{screen}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The pid of the pane's foreground program (the shell's child).
     fn child_pid(&self) -> u32 {
         let shell = self.tmux(&["display-message", "-p", "#{pane_pid}"]).trim().to_string();
@@ -180,7 +193,11 @@ fn dashboard_sees_a_board_arrive_flashes_it_with_f_and_gives_the_terminal_back()
     // F flashes the highlighted (only) board.
     let mark = EventLog::mark("dashboard F");
     pane.key("F");
-    let progress = pane.wait_for("[>] write", 180);
+    pane.wait_for("[>] write", 180);
+    // Some blocks written, not all: the bars mid-write.
+    let progress = pane.wait_until("blocks written, not all", 120, |s| {
+        s.lines().any(|l| l.contains("write: ") && l.contains(" blocks") && !l.contains("write: 0/"))
+    });
     print_screen("flash in progress", &progress);
     let done = pane.wait_for("verified running it", 240);
     print_screen("summary", &done);

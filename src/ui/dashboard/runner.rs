@@ -363,7 +363,10 @@ impl Dashboard {
         let mut signal = std::pin::pin!(kflash::service::shutdown_signal());
         let mut signalled = false;
         let result = loop {
+            // Biased: a run's queued events are drawn before its end (its last board states,
+            // e.g. Klippy's confirmation, come just before the run's future resolves).
             let input = tokio::select! {
+                biased;
                 sig = &mut signal, if !signalled => {
                     signalled = true;
                     match &mut self.run {
