@@ -516,6 +516,9 @@ fn b_flashes_what_flash_all_plans_and_c_changes_a_setting() {
             .find(|l| l.contains(&format!(" {name} ")) && l.contains("flashed"))
             .unwrap_or_else(|| panic!("no summary row for {name}:\n{done}"));
         assert!(row.contains("verified") && row.contains(&format!("→ {version}")), "{name}: {row}");
+        // The checklist has Klippy's confirmation too (sent just before the run ended).
+        let checklist = done.lines().find(|l| l.contains(&format!("│{name} "))).unwrap_or_else(|| panic!("{done}"));
+        assert!(checklist.contains("[✓] done"), "{name}'s checklist: {checklist}");
         assert!(events.writes(name) > 0, "{name} was written");
         assert_eq!(board_json(name)["version"], version.as_str());
     }

@@ -363,10 +363,7 @@ impl Dashboard {
         let mut signal = std::pin::pin!(kflash::service::shutdown_signal());
         let mut signalled = false;
         let result = loop {
-            // Biased: a run's queued events are drawn before its end (its last board states,
-            // e.g. Klippy's confirmation, come just before the run's future resolves).
             let input = tokio::select! {
-                biased;
                 sig = &mut signal, if !signalled => {
                     signalled = true;
                     match &mut self.run {
@@ -491,6 +488,13 @@ impl Dashboard {
                     Step::Question(text) => Input::Question(text),
                     Step::Ended(end) => {
                         self.run = None;
+                        // The events the run sent in its last poll (Klippy's confirmation of
+                        // each board) are taken in before its end is drawn.
+                        while let Ok(msg) = self.run_rx.try_recv() {
+                            if let RunMsg::Event(ev) = msg {
+                                self.state.input(Input::RunEvent(ev));
+                            }
+                        }
                         self.identify_unknown();
                         // What the run changed: the history, Klippy's view, the registry's seeds.
                         self.ask_klippy();

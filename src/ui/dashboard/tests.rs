@@ -413,3 +413,18 @@ async fn a_daemon_started_later_is_followed_and_its_end_noticed() {
     assert!(tokio::time::timeout(std::time::Duration::from_millis(300), rx.recv()).await.is_err());
     follower.abort();
 }
+
+/// A run's last board states may come after its end (they are emitted in the run future's
+/// last poll): they still update the checklist.
+#[test]
+fn board_states_after_the_runs_end_still_update_the_checklist() {
+    use kflash::orchestrator::KlipperView;
+    let mut s = State::new(false);
+    s.input(Input::RunStarted("Flashing all boards".into()));
+    s.input(state_ev("ebb", BoardState::Flashed { view: KlipperView::Pending }));
+    s.input(Input::RunEnded { lines: vec!["done".into()], failed: false });
+    s.input(state_ev("ebb", BoardState::Flashed { view: KlipperView::Confirmed }));
+    let b = &s.run.as_ref().unwrap().boards["ebb"];
+    assert!(b.finished, "{b:?}");
+    assert_eq!(b.state, Some(BoardState::Flashed { view: KlipperView::Confirmed }));
+}
