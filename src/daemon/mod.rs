@@ -106,7 +106,8 @@ pub async fn status_once(reg: &Registry, hp: &Hotplug, state_dir: &Path) -> stat
 
 /// Read the board's version itself, unless a process holds its tty (Klipper) or another
 /// kflash is flashing (its lock is held for the moment of the read). `None`: not asked.
-async fn identify_if_free(board: &Board, state_dir: &Path) -> Option<std::result::Result<String, String>> {
+/// Also the dashboard's, when no daemon runs.
+pub async fn identify_if_free(board: &Board, state_dir: &Path) -> Option<std::result::Result<String, String>> {
     let devnode = board.identity.devnode.clone()?;
     match holders::tty_in_use(Path::new(&devnode)) {
         Ok(false) => {}

@@ -109,15 +109,17 @@ fn board_line(b: &BoardRow, selected: bool, p: &Paint) -> Line<'static> {
         FirmwareState::Outdated | FirmwareState::Bootloader => p.fg(Color::Yellow),
         _ => Style::default(),
     };
+    // Before the state: a long state ("OUTDATED (a different version)") may run off a narrow
+    // screen, the flags must not.
     let mut flags = String::new();
     if b.excluded {
-        flags += " [excluded]";
+        flags += "[excluded] ";
     }
     if b.ambiguous {
-        flags += " [ambiguous]";
+        flags += "[ambiguous] ";
     }
     if b.unreviewed.is_some() {
-        flags += " [config not reviewed]";
+        flags += "[config not reviewed] ";
     }
     let marker = if selected { "> " } else { "  " };
     let row_style = if selected { p.s(Style::default().add_modifier(Modifier::REVERSED)) } else { Style::default() };
@@ -129,8 +131,8 @@ fn board_line(b: &BoardRow, selected: bool, p: &Paint) -> Line<'static> {
             b.serial.as_deref().unwrap_or("-"),
             b.version.as_deref().unwrap_or("-")
         )),
-        Span::styled(state, state_style),
         Span::styled(flags, p.fg(Color::Magenta)),
+        Span::styled(state, state_style),
     ])
 }
 
@@ -264,10 +266,13 @@ fn run_pane(run: &RunView, p: &Paint, f: &mut Frame, area: Rect) {
             bar(format!("build: {} lines of output", b.build_lines), 0.0)
         };
         f.render_widget(build, row(1));
-        let (wd, wt) = b.write.unwrap_or((0, 0));
-        f.render_widget(bar(format!("write: {wd}/{wt} blocks"), ratio(wd, wt)), row(2));
-        let (rd, rt) = b.read_back.unwrap_or((0, 0));
-        f.render_widget(bar(format!("read-back: {rd}/{rt} blocks"), ratio(rd, rt)), row(3));
+        // Until the first block, the number of blocks is not known yet.
+        let blocks = |what: &str, progress: Option<(usize, usize)>| match progress {
+            Some((done, total)) => bar(format!("{what}: {done}/{total} blocks"), ratio(done, total)),
+            None => bar(format!("{what}: not started"), 0.0),
+        };
+        f.render_widget(blocks("write", b.write), row(2));
+        f.render_widget(blocks("read-back", b.read_back), row(3));
         y += per_board;
     }
     let (title, lines): (&str, Vec<Line>) = match &run.summary {

@@ -8,7 +8,8 @@ use std::future::Future;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
 
 use crossterm::event::{Event as TermEvent, EventStream};
 use futures::future::LocalBoxFuture;
@@ -34,11 +35,16 @@ use super::render::render;
 use super::view::{last_flash_text, BoardsView, HostView};
 
 /// What background tasks tell the loop.
-enum Note {
+pub(super) enum Note {
     /// Moonraker's answer about Klippy, and the print state.
     Klippy(kflash::daemon::KlippyUpdate, Option<String>),
+    /// The daemon answers at this socket; its `subscribe` stream follows.
+    DaemonUp(PathBuf),
     /// A line of the daemon's `subscribe` stream (`None`: the daemon hung up).
     Daemon(Option<serde_json::Value>),
+    /// identify's answer for the device at a syspath, as it appeared then (`None`: not asked,
+    /// its tty is held or a flash holds the lock).
+    Identified(String, u64, Option<std::result::Result<String, String>>),
 }
 
 /// What a local run tells the loop.
@@ -83,19 +89,80 @@ impl Reporter for DashReporter {
     }
 }
 
+/// Whether the dashboard holds the terminal (raw mode, alternate screen) right now.
+static ON_SCREEN: AtomicBool = AtomicBool::new(false);
+/// A panic that took the screen back while the dashboard went on (one caught by the
+/// orchestrator's driver, or in a task): its message, said once the screen is retaken.
+static CAUGHT_PANIC: Mutex<Option<String>> = Mutex::new(None);
+/// Wakes the loop to take the screen back after such a panic.
+static PANIC_TOOK_SCREEN: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Take the terminal: raw mode, the alternate screen, and (once per process) the panic hook
+/// that gives it back. Not `ratatui::init`: that adds one more hook each time (every suspend).
+fn enter() -> Result<DefaultTerminal> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // Before the message is printed, so it lands on the main screen and stays.
+            if ON_SCREEN.swap(false, Ordering::SeqCst) {
+                restore();
+                if let Ok(mut caught) = CAUGHT_PANIC.lock() {
+                    *caught = Some(info.to_string().replace('\n', " "));
+                }
+                PANIC_TOOK_SCREEN.notify_one();
+            }
+            previous(info);
+        }));
+    });
+    let io = |e| Error::io("set up", Path::new("the terminal"), e);
+    crossterm::terminal::enable_raw_mode().map_err(io)?;
+    ON_SCREEN.store(true, Ordering::SeqCst);
+    crossterm::execute!(std::io::stdout(), crossterm::terminal::EnterAlternateScreen).map_err(io)?;
+    ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(std::io::stdout())).map_err(io)
+}
+
 /// Leave the dashboard's screen: raw mode off, the main screen back, the cursor shown.
 fn restore() {
+    ON_SCREEN.store(false, Ordering::SeqCst);
     ratatui::restore();
     let _ = crossterm::execute!(std::io::stdout(), crossterm::cursor::Show);
 }
 
-/// Restores the terminal when the dashboard ends in any way (an error return included;
-/// `ratatui::init` installs the panic hook that does the same on a panic).
+/// Restores the terminal when the dashboard ends in any way: `Q`, an error return, a signal
+/// (both end the loop), and a panic (the hook restores first, then this on the unwind).
 struct ScreenGuard;
 
 impl Drop for ScreenGuard {
     fn drop(&mut self) {
         restore();
+    }
+}
+
+/// Take the terminal again after it was given back (a suspend, a caught panic).
+fn retake(terminal: &mut DefaultTerminal) -> Result<()> {
+    *terminal = enter()?;
+    // The screen is cleared by hand: ratatui's `clear` asks the terminal for the cursor
+    // position, and after a suspend that answer was not read in time (seen in tmux).
+    crossterm::execute!(std::io::stdout(), crossterm::terminal::Clear(crossterm::terminal::ClearType::All))
+        .map_err(|e| Error::io("draw on", Path::new("the terminal"), e))
+}
+
+/// Debug builds only, for the rig tests of the panic paths: `KFLASH_DASHBOARD_PANIC_KEY=P`
+/// makes the key `P` panic in the dashboard's loop (with the terminal in raw mode on the
+/// alternate screen and every stream open, as a bug would), `KFLASH_DASHBOARD_TASK_PANIC_KEY=T`
+/// makes `T` panic in a task of its own (caught by tokio: the dashboard goes on). A release
+/// build has no such code.
+#[cfg(debug_assertions)]
+fn panic_if_test_key(key: &crossterm::event::KeyEvent) {
+    let is = |var: &str| {
+        std::env::var(var).ok().and_then(|k| k.chars().next()).map(crossterm::event::KeyCode::Char) == Some(key.code)
+    };
+    if is("KFLASH_DASHBOARD_PANIC_KEY") {
+        panic!("KFLASH_DASHBOARD_PANIC_KEY: a test panic in the dashboard's loop");
+    }
+    if is("KFLASH_DASHBOARD_TASK_PANIC_KEY") {
+        tokio::spawn(async { panic!("KFLASH_DASHBOARD_TASK_PANIC_KEY: a test panic in a task") });
     }
 }
 
@@ -111,8 +178,8 @@ pub async fn run(dir: &Path) -> Result<()> {
     }
     let color = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let mut dash = Dashboard::start(dir, color).await?;
-    let mut terminal = ratatui::init();
     let _guard = ScreenGuard;
+    let mut terminal = enter()?;
     dash.main_loop(&mut terminal).await
 }
 
@@ -136,6 +203,13 @@ struct Dashboard {
     /// A signal came: end (exit 130, as every command) once the run, if any, has started
     /// Klipper again.
     quitting: Option<&'static str>,
+    /// Whether the first look for a daemon is done: until then the dashboard reads no
+    /// versions itself (the daemon's reads would be refused the flash lock meanwhile).
+    daemon_known: bool,
+    /// identify under way: syspath → (the appearance asked about, its task).
+    identifying: std::collections::BTreeMap<String, (u64, tokio::task::JoinHandle<()>)>,
+    /// One identify at a time: each takes the flash lock for its moment.
+    identify_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Dashboard {
@@ -167,6 +241,9 @@ impl Dashboard {
             daemon: None,
             print_state: None,
             quitting: None,
+            daemon_known: false,
+            identifying: Default::default(),
+            identify_turn: Default::default(),
         })
     }
 
@@ -197,29 +274,39 @@ impl Dashboard {
         });
     }
 
-    /// Follow the daemon's `subscribe` stream when a daemon answers.
-    async fn subscribe_daemon(&mut self) {
-        for path in socket::candidates(&self.state_dir) {
-            let Ok(stream) = tokio::net::UnixStream::connect(&path).await else { continue };
-            let (r, mut w) = stream.into_split();
-            if w.write_all(b"{\"request\":\"subscribe\"}\n").await.is_err() {
+    /// Read the versions of the registered boards nobody has told (not in printer.cfg, or
+    /// Klippy not ready) from the boards themselves, as the daemon does, with its function:
+    /// only a tty no process holds, under the flash lock, one board at a time. Not while the
+    /// daemon runs (it reads them and its stream says so) nor during a run (it holds the lock).
+    fn identify_unknown(&mut self) {
+        if !self.daemon_known || self.daemon.is_some() || self.run.is_some() {
+            return;
+        }
+        for board in self.tracker.unknown_versions() {
+            let syspath = board.identity.syspath.clone();
+            let Some(appearance) = self.tracker.appearance(&syspath) else { continue };
+            if self.identifying.contains_key(&syspath) {
                 continue;
             }
-            self.daemon = Some(path);
-            let tx = self.notes_tx.clone();
-            tokio::spawn(async move {
-                let _w = w;
-                let mut lines = BufReader::new(r).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if let Ok(v) = serde_json::from_str(&line) {
-                        if tx.send(Note::Daemon(Some(v))).is_err() {
-                            return;
-                        }
-                    }
+            let (tx, state_dir, turn) = (self.notes_tx.clone(), self.state_dir.clone(), self.identify_turn.clone());
+            let task = tokio::spawn({
+                let syspath = syspath.clone();
+                async move {
+                    let _turn = turn.lock().await;
+                    let answer = kflash::daemon::identify_if_free(&board, &state_dir).await;
+                    let _ = tx.send(Note::Identified(syspath, appearance, answer));
                 }
-                let _ = tx.send(Note::Daemon(None));
             });
-            return;
+            self.identifying.insert(syspath, (appearance, task));
+        }
+    }
+
+    /// Stop reading versions (a run needs the flash lock, or the daemon took over): each
+    /// read is dropped, closing its tty and releasing the lock, before this returns.
+    async fn stop_identifying(&mut self) {
+        for (_, (_, task)) in std::mem::take(&mut self.identifying) {
+            task.abort();
+            let _ = task.await;
         }
     }
 
@@ -267,7 +354,7 @@ impl Dashboard {
             moonraker_link::spawn(config)
         };
         let _link = link;
-        self.subscribe_daemon().await;
+        let daemon_task = tokio::spawn(follow_daemon(socket::candidates(&self.state_dir), self.notes_tx.clone()));
         self.ask_klippy();
         let mut board_events = self.board_events.take().expect("the loop runs once");
         self.refresh_boards(terminal)?;
@@ -289,8 +376,14 @@ impl Dashboard {
                         }
                     }
                 }
+                // The screen is taken back below.
+                () = PANIC_TOOK_SCREEN.notified() => Input::Resize,
                 key = next_key(&mut keys) => match key {
-                    Some(Ok(TermEvent::Key(k))) => Input::Key(k),
+                    Some(Ok(TermEvent::Key(k))) => {
+                        #[cfg(debug_assertions)]
+                        panic_if_test_key(&k);
+                        Input::Key(k)
+                    }
                     Some(Ok(TermEvent::Resize(..))) => Input::Resize,
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => break Err(Error::io("read", Path::new("the terminal"), e)),
@@ -299,6 +392,7 @@ impl Dashboard {
                 ev = board_events.recv() => match ev {
                     Ok(ev) => {
                         self.tracker.board_event(&ev);
+                        self.identify_unknown();
                         Input::Boards(self.boards_view())
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Input::Boards(self.boards_view()),
@@ -327,13 +421,38 @@ impl Dashboard {
                             continue;
                         }
                         self.tracker.klippy_state(update.state, update.mcus);
+                        self.identify_unknown();
                         self.print_state = print;
                         self.refresh_host(terminal)?;
                         Input::Boards(self.boards_view())
                     }
-                    Note::Daemon(None) => {
-                        self.daemon = None;
+                    Note::DaemonUp(path) => {
+                        self.daemon_known = true;
+                        self.daemon = Some(path);
+                        self.stop_identifying().await;
                         self.host_view_input()
+                    }
+                    Note::Daemon(None) => {
+                        // Back to its own streams: the versions nobody told are read here again.
+                        self.daemon = None;
+                        self.daemon_known = true;
+                        self.identify_unknown();
+                        self.host_view_input()
+                    }
+                    Note::Identified(syspath, appearance, answer) => {
+                        self.identifying.remove(&syspath);
+                        match answer {
+                            Some(Ok(version)) => {
+                                self.tracker.identified(&syspath, appearance, version);
+                            }
+                            Some(Err(why)) => tracing::debug!(%syspath, "no version from identify: {why}"),
+                            None => {}
+                        }
+                        // It left and came back while it was read: its new appearance now.
+                        if self.tracker.appearance(&syspath).is_some_and(|now| now != appearance) {
+                            self.identify_unknown();
+                        }
+                        Input::Boards(self.boards_view())
                     }
                     Note::Daemon(Some(v)) => match v["reply"].as_str() {
                         Some("status") => {
@@ -369,6 +488,14 @@ impl Dashboard {
                     Step::Question(text) => Input::Question(text),
                     Step::Ended(end) => {
                         self.run = None;
+                        // The events the run sent in its last poll (Klippy's confirmation of
+                        // each board) are taken in before its end is drawn.
+                        while let Ok(msg) = self.run_rx.try_recv() {
+                            if let RunMsg::Event(ev) = msg {
+                                self.state.input(Input::RunEvent(ev));
+                            }
+                        }
+                        self.identify_unknown();
                         // What the run changed: the history, Klippy's view, the registry's seeds.
                         self.ask_klippy();
                         self.refresh_host(terminal)?;
@@ -376,6 +503,17 @@ impl Dashboard {
                     }
                 },
             };
+            // A panic caught below (in a flash step's work, in a task) gave the screen back
+            // while the dashboard goes on: take it again and say what happened.
+            if let Some(text) = CAUGHT_PANIC.lock().ok().and_then(|mut c| c.take()) {
+                let again = retake(terminal).and_then(|()| {
+                    self.draw(terminal)?;
+                    self.say(terminal, format!("a panic was caught and the dashboard goes on: {text}"))
+                });
+                if let Err(e) = again {
+                    break Err(e);
+                }
+            }
             let action = match self.feed(input, terminal) {
                 Ok(a) => a,
                 Err(e) => break Err(e),
@@ -391,6 +529,8 @@ impl Dashboard {
                 }
             }
         };
+        daemon_task.abort();
+        self.stop_identifying().await;
         link_task.shutdown().await;
         result
     }
@@ -455,15 +595,7 @@ impl Dashboard {
             }
             Action::Add => self.suspended(terminal, keys, add_flow).await?,
             Action::Menuconfig(key) => self.suspended(terminal, keys, move |dir| child(dir, &["config", &key])).await?,
-            Action::Settings => {
-                self.suspended(terminal, keys, |dir| {
-                    let r = child(dir, &["settings", "show"]);
-                    println!("\n(change one with `kflash settings set KEY VALUE`)");
-                    wait_enter();
-                    r
-                })
-                .await?
-            }
+            Action::Settings => self.suspended(terminal, keys, edit_settings).await?,
             Action::Edit(key) => self.suspended(terminal, keys, move |dir| edit_board(dir, &key)).await?,
         }
         Ok(false)
@@ -481,6 +613,7 @@ impl Dashboard {
                 self.tracker.registry(reg.boards().cloned().collect(), self.hp.snapshot());
                 self.mr = Moonraker::from_settings(&reg.settings);
                 self.reg = Arc::new(reg);
+                self.identify_unknown();
             }
             Err(e) => self.say(terminal, format!("boards.toml cannot be read: {e}"))?,
         }
@@ -500,11 +633,7 @@ impl Dashboard {
         restore();
         let dir = self.dir.clone();
         let outcome = tokio::task::spawn_blocking(move || work(&dir)).await;
-        *terminal = ratatui::init();
-        // The screen is cleared by hand: ratatui's `clear` asks the terminal for the cursor
-        // position, and after a suspend that answer was not read in time (seen in tmux).
-        crossterm::execute!(std::io::stdout(), crossterm::terminal::Clear(crossterm::terminal::ClearType::All))
-            .map_err(|e| Error::io("draw on", Path::new("the terminal"), e))?;
+        retake(terminal)?;
         self.reload(terminal)?;
         self.refresh_host(terminal)?;
         let said = match outcome {
@@ -518,9 +647,11 @@ impl Dashboard {
     }
 
     async fn start_flash(&mut self, key: Option<String>, terminal: &mut DefaultTerminal) -> Result<()> {
+        // A version read holds the flash lock the run needs.
+        self.stop_identifying().await;
         let title = match &key {
             Some(k) => format!("Flashing {k}"),
-            None => "Flashing all boards (only those not running the host's version)".into(),
+            None => "Flashing all boards (kflash flash-all)".into(),
         };
         if std::env::var_os("KFLASH_NO_DAEMON").is_none_or(|v| v.is_empty() || v == "0") && self.daemon.is_some() {
             let request = match &key {
@@ -530,7 +661,8 @@ impl Dashboard {
                     ..Default::default()
                 }),
                 None => socket::Request::FlashAll(socket::FlashAllRequest {
-                    current: flash_all::CurrentBoards::Skip,
+                    // As `kflash flash-all` on a terminal: the current boards are asked about.
+                    current: flash_all::CurrentBoards::Ask,
                     config_dir: Some(self.dir.clone()),
                     ..Default::default()
                 }),
@@ -560,15 +692,18 @@ impl Dashboard {
                 }
             }),
             None => Box::pin(async move {
+                // `kflash flash-all`'s plan and defaults (no --skip-unconfigured, one board at a
+                // time); boards that already run the host's version are asked about in a
+                // dialog, as the CLI asks on a terminal and the daemon through its client.
                 let mut plan = match flash_all::plan(&reg, &hp, false).await {
                     Ok(plan) => plan,
                     Err(e) => return RunEnd { lines: error_lines(&e), failed: true },
                 };
-                plan.drop_current();
+                let flash_current = flash_all::settle_current(&mut plan, flash_all::CurrentBoards::Ask, &mut rep).await;
                 let report = if plan.boards.is_empty() {
                     flash_all::FlashAllReport::nothing(&plan)
                 } else {
-                    let opts = flash_all::FlashAllOptions { parallel: 1, ..Default::default() };
+                    let opts = flash_all::FlashAllOptions { flash_current, parallel: 1, ..Default::default() };
                     match flash_all::run(&reg, &hp, &plan, &opts, &mut rep, cancelled).await {
                         Ok(report) => report,
                         Err(e) => return RunEnd { lines: error_lines(&e), failed: true },
@@ -587,6 +722,62 @@ impl Dashboard {
         };
         self.run = Some(Run::Local { work, cancel: Some(cancel_tx), answer: None });
         self.feed(Input::RunStarted(title), terminal).map(drop)
+    }
+}
+
+/// Follow the daemon: its `subscribe` stream while it answers; when none answers, or it goes
+/// away, wait for one of its socket paths to be created (inotify on the socket's directory,
+/// as the Moonraker link does), not on a timer. The watches start before the first connect,
+/// so a daemon that binds in between is not missed.
+pub(super) async fn follow_daemon(candidates: Vec<PathBuf>, tx: mpsc::UnboundedSender<Note>) {
+    let mut watches: Vec<moonraker_link::SocketWatch> = candidates
+        .iter()
+        .filter_map(|p| {
+            moonraker_link::SocketWatch::new(p)
+                .inspect_err(|e| tracing::warn!("cannot watch {} for the kflash daemon: {e}", p.display()))
+                .ok()
+        })
+        .collect();
+    let mut first = true;
+    loop {
+        let mut answered = false;
+        for path in &candidates {
+            let Ok(stream) = tokio::net::UnixStream::connect(path).await else { continue };
+            let (r, mut w) = stream.into_split();
+            if w.write_all(b"{\"request\":\"subscribe\"}\n").await.is_err() {
+                continue;
+            }
+            if tx.send(Note::DaemonUp(path.clone())).is_err() {
+                return;
+            }
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    if tx.send(Note::Daemon(Some(v))).is_err() {
+                        return;
+                    }
+                }
+            }
+            drop(w);
+            answered = true;
+            if tx.send(Note::Daemon(None)).is_err() {
+                return;
+            }
+            break;
+        }
+        // No daemon at the start: the loop reads versions itself from now on.
+        if std::mem::take(&mut first) && !answered && tx.send(Note::Daemon(None)).is_err() {
+            return;
+        }
+        // Nothing answers (any more): the next creation of a socket.
+        if watches.is_empty() {
+            return;
+        }
+        let changes = watches.iter_mut().map(|w| Box::pin(w.changed()));
+        if let (Err(e), ..) = futures::future::select_all(changes).await {
+            tracing::warn!("watching for the kflash daemon's socket failed: {e}; a daemon started now is not seen");
+            return;
+        }
     }
 }
 
@@ -712,6 +903,39 @@ fn wait_enter() {
     println!("Press Enter to go back to the dashboard.");
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
+}
+
+/// C: the settings as `kflash settings show` prints them, then changed one at a time on the
+/// real terminal, each value checked and saved as `kflash settings set` does.
+fn edit_settings(dir: &Path) -> std::result::Result<(), String> {
+    let mut reg = Registry::open(dir).map_err(|e| e.to_string())?;
+    let mut changed = Vec::new();
+    loop {
+        println!("\nSettings ({}):\n", reg.dir().join("settings.toml").display());
+        print!("{}", toml::to_string_pretty(&reg.settings).unwrap_or_default());
+        println!();
+        let key = crate::ui::ask_until("Setting to change (a dotted key as above, Enter: done)", Some(""), |s| {
+            Ok(s.to_string())
+        })
+        .map_err(|e| format!("settings: {e}"))?;
+        if key.is_empty() {
+            break;
+        }
+        let settings = reg.settings.clone();
+        let new = crate::ui::ask_until(&format!("New value for {key} (Enter: leave it)"), Some(""), |v| match v {
+            "" => Ok(None),
+            v => settings.with_value(&key, v).map(Some).map_err(|e| e.to_string()),
+        })
+        .map_err(|e| format!("settings: {e}"))?;
+        let Some(new) = new else { continue };
+        reg.settings = new;
+        reg.save_settings().map_err(|e| format!("not saved: {e}"))?;
+        changed.push(key);
+    }
+    if !changed.is_empty() {
+        println!("Saved: {}.", changed.join(", "));
+    }
+    Ok(())
 }
 
 /// E: the board's name, flash method and flash-all inclusion, asked on the real terminal

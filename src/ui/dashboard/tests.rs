@@ -365,3 +365,66 @@ fn the_daemons_own_run_is_shown_but_not_cancelled_from_here() {
     assert_eq!(s.input(code(KeyCode::Esc)).action, None);
     assert!(s.dialog.is_none() && s.run.is_none());
 }
+
+/// The dashboard follows a daemon that starts after it, when its socket is created (in a
+/// directory that did not exist at first), goes back to its own streams when it goes away,
+/// and follows the next one.
+#[tokio::test]
+async fn a_daemon_started_later_is_followed_and_its_end_noticed() {
+    use super::runner::{follow_daemon, Note};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run/kflash.sock");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let follower = tokio::spawn(follow_daemon(vec![socket.clone()], tx));
+    async fn note(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Note>) -> Note {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await;
+        n.expect("a note from the daemon follower within 10 s").expect("the follower runs")
+    }
+    // No daemon: said once.
+    assert!(matches!(note(&mut rx).await, Note::Daemon(None)));
+    for round in 0..2 {
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let (stream, _) = tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the new socket was not connected to"))
+            .unwrap();
+        match note(&mut rx).await {
+            Note::DaemonUp(p) => assert_eq!(p, socket, "round {round}"),
+            _ => panic!("round {round}: the daemon's socket was not followed"),
+        }
+        let (r, mut w) = stream.into_split();
+        let mut request = String::new();
+        BufReader::new(r).read_line(&mut request).await.unwrap();
+        assert_eq!(request.trim(), r#"{"request":"subscribe"}"#);
+        w.write_all(b"{\"reply\":\"status\",\"status\":{}}\n").await.unwrap();
+        match note(&mut rx).await {
+            Note::Daemon(Some(v)) => assert_eq!(v["reply"], "status"),
+            _ => panic!("round {round}: the stream's line was not forwarded"),
+        }
+        // The daemon goes away.
+        drop(w);
+        drop(listener);
+        std::fs::remove_file(&socket).unwrap();
+        assert!(matches!(note(&mut rx).await, Note::Daemon(None)), "round {round}: its end is said");
+    }
+    // Nothing more happens, so nothing more is said (no retries on a timer).
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(300), rx.recv()).await.is_err());
+    follower.abort();
+}
+
+/// A run's last board states may come after its end (they are emitted in the run future's
+/// last poll): they still update the checklist.
+#[test]
+fn board_states_after_the_runs_end_still_update_the_checklist() {
+    use kflash::orchestrator::KlipperView;
+    let mut s = State::new(false);
+    s.input(Input::RunStarted("Flashing all boards".into()));
+    s.input(state_ev("ebb", BoardState::Flashed { view: KlipperView::Pending }));
+    s.input(Input::RunEnded { lines: vec!["done".into()], failed: false });
+    s.input(state_ev("ebb", BoardState::Flashed { view: KlipperView::Confirmed }));
+    let b = &s.run.as_ref().unwrap().boards["ebb"];
+    assert!(b.finished, "{b:?}");
+    assert_eq!(b.state, Some(BoardState::Flashed { view: KlipperView::Confirmed }));
+}
