@@ -6,7 +6,8 @@
 //! - [`socket`]: the JSON-lines status surface;
 //! - [`holders`]: whether a process holds a tty (Klipper's), so the daemon never talks to a
 //!   board Klipper is using;
-//! - [`memory`]: its own resident and live-heap size, reported in `status`.
+//! - [`memory`]: its own resident and live-heap size, reported in `status`;
+//! - [`outbox`]: agent events for Moonraker, the newest per board, each sent with a deadline.
 //!
 //! One loop owns the state (mini-redis style): board events, Klippy updates, identify
 //! results, socket questions and signals come to it on channels. SIGHUP reloads the registry
@@ -16,6 +17,7 @@
 
 pub mod holders;
 pub mod memory;
+pub mod outbox;
 pub mod runs;
 pub mod socket;
 pub mod status;
@@ -218,6 +220,8 @@ struct Daemon {
     /// The Moonraker agent connection, and Klippy's state as it pushes it.
     link: LinkHandle,
     pushed: tokio::sync::watch::Receiver<KlippyState>,
+    /// Agent events for Moonraker, the newest per board ([`outbox`]).
+    outbox: outbox::Outbox,
 }
 
 impl Daemon {
@@ -226,12 +230,7 @@ impl Daemon {
             self.maybe_recover(&n);
             log_notice(&n);
             if let Some(event) = agent_event(&n, self.tracker.host_version_str()) {
-                let link = self.link.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = link.send_event(&event).await {
-                        tracing::debug!("agent event {} not sent: {e}", event.name());
-                    }
-                });
+                self.outbox.push(event);
             }
             // No subscriber is fine.
             let _ = self.notices.send(n);
@@ -388,14 +387,7 @@ impl Daemon {
                 if view != crate::orchestrator::KlipperView::Pending =>
             {
                 let Some(version) = self.read_back.remove(&key) else { return };
-                let link = self.link.clone();
-                let agent_event = BoardEvent::Flashed { board: key, version };
-                tokio::spawn(async move {
-                    match link.send_event(&agent_event).await {
-                        Ok(()) => tracing::debug!("agent event {} sent: {agent_event:?}", agent_event.name()),
-                        Err(e) => tracing::debug!("agent event {} not sent: {e}", agent_event.name()),
-                    }
-                });
+                self.outbox.push(BoardEvent::Flashed { board: key, version });
             }
             _ => {}
         }
@@ -553,6 +545,8 @@ pub async fn serve(
     let mr = Moonraker::from_settings(&reg.settings);
     let config = LinkConfig::new(reg.settings.moonraker_socket(), &[STATUS_METHOD, FLASH_ALL_METHOD]);
     let (link, mut inbox, link_task) = moonraker_link::spawn(config);
+    let outbox = outbox::Outbox::default();
+    let sender = tokio::spawn(outbox.clone().send_over(link.clone()));
     let mut d = Daemon {
         dir: opts.config_dir.clone(),
         state_dir: opts.state_dir.clone(),
@@ -567,6 +561,7 @@ pub async fn serve(
         klippy_tx,
         link,
         pushed: inbox.klippy.clone(),
+        outbox,
         run: None,
         recovering: BTreeSet::new(),
         read_back: BTreeMap::new(),
@@ -654,6 +649,7 @@ pub async fn serve(
         }
     };
     server.abort();
+    sender.abort();
     let _ = std::fs::remove_file(&path);
     link_task.shutdown().await;
     result
