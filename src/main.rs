@@ -214,6 +214,12 @@ struct AddArgs {
     /// must be reviewed with `kflash config KEY` before the board is flashed.
     #[arg(long, value_name = "NAME")]
     profile: Option<String>,
+    /// Register a CAN node by its UUID instead of a USB device (needs --name and --mcu).
+    #[arg(long, value_name = "UUID", conflicts_with_all = ["device", "profile"])]
+    canbus_uuid: Option<String>,
+    /// The CAN node's interface (default can0).
+    #[arg(long, value_name = "IFACE", requires = "canbus_uuid")]
+    can_interface: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -251,6 +257,12 @@ struct SetArgs {
     /// by-id glob; an empty string removes it.
     #[arg(long)]
     serial_pattern: Option<String>,
+    /// CAN UUID (e.g. after a flash changed it); an empty string removes it.
+    #[arg(long)]
+    canbus_uuid: Option<String>,
+    /// CAN interface of the node; an empty string goes back to can0.
+    #[arg(long)]
+    can_interface: Option<String>,
 }
 
 #[derive(Args)]
@@ -1099,6 +1111,31 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
     // An unknown profile is refused before anything else.
     let profile = a.profile.as_deref().map(kflash::profiles::find).transpose()?;
     let mut reg = Registry::open(dir)?;
+    if let Some(uuid) = &a.canbus_uuid {
+        let uuid: kflash::can::CanUuid =
+            uuid.parse().map_err(|e: kflash::can::uuid::ParseUuidError| Error::InvalidInput(e.to_string()))?;
+        let req = AddRequest {
+            name: a.name.clone().unwrap_or_default(),
+            key: a.key,
+            mcu: a.mcu,
+            flash_method: a.method,
+            exclude: a.exclude,
+        };
+        let entry = boards::add_can_board(&mut reg, uuid, a.can_interface.as_deref(), &req)?;
+        reg.save_boards()?;
+        if a.json {
+            print_json(&entry);
+        } else {
+            println!(
+                "Registered '{}' as {} ({}), CAN node {uuid} on {}.",
+                entry.name,
+                entry.key,
+                entry.mcu,
+                entry.can_interface()
+            );
+        }
+        return Ok(());
+    }
     let connected = connected(&reg).await?;
     let interactive = a.device.is_none() || a.name.is_none();
     let (board, req) = if interactive {
@@ -1277,6 +1314,12 @@ fn set(dir: &std::path::Path, a: SetArgs) -> Result<()> {
     let mut reg = Registry::open(dir)?;
     let opt = |s: Option<String>| s.map(|v| if v.is_empty() { None } else { Some(v) });
     let (serial, pattern) = (opt(a.serial), opt(a.serial_pattern));
+    let uuid = match opt(a.canbus_uuid) {
+        Some(Some(u)) => Some(Some(u.parse::<kflash::can::CanUuid>().map_err(|e| Error::InvalidInput(e.to_string()))?)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    let interface = opt(a.can_interface);
     let entry = reg
         .update(&a.key, |b| {
             if let Some(n) = a.name {
@@ -1299,6 +1342,12 @@ fn set(dir: &std::path::Path, a: SetArgs) -> Result<()> {
             }
             if let Some(p) = pattern {
                 b.serial_pattern = p;
+            }
+            if let Some(u) = uuid {
+                b.canbus_uuid = u;
+            }
+            if let Some(i) = interface {
+                b.can_interface = i;
             }
         })?
         .clone();

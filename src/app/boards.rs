@@ -183,3 +183,43 @@ pub fn add_board(reg: &mut Registry, board: &Board, req: &AddRequest) -> Result<
     reg.add(entry.clone())?;
     Ok(entry)
 }
+
+/// Register a node on a CAN bus by its UUID (from `kflash devices --can`, printer.cfg's
+/// `canbus_uuid` or Katapult's query) and interface. Its MCU cannot be asked without stopping
+/// Klipper, so it must be given.
+pub fn add_can_board(
+    reg: &mut Registry,
+    uuid: crate::can::CanUuid,
+    interface: Option<&str>,
+    req: &AddRequest,
+) -> Result<BoardEntry> {
+    let name = req.name.trim();
+    if name.is_empty() {
+        return Err(Error::InvalidInput("a board needs a name".into()));
+    }
+    let mcu =
+        match req.mcu.as_deref().map(str::trim) {
+            Some(m) if !m.is_empty() => m.to_string(),
+            _ => return Err(Error::InvalidInput(
+                "a CAN node needs --mcu (its CONFIG_MCU, e.g. stm32g0b1xx): kflash cannot ask it while Klipper runs"
+                    .into(),
+            )),
+        };
+    let key = match &req.key {
+        Some(k) => k.clone(),
+        None => reg.key_for_name(name)?,
+    };
+    let entry = BoardEntry {
+        key,
+        name: name.to_string(),
+        mcu,
+        serial: None,
+        serial_pattern: None,
+        flash_method: req.flash_method,
+        flashable: !req.exclude,
+        canbus_uuid: Some(uuid),
+        can_interface: interface.filter(|i| *i != crate::registry::DEFAULT_CAN_INTERFACE).map(String::from),
+    };
+    reg.add(entry.clone())?;
+    Ok(entry)
+}

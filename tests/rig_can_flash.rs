@@ -1,0 +1,322 @@
+//! `kflash flash` of a CAN toolhead on the guest kernel's CAN stack: simulated nodes
+//! (`kflash-boardsim can-serve`) on a vcan interface, registered with `kflash add
+//! --canbus-uuid`, built by the real make, flashed through the same orchestrator as a USB
+//! board (print gate, Klipper stopped and started, bootloader request by UUID, Katapult over
+//! CAN, back in Klipper, identify over CAN), and each CAN fault named with what to do.
+
+mod rig_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use rig_support::*;
+
+const EBB_UUID: &str = "0a1b2c3d4e5f";
+const SB_UUID: &str = "00000000beef";
+const MCU: &str = "stm32g0b1xx";
+
+/// A vcan interface with simulated nodes on it; removed again on drop.
+struct Bus {
+    name: &'static str,
+    serve: Child,
+    log: PathBuf,
+}
+
+impl Bus {
+    fn start(name: &'static str, nodes: &[&str], faults: &[&str]) -> Bus {
+        in_rig();
+        let _ = run("ip", &["link", "del", name]);
+        for args in [
+            &["link", "add", "dev", name, "type", "vcan"][..],
+            &["link", "set", name, "txqueuelen", "128"],
+            &["link", "set", "up", name],
+        ] {
+            let out = run("ip", args);
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+        }
+        let log = std::env::temp_dir().join(format!("{name}-serve.jsonl"));
+        let mut cmd = Command::new("kflash-boardsim");
+        cmd.args(["can-serve", "--interface", name]);
+        for n in nodes {
+            cmd.args(["--node", n]);
+        }
+        for f in faults {
+            cmd.args(["--fault", f]);
+        }
+        let out = std::fs::File::create(&log).unwrap();
+        let serve = cmd.stdout(out).spawn().expect("kflash-boardsim can-serve");
+        let bus = Bus { name, serve, log };
+        bus.wait_for("\"ready\"");
+        bus
+    }
+
+    /// The simulator's event lines so far.
+    fn events(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait (bounded) for a line of the simulator's log: it is written by another process,
+    /// and only its start is awaited this way.
+    fn wait_for(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !self.events().contains(needle) {
+            assert!(std::time::Instant::now() < deadline, "can-serve never logged {needle}: {}", self.events());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.serve.kill();
+        let _ = self.serve.wait();
+        let _ = run("ip", &["link", "del", self.name]);
+    }
+}
+
+/// A kflash config dir with the CAN node registered and configured for CAN at 1 Mbit/s.
+struct CanFlash {
+    _tmp: tempfile::TempDir,
+    cfg: PathBuf,
+    state: PathBuf,
+    cache: PathBuf,
+}
+
+impl CanFlash {
+    fn new(interface: &str, uuid: &str) -> CanFlash {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("cfg");
+        let state = tmp.path().join("state");
+        let cache = tmp.path().join("cache");
+        std::fs::create_dir_all(&cfg).unwrap();
+        std::fs::write(
+            cfg.join("settings.toml"),
+            format!(
+                "klipper_dir = \"{}\"\nservice_command = \"sudo -n systemctl\"\n[timeouts]\nbootloader_secs = 5\nreconnect_secs = 10\n",
+                klipper_dir().display()
+            ),
+        )
+        .unwrap();
+        let f = CanFlash { _tmp: tmp, cfg, state, cache };
+        let out = f.kflash(&[
+            "add",
+            "--canbus-uuid",
+            uuid,
+            "--can-interface",
+            interface,
+            "--name",
+            "EBB36",
+            "--key",
+            "ebb36",
+            "--mcu",
+            MCU,
+            "--json",
+        ]);
+        let entry: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+        assert_eq!((entry["canbus_uuid"].as_str(), entry["can_interface"].as_str()), (Some(uuid), Some(interface)));
+        f.configure("1000000");
+        f
+    }
+
+    fn configure(&self, bitrate: &str) {
+        let _ = std::fs::remove_file(self.cfg.join("configs/ebb36.config"));
+        let st = Command::new("make")
+            .arg("-C")
+            .arg(klipper_dir())
+            .arg(format!("KCONFIG_CONFIG={}", self.cfg.join("configs/ebb36.config").display()))
+            .arg(format!("OUT={}/", self.cfg.join("menuconfig-ebb36").display()))
+            .arg("menuconfig")
+            .env("RIG_MENUCONFIG_MCU", MCU)
+            .env("RIG_MENUCONFIG_SET", format!("CONFIG_STM32_MMENU_CANBUS_PB0_PB1=y CONFIG_CANBUS_FREQUENCY={bitrate}"))
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", text(&st.stderr));
+        let config = std::fs::read_to_string(self.cfg.join("configs/ebb36.config")).unwrap();
+        assert!(config.contains(&format!("CONFIG_CANBUS_FREQUENCY={bitrate}")), "{config}");
+    }
+
+    fn kflash(&self, args: &[&str]) -> Output {
+        Command::new(kflash_bin())
+            .arg("--config-dir")
+            .arg(&self.cfg)
+            .args(args)
+            .env("KFLASH_STATE_DIR", &self.state)
+            .env("KFLASH_CACHE_DIR", &self.cache)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kflash")
+    }
+
+    fn history(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.state.join("history.jsonl")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    text(&o.stderr)
+}
+
+fn ebb_node(version: &str) -> String {
+    format!("ebb,{EBB_UUID},{MCU},{version}")
+}
+
+/// The failed run's JSON error (`kind`, `message`, `help`, `exit_code`; on stdout with --json).
+fn error_doc(out: &Output) -> serde_json::Value {
+    assert!(!out.status.success(), "should fail: {}", text(&out.stdout));
+    let doc: serde_json::Value = serde_json::from_str(&text(&out.stdout))
+        .unwrap_or_else(|e| panic!("{e}: {} / {}", text(&out.stdout), stderr(out)));
+    eprintln!("{}", stderr(out));
+    doc["error"].clone()
+}
+
+fn exists(p: &Path) -> bool {
+    p.exists()
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn a_can_toolhead_is_flashed_end_to_end_with_klipper_stopped_and_restarted() {
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
+    let bus = Bus::start("vcan-kf2", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU},v0.12.0-old")], &[]);
+    let f = CanFlash::new(bus.name, EBB_UUID);
+    let services = ServiceLog::start();
+    let t = std::time::Instant::now();
+    let out = f.kflash(&["flash", "ebb36", "--yes", "--json", "--events"]);
+    let wall = t.elapsed().as_secs_f64();
+    let summary: serde_json::Value =
+        serde_json::from_str(&ok(&out)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    let version = klipper_tree_version();
+    assert_eq!(summary["version_after"], version.as_str(), "identified over CAN: {summary}");
+    services.assert_klipper_stopped_and_restarted();
+    assert!(klipper_is_active());
+    // The simulated node went through Katapult and booted the image written.
+    let events = bus.events();
+    assert!(events.contains("\"node\":\"ebb\",\"event\":\"EnteredKatapult\""), "{events}");
+    assert!(events.contains("\"node\":\"ebb\",\"event\":\"Booted { app: Klipper"), "{events}");
+    assert!(!events.contains("\"node\":\"sb\",\"event\":\"EnteredKatapult\""), "the other node untouched: {events}");
+    let log = stderr(&out);
+    for line in [
+        "\"event\":\"can-interface-checked\"",
+        "\"event\":\"can-bootloader-requested\"",
+        "\"event\":\"written\"",
+        "\"event\":\"identified\"",
+    ] {
+        assert!(log.contains(line), "{line}: {log}");
+    }
+    let h = f.history();
+    assert_eq!((h.len(), h[0]["result"].as_str()), (1, Some("ok")), "{h:?}");
+    eprintln!("CAN flash: wall {wall:.1} s, timings {}", summary["timings"]);
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn the_interface_is_checked_before_klipper_is_stopped() {
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
+    let bus = Bus::start("vcan-kf3", &[&ebb_node("v0.12.0-old")], &[]);
+    let f = CanFlash::new(bus.name, EBB_UUID);
+    let services = ServiceLog::start();
+
+    let out = run("ip", &["link", "set", bus.name, "txqueuelen", "10"]);
+    assert!(out.status.success());
+    let doc = error_doc(&f.kflash(&["flash", "ebb36", "--yes", "--json"]));
+    assert!(doc["message"].as_str().unwrap().contains("txqueuelen is 10"), "{doc}");
+    assert!(doc["help"].as_str().unwrap().contains("sudo ip link set vcan-kf3 txqueuelen 128"), "{doc}");
+
+    assert!(run("ip", &["link", "set", bus.name, "txqueuelen", "128"]).status.success());
+    assert!(run("ip", &["link", "set", "down", bus.name]).status.success());
+    let doc = error_doc(&f.kflash(&["flash", "ebb36", "--yes", "--json"]));
+    assert_eq!(doc["message"], "CAN interface vcan-kf3 is down", "{doc}");
+    assert!(doc["help"].as_str().unwrap().contains("sudo ip link set vcan-kf3 up type can bitrate 1000000"), "{doc}");
+    assert_eq!(doc["kind"], "can-interface");
+
+    let f2 = CanFlash::new("vcan-none", EBB_UUID);
+    assert!(!exists(Path::new("/sys/class/net/vcan-none")));
+    let doc = error_doc(&f2.kflash(&["flash", "ebb36", "--yes", "--json"]));
+    assert_eq!(doc["message"], "CAN interface vcan-none does not exist", "{doc}");
+    assert!(services.verbs("klipper").is_empty(), "Klipper never stopped: {:?}", services.entries());
+    assert!(!bus.events().contains("EnteredKatapult"));
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn a_node_that_never_reaches_katapult_says_what_to_check() {
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
+    let bus = Bus::start("vcan-kf4", &[&ebb_node("v0.12.0-old")], &["ebb:never-katapult"]);
+    let f = CanFlash::new(bus.name, EBB_UUID);
+    let services = ServiceLog::start();
+    let doc = error_doc(&f.kflash(&["flash", "ebb36", "--yes", "--json"]));
+    let (error, help) = (doc["message"].as_str().unwrap(), doc["help"].as_str().unwrap());
+    assert!(error.contains("CAN node 0a1b2c3d4e5f on vcan-kf4 did not reach Katapult"), "{doc}");
+    assert!(error.contains("still answers as Klipper"), "{doc}");
+    assert!(help.contains("Katapult built for CAN") && help.contains("power-cycle"), "{doc}");
+    services.assert_klipper_stopped_and_restarted();
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn a_bus_off_during_the_write_leaves_the_node_in_katapult_and_says_so() {
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
+    let bus = Bus::start("vcan-kf5", &[&ebb_node("v0.12.0-old")], &["ebb:bus-off-after=5"]);
+    let f = CanFlash::new(bus.name, EBB_UUID);
+    let services = ServiceLog::start();
+    let doc = error_doc(&f.kflash(&["flash", "ebb36", "--yes", "--json"]));
+    let (error, help) = (doc["message"].as_str().unwrap(), doc["help"].as_str().unwrap());
+    assert!(error.contains("stopped answering during SEND_BLOCK"), "{doc}");
+    assert!(help.contains("stays in Katapult") && help.contains("bus-off"), "{doc}");
+    assert!(bus.events().contains("BusOff"), "{}", bus.events());
+    services.assert_klipper_stopped_and_restarted();
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn a_node_back_under_a_new_uuid_is_named_with_how_to_update_it() {
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
+    let bus = Bus::start("vcan-kf6", &[&ebb_node("v0.12.0-old")], &["ebb:uuid-after-flash=112233445566"]);
+    let f = CanFlash::new(bus.name, EBB_UUID);
+    let services = ServiceLog::start();
+    let doc = error_doc(&f.kflash(&["flash", "ebb36", "--yes", "--json"]));
+    let (error, help) = (doc["message"].as_str().unwrap(), doc["help"].as_str().unwrap());
+    assert!(error.contains("came back running Klipper under a new UUID: 112233445566"), "{doc}");
+    assert!(help.contains("canbus_uuid: 112233445566") && help.contains("kflash set KEY --canbus-uuid 112233445566"));
+    services.assert_klipper_stopped_and_restarted();
+
+    // What the help says works: the registry takes the new UUID and the next flash passes.
+    ok(&f.kflash(&["set", "ebb36", "--canbus-uuid", "112233445566"]));
+    let out = f.kflash(&["flash", "ebb36", "--yes", "--force", "--json"]);
+    let summary: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(summary["version_after"], klipper_tree_version().as_str());
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn two_nodes_answering_one_query_are_named() {
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
+    // The other node sits unassigned in Katapult: it answers every query kflash sends while
+    // it awaits the toolhead, and the toolhead is knocked off the bus by the collision.
+    let bus =
+        Bus::start("vcan-kf7", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU}")], &["ebb:collide-on-query"]);
+    let f = CanFlash::new(bus.name, EBB_UUID);
+    let doc = error_doc(&f.kflash(&["flash", "ebb36", "--yes", "--json"]));
+    let (error, help) = (doc["message"].as_str().unwrap(), doc["help"].as_str().unwrap());
+    assert!(error.contains("did not answer queries at all"), "{doc}");
+    assert!(error.contains("00000000beef Katapult") && error.contains("bus-off"), "{doc}");
+    assert!(help.contains("only this node unassigned"), "{doc}");
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn dry_run_plans_the_can_node_and_touches_nothing() {
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
+    let bus = Bus::start("vcan-kf8", &[&ebb_node("v0.12.0-old")], &[]);
+    let f = CanFlash::new(bus.name, EBB_UUID);
+    let services = ServiceLog::start();
+    let out = f.kflash(&["flash-all", "--dry-run", "--json"]);
+    let plan: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    let boards = plan["boards"].as_array().unwrap();
+    assert_eq!(boards.len(), 1, "{plan}");
+    assert_eq!((boards[0]["key"].as_str(), boards[0]["mode"].as_str()), (Some("ebb36"), Some("klipper")), "{plan}");
+    assert!(services.verbs("klipper").is_empty());
+    assert!(!bus.events().contains("EnteredKatapult"));
+}
