@@ -38,7 +38,7 @@ enum Command {
     /// The live dashboard: boards, versions, Klippy, flashing with F/B (also `kflash` alone on a terminal).
     Dashboard,
     /// List registered boards (connected or absent), unregistered boards and other serial devices.
-    Devices(JsonFlag),
+    Devices(DevicesArgs),
     /// Register a connected board: interactive, or fully by flags.
     Add(AddArgs),
     /// List the board profiles `kflash add --profile NAME` can seed a config from.
@@ -181,6 +181,24 @@ struct FlashAllArgs {
     /// stderr (the stream the daemon and the dashboard draw).
     #[arg(long)]
     events: bool,
+}
+
+#[derive(Args)]
+struct DevicesArgs {
+    /// CAN nodes: printer.cfg's (through Moonraker), and the unassigned nodes on every CAN
+    /// interface that is up, queried with Klipper stopped (after the print-safety check) and
+    /// started again.
+    #[arg(long)]
+    can: bool,
+    /// Answer yes to questions (e.g. continue when nothing listens at moonraker_url).
+    #[arg(long, short = 'y', requires = "can")]
+    yes: bool,
+    /// Stop Klipper for the query even when Moonraker cannot be asked about the print.
+    #[arg(long, requires = "can")]
+    skip_print_check: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -402,7 +420,8 @@ impl Command {
     /// Whether the command was asked for JSON output.
     fn json(&self) -> bool {
         match self {
-            Command::Devices(a) | Command::Watch(a) | Command::Status(a) | Command::Profiles(a) => a.json,
+            Command::Watch(a) | Command::Status(a) | Command::Profiles(a) => a.json,
+            Command::Devices(a) => a.json,
             Command::Add(a) => a.json,
             Command::Settings(a) => a.json,
             Command::Import(a) => a.json,
@@ -468,6 +487,7 @@ async fn run(cli: Cli) -> Result<()> {
     recover_klipper(&dir).await;
     match cli.command {
         Command::Dashboard => ui::dashboard::runner::run(&dir).await,
+        Command::Devices(a) if a.can => can_devices(&dir, a).await,
         Command::Devices(a) => interruptible(devices(&dir, a.json)).await,
         Command::Add(a) => interruptible(add(&dir, a)).await,
         Command::Profiles(a) => {
@@ -1030,6 +1050,63 @@ fn print_json(v: &impl serde::Serialize) {
 
 async fn connected(reg: &Registry) -> Result<Vec<Board>> {
     Ok(Hotplug::start_udev(boards::resolver(reg)).await?.snapshot())
+}
+
+async fn can_devices(dir: &std::path::Path, a: DevicesArgs) -> Result<()> {
+    let reg = Registry::open(dir)?;
+    let interfaces = kflash::app::can_devices::up_can_interfaces();
+    if !interfaces.is_empty() {
+        eprintln!(
+            "Querying {} needs Klipper stopped (only unassigned nodes answer): kflash checks the printer first, \
+             stops Klipper for about {} s and starts it again.",
+            interfaces.join(", "),
+            kflash::app::can_devices::QUERY_LISTEN.as_secs() * interfaces.len() as u64
+        );
+    }
+    let mut reporter = ui::batch::BatchReporter::new(a.yes, a.json, &[]);
+    let gate = kflash::safety::GateOptions { skip_print_check: a.skip_print_check };
+    let found = interruptible(kflash::app::can_devices::can_devices(&reg, true, gate, &mut reporter)).await?;
+    if a.json {
+        print_json(&found);
+        return Ok(());
+    }
+    let reg_note = |k: &Option<String>| {
+        k.as_ref().map(|k| format!("registered as {k}")).unwrap_or_else(|| "not registered".into())
+    };
+    match (&found.configured, &found.moonraker_error) {
+        (Some(nodes), _) => {
+            println!("CAN nodes in printer.cfg:");
+            if nodes.is_empty() {
+                println!("  (none)");
+            }
+            for n in nodes {
+                println!(
+                    "  [{}] canbus_uuid {} {} {} ({})",
+                    n.section,
+                    n.uuid,
+                    n.mcu.as_deref().unwrap_or("-"),
+                    n.version.as_deref().unwrap_or("-"),
+                    reg_note(&n.registered)
+                );
+            }
+        }
+        (None, e) => println!("CAN nodes in printer.cfg: unknown (Moonraker: {})", e.as_deref().unwrap_or("?")),
+    }
+    if found.interfaces.is_empty() {
+        println!("No CAN interface is up (bring one up: `sudo ip link set can0 up type can bitrate 1000000`).");
+    }
+    for i in &found.interfaces {
+        println!("Unassigned nodes answering on {i}:");
+        let nodes: Vec<_> = found.queried.iter().flatten().filter(|n| &n.interface == i).collect();
+        if nodes.is_empty() {
+            println!("  (none; nodes Klipper had assigned answer only after a reset)");
+        }
+        for n in nodes {
+            println!("  {} {} ({})", n.uuid, n.application, reg_note(&n.registered));
+        }
+    }
+    println!("Register a node with `kflash add --canbus-uuid UUID --can-interface IFACE --name NAME --mcu MCU`.");
+    Ok(())
 }
 
 async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {

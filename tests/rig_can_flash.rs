@@ -175,11 +175,30 @@ fn exists(p: &Path) -> bool {
     p.exists()
 }
 
+/// printer.cfg back to the USB board alone once the CAN node's bus is gone (Klippy would stay
+/// in error on a missing interface); restarted, not waited for.
+struct KlippyOnUsbOnly;
+
+impl Drop for KlippyOnUsbOnly {
+    fn drop(&mut self) {
+        write_mcus_json(&[("mcu", OCTOPUS.0)]);
+        let _ = Command::new("systemctl").args(["restart", "klipper"]).output();
+    }
+}
+
 #[test]
 #[ignore = "runs inside the USB rig"]
 fn a_can_toolhead_is_flashed_end_to_end_with_klipper_stopped_and_restarted() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
     let bus = Bus::start("vcan-kf2", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU},v0.12.0-old")], &[]);
+    // The real Klippy talks to the simulated toolhead over vcan (printer.cfg: canbus_uuid,
+    // canbus_interface): level (c) is Klippy's own view of the node.
+    let can_mcu = format!("can:{}:{EBB_UUID}", bus.name);
+    let _klippy_back = KlippyOnUsbOnly;
+    write_mcus_json(&[("mcu", OCTOPUS.0), ("mcu ebb36", &can_mcu)]);
+    restart_klipper_and_wait_ready();
+    let before = moonraker_get("/printer/objects/query?mcu%20ebb36");
+    assert_eq!(before["result"]["status"]["mcu ebb36"]["mcu_version"], "v0.12.0-old", "{before}");
     let f = CanFlash::new(bus.name, EBB_UUID);
     let services = ServiceLog::start();
     let t = std::time::Instant::now();
@@ -193,9 +212,12 @@ fn a_can_toolhead_is_flashed_end_to_end_with_klipper_stopped_and_restarted() {
     assert!(klipper_is_active());
     // The simulated node went through Katapult and booted the image written.
     let events = bus.events();
-    assert!(events.contains("\"node\":\"ebb\",\"event\":\"EnteredKatapult\""), "{events}");
-    assert!(events.contains("\"node\":\"ebb\",\"event\":\"Booted { app: Klipper"), "{events}");
-    assert!(!events.contains("\"node\":\"sb\",\"event\":\"EnteredKatapult\""), "the other node untouched: {events}");
+    assert!(events.contains(r#"{"event":"EnteredKatapult","node":"ebb"}"#), "{events}");
+    assert!(
+        events.contains(r#"{"event":"Booted { app: Klipper, uuid: CanUuid(0a1b2c3d4e5f) }","node":"ebb"}"#),
+        "{events}"
+    );
+    assert!(!events.contains(r#"{"event":"EnteredKatapult","node":"sb"}"#), "the other node untouched: {events}");
     let log = stderr(&out);
     for line in [
         "\"event\":\"can-interface-checked\"",
@@ -205,6 +227,9 @@ fn a_can_toolhead_is_flashed_end_to_end_with_klipper_stopped_and_restarted() {
     ] {
         assert!(log.contains(line), "{line}: {log}");
     }
+    assert!(log.contains(r#""event":"klippy-reports","version":""#), "level (c) through Moonraker: {log}");
+    let after = moonraker_get("/printer/objects/query?mcu%20ebb36");
+    assert_eq!(after["result"]["status"]["mcu ebb36"]["mcu_version"], version.as_str(), "{after}");
     let h = f.history();
     assert_eq!((h.len(), h[0]["result"].as_str()), (1, Some("ok")), "{h:?}");
     eprintln!("CAN flash: wall {wall:.1} s, timings {}", summary["timings"]);
@@ -319,4 +344,40 @@ fn dry_run_plans_the_can_node_and_touches_nothing() {
     assert_eq!((boards[0]["key"].as_str(), boards[0]["mode"].as_str()), (Some("ebb36"), Some("klipper")), "{plan}");
     assert!(services.verbs("klipper").is_empty());
     assert!(!bus.events().contains("EnteredKatapult"));
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn devices_can_queries_with_klipper_stopped_and_never_during_a_print() {
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
+    let bus = Bus::start("vcan-kf9", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU}")], &[]);
+    let f = CanFlash::new(bus.name, EBB_UUID);
+
+    // A print runs: the query is refused before Klipper is touched, even with --yes.
+    klipper_ready_on(&[("mcu", OCTOPUS.0)]);
+    let print = RealPrint::start("benchy.gcode", 4000);
+    let services = ServiceLog::start();
+    let out = f.kflash(&["devices", "--can", "--yes"]);
+    assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
+    assert!(stderr(&out).contains("printing"), "{}", stderr(&out));
+    assert!(services.verbs("klipper").is_empty(), "{:?}", services.entries());
+    assert!(!bus.events().contains("QueryAnswered"), "no query went out: {}", bus.events());
+    print.cancel();
+    drop(print);
+
+    let services = ServiceLog::start();
+    let out = f.kflash(&["devices", "--can", "--yes", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    services.assert_klipper_stopped_and_restarted();
+    assert!(v["interfaces"].as_array().unwrap().iter().any(|i| i == bus.name), "{v}");
+    let mut on_bus: Vec<String> = v["queried"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["interface"] == bus.name)
+        .map(|n| format!("{} {} {}", n["uuid"].as_str().unwrap(), n["application"], n["registered"]))
+        .collect();
+    on_bus.sort();
+    assert_eq!(on_bus, [r#"00000000beef "Katapult" null"#, r#"0a1b2c3d4e5f "Klipper" "ebb36""#], "{v}");
+    assert_eq!(v["configured"], serde_json::json!([]), "printer.cfg names no CAN node: {v}");
 }
