@@ -476,7 +476,11 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             EventKind::CanBootloaderRequested { interface: target.interface.clone(), uuid: target.uuid.to_string() },
         );
         let deadline = Instant::now() + self.secs(|t| t.bootloader_secs);
-        match can::enter_bootloader(target, deadline).await {
+        let entered = match target.open() {
+            Ok(socket) => can::enter_bootloader(socket, target, deadline).await,
+            Err(e) => Err(e),
+        };
+        match entered {
             Ok(known) => {
                 let secs = t.elapsed().as_secs_f64();
                 self.rep.board(key, EventKind::InBootloader { devnode: Some(target.describe()), secs });
@@ -501,7 +505,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             .board(key, EventKind::WriteStarted { method, bytes: Some(image.len()), device: Some(target.describe()) });
         let t = StdInstant::now();
         let mut progress = View(self.rep, Some(key));
-        let flash = can::write(target, &image, &expect, &mut progress);
+        let flash = can::write(target.open()?, target, &image, &expect, &mut progress);
         let report = tokio::time::timeout(self.secs(|t| t.flash_secs), flash).await.map_err(|_| {
             FlashError::NoResponse { command: "the flash", tries: 1, last: "timeouts.flash_secs passed".into() }
         })??;
@@ -515,7 +519,11 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         self.rep.board(key, EventKind::AwaitingApplication);
         let deadline = Instant::now() + self.secs(|t| t.reconnect_secs);
         let known = self.with(key, |b| b.can_known.clone());
-        match can::await_application(target, &known, deadline).await {
+        let back = match target.open() {
+            Ok(socket) => can::await_application(socket, target, &known, deadline).await,
+            Err(e) => Err(e),
+        };
+        match back {
             Ok(()) => {
                 let secs = t.elapsed().as_secs_f64();
                 self.rep.board(key, EventKind::BackInApplication { devnode: Some(target.describe()), secs });
@@ -670,7 +678,10 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     async fn send_to_application(&self, key: &str) -> Input {
         if let Some(target) = self.with(key, |b| b.can.clone()) {
             let deadline = Instant::now() + self.secs(|t| t.reconnect_secs);
-            let sent = can::send_to_application(&target, deadline).await;
+            let sent = match target.open() {
+                Ok(socket) => can::send_to_application(socket, &target, deadline).await,
+                Err(e) => Err(e),
+            };
             self.with(key, |b| b.can_lock = None);
             return match sent {
                 Ok(()) => {
@@ -710,7 +721,10 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let read = match self.with(key, |b| b.can.clone()) {
             Some(target) => {
-                let read = can::identify(&target, deadline).await;
+                let read = match target.open() {
+                    Ok(socket) => can::identify(socket, &target, deadline).await,
+                    Err(e) => Err(e),
+                };
                 // The node is back and identified (or not): the bus is free for others.
                 self.with(key, |b| b.can_lock = None);
                 read

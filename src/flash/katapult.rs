@@ -108,6 +108,10 @@ impl<L: Link> KatapultSession<L> {
         &self.link
     }
 
+    pub fn into_link(self) -> L {
+        self.link
+    }
+
     /// Send one command and return its acknowledgement, retrying on timeouts, NACKs,
     /// corrupt frames and busy answers like flashtool does.
     async fn command(&mut self, cmd: &Command) -> Result<AckData, FlashError> {
