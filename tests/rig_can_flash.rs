@@ -99,40 +99,46 @@ impl CanFlash {
         )
         .unwrap();
         let f = CanFlash { _tmp: tmp, cfg, state, cache };
-        let out = f.kflash(&[
+        f.add_node("ebb36", "EBB36", interface, uuid);
+        f
+    }
+
+    /// Register a CAN node as `key` and configure it for CAN at 1 Mbit/s.
+    fn add_node(&self, key: &str, name: &str, interface: &str, uuid: &str) {
+        let out = self.kflash(&[
             "add",
             "--canbus-uuid",
             uuid,
             "--can-interface",
             interface,
             "--name",
-            "EBB36",
+            name,
             "--key",
-            "ebb36",
+            key,
             "--mcu",
             MCU,
             "--json",
         ]);
         let entry: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
         assert_eq!((entry["canbus_uuid"].as_str(), entry["can_interface"].as_str()), (Some(uuid), Some(interface)));
-        f.configure("1000000");
-        f
+        self.configure(key, "1000000");
     }
 
-    fn configure(&self, bitrate: &str) {
-        let _ = std::fs::remove_file(self.cfg.join("configs/ebb36.config"));
+    fn configure(&self, key: &str, bitrate: &str) {
+        let config = self.cfg.join(format!("configs/{key}.config"));
+        let _ = std::fs::remove_file(&config);
         let st = Command::new("make")
             .arg("-C")
             .arg(klipper_dir())
-            .arg(format!("KCONFIG_CONFIG={}", self.cfg.join("configs/ebb36.config").display()))
-            .arg(format!("OUT={}/", self.cfg.join("menuconfig-ebb36").display()))
+            .arg(format!("KCONFIG_CONFIG={}", config.display()))
+            .arg(format!("OUT={}/", self.cfg.join(format!("menuconfig-{key}")).display()))
             .arg("menuconfig")
             .env("RIG_MENUCONFIG_MCU", MCU)
             .env("RIG_MENUCONFIG_SET", format!("CONFIG_STM32_MMENU_CANBUS_PB0_PB1=y CONFIG_CANBUS_FREQUENCY={bitrate}"))
             .output()
             .unwrap();
         assert!(st.status.success(), "{}", text(&st.stderr));
-        let config = std::fs::read_to_string(self.cfg.join("configs/ebb36.config")).unwrap();
+        let config = std::fs::read_to_string(&config).unwrap();
         assert!(config.contains(&format!("CONFIG_CANBUS_FREQUENCY={bitrate}")), "{config}");
     }
 
@@ -380,4 +386,35 @@ fn devices_can_queries_with_klipper_stopped_and_never_during_a_print() {
     on_bus.sort();
     assert_eq!(on_bus, [r#"00000000beef "Katapult" null"#, r#"0a1b2c3d4e5f "Klipper" "ebb36""#], "{v}");
     assert_eq!(v["configured"], serde_json::json!([]), "printer.cfg names no CAN node: {v}");
+}
+
+#[test]
+#[ignore = "runs inside the USB rig"]
+fn flash_all_flashes_two_toolheads_on_one_bus_inside_one_klipper_stop() {
+    let _clean = begin(&[("mcu", OCTOPUS.0)]);
+    let bus = Bus::start("vcan-kfa", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU},v0.12.0-old")], &[]);
+    let f = CanFlash::new(bus.name, EBB_UUID);
+    f.add_node("sb2209", "SB2209", bus.name, SB_UUID);
+    let services = ServiceLog::start();
+    let out = f.kflash(&["flash-all", "--yes", "--all", "--json"]);
+    let report: serde_json::Value =
+        serde_json::from_str(&text(&out.stdout)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    assert!(out.status.success(), "{report}\n{}", stderr(&out));
+    let version = klipper_tree_version();
+    let boards = report["boards"].as_array().unwrap();
+    assert_eq!(boards.len(), 2, "{report}");
+    for b in boards {
+        assert_eq!(
+            (b["flash"].as_str(), b["version_after"].as_str()),
+            (Some("flashed"), Some(version.as_str())),
+            "{b}"
+        );
+    }
+    assert_eq!(services.verbs("klipper"), ["stop", "start"], "one stop for both");
+    let events = bus.events();
+    for node in ["ebb", "sb"] {
+        let booted = format!(r#"{{"event":"EnteredKatapult","node":"{node}"}}"#);
+        assert!(events.contains(&booted), "{node}: {events}");
+    }
+    eprintln!("flash-all of two CAN toolheads: Klipper down {} s", report["klipper_downtime_secs"]);
 }
