@@ -1122,6 +1122,7 @@ async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
     }
     for r in &view.registered {
         let state = match (r.connected, r.ambiguous, r.mode) {
+            _ if r.can.is_some() => "CAN node (`devices --can`)".to_string(),
             (true, true, _) => "AMBIGUOUS (several devices match)".to_string(),
             (true, false, Some(m)) => format!("connected, {m}"),
             _ => "absent".to_string(),
@@ -1136,7 +1137,7 @@ async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
             r.name,
             r.mcu,
             state,
-            r.devnode.as_deref().unwrap_or("-")
+            r.devnode.as_deref().or(r.can.as_deref()).unwrap_or("-")
         );
     }
     if !view.unregistered.is_empty() {

@@ -34,6 +34,10 @@ pub struct RegisteredRow {
     /// (`kflash config KEY`); flash and flash-all refuse the board until then.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_unreviewed: Option<String>,
+    /// A CAN node: where it is (`can0 uuid 0a1b2c3d4e5f`). Whether it answers is only known
+    /// by a query with Klipper stopped (`kflash devices --can`), so `connected` stays false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub can: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +76,10 @@ pub fn devices_view(reg: &Registry, connected: &[Board]) -> DevicesView {
                 by_id: first.and_then(|b| b.identity.by_id.clone()),
                 serial: e.serial.clone().or_else(|| first.and_then(|b| b.identity.serial.clone())),
                 config_unreviewed: reg.unreviewed_profile(&e.key).map(str::to_string),
+                can: match e.locator() {
+                    crate::locator::Locator::Can { interface, uuid } => Some(format!("{interface} uuid {uuid}")),
+                    crate::locator::Locator::Usb { .. } => None,
+                },
             }
         })
         .collect();

@@ -956,7 +956,7 @@ fn expectation(mcu: &str, built: &BuildOutcome) -> Expectation {
 
 /// Where Klippy's view of a board is found: its USB device, or its CAN UUID.
 pub enum Whereabouts {
-    Usb(Board),
+    Usb(Box<Board>),
     Can(crate::can::CanUuid),
 }
 
@@ -964,7 +964,7 @@ impl Whereabouts {
     fn of(b: &BoardWork) -> Option<Whereabouts> {
         match (&b.can, &b.board) {
             (Some(t), _) => Some(Whereabouts::Can(t.uuid)),
-            (None, Some(board)) => Some(Whereabouts::Usb(board.clone())),
+            (None, Some(board)) => Some(Whereabouts::Usb(Box::new(board.clone()))),
             (None, None) => None,
         }
     }
