@@ -1202,7 +1202,9 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
         let entry = boards::add_can_board(&mut reg, uuid, a.can_interface.as_deref(), &req)?;
         reg.save_boards()?;
         if a.json {
-            print_json(&entry);
+            let mut doc = serde_json::to_value(&entry).expect("a board entry serializes");
+            doc["key"] = entry.key.clone().into();
+            print_json(&doc);
         } else {
             println!(
                 "Registered '{}' as {} ({}), CAN node {uuid} on {}.",
