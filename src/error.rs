@@ -112,6 +112,9 @@ pub enum Error {
     #[error(transparent)]
     Moonraker(#[from] crate::moonraker::MoonrakerError),
 
+    #[error(transparent)]
+    Can(#[from] crate::can::CanError),
+
     #[error("the printer is {0}: kflash will not stop Klipper now")]
     PrinterBusy(String),
 
@@ -187,6 +190,7 @@ impl Error {
             Error::Service(e) => return e.help(),
             Error::History(e) => return e.help(),
             Error::Moonraker(e) => return e.help(),
+            Error::Can(e) => e.help(),
             Error::Safety(e) => return e.help(),
             Error::Install(e) => e.help(),
             Error::PrinterBusy(_) => "wait for the print to finish (or cancel it), then run kflash again".into(),
@@ -229,6 +233,8 @@ impl Error {
             Error::Service(_) => "service",
             Error::History(_) => "history",
             Error::Moonraker(_) => "moonraker",
+            Error::Can(e) if e.is_interface() => "can-interface",
+            Error::Can(_) => "can",
             Error::PrinterBusy(_) => "printer-busy",
             Error::Safety(crate::safety::SafetyError::Unanswered { .. }) => "print-state-unknown",
             Error::Safety(crate::safety::SafetyError::MoonrakerDownNotConfirmed { .. }) => "moonraker-down",
@@ -265,6 +271,7 @@ impl Error {
             Error::Service(_) => exit::SERVICE,
             Error::History(_) => exit::FAILURE,
             Error::Moonraker(_) => exit::MOONRAKER,
+            Error::Can(e) => e.exit_code(),
             Error::PrinterBusy(_) => exit::BUSY,
             Error::Safety(e) => e.exit_code(),
             Error::Install(e) => e.exit_code(),

@@ -38,7 +38,7 @@ enum Command {
     /// The live dashboard: boards, versions, Klippy, flashing with F/B (also `kflash` alone on a terminal).
     Dashboard,
     /// List registered boards (connected or absent), unregistered boards and other serial devices.
-    Devices(JsonFlag),
+    Devices(DevicesArgs),
     /// Register a connected board: interactive, or fully by flags.
     Add(AddArgs),
     /// List the board profiles `kflash add --profile NAME` can seed a config from.
@@ -184,6 +184,24 @@ struct FlashAllArgs {
 }
 
 #[derive(Args)]
+struct DevicesArgs {
+    /// CAN nodes: printer.cfg's (through Moonraker), and the unassigned nodes on every CAN
+    /// interface that is up, queried with Klipper stopped (after the print-safety check) and
+    /// started again.
+    #[arg(long)]
+    can: bool,
+    /// Answer yes to questions (e.g. continue when nothing listens at moonraker_url).
+    #[arg(long, short = 'y', requires = "can")]
+    yes: bool,
+    /// Stop Klipper for the query even when Moonraker cannot be asked about the print.
+    #[arg(long, requires = "can")]
+    skip_print_check: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct JsonFlag {
     /// Print JSON instead of text.
     #[arg(long)]
@@ -214,6 +232,12 @@ struct AddArgs {
     /// must be reviewed with `kflash config KEY` before the board is flashed.
     #[arg(long, value_name = "NAME")]
     profile: Option<String>,
+    /// Register a CAN node by its UUID instead of a USB device (needs --name and --mcu).
+    #[arg(long, value_name = "UUID", conflicts_with_all = ["device", "profile"])]
+    canbus_uuid: Option<String>,
+    /// The CAN node's interface (default can0).
+    #[arg(long, value_name = "IFACE", requires = "canbus_uuid")]
+    can_interface: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -251,6 +275,12 @@ struct SetArgs {
     /// by-id glob; an empty string removes it.
     #[arg(long)]
     serial_pattern: Option<String>,
+    /// CAN UUID (e.g. after a flash changed it); an empty string removes it.
+    #[arg(long)]
+    canbus_uuid: Option<String>,
+    /// CAN interface of the node; an empty string goes back to can0.
+    #[arg(long)]
+    can_interface: Option<String>,
 }
 
 #[derive(Args)]
@@ -390,7 +420,8 @@ impl Command {
     /// Whether the command was asked for JSON output.
     fn json(&self) -> bool {
         match self {
-            Command::Devices(a) | Command::Watch(a) | Command::Status(a) | Command::Profiles(a) => a.json,
+            Command::Watch(a) | Command::Status(a) | Command::Profiles(a) => a.json,
+            Command::Devices(a) => a.json,
             Command::Add(a) => a.json,
             Command::Settings(a) => a.json,
             Command::Import(a) => a.json,
@@ -456,6 +487,7 @@ async fn run(cli: Cli) -> Result<()> {
     recover_klipper(&dir).await;
     match cli.command {
         Command::Dashboard => ui::dashboard::runner::run(&dir).await,
+        Command::Devices(a) if a.can => can_devices(&dir, a).await,
         Command::Devices(a) => interruptible(devices(&dir, a.json)).await,
         Command::Add(a) => interruptible(add(&dir, a)).await,
         Command::Profiles(a) => {
@@ -1020,6 +1052,63 @@ async fn connected(reg: &Registry) -> Result<Vec<Board>> {
     Ok(Hotplug::start_udev(boards::resolver(reg)).await?.snapshot())
 }
 
+async fn can_devices(dir: &std::path::Path, a: DevicesArgs) -> Result<()> {
+    let reg = Registry::open(dir)?;
+    let interfaces = kflash::app::can_devices::up_can_interfaces();
+    if !interfaces.is_empty() {
+        eprintln!(
+            "Querying {} needs Klipper stopped (only unassigned nodes answer): kflash checks the printer first, \
+             stops Klipper for about {} s and starts it again.",
+            interfaces.join(", "),
+            kflash::app::can_devices::QUERY_LISTEN.as_secs() * interfaces.len() as u64
+        );
+    }
+    let mut reporter = ui::batch::BatchReporter::new(a.yes, a.json, &[]);
+    let gate = kflash::safety::GateOptions { skip_print_check: a.skip_print_check };
+    let found = interruptible(kflash::app::can_devices::can_devices(&reg, true, gate, &mut reporter)).await?;
+    if a.json {
+        print_json(&found);
+        return Ok(());
+    }
+    let reg_note = |k: &Option<String>| {
+        k.as_ref().map(|k| format!("registered as {k}")).unwrap_or_else(|| "not registered".into())
+    };
+    match (&found.configured, &found.moonraker_error) {
+        (Some(nodes), _) => {
+            println!("CAN nodes in printer.cfg:");
+            if nodes.is_empty() {
+                println!("  (none)");
+            }
+            for n in nodes {
+                println!(
+                    "  [{}] canbus_uuid {} {} {} ({})",
+                    n.section,
+                    n.uuid,
+                    n.mcu.as_deref().unwrap_or("-"),
+                    n.version.as_deref().unwrap_or("-"),
+                    reg_note(&n.registered)
+                );
+            }
+        }
+        (None, e) => println!("CAN nodes in printer.cfg: unknown (Moonraker: {})", e.as_deref().unwrap_or("?")),
+    }
+    if found.interfaces.is_empty() {
+        println!("No CAN interface is up (bring one up: `sudo ip link set can0 up type can bitrate 1000000`).");
+    }
+    for i in &found.interfaces {
+        println!("Unassigned nodes answering on {i}:");
+        let nodes: Vec<_> = found.queried.iter().flatten().filter(|n| &n.interface == i).collect();
+        if nodes.is_empty() {
+            println!("  (none; nodes Klipper had assigned answer only after a reset)");
+        }
+        for n in nodes {
+            println!("  {} {} ({})", n.uuid, n.application, reg_note(&n.registered));
+        }
+    }
+    println!("Register a node with `kflash add --canbus-uuid UUID --can-interface IFACE --name NAME --mcu MCU`.");
+    Ok(())
+}
+
 async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
     let reg = Registry::open(dir)?;
     let view = boards::devices_view(&reg, &connected(&reg).await?);
@@ -1033,6 +1122,7 @@ async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
     }
     for r in &view.registered {
         let state = match (r.connected, r.ambiguous, r.mode) {
+            _ if r.can.is_some() => "CAN node (`devices --can`)".to_string(),
             (true, true, _) => "AMBIGUOUS (several devices match)".to_string(),
             (true, false, Some(m)) => format!("connected, {m}"),
             _ => "absent".to_string(),
@@ -1047,7 +1137,7 @@ async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
             r.name,
             r.mcu,
             state,
-            r.devnode.as_deref().unwrap_or("-")
+            r.devnode.as_deref().or(r.can.as_deref()).unwrap_or("-")
         );
     }
     if !view.unregistered.is_empty() {
@@ -1099,6 +1189,33 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
     // An unknown profile is refused before anything else.
     let profile = a.profile.as_deref().map(kflash::profiles::find).transpose()?;
     let mut reg = Registry::open(dir)?;
+    if let Some(uuid) = &a.canbus_uuid {
+        let uuid: kflash::can::CanUuid =
+            uuid.parse().map_err(|e: kflash::can::uuid::ParseUuidError| Error::InvalidInput(e.to_string()))?;
+        let req = AddRequest {
+            name: a.name.clone().unwrap_or_default(),
+            key: a.key,
+            mcu: a.mcu,
+            flash_method: a.method,
+            exclude: a.exclude,
+        };
+        let entry = boards::add_can_board(&mut reg, uuid, a.can_interface.as_deref(), &req)?;
+        reg.save_boards()?;
+        if a.json {
+            let mut doc = serde_json::to_value(&entry).expect("a board entry serializes");
+            doc["key"] = entry.key.clone().into();
+            print_json(&doc);
+        } else {
+            println!(
+                "Registered '{}' as {} ({}), CAN node {uuid} on {}.",
+                entry.name,
+                entry.key,
+                entry.mcu,
+                entry.can_interface()
+            );
+        }
+        return Ok(());
+    }
     let connected = connected(&reg).await?;
     let interactive = a.device.is_none() || a.name.is_none();
     let (board, req) = if interactive {
@@ -1277,6 +1394,12 @@ fn set(dir: &std::path::Path, a: SetArgs) -> Result<()> {
     let mut reg = Registry::open(dir)?;
     let opt = |s: Option<String>| s.map(|v| if v.is_empty() { None } else { Some(v) });
     let (serial, pattern) = (opt(a.serial), opt(a.serial_pattern));
+    let uuid = match opt(a.canbus_uuid) {
+        Some(Some(u)) => Some(Some(u.parse::<kflash::can::CanUuid>().map_err(|e| Error::InvalidInput(e.to_string()))?)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    let interface = opt(a.can_interface);
     let entry = reg
         .update(&a.key, |b| {
             if let Some(n) = a.name {
@@ -1299,6 +1422,12 @@ fn set(dir: &std::path::Path, a: SetArgs) -> Result<()> {
             }
             if let Some(p) = pattern {
                 b.serial_pattern = p;
+            }
+            if let Some(u) = uuid {
+                b.canbus_uuid = u;
+            }
+            if let Some(i) = interface {
+                b.can_interface = i;
             }
         })?
         .clone();

@@ -628,6 +628,11 @@ pub fn mcu_for_board<'a>(mcus: &'a [McuStatus], id: &crate::identity::BoardIdent
         .find_map(|d| mcu_for_serial(mcus, d))
 }
 
+/// The MCU printer.cfg configures with this `canbus_uuid:` (Klippy accepts any case).
+pub fn mcu_for_canbus_uuid<'a>(mcus: &'a [McuStatus], uuid: &crate::can::CanUuid) -> Option<&'a McuStatus> {
+    mcus.iter().find(|m| m.canbus_uuid.as_deref().and_then(|u| u.trim().parse().ok()).as_ref() == Some(uuid))
+}
+
 /// The MCU whose configured `serial:` is `device`: a by-id path (matched exactly), a
 /// by-path or other path (matched exactly, or as the same device file), or a bare chip-id
 /// serial (matched against the serial inside a configured by-id name). Never matched by

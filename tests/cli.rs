@@ -201,3 +201,34 @@ fn bare_kflash_off_a_terminal_prints_usage_and_dashboard_needs_a_terminal() {
     let (_, err) = text(&out);
     assert!(err.contains("the dashboard needs a terminal"), "{err}");
 }
+
+#[test]
+fn a_can_node_is_added_by_uuid_and_its_uuid_changed_with_set() {
+    let (_root, dir) = setup();
+    let add = |extra: &[&str]| {
+        let mut args = vec!["add", "--canbus-uuid", "0a1b2c3d4e5f", "--can-interface", "can1", "--name", "EBB36"];
+        args.extend_from_slice(extra);
+        kflash(&dir, &args)
+    };
+    let out = add(&[]);
+    assert_eq!(out.status.code(), Some(2), "no --mcu: {}", text(&out).1);
+    assert!(text(&out).1.contains("needs --mcu"), "{}", text(&out).1);
+
+    let out = add(&["--mcu", "stm32g0b1xx", "--json"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let v: serde_json::Value = serde_json::from_str(&text(&out).0).unwrap();
+    assert_eq!((v["key"].as_str(), v["canbus_uuid"].as_str()), (Some("ebb36"), Some("0a1b2c3d4e5f")), "{v}");
+    let boards = std::fs::read_to_string(dir.join("boards.toml")).unwrap();
+    assert!(boards.contains("canbus_uuid = \"0a1b2c3d4e5f\"") && boards.contains("can_interface = \"can1\""));
+
+    // The same node twice is refused; a bad UUID too.
+    let out = kflash(&dir, &["add", "--canbus-uuid", "0A1B2C3D4E5F", "--name", "Other", "--mcu", "stm32g0b1xx"]);
+    assert!(!out.status.success() && text(&out).1.contains("already registered as 'ebb36'"), "{}", text(&out).1);
+    let out = kflash(&dir, &["add", "--canbus-uuid", "a1b2c3d4e5f", "--name", "Other", "--mcu", "stm32g0b1xx"]);
+    assert!(!out.status.success() && text(&out).1.contains("12 hex digits"), "{}", text(&out).1);
+
+    let out = kflash(&dir, &["set", "ebb36", "--canbus-uuid", "112233445566", "--can-interface", ""]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let boards = std::fs::read_to_string(dir.join("boards.toml")).unwrap();
+    assert!(boards.contains("canbus_uuid = \"112233445566\"") && !boards.contains("can1"), "{boards}");
+}

@@ -34,6 +34,10 @@ pub struct RegisteredRow {
     /// (`kflash config KEY`); flash and flash-all refuse the board until then.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_unreviewed: Option<String>,
+    /// A CAN node: where it is (`can0 uuid 0a1b2c3d4e5f`). Whether it answers is only known
+    /// by a query with Klipper stopped (`kflash devices --can`), so `connected` stays false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub can: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +76,10 @@ pub fn devices_view(reg: &Registry, connected: &[Board]) -> DevicesView {
                 by_id: first.and_then(|b| b.identity.by_id.clone()),
                 serial: e.serial.clone().or_else(|| first.and_then(|b| b.identity.serial.clone())),
                 config_unreviewed: reg.unreviewed_profile(&e.key).map(str::to_string),
+                can: match e.locator() {
+                    crate::locator::Locator::Can { interface, uuid } => Some(format!("{interface} uuid {uuid}")),
+                    crate::locator::Locator::Usb { .. } => None,
+                },
             }
         })
         .collect();
@@ -179,6 +187,46 @@ pub fn add_board(reg: &mut Registry, board: &Board, req: &AddRequest) -> Result<
         flashable: !req.exclude,
         canbus_uuid: None,
         can_interface: None,
+    };
+    reg.add(entry.clone())?;
+    Ok(entry)
+}
+
+/// Register a node on a CAN bus by its UUID (from `kflash devices --can`, printer.cfg's
+/// `canbus_uuid` or Katapult's query) and interface. Its MCU cannot be asked without stopping
+/// Klipper, so it must be given.
+pub fn add_can_board(
+    reg: &mut Registry,
+    uuid: crate::can::CanUuid,
+    interface: Option<&str>,
+    req: &AddRequest,
+) -> Result<BoardEntry> {
+    let name = req.name.trim();
+    if name.is_empty() {
+        return Err(Error::InvalidInput("a board needs a name".into()));
+    }
+    let mcu =
+        match req.mcu.as_deref().map(str::trim) {
+            Some(m) if !m.is_empty() => m.to_string(),
+            _ => return Err(Error::InvalidInput(
+                "a CAN node needs --mcu (its CONFIG_MCU, e.g. stm32g0b1xx): kflash cannot ask it while Klipper runs"
+                    .into(),
+            )),
+        };
+    let key = match &req.key {
+        Some(k) => k.clone(),
+        None => reg.key_for_name(name)?,
+    };
+    let entry = BoardEntry {
+        key,
+        name: name.to_string(),
+        mcu,
+        serial: None,
+        serial_pattern: None,
+        flash_method: req.flash_method,
+        flashable: !req.exclude,
+        canbus_uuid: Some(uuid),
+        can_interface: interface.filter(|i| *i != crate::registry::DEFAULT_CAN_INTERFACE).map(String::from),
     };
     reg.add(entry.clone())?;
     Ok(entry)

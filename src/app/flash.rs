@@ -144,7 +144,7 @@ pub async fn flash_one(
     let plan = vec![PlannedBoard {
         key: key.to_string(),
         in_bootloader: false,
-        methods: method_order(method, reg.settings.allow_flash_fallback),
+        methods: methods_for(&entry, method, reg.settings.allow_flash_fallback),
     }];
     let policy = Policy { flash_current: opts.force, ..Policy::new(&reg.settings.timeouts) };
     let (machine, first) = Machine::new(plan, policy, Instant::now().into_std());
@@ -179,6 +179,16 @@ pub async fn flash_one(
         skipped,
         timings,
     })
+}
+
+/// The methods to try for this board: over CAN only the chosen one (kflash's own Katapult
+/// writer; another is refused before Klipper stops), else [`method_order`].
+pub fn methods_for(entry: &BoardEntry, chosen: FlashMethod, allow_fallback: bool) -> Vec<FlashMethod> {
+    if entry.locator().is_can() {
+        vec![chosen]
+    } else {
+        method_order(chosen, allow_fallback)
+    }
 }
 
 /// The methods to try, in order: the chosen one, then (when fallback is allowed) the others

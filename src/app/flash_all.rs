@@ -14,8 +14,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::flash::{method_for, method_order, FlashOptions, Reporter};
-use super::flash_effects::{running_version, BoardWork, FlashEffects, SharedReporter};
+use super::flash::{method_for, methods_for, FlashOptions, Reporter};
+use super::flash_effects::{running_version, BoardWork, FlashEffects, SharedReporter, Whereabouts};
 use crate::error::{Error, Result};
 use crate::firmware::{BuildOptions, Probe, TreeStamp};
 use crate::history::{FlashRecord, FlashResult};
@@ -213,7 +213,17 @@ pub async fn plan(reg: &Registry, hp: &Hotplug, skip_unconfigured: bool) -> Resu
             left_out.push(leave(&entry.key, &entry.name, LeftOut::Excluded));
             continue;
         }
-        let found: Vec<_> = hp.snapshot().into_iter().filter(|b| entry.matches(&b.identity)).collect();
+        // A CAN node cannot be asked while Klippy holds it: planned when its interface exists
+        // (the flash's preflight checks the rest before Klipper stops).
+        let can = match entry.locator() {
+            crate::locator::Locator::Can { interface, uuid } => Some((interface, uuid)),
+            crate::locator::Locator::Usb { .. } => None,
+        };
+        let found: Vec<_> = match &can {
+            Some((interface, _)) if std::path::Path::new("/sys/class/net").join(interface).exists() => vec![None],
+            Some(_) => vec![],
+            None => hp.snapshot().into_iter().filter(|b| entry.matches(&b.identity)).map(Some).collect(),
+        };
         let board = match found.len() {
             0 => {
                 left_out.push(leave(&entry.key, &entry.name, LeftOut::Disconnected));
@@ -255,8 +265,14 @@ pub async fn plan(reg: &Registry, hp: &Hotplug, skip_unconfigured: bool) -> Resu
     };
     let mut planned = Vec::new();
     for (entry, board) in boards {
-        let running = match (&versions, board.identity.mode) {
-            (Versions::Klippy, Mode::Klipper) => running_version(&mr, &board).await.ok().flatten(),
+        let mode = board.as_ref().map(|b| b.identity.mode).unwrap_or(Mode::Klipper);
+        let running = match (&versions, &board, entry.locator()) {
+            (Versions::Klippy, _, crate::locator::Locator::Can { uuid, .. }) => {
+                Whereabouts::Can(uuid).running_version(&mr).await.ok().flatten()
+            }
+            (Versions::Klippy, Some(board), _) if mode == Mode::Klipper => {
+                running_version(&mr, board).await.ok().flatten()
+            }
             _ => None,
         };
         let outdated = match (&running, &host_version) {
@@ -271,7 +287,7 @@ pub async fn plan(reg: &Registry, hp: &Hotplug, skip_unconfigured: bool) -> Resu
             key: entry.key.clone(),
             name: entry.name.clone(),
             mcu: entry.mcu.clone(),
-            mode: board.identity.mode,
+            mode,
             method: method_for(reg, &entry, None),
             running,
             relation,
@@ -396,12 +412,9 @@ pub async fn run(
     let mut machine_plan = Vec::new();
     for b in &plan.boards {
         let entry = reg.get(&b.key)?.clone();
+        let methods = methods_for(&entry, b.method, reg.settings.allow_flash_fallback);
         work.push(BoardWork::new(entry, b.method));
-        machine_plan.push(PlannedBoard {
-            key: b.key.clone(),
-            in_bootloader: b.mode == Mode::Katapult,
-            methods: method_order(b.method, reg.settings.allow_flash_fallback),
-        });
+        machine_plan.push(PlannedBoard { key: b.key.clone(), in_bootloader: b.mode == Mode::Katapult, methods });
     }
     let effects = FlashEffects::new(reg, hp, &flash_opts, state_dir, reason, &rep, work);
     let policy = Policy {

@@ -24,15 +24,19 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::flash::{find_connected, FlashOptions, Reporter, Timings};
+use crate::can::lock::InterfaceLock;
+use crate::can::AdminReply;
 use crate::error::{Error, Result};
 use crate::event::{NotChecked, Progress};
 use crate::firmware::{self, BuildOptions, BuildOutcome};
+use crate::flash::can::CanTarget;
 use crate::flash::katapult::{check_target, Expectation, KatapultSession};
-use crate::flash::{external, identify, usb, FlashError};
+use crate::flash::{can, external, identify, usb, FlashError};
 use crate::history::{Durations, FlashRecord, FlashResult};
 use crate::hotplug::{Board, Hotplug};
 use crate::identity::Mode;
-use crate::moonraker::{mcu_for_board, Moonraker, MoonrakerError};
+use crate::locator::Locator;
+use crate::moonraker::{mcu_for_board, mcu_for_canbus_uuid, Moonraker, MoonrakerError};
 use crate::orchestrator::driver::Effects;
 use crate::orchestrator::{
     BoardReport, BoardState, Built, Cause, Command, Event, EventKind, Input, KlipperAnswer, Unchecked,
@@ -110,6 +114,13 @@ pub(crate) struct BoardWork {
     pub back: Option<Board>,
     pub version_before: Option<String>,
     pub timings: Timings,
+    /// A node on a CAN bus (then `board`, `boot` and `back` stay `None`).
+    pub can: Option<CanTarget>,
+    /// The CAN interface's turn, held from the bootloader request until the node is back and
+    /// identified (or its flash ended otherwise).
+    can_lock: Option<InterfaceLock>,
+    /// The other nodes that answered while this one was awaited in Katapult.
+    can_known: Vec<AdminReply>,
     /// The step's own error, and whether it came from a write (the first write error is kept
     /// when another method is tried).
     error: Option<(bool, Error)>,
@@ -119,7 +130,14 @@ pub(crate) struct BoardWork {
 
 impl BoardWork {
     pub(crate) fn new(entry: BoardEntry, method: FlashMethod) -> BoardWork {
+        let can = match entry.locator() {
+            Locator::Can { interface, uuid } => Some(CanTarget { interface, uuid }),
+            Locator::Usb { .. } => None,
+        };
         BoardWork {
+            can,
+            can_lock: None,
+            can_known: Vec::new(),
             entry,
             method,
             built: None,
@@ -296,10 +314,18 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             size: built.firmware.size,
             secs: built.elapsed.as_secs_f64(),
         };
+        let built = Rc::new(built);
         self.with(key, |b| {
             b.timings.build = Some(built.elapsed.as_secs_f64());
-            b.built = Some(Rc::new(built));
+            b.built = Some(built.clone());
         });
+        if let Some(target) = self.with(key, |b| b.can.clone()) {
+            let result = self.can_preflight(key, &target, &built).map(|()| answer);
+            return Input::BuildFinished {
+                key: key.into(),
+                result: result.map_err(|e| self.board_error(key, e, false)),
+            };
+        }
         match find_connected(self.hp, &entry) {
             Ok(board) => {
                 // Found waiting in Katapult: that is where the write starts.
@@ -326,13 +352,13 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             ended.await;
         }
         let mut versions = BTreeMap::new();
-        let ready: Vec<(String, Board)> = self
+        let ready: Vec<(String, Whereabouts)> = self
             .boards
             .borrow()
             .values()
             .filter_map(|b| {
                 b.built.as_ref()?;
-                Some((b.entry.key.clone(), b.board.clone()?))
+                Some((b.entry.key.clone(), Whereabouts::of(b)?))
             })
             .collect();
         if ready.is_empty() || self.print_check.get() != Some(PrintCheck::Idle) {
@@ -349,7 +375,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             Err(_) => return Input::VersionsRead(versions),
         }
         for (key, board) in ready {
-            if let Some(v) = running_version(&self.mr, &board).await.ok().flatten() {
+            if let Some(v) = board.running_version(&self.mr).await.ok().flatten() {
                 self.with(&key, |b| b.version_before = Some(v.clone()));
                 versions.insert(key, v);
             }
@@ -382,6 +408,9 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     }
 
     async fn enter_bootloader(&self, key: &str) -> Input {
+        if let Some(target) = self.with(key, |b| b.can.clone()) {
+            return self.enter_bootloader_can(key, &target).await;
+        }
         // Resolved again now that Klipper is stopped: it may have been replugged meanwhile.
         let entry = self.with(key, |b| b.entry.clone());
         let board = match find_connected(self.hp, &entry) {
@@ -402,6 +431,109 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
                 Input::DeviceAppeared { key: key.into(), mode: Mode::Katapult }
             }
             Err(e) => Input::BoardFailed { key: key.into(), cause: self.board_error(key, e.into(), false) },
+        }
+    }
+
+    /// A CAN board's interface, checked before Klipper is stopped: there, UP, a long enough
+    /// transmit queue, the bitrate of the board's `CONFIG_CANBUS_FREQUENCY`. Only kflash's own
+    /// Katapult writer speaks CAN.
+    fn can_preflight(&self, key: &str, target: &CanTarget, built: &BuildOutcome) -> Result<()> {
+        let method = self.with(key, |b| b.method);
+        if !matches!(method, FlashMethod::Katapult | FlashMethod::Default) {
+            return Err(crate::can::CanError::MethodUnsupported { method: method.as_str() }.into());
+        }
+        let want = built.config.get("CONFIG_CANBUS_FREQUENCY").and_then(|f| f.trim().parse::<u32>().ok());
+        let state = crate::can::preflight::read_interface(&target.interface)
+            .map_err(|e| Error::io("read the state of", format!("/sys/class/net/{}", target.interface), e))?;
+        crate::can::preflight::check(&target.interface, state.as_ref(), want)?;
+        let state = state.expect("checked");
+        self.rep.board(
+            key,
+            EventKind::CanInterfaceChecked {
+                interface: target.interface.clone(),
+                txqueuelen: state.txqueuelen,
+                bitrate: state.bitrate,
+                want_bitrate: want,
+                note: state.bitrate_note,
+            },
+        );
+        Ok(())
+    }
+
+    /// The interface's turn, then the bootloader request by UUID and Katapult's answer.
+    async fn enter_bootloader_can(&self, key: &str, target: &CanTarget) -> Input {
+        let t = StdInstant::now();
+        let lock = InterfaceLock::acquire(&self.state_dir, &target.interface, || {
+            self.rep.board(key, EventKind::CanInterfaceBusy { interface: target.interface.clone() })
+        })
+        .await;
+        match lock {
+            Ok(lock) => self.with(key, |b| b.can_lock = Some(lock)),
+            Err(e) => return Input::BoardFailed { key: key.into(), cause: self.board_error(key, e, false) },
+        }
+        self.rep.board(
+            key,
+            EventKind::CanBootloaderRequested { interface: target.interface.clone(), uuid: target.uuid.to_string() },
+        );
+        let deadline = Instant::now() + self.secs(|t| t.bootloader_secs);
+        let entered = match target.open() {
+            Ok(socket) => can::enter_bootloader(socket, target, deadline).await,
+            Err(e) => Err(e),
+        };
+        match entered {
+            Ok(known) => {
+                let secs = t.elapsed().as_secs_f64();
+                self.rep.board(key, EventKind::InBootloader { devnode: Some(target.describe()), secs });
+                self.with(key, |b| {
+                    b.timings.bootloader = Some(secs);
+                    b.can_known = known;
+                });
+                Input::DeviceAppeared { key: key.into(), mode: Mode::Katapult }
+            }
+            Err(e) => {
+                self.with(key, |b| b.can_lock = None);
+                Input::BoardFailed { key: key.into(), cause: self.board_error(key, e, false) }
+            }
+        }
+    }
+
+    async fn write_can(&self, key: &str, target: &CanTarget, built: &BuildOutcome, mcu: &str) -> Result<()> {
+        let image = std::fs::read(&built.firmware.image).map_err(|e| Error::io("read", &built.firmware.image, e))?;
+        let expect = expectation(mcu, built);
+        let method = FlashMethod::Katapult;
+        self.rep
+            .board(key, EventKind::WriteStarted { method, bytes: Some(image.len()), device: Some(target.describe()) });
+        let t = StdInstant::now();
+        let mut progress = View(self.rep, Some(key));
+        let flash = can::write(target.open()?, target, &image, &expect, &mut progress);
+        let report = tokio::time::timeout(self.secs(|t| t.flash_secs), flash).await.map_err(|_| {
+            FlashError::NoResponse { command: "the flash", tries: 1, last: "timeouts.flash_secs passed".into() }
+        })??;
+        let (blocks, pages, secs) = (Some(report.blocks), Some(report.pages), t.elapsed().as_secs_f64());
+        self.rep.board(key, EventKind::Written { method, blocks, pages, secs });
+        Ok(())
+    }
+
+    async fn await_application_can(&self, key: &str, target: &CanTarget) -> Input {
+        let t = StdInstant::now();
+        self.rep.board(key, EventKind::AwaitingApplication);
+        let deadline = Instant::now() + self.secs(|t| t.reconnect_secs);
+        let known = self.with(key, |b| b.can_known.clone());
+        let back = match target.open() {
+            Ok(socket) => can::await_application(socket, target, &known, deadline).await,
+            Err(e) => Err(e),
+        };
+        match back {
+            Ok(()) => {
+                let secs = t.elapsed().as_secs_f64();
+                self.rep.board(key, EventKind::BackInApplication { devnode: Some(target.describe()), secs });
+                self.with(key, |b| b.timings.reconnect = Some(secs));
+                Input::DeviceAppeared { key: key.into(), mode: Mode::Klipper }
+            }
+            Err(e) => {
+                self.with(key, |b| b.can_lock = None);
+                Input::BoardFailed { key: key.into(), cause: self.board_error(key, e, false) }
+            }
         }
     }
 
@@ -431,7 +563,23 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     }
 
     async fn write(&self, key: &str, method: FlashMethod) -> Input {
-        let (boot, built, mcu) = self.with(key, |b| (b.boot.clone(), b.built.clone(), b.entry.mcu.clone()));
+        let (boot, built, mcu, target) =
+            self.with(key, |b| (b.boot.clone(), b.built.clone(), b.entry.mcu.clone(), b.can.clone()));
+        if let Some(target) = target {
+            let t = StdInstant::now();
+            let result = self.write_can(key, &target, &built.expect("built"), &mcu).await;
+            self.add_write_time(key, t);
+            let result = result.map_err(|e| {
+                let refused =
+                    matches!(&e, Error::Can(c) if c.is_refusal()) || matches!(&e, Error::Flash(f) if f.is_refusal());
+                if !refused {
+                    // Left in Katapult: this board's bus work is over.
+                    self.with(key, |b| b.can_lock = None);
+                }
+                self.board_error(key, e, true)
+            });
+            return Input::WriteDone { key: key.into(), result };
+        }
         let (boot, built) = (boot.expect("in Katapult"), built.expect("built"));
         let t = StdInstant::now();
         let result = match method {
@@ -503,6 +651,9 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     }
 
     async fn await_application(&self, key: &str) -> Input {
+        if let Some(target) = self.with(key, |b| b.can.clone()) {
+            return self.await_application_can(key, &target).await;
+        }
         let board = self.with(key, |b| b.board.clone()).expect("a flashed board was found connected");
         let t = StdInstant::now();
         self.rep.board(key, EventKind::AwaitingApplication);
@@ -525,6 +676,24 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
     /// again and await it, so Klipper finds the board as it was. The refusal stays the
     /// board's error; how the release went is a warning.
     async fn send_to_application(&self, key: &str) -> Input {
+        if let Some(target) = self.with(key, |b| b.can.clone()) {
+            let deadline = Instant::now() + self.secs(|t| t.reconnect_secs);
+            let sent = match target.open() {
+                Ok(socket) => can::send_to_application(socket, &target, deadline).await,
+                Err(e) => Err(e),
+            };
+            self.with(key, |b| b.can_lock = None);
+            return match sent {
+                Ok(()) => {
+                    self.rep.board(key, EventKind::SentBack);
+                    Input::DeviceAppeared { key: key.into(), mode: Mode::Klipper }
+                }
+                Err(e) => {
+                    self.rep.board(key, EventKind::LeftInBootloader { error: e.to_string() });
+                    Input::BoardFailed { key: key.into(), cause: cause_of(&e) }
+                }
+            };
+        }
         let boot = self.with(key, |b| b.boot.clone()).expect("in Katapult");
         let started = async {
             KatapultSession::open(boot.identity.devnode.as_deref())?.start_application().await?;
@@ -550,11 +719,21 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let t = StdInstant::now();
         self.rep.board(key, EventKind::Identifying);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let dict = match identify::read_identify(Path::new(&devnode), deadline).await {
-            Ok(d) => d,
-            Err(e) => {
-                return Input::Identified { key: key.into(), result: Err(self.board_error(key, e.into(), false)) }
+        let read = match self.with(key, |b| b.can.clone()) {
+            Some(target) => {
+                let read = match target.open() {
+                    Ok(socket) => can::identify(socket, &target, deadline).await,
+                    Err(e) => Err(e),
+                };
+                // The node is back and identified (or not): the bus is free for others.
+                self.with(key, |b| b.can_lock = None);
+                read
             }
+            None => identify::read_identify(Path::new(&devnode), deadline).await.map_err(Error::from),
+        };
+        let dict = match read {
+            Ok(d) => d,
+            Err(e) => return Input::Identified { key: key.into(), result: Err(self.board_error(key, e, false)) },
         };
         self.with(key, |b| b.timings.identify = Some(t.elapsed().as_secs_f64()));
         if dict.version != expected {
@@ -624,9 +803,9 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         };
         let mut running = BTreeMap::new();
         for (key, version) in &expected {
-            let Some(board) = self.with(key, |b| b.board.clone()) else { continue };
+            let Some(board) = self.with(key, |b| Whereabouts::of(b)) else { continue };
             let (key, version) = (key.clone(), version.clone());
-            let answer = match running_version(&self.mr, &board).await {
+            let answer = match board.running_version(&self.mr).await {
                 Ok(answer) => answer,
                 Err(e) => {
                     return Input::KlippyChecked(Err(
@@ -775,6 +954,33 @@ fn expectation(mcu: &str, built: &BuildOutcome) -> Expectation {
     Expectation { mcu: built.config.mcu().unwrap_or(mcu).to_string(), app_start: built.config.application_address() }
 }
 
+/// Where Klippy's view of a board is found: its USB device, or its CAN UUID.
+pub enum Whereabouts {
+    Usb(Box<Board>),
+    Can(crate::can::CanUuid),
+}
+
+impl Whereabouts {
+    fn of(b: &BoardWork) -> Option<Whereabouts> {
+        match (&b.can, &b.board) {
+            (Some(t), _) => Some(Whereabouts::Can(t.uuid)),
+            (None, Some(board)) => Some(Whereabouts::Usb(Box::new(board.clone()))),
+            (None, None) => None,
+        }
+    }
+
+    /// What Klipper says it runs (`None`: no `[mcu]` section names it, or no version).
+    pub async fn running_version(&self, mr: &Moonraker) -> std::result::Result<Option<String>, MoonrakerError> {
+        match self {
+            Whereabouts::Usb(board) => running_version(mr, board).await,
+            Whereabouts::Can(uuid) => {
+                let mcus = mr.mcus().await?;
+                Ok(mcu_for_canbus_uuid(&mcus, uuid).and_then(|m| m.mcu_version.clone()))
+            }
+        }
+    }
+}
+
 /// What Klipper says this board runs, by the board's configured serial path (`None`: no
 /// `[mcu]` section uses it, or Klippy has no version for it).
 pub(crate) async fn running_version(
@@ -789,6 +995,7 @@ pub(crate) async fn running_version(
 fn cause_of(e: &Error) -> Cause {
     match e {
         Error::Flash(f) if f.is_refusal() => Cause::Refused { reason: e.to_string() },
+        Error::Can(c) if c.is_refusal() => Cause::Refused { reason: e.to_string() },
         Error::Flash(FlashError::DeviceGone(_)) => Cause::DeviceGone,
         Error::Flash(FlashError::VersionMismatch { expected, running }) => {
             Cause::VersionMismatch { expected: expected.clone(), running: running.clone() }

@@ -2,6 +2,7 @@
 //! what they return.
 
 pub mod boards;
+pub mod can_devices;
 pub mod config;
 pub mod flash;
 pub mod flash_all;

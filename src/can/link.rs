@@ -42,22 +42,31 @@ pub struct CanLink<S> {
     socket: S,
     stream: CanStream,
     pending: VecDeque<u8>,
+    /// The last socket error (a bus-off says so here), for the message after a failed write.
+    last_error: Option<String>,
 }
 
 impl<S: FrameSocket> CanLink<S> {
     pub fn new(socket: S, node: NodeId) -> Self {
-        CanLink { socket, stream: CanStream::host(node), pending: VecDeque::new() }
+        CanLink { socket, stream: CanStream::host(node), pending: VecDeque::new(), last_error: None }
     }
 
     pub fn into_socket(self) -> S {
         self.socket
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
     }
 }
 
 impl<S: FrameSocket> Link for CanLink<S> {
     async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         for frame in self.stream.frames(bytes) {
-            self.socket.send(&frame).await?;
+            if let Err(e) = self.socket.send(&frame).await {
+                self.last_error = Some(e.to_string());
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -66,7 +75,8 @@ impl<S: FrameSocket> Link for CanLink<S> {
         // Frames for other ids (other nodes, admin traffic) are skipped, never returned as
         // "nothing came": Ok(0) means the deadline passed.
         while self.pending.is_empty() {
-            match self.socket.recv(deadline).await? {
+            let received = self.socket.recv(deadline).await.inspect_err(|e| self.last_error = Some(e.to_string()));
+            match received? {
                 None => return Ok(0),
                 Some(frame) => self.pending.extend(self.stream.accept(&frame).unwrap_or_default()),
             }
@@ -179,6 +189,60 @@ pub async fn await_app<S: FrameSocket>(
         }
     }
     Err(ReachError::NotAnswering { uuid, want, waited: deadline.saturating_duration_since(started), seen }.into())
+}
+
+/// What the queries of a wait saw: our node's last answer, and every other node that answered
+/// (its latest application), in the order first seen.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sightings {
+    pub ours: Option<CanApp>,
+    pub others: Vec<AdminReply>,
+    /// Query rounds done.
+    pub rounds: u32,
+}
+
+impl Sightings {
+    fn saw(&mut self, r: &AdminReply, uuid: CanUuid) {
+        if r.uuid == uuid {
+            self.ours = Some(r.app);
+        } else if let Some(o) = self.others.iter_mut().find(|o| o.uuid == r.uuid) {
+            o.app = r.app;
+        } else {
+            self.others.push(*r);
+        }
+    }
+}
+
+/// [`await_app`] that also reports who else answered, and lets `give_up` end the wait after
+/// any round (e.g. when another UUID turns up where ours was expected). `Ok((true, _))`: `uuid`
+/// answered as `want`.
+pub async fn await_app_watching<S: FrameSocket>(
+    socket: &mut S,
+    uuid: CanUuid,
+    want: CanApp,
+    every: Duration,
+    deadline: Instant,
+    mut give_up: impl FnMut(&Sightings) -> bool,
+) -> io::Result<(bool, Sightings)> {
+    let mut seen = Sightings::default();
+    while Instant::now() < deadline {
+        socket.send(&AdminCommand::ClearKatapultNodeIds.to_frame()).await?;
+        socket.send(&AdminCommand::QueryUnassigned.to_frame()).await?;
+        let round = (Instant::now() + every).min(deadline);
+        let reached = listen_replies(socket, round, |r| {
+            seen.saw(r, uuid);
+            r.uuid == uuid && r.app == want
+        })
+        .await?;
+        seen.rounds += 1;
+        if reached {
+            return Ok((true, seen));
+        }
+        if give_up(&seen) {
+            break;
+        }
+    }
+    Ok((false, seen))
 }
 
 /// What can stop [`await_katapult`].

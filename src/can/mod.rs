@@ -4,12 +4,16 @@
 
 pub mod admin;
 pub mod bridge;
+pub mod error;
 pub mod frame;
 pub mod link;
+pub mod lock;
+pub mod preflight;
 pub mod socket;
 pub mod stream;
 pub mod uuid;
 
 pub use admin::{AdminCommand, AdminReply, CanApp, NodeId};
+pub use error::CanError;
 pub use frame::CanFrame;
 pub use uuid::CanUuid;

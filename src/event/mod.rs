@@ -192,6 +192,24 @@ pub enum EventKind {
     },
 
     // ---- the flash -----------------------------------------------------------------------
+    /// A CAN board's interface passed the preflight (before Klipper is stopped). `bitrate` is
+    /// `None` when it cannot be read (`note` says why).
+    CanInterfaceChecked {
+        interface: String,
+        txqueuelen: Option<u32>,
+        bitrate: Option<u32>,
+        want_bitrate: Option<u32>,
+        note: Option<String>,
+    },
+    /// Another CAN operation holds the interface: this one waits its turn.
+    CanInterfaceBusy {
+        interface: String,
+    },
+    /// The CAN admin message asking the node for its bootloader went out.
+    CanBootloaderRequested {
+        interface: String,
+        uuid: String,
+    },
     BootloaderRequested,
     InBootloader {
         devnode: Option<String>,

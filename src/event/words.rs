@@ -196,6 +196,24 @@ pub fn describe(kind: &EventKind) -> Vec<Line> {
         }
         K::KlipperStartFailed { error } => one(Line::warning(error.clone())),
 
+        K::CanInterfaceChecked { interface, txqueuelen, bitrate, want_bitrate, note } => {
+            let queue = txqueuelen.map(|q| format!(", txqueuelen {q}")).unwrap_or_default();
+            let rate = match (bitrate, note) {
+                (Some(b), _) => format!(", {b} bit/s"),
+                (None, Some(n)) => format!(
+                    "; {n}, so {} bit/s is not checked",
+                    want_bitrate.map(|w| w.to_string()).unwrap_or_else(|| "the bitrate".into())
+                ),
+                (None, None) => String::new(),
+            };
+            one(Line::new(Bootloader, Detail, format!("CAN interface {interface} is up{queue}{rate}")))
+        }
+        K::CanInterfaceBusy { interface } => {
+            one(Line::new(Bootloader, Detail, format!("waiting for another CAN operation on {interface} to end")))
+        }
+        K::CanBootloaderRequested { interface, uuid } => {
+            one(Line::new(Bootloader, Begin, format!("requesting the bootloader of CAN node {uuid} on {interface}")))
+        }
         K::BootloaderRequested => one(Line::new(Bootloader, Begin, "requesting the bootloader (1200 baud)")),
         K::InBootloader { devnode, secs } => {
             one(Line::new(Bootloader, Done, format!("in Katapult at {}", devnode.as_deref().unwrap_or("?")))

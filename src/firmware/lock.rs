@@ -43,7 +43,7 @@ pub fn tree_lock_path(state_dir: &Path, tree: &Path) -> PathBuf {
 /// Take an exclusive flock on `path` (created if needed); `waiting` is told when another
 /// holder makes this wait. Returns the lock and whether it waited. The wait is cancellable:
 /// dropping the future abandons the waiting thread, whose lock is then released at once.
-async fn exclusive(path: &Path, waiting: impl FnOnce()) -> Result<(Flock<std::fs::File>, bool)> {
+pub(crate) async fn exclusive(path: &Path, waiting: impl FnOnce()) -> Result<(Flock<std::fs::File>, bool)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
     }

@@ -103,6 +103,15 @@ impl<L: Link> KatapultSession<L> {
         KatapultSession { link, decoder: FrameDecoder::new(), policy }
     }
 
+    /// The link, e.g. to ask a CAN link why it failed.
+    pub fn link(&self) -> &L {
+        &self.link
+    }
+
+    pub fn into_link(self) -> L {
+        self.link
+    }
+
     /// Send one command and return its acknowledgement, retrying on timeouts, NACKs,
     /// corrupt frames and busy answers like flashtool does.
     async fn command(&mut self, cmd: &Command) -> Result<AckData, FlashError> {

@@ -491,6 +491,16 @@ impl Registry {
                 )));
             }
         }
+        if let (Some(uuid), Locator::Can { interface, .. }) = (&entry.canbus_uuid, entry.locator()) {
+            if let Some(other) =
+                self.boards.values().find(|b| b.locator().is_can() && b.canbus_uuid.as_ref() == Some(uuid))
+            {
+                return Err(Error::BoardConflict(format!(
+                    "CAN node {uuid} is already registered as '{}' (on {interface})",
+                    other.key
+                )));
+            }
+        }
         self.boards.insert(entry.key.clone(), entry);
         Ok(())
     }

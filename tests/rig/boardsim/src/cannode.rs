@@ -184,7 +184,9 @@ impl CanNode {
         let image = self.flash.image_from(self.katapult_info.app_start);
         match AppCheck::inspect(&image) {
             AppCheck::Klipper { compressed, .. } => {
-                self.firmware = Firmware::Klipper(Box::new(KlipperDevice::new(compressed)));
+                let mut dev = KlipperDevice::new(compressed);
+                dev.canbus_uuid = Some(*self.uuid.bytes());
+                self.firmware = Firmware::Klipper(Box::new(dev));
                 CanApp::Klipper
             }
             _ => self.enter_katapult(),

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::cannode::{CanEvent, CanNode, CanOutput, SimBus};
-use crate::firmware::{dictionary_json, profile_for, standin_image};
+use crate::firmware::{can_dictionary_json, profile_for, standin_image};
 use crate::flash::FlashMemory;
 
 /// Katapult jumps to the application this long after acking COMPLETE (flashcmd.c).
@@ -37,7 +37,7 @@ pub fn parse_node(spec: &str, faults: &[String]) -> Result<CanNode> {
     if let Some(v) = version {
         flash.load(
             p.app_start,
-            &standin_image(p.app_start, p.initial_sp, &dictionary_json("Klipper", v, mcu, p.clock_freq)),
+            &standin_image(p.app_start, p.initial_sp, &can_dictionary_json("Klipper", v, mcu, p.clock_freq)),
         );
     }
     let proto = ((PROTO_VERSION_1_1_0 >> 16) as u8, (PROTO_VERSION_1_1_0 >> 8) as u8, PROTO_VERSION_1_1_0 as u8);
@@ -184,8 +184,11 @@ mod tests {
 
     fn image(version: &str) -> Vec<u8> {
         let p = profile_for("stm32g0b1xx").unwrap();
-        let mut img =
-            standin_image(p.app_start, p.initial_sp, &dictionary_json("Klipper", version, "stm32g0b1xx", p.clock_freq));
+        let mut img = standin_image(
+            p.app_start,
+            p.initial_sp,
+            &can_dictionary_json("Klipper", version, "stm32g0b1xx", p.clock_freq),
+        );
         // A realistic size: code after the dictionary, 32 KiB in all.
         img.extend((img.len()..32 * 1024).map(|i| (i * 31 % 251) as u8));
         img

@@ -257,8 +257,20 @@ fn module_applies(module: &Value, mcu: &str, transport: &str) -> bool {
 /// [`RIG_DECLS_JSON`], message and static-string ids assigned as Klipper does. The same text
 /// as the stand-in tree's `rigdict.dictionary(app, version, BUILD_VERSIONS, mcu, clock)`.
 pub fn protocol_dictionary_json(app: &str, version: &str, build_versions: &str, mcu: &str, clock_freq: u64) -> String {
+    transport_dictionary_json(app, version, build_versions, mcu, clock_freq, "USBSERIAL")
+}
+
+/// [`protocol_dictionary_json`] of a build for `transport` (`USBSERIAL`, `CANSERIAL`, …): a
+/// CAN build declares `get_canbus_id` and the CAN constants.
+pub fn transport_dictionary_json(
+    app: &str,
+    version: &str,
+    build_versions: &str,
+    mcu: &str,
+    clock_freq: u64,
+    transport: &str,
+) -> String {
     let decls: Value = serde_json::from_str(RIG_DECLS_JSON).expect("rigdecls.json is valid JSON");
-    let transport = "USBSERIAL";
     let mut commands: Vec<String> = Vec::new();
     let mut responses: Vec<String> = Vec::new();
     let mut constants = Map::new();
@@ -337,6 +349,11 @@ pub fn protocol_dictionary_json(app: &str, version: &str, build_versions: &str, 
 /// [`protocol_dictionary_json`]).
 pub fn dictionary_json(app: &str, version: &str, mcu: &str, clock_freq: u64) -> String {
     protocol_dictionary_json(app, version, BUILD_VERSIONS, mcu, clock_freq)
+}
+
+/// The dictionary of a stand-in CAN toolhead build (CANSERIAL at 1 Mbit/s).
+pub fn can_dictionary_json(app: &str, version: &str, mcu: &str, clock_freq: u64) -> String {
+    transport_dictionary_json(app, version, BUILD_VERSIONS, mcu, clock_freq, "CANSERIAL")
 }
 
 /// A stand-in firmware image: `[initial SP][reset vector][0 x 56][zlib dictionary]`.

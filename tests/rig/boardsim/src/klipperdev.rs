@@ -198,6 +198,8 @@ pub struct KlipperDevice {
     shutdown: Option<u32>,
     /// `reset` was executed: the firmware is gone until the caller reboots it.
     reset: bool,
+    /// A CAN build answers `get_canbus_id` with its UUID (Klippy checks it after connecting).
+    pub canbus_uuid: Option<[u8; 6]>,
 }
 
 /// Why the rest of a block is not processed.
@@ -220,6 +222,7 @@ impl KlipperDevice {
             config: Config::default(),
             shutdown: None,
             reset: false,
+            canbus_uuid: None,
         }
     }
 
@@ -445,6 +448,11 @@ impl KlipperDevice {
             "reset" => {
                 ev.push(KlipperEvent::Reset);
                 return Err(Stop::Reset);
+            }
+            "get_canbus_id" => {
+                if let Some(uuid) = self.canbus_uuid {
+                    self.respond("canbus_id", &[Arg::Bytes(uuid.to_vec())], out);
+                }
             }
             "debug_ping" => {
                 let data = args.first().cloned().unwrap_or(Arg::Bytes(Vec::new()));

@@ -57,6 +57,10 @@ def printer_cfg(state):
     for section, board in rigcommon.mcu_sections(boards, mapping):
         if board is None:
             continue
+        if "canbus_uuid" in board:
+            lines += ["[%s]" % section, "canbus_uuid: %s" % board["canbus_uuid"],
+                      "canbus_interface: %s" % board["can_interface"], ""]
+            continue
         lines += ["[%s]" % section, "serial: %s" % rigcommon.by_id_path(board), ""]
     gcodes = os.path.join(printer_data(), "gcodes")
     lines += ["[printer]", "kinematics: none", "max_velocity: 300", "max_accel: 3000", "",

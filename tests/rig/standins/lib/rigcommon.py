@@ -108,9 +108,18 @@ def mcu_sections(boards, mapping_file=None):
     text = read_text(mapping_file) if mapping_file else None
     if text is not None:
         mapping = json.loads(text)
-        return [(sec, by_name.get(bname)) for sec, bname in mapping.items()]
+        return [(sec, can_node(bname) or by_name.get(bname)) for sec, bname in mapping.items()]
     plugged = [b for b in boards if b.get("plugged", True) is not False]
     return [("mcu" if i == 0 else "mcu %s" % b.get("name"), b) for i, b in enumerate(plugged)]
+
+
+def can_node(spec):
+    """A mapping value "can:IFACE:UUID" names a CAN node (kflash-boardsim can-serve), which
+    boardctl does not know: {"can_interface": IFACE, "canbus_uuid": UUID}, else None."""
+    parts = spec.split(":") if isinstance(spec, str) else []
+    if len(parts) == 3 and parts[0] == "can":
+        return {"name": spec, "can_interface": parts[1], "canbus_uuid": parts[2]}
+    return None
 
 
 def by_id_path(board):
