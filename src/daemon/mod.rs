@@ -7,7 +7,8 @@
 //! - [`holders`]: whether a process holds a tty (Klipper's), so the daemon never talks to a
 //!   board Klipper is using;
 //! - [`memory`]: its own resident and live-heap size, reported in `status`;
-//! - [`outbox`]: agent events for Moonraker, the newest per board, each sent with a deadline.
+//! - [`outbox`]: agent events for Moonraker, the newest per board, each sent with a deadline;
+//! - [`refresh`]: questions about Klippy after a board appears, one at a time, coalesced.
 //!
 //! One loop owns the state (mini-redis style): board events, Klippy updates, identify
 //! results, socket questions and signals come to it on channels. SIGHUP reloads the registry
@@ -18,6 +19,7 @@
 pub mod holders;
 pub mod memory;
 pub mod outbox;
+pub mod refresh;
 pub mod runs;
 pub mod socket;
 pub mod status;
@@ -222,6 +224,8 @@ struct Daemon {
     pushed: tokio::sync::watch::Receiver<KlippyState>,
     /// Agent events for Moonraker, the newest per board ([`outbox`]).
     outbox: outbox::Outbox,
+    /// Questions to Moonraker about Klippy after a board appears ([`refresh`]).
+    refresh: refresh::KlippyRefresh,
 }
 
 impl Daemon {
@@ -547,6 +551,8 @@ pub async fn serve(
     let (link, mut inbox, link_task) = moonraker_link::spawn(config);
     let outbox = outbox::Outbox::default();
     let sender = tokio::spawn(outbox.clone().send_over(link.clone()));
+    let refresh = refresh::KlippyRefresh::default();
+    let asker = tokio::spawn(refresh.clone().ask_over(link.clone()));
     let mut d = Daemon {
         dir: opts.config_dir.clone(),
         state_dir: opts.state_dir.clone(),
@@ -562,6 +568,7 @@ pub async fn serve(
         link,
         pushed: inbox.klippy.clone(),
         outbox,
+        refresh,
         run: None,
         recovering: BTreeSet::new(),
         read_back: BTreeMap::new(),
@@ -586,8 +593,7 @@ pub async fn serve(
                     d.tell(n);
                     if ev.board.key.is_some() && ev.action != crate::hotplug::Action::Removed {
                         // Klippy's errors at its start are not pushed: ask (answered as a push).
-                        let link = d.link.clone();
-                        tokio::spawn(async move { link.refresh_klippy().await });
+                        d.refresh.want();
                     }
                     d.identify_unknown();
                 }
@@ -650,6 +656,7 @@ pub async fn serve(
     };
     server.abort();
     sender.abort();
+    asker.abort();
     let _ = std::fs::remove_file(&path);
     link_task.shutdown().await;
     result
