@@ -20,9 +20,27 @@ pub const KEPT_OUTPUT_LINES: usize = 200;
 /// Lines of it shown in the error message.
 const SHOWN_OUTPUT_LINES: usize = 20;
 
+/// Lines of make's error output always shown when a build fails.
+const SHOWN_ERROR_LINES: usize = 10;
+
 /// The last `n` of `lines`, indented, for an error message quoting a tool's output.
 pub(crate) fn indented_tail(lines: &[&str], n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// The failure's tail: the last `n` lines of the whole output, then the last lines of the
+/// error output that are not among them. stdout and stderr are two pipes read as they come,
+/// so a compiler's error can be taken before the compile lines still in the other pipe and
+/// pushed out of the tail by them (found by a test failing under load).
+fn failure_tail(all: &[&str], errors: &[&str], n: usize) -> String {
+    let shown = &all[all.len().saturating_sub(n)..];
+    let missing: Vec<&str> = errors.iter().copied().filter(|e| !shown.contains(e)).collect();
+    let mut text = indented_tail(all, n);
+    if !missing.is_empty() {
+        text += "\n  and make's error output:\n";
+        text += &indented_tail(&missing, SHOWN_ERROR_LINES);
+    }
+    text
 }
 
 /// What to build and where.
@@ -146,9 +164,16 @@ pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn Pr
     let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut err = BufReader::new(child.stderr.take().expect("piped")).lines();
     let mut tail: VecDeque<String> = VecDeque::new();
-    let mut keep = |l: String, progress: &mut dyn Progress| {
+    let mut err_tail: VecDeque<String> = VecDeque::new();
+    let mut keep = |l: String, from_stderr: bool, progress: &mut dyn Progress| {
         progress.emit(EventKind::BuildOutput { line: l.clone() });
         let _ = writeln!(log, "{l}");
+        if from_stderr {
+            if err_tail.len() == SHOWN_ERROR_LINES {
+                err_tail.pop_front();
+            }
+            err_tail.push_back(l.clone());
+        }
         if tail.len() == KEPT_OUTPUT_LINES {
             tail.pop_front();
         }
@@ -158,8 +183,14 @@ pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn Pr
         let (mut out_open, mut err_open) = (true, true);
         while out_open || err_open {
             tokio::select! {
-                l = out.next_line(), if out_open => match l { Ok(Some(l)) => keep(l, progress), _ => out_open = false },
-                l = err.next_line(), if err_open => match l { Ok(Some(l)) => keep(l, progress), _ => err_open = false },
+                l = out.next_line(), if out_open => match l {
+                    Ok(Some(l)) => keep(l, false, progress),
+                    _ => out_open = false,
+                },
+                l = err.next_line(), if err_open => match l {
+                    Ok(Some(l)) => keep(l, true, progress),
+                    _ => err_open = false,
+                },
             }
         }
         child.wait().await
@@ -184,9 +215,10 @@ pub async fn run_make(plan: &BuildPlan, timeout: Duration, progress: &mut dyn Pr
     let status = status?;
     if !status.success() {
         let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
+        let errors: Vec<&str> = err_tail.iter().map(String::as_str).collect();
         return Err(Error::BuildFailed {
             status: status.to_string(),
-            tail: indented_tail(&lines, SHOWN_OUTPUT_LINES),
+            tail: failure_tail(&lines, &errors, SHOWN_OUTPUT_LINES),
             command: plan.command_line(),
             log: plan.log.clone(),
         });
@@ -208,6 +240,22 @@ pub fn check_built_mcu(cfg: &KConfig, fw: &Firmware) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_read_before_the_last_compile_lines_is_still_shown() {
+        let error = "src/foo.c:3: error: expected ;";
+        let steps: Vec<String> = (1..=60).map(|i| format!("compiling step {i}")).collect();
+        // The error was taken from its pipe after step 10; steps 11-60 came after it.
+        let mut all: Vec<&str> = steps[..10].iter().map(String::as_str).collect();
+        all.push(error);
+        all.extend(steps[10..].iter().map(String::as_str));
+        let text = failure_tail(&all, &[error], 20);
+        assert!(text.contains("compiling step 60") && !text.contains("compiling step 40\n"), "{text}");
+        assert!(text.ends_with(&format!("and make's error output:\n    {error}")), "{text}");
+        // In the tail already: not twice.
+        let text = failure_tail(&[steps[0].as_str(), error], &[error], 20);
+        assert_eq!(text.matches(error).count(), 1, "{text}");
+    }
 
     #[test]
     fn make_command_line_is_out_of_tree() {
