@@ -428,3 +428,34 @@ fn board_states_after_the_runs_end_still_update_the_checklist() {
     assert!(b.finished, "{b:?}");
     assert_eq!(b.state, Some(BoardState::Flashed { view: KlipperView::Confirmed }));
 }
+
+/// The screen's text, row by row.
+fn text_of(b: &TestBackend) -> String {
+    let buf = b.buffer();
+    (0..buf.area.height)
+        .map(|y| (0..buf.area.width).map(|x| buf[(x, y)].symbol()).collect::<String>())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn every_terminal_size_draws_and_common_ones_keep_the_essentials() {
+    // A resize redraws; what it draws must fit any size, down to a window dragged to nothing.
+    let (mut idle, busy) = (idle_state(), mid_write());
+    assert!(idle.input(Input::Resize).redraw);
+    for (w, h) in [(1, 1), (10, 3), (20, 5), (40, 10), (60, 15), (80, 24), (100, 30), (200, 60)] {
+        for s in [&idle, &busy] {
+            let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+            t.draw(|f| render(s, f)).unwrap_or_else(|e| panic!("{w}x{h}: {e}"));
+        }
+    }
+    for (w, h) in [(80, 24), (120, 40)] {
+        let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+        t.draw(|f| render(&idle, f)).unwrap();
+        let screen = text_of(t.backend());
+        assert!(screen.contains("octopus") && screen.contains("F flash"), "{w}x{h}:\n{screen}");
+        t.draw(|f| render(&busy, f)).unwrap();
+        let screen = text_of(t.backend());
+        assert!(screen.contains("write: 96/240"), "{w}x{h}:\n{screen}");
+    }
+}
