@@ -95,15 +95,13 @@ fn status_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
     f.render_widget(Paragraph::new(lines).block(block), area);
 }
 
-fn board_line(b: &BoardRow, selected: bool, p: &Paint) -> Line<'static> {
+/// The columns before the flags and the state: marker, dot, board, mode, MCU, serial, version.
+const FIXED_COLUMNS: usize = 2 + 1 + 1 + 14 + 1 + 9 + 1 + 12 + 1 + 24 + 1 + 22 + 1;
+
+/// `width`: the pane's inner width, so that a long state gives way to the short one
+/// ("OUTDATED" without how far; Enter shows it) instead of running off the screen.
+fn board_line(b: &BoardRow, selected: bool, p: &Paint, width: usize) -> Line<'static> {
     let dot = if b.connected { "●" } else { "○" };
-    let state = match b.state {
-        FirmwareState::Current => "current".to_string(),
-        FirmwareState::Outdated => format!("OUTDATED ({})", b.relation.as_deref().unwrap_or("another version")),
-        FirmwareState::Unknown => "unknown".to_string(),
-        FirmwareState::Bootloader => "in bootloader".to_string(),
-        FirmwareState::Missing => "absent".to_string(),
-    };
     let state_style = match b.state {
         FirmwareState::Current => p.fg(Color::Green),
         FirmwareState::Outdated | FirmwareState::Bootloader => p.fg(Color::Yellow),
@@ -121,6 +119,21 @@ fn board_line(b: &BoardRow, selected: bool, p: &Paint) -> Line<'static> {
     if b.unreviewed.is_some() {
         flags += "[config not reviewed] ";
     }
+    let room = width.saturating_sub(FIXED_COLUMNS + flags.chars().count());
+    let state = match b.state {
+        FirmwareState::Current => "current".to_string(),
+        FirmwareState::Outdated => {
+            let full = format!("OUTDATED ({})", b.relation.as_deref().unwrap_or("another version"));
+            if full.chars().count() <= room {
+                full
+            } else {
+                "OUTDATED".to_string()
+            }
+        }
+        FirmwareState::Unknown => "unknown".to_string(),
+        FirmwareState::Bootloader => "in bootloader".to_string(),
+        FirmwareState::Missing => "absent".to_string(),
+    };
     let marker = if selected { "> " } else { "  " };
     let row_style = if selected { p.s(Style::default().add_modifier(Modifier::REVERSED)) } else { Style::default() };
     Line::from(vec![
@@ -157,7 +170,7 @@ fn boards_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
         lines.push(Line::raw("  (no registered boards: A adds one)"));
     }
     for (i, b) in view.boards.iter().enumerate() {
-        lines.push(board_line(b, i == state.cursor, p));
+        lines.push(board_line(b, i == state.cursor, p, area.width.saturating_sub(2) as usize));
     }
     if !view.unregistered.is_empty() {
         lines.push(Line::raw(""));

@@ -459,3 +459,23 @@ fn every_terminal_size_draws_and_common_ones_keep_the_essentials() {
         assert!(screen.contains("write: 96/240"), "{w}x{h}:\n{screen}");
     }
 }
+
+#[test]
+fn a_state_too_long_for_the_screen_gives_way_to_the_short_one() {
+    let mut s = idle_state();
+    let mut v = s.boards.clone().unwrap();
+    v.boards[0].version = Some("v0.12.0-300-gdeadbeef".into());
+    v.boards[0].state = FirmwareState::Outdated;
+    v.boards[0].relation = Some("3 commits ahead (this flash is a downgrade)".into());
+    s.input(Input::Boards(v));
+    let row = |w: u16| {
+        let mut t = Terminal::new(TestBackend::new(w, 30)).unwrap();
+        t.draw(|f| render(&s, f)).unwrap();
+        text_of(t.backend()).lines().find(|l| l.contains("● octopus")).unwrap().to_string()
+    };
+    // 120 columns: no room for how far; the row ends with the whole word, inside the frame.
+    let narrow = row(120);
+    assert!(narrow.contains("OUTDATED ") && !narrow.contains("OUTDATED (") && narrow.ends_with('│'), "{narrow}");
+    let wide = row(200);
+    assert!(wide.contains("OUTDATED (3 commits ahead (this flash is a downgrade))"), "{wide}");
+}
