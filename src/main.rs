@@ -1185,6 +1185,17 @@ fn profiles(json: bool) {
     println!("\nSeed a new board's config with `kflash add --profile NAME`, then review it with `kflash config KEY`.");
 }
 
+/// What `kflash add`'s flags ask for, as given (no wizard).
+fn add_request(a: &AddArgs) -> AddRequest {
+    AddRequest {
+        name: a.name.clone().unwrap_or_default(),
+        key: a.key.clone(),
+        mcu: a.mcu.clone(),
+        flash_method: a.method,
+        exclude: a.exclude,
+    }
+}
+
 async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
     // An unknown profile is refused before anything else.
     let profile = a.profile.as_deref().map(kflash::profiles::find).transpose()?;
@@ -1192,14 +1203,7 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
     if let Some(uuid) = &a.canbus_uuid {
         let uuid: kflash::can::CanUuid =
             uuid.parse().map_err(|e: kflash::can::uuid::ParseUuidError| Error::InvalidInput(e.to_string()))?;
-        let req = AddRequest {
-            name: a.name.clone().unwrap_or_default(),
-            key: a.key,
-            mcu: a.mcu,
-            flash_method: a.method,
-            exclude: a.exclude,
-        };
-        let entry = boards::add_can_board(&mut reg, uuid, a.can_interface.as_deref(), &req)?;
+        let entry = boards::add_can_board(&mut reg, uuid, a.can_interface.as_deref(), &add_request(&a))?;
         reg.save_boards()?;
         if a.json {
             let mut doc = serde_json::to_value(&entry).expect("a board entry serializes");
@@ -1235,14 +1239,7 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
         .await?
     } else {
         let board = boards::select_device(&connected, a.device.as_deref().unwrap_or_default())?.clone();
-        let req = AddRequest {
-            name: a.name.clone().unwrap_or_default(),
-            key: a.key,
-            mcu: a.mcu,
-            flash_method: a.method,
-            exclude: a.exclude,
-        };
-        (board, req)
+        (board, add_request(&a))
     };
     if let Some(profile) = profile {
         let seeded = kflash::app::seed::add_with_profile(&mut reg, &board, &req, &profile).await?;

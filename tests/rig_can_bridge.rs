@@ -57,7 +57,8 @@ fn gs_usb_interfaces() -> Vec<String> {
 /// cubic, unplugged meanwhile); all removed on drop, then the boards reset.
 struct Rig {
     _clean: LeaveRigClean,
-    serve: Child,
+    /// The toolheads' wire (dropped after the bridge, which is killed first).
+    _wire: VcanBus,
     bridge: Child,
     events: mpsc::Receiver<serde_json::Value>,
     /// Every event received so far.
@@ -86,17 +87,7 @@ impl Rig {
             boardctl(&["unplug", MMB.0]);
         }
         settle();
-        let _ = run("ip", &["link", "del", WIRE]);
-        for args in [&["link", "add", "dev", WIRE, "type", "vcan"][..], &["link", "set", "up", WIRE]] {
-            let out = run("ip", args);
-            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
-        }
-        let mut cmd = Command::new("kflash-boardsim");
-        cmd.args(["can-serve", "--interface", WIRE]);
-        for n in nodes {
-            cmd.args(["--node", n]);
-        }
-        let serve = cmd.stdout(Stdio::null()).spawn().expect("kflash-boardsim can-serve");
+        let wire = VcanBus::start(WIRE, nodes, &[]);
         let udc = free_udc();
         let mut bridge = Command::new("kflash-boardsim")
             .args(["gs-usb-bridge", "--udc", &udc, "--wire", WIRE])
@@ -104,7 +95,7 @@ impl Rig {
             .spawn()
             .expect("kflash-boardsim gs-usb-bridge");
         let events = json_lines(bridge.stdout.take().unwrap());
-        let mut rig = Rig { _clean: clean, serve, bridge, events, seen: Vec::new() };
+        let mut rig = Rig { _clean: clean, _wire: wire, bridge, events, seen: Vec::new() };
         rig.expect("ready", 30);
         rig
     }
@@ -137,9 +128,6 @@ impl Drop for Rig {
         // SIGTERM: the bridge unplugs itself and removes its gadget.
         let _ = run("kill", &["-TERM", &self.bridge.id().to_string()]);
         let _ = self.bridge.wait();
-        let _ = self.serve.kill();
-        let _ = self.serve.wait();
-        let _ = run("ip", &["link", "del", WIRE]);
     }
 }
 
@@ -165,21 +153,8 @@ fn the_real_gs_usb_driver_brings_up_the_bridge_and_reaches_the_toolheads_behind_
     assert_eq!(timings.last().map(|v| v["bitrate"].clone()), Some(1_000_000.into()), "{:?}", rig.seen);
 
     // kflash's CAN code through the driver: a query, Katapult over CAN, identify.
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("klipper.bin");
-    let made = run(
-        "kflash-boardsim",
-        &["standin-image", "--out", image.to_str().unwrap(), "--mcu", MCU, "--version", "v0.13.0-new"],
-    );
-    assert!(made.status.success(), "{}", text(&made.stderr));
-    let mut bytes = std::fs::read(&image).unwrap();
-    bytes.extend((bytes.len()..32 * 1024).map(|i| (i * 31 % 251) as u8));
-    std::fs::write(&image, &bytes).unwrap();
     let t = Instant::now();
-    let out = run(
-        "kflash-boardsim",
-        &["can-probe", "--interface", can, "--uuid", EBB_UUID, "--image", image.to_str().unwrap(), "--mcu", MCU],
-    );
+    let out = VcanBus::probe(can, EBB_UUID, MCU, "v0.13.0-new");
     let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     eprintln!("32 KiB through the gs_usb bridge in {:.1} s: {v}", t.elapsed().as_secs_f64());
     assert_eq!(v["version"], "v0.13.0-new", "{v}");

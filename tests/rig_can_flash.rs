@@ -7,73 +7,13 @@
 mod rig_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
 
 use rig_support::*;
 
 const EBB_UUID: &str = "0a1b2c3d4e5f";
 const SB_UUID: &str = "00000000beef";
 const MCU: &str = "stm32g0b1xx";
-
-/// A vcan interface with simulated nodes on it; removed again on drop.
-struct Bus {
-    name: &'static str,
-    serve: Child,
-    log: PathBuf,
-}
-
-impl Bus {
-    fn start(name: &'static str, nodes: &[&str], faults: &[&str]) -> Bus {
-        in_rig();
-        let _ = run("ip", &["link", "del", name]);
-        for args in [
-            &["link", "add", "dev", name, "type", "vcan"][..],
-            &["link", "set", name, "txqueuelen", "128"],
-            &["link", "set", "up", name],
-        ] {
-            let out = run("ip", args);
-            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
-        }
-        let log = std::env::temp_dir().join(format!("{name}-serve.jsonl"));
-        let mut cmd = Command::new("kflash-boardsim");
-        cmd.args(["can-serve", "--interface", name]);
-        for n in nodes {
-            cmd.args(["--node", n]);
-        }
-        for f in faults {
-            cmd.args(["--fault", f]);
-        }
-        let out = std::fs::File::create(&log).unwrap();
-        let serve = cmd.stdout(out).spawn().expect("kflash-boardsim can-serve");
-        let bus = Bus { name, serve, log };
-        bus.wait_for("\"ready\"");
-        bus
-    }
-
-    /// The simulator's event lines so far.
-    fn events(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Wait (bounded) for a line of the simulator's log: it is written by another process,
-    /// and only its start is awaited this way.
-    fn wait_for(&self, needle: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !self.events().contains(needle) {
-            assert!(std::time::Instant::now() < deadline, "can-serve never logged {needle}: {}", self.events());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Bus {
-    fn drop(&mut self) {
-        let _ = self.serve.kill();
-        let _ = self.serve.wait();
-        let _ = run("ip", &["link", "del", self.name]);
-    }
-}
 
 /// A kflash config dir with the CAN node registered and configured for CAN at 1 Mbit/s.
 struct CanFlash {
@@ -196,7 +136,7 @@ impl Drop for KlippyOnUsbOnly {
 #[ignore = "runs inside the USB rig"]
 fn a_can_toolhead_is_flashed_end_to_end_with_klipper_stopped_and_restarted() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
-    let bus = Bus::start("vcan-kf2", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU},v0.12.0-old")], &[]);
+    let bus = VcanBus::start("vcan-kf2", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU},v0.12.0-old")], &[]);
     // The real Klippy talks to the simulated toolhead over vcan (printer.cfg: canbus_uuid,
     // canbus_interface): level (c) is Klippy's own view of the node.
     let can_mcu = format!("can:{}:{EBB_UUID}", bus.name);
@@ -245,7 +185,7 @@ fn a_can_toolhead_is_flashed_end_to_end_with_klipper_stopped_and_restarted() {
 #[ignore = "runs inside the USB rig"]
 fn the_interface_is_checked_before_klipper_is_stopped() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
-    let bus = Bus::start("vcan-kf3", &[&ebb_node("v0.12.0-old")], &[]);
+    let bus = VcanBus::start("vcan-kf3", &[&ebb_node("v0.12.0-old")], &[]);
     let f = CanFlash::new(bus.name, EBB_UUID);
     let services = ServiceLog::start();
 
@@ -274,7 +214,7 @@ fn the_interface_is_checked_before_klipper_is_stopped() {
 #[ignore = "runs inside the USB rig"]
 fn a_node_that_never_reaches_katapult_says_what_to_check() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
-    let bus = Bus::start("vcan-kf4", &[&ebb_node("v0.12.0-old")], &["ebb:never-katapult"]);
+    let bus = VcanBus::start("vcan-kf4", &[&ebb_node("v0.12.0-old")], &["ebb:never-katapult"]);
     let f = CanFlash::new(bus.name, EBB_UUID);
     let services = ServiceLog::start();
     let doc = error_doc(&f.kflash(&["flash", "ebb36", "--yes", "--json"]));
@@ -289,7 +229,7 @@ fn a_node_that_never_reaches_katapult_says_what_to_check() {
 #[ignore = "runs inside the USB rig"]
 fn a_bus_off_during_the_write_leaves_the_node_in_katapult_and_says_so() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
-    let bus = Bus::start("vcan-kf5", &[&ebb_node("v0.12.0-old")], &["ebb:bus-off-after=5"]);
+    let bus = VcanBus::start("vcan-kf5", &[&ebb_node("v0.12.0-old")], &["ebb:bus-off-after=5"]);
     let f = CanFlash::new(bus.name, EBB_UUID);
     let services = ServiceLog::start();
     let doc = error_doc(&f.kflash(&["flash", "ebb36", "--yes", "--json"]));
@@ -304,7 +244,7 @@ fn a_bus_off_during_the_write_leaves_the_node_in_katapult_and_says_so() {
 #[ignore = "runs inside the USB rig"]
 fn a_node_back_under_a_new_uuid_is_named_with_how_to_update_it() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
-    let bus = Bus::start("vcan-kf6", &[&ebb_node("v0.12.0-old")], &["ebb:uuid-after-flash=112233445566"]);
+    let bus = VcanBus::start("vcan-kf6", &[&ebb_node("v0.12.0-old")], &["ebb:uuid-after-flash=112233445566"]);
     let f = CanFlash::new(bus.name, EBB_UUID);
     let services = ServiceLog::start();
     let doc = error_doc(&f.kflash(&["flash", "ebb36", "--yes", "--json"]));
@@ -326,8 +266,11 @@ fn two_nodes_answering_one_query_are_named() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
     // The other node sits unassigned in Katapult: it answers every query kflash sends while
     // it awaits the toolhead, and the toolhead is knocked off the bus by the collision.
-    let bus =
-        Bus::start("vcan-kf7", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU}")], &["ebb:collide-on-query"]);
+    let bus = VcanBus::start(
+        "vcan-kf7",
+        &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU}")],
+        &["ebb:collide-on-query"],
+    );
     let f = CanFlash::new(bus.name, EBB_UUID);
     let doc = error_doc(&f.kflash(&["flash", "ebb36", "--yes", "--json"]));
     let (error, help) = (doc["message"].as_str().unwrap(), doc["help"].as_str().unwrap());
@@ -340,7 +283,7 @@ fn two_nodes_answering_one_query_are_named() {
 #[ignore = "runs inside the USB rig"]
 fn dry_run_plans_the_can_node_and_touches_nothing() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
-    let bus = Bus::start("vcan-kf8", &[&ebb_node("v0.12.0-old")], &[]);
+    let bus = VcanBus::start("vcan-kf8", &[&ebb_node("v0.12.0-old")], &[]);
     let f = CanFlash::new(bus.name, EBB_UUID);
     let services = ServiceLog::start();
     let out = f.kflash(&["flash-all", "--dry-run", "--json"]);
@@ -356,7 +299,7 @@ fn dry_run_plans_the_can_node_and_touches_nothing() {
 #[ignore = "runs inside the USB rig"]
 fn devices_can_queries_with_klipper_stopped_and_never_during_a_print() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
-    let bus = Bus::start("vcan-kf9", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU}")], &[]);
+    let bus = VcanBus::start("vcan-kf9", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU}")], &[]);
     let f = CanFlash::new(bus.name, EBB_UUID);
 
     // A print runs: the query is refused before Klipper is touched, even with --yes.
@@ -392,7 +335,7 @@ fn devices_can_queries_with_klipper_stopped_and_never_during_a_print() {
 #[ignore = "runs inside the USB rig"]
 fn flash_all_flashes_two_toolheads_on_one_bus_inside_one_klipper_stop() {
     let _clean = begin(&[("mcu", OCTOPUS.0)]);
-    let bus = Bus::start("vcan-kfa", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU},v0.12.0-old")], &[]);
+    let bus = VcanBus::start("vcan-kfa", &[&ebb_node("v0.12.0-old"), &format!("sb,{SB_UUID},{MCU},v0.12.0-old")], &[]);
     let f = CanFlash::new(bus.name, EBB_UUID);
     f.add_node("sb2209", "SB2209", bus.name, SB_UUID);
     let services = ServiceLog::start();

@@ -2,6 +2,10 @@
 //! guest and runs every `tests/rig_*.rs` binary there with `--ignored`).
 #![allow(dead_code)]
 
+mod can_bus;
+#[allow(unused_imports)]
+pub use can_bus::{standin_image_32k, VcanBus};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -354,7 +354,7 @@ mod tests {
     use super::*;
     use crate::firmware::{dictionary_json, profile_for, standin_image};
     use kflash::protocol::katapult::{AckData, Command, FrameDecoder, Response, PROTO_VERSION_1_1_0};
-    use kflash::protocol::klipper::{IdentifyClient, IdentifyProgress};
+    use kflash::protocol::klipper::{DataDictionary, IdentifyClient, IdentifyProgress};
 
     const UUID: CanUuid = CanUuid([0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]);
     const MCU: &str = "stm32g0b1xx";
@@ -411,6 +411,21 @@ mod tests {
         (answer, outs)
     }
 
+    /// Klipper's identify over the node's ids, with the host side kflash uses on a tty; the
+    /// node answers each request at once.
+    fn identify(n: &mut CanNode, id: NodeId) -> DataDictionary {
+        let mut client = IdentifyClient::new();
+        let mut pending = client.start();
+        loop {
+            let (answer, _) = talk(n, id, &pending);
+            match client.feed(&answer).unwrap() {
+                IdentifyProgress::Send(b) => pending = b,
+                IdentifyProgress::Done(d) => return d,
+                IdentifyProgress::Pending => panic!("the node answered every request at once"),
+            }
+        }
+    }
+
     fn katapult(n: &mut CanNode, id: NodeId, cmd: Command) -> Response {
         let (bytes, _) = talk(n, id, &cmd.encode().unwrap());
         let mut d = FrameDecoder::new();
@@ -433,20 +448,11 @@ mod tests {
         assert!(admin(&mut n, AdminCommand::QueryUnassigned).is_empty(), "assigned nodes stay quiet");
 
         // Identify over 0x108/0x109, with the host side kflash uses on a tty.
-        let mut client = IdentifyClient::new();
-        let mut pending = client.start();
-        let dict = loop {
-            let (answer, _) = talk(&mut n, NodeId(4), &pending);
-            match client.feed(&answer).unwrap() {
-                IdentifyProgress::Send(b) => pending = b,
-                IdentifyProgress::Done(d) => break d,
-                IdentifyProgress::Pending => panic!("the node answered every request at once"),
-            }
-        };
+        let dict = identify(&mut n, NodeId(4));
         assert_eq!((dict.version.as_str(), dict.mcu.as_str()), ("v0.13.0-sim", MCU));
 
         // A frame for another node id is not ours.
-        let stray = CanStream::host(NodeId(5)).frames(&client.start());
+        let stray = CanStream::host(NodeId(5)).frames(&IdentifyClient::new().start());
         assert!(n.receive(&stray[0], Duration::ZERO).is_empty());
         // Another node given our id: we drop it.
         let out = admin(&mut n, AdminCommand::SetKlipperNodeId { uuid: other, node: NodeId(4) });
@@ -482,16 +488,7 @@ mod tests {
         assert_eq!(events(&out), [CanEvent::Booted { app: CanApp::Klipper, uuid: UUID }]);
         // Back in Klipper, unassigned, serving the new dictionary.
         admin(&mut n, AdminCommand::SetKlipperNodeId { uuid: UUID, node: NodeId(4) });
-        let mut client = IdentifyClient::new();
-        let mut pending = client.start();
-        let dict = loop {
-            let (answer, _) = talk(&mut n, NodeId(4), &pending);
-            match client.feed(&answer).unwrap() {
-                IdentifyProgress::Send(b) => pending = b,
-                IdentifyProgress::Done(d) => break d,
-                IdentifyProgress::Pending => panic!("no answer"),
-            }
-        };
+        let dict = identify(&mut n, NodeId(4));
         assert_eq!(dict.version, "v0.13.0-new");
     }
 
