@@ -426,6 +426,32 @@ impl std::fmt::Display for Memory {
     }
 }
 
+/// The daemon's resident memory summed per mapped file (anonymous mappings as `[anon]`,
+/// heap and stacks under their own names), largest first: where the resident set is.
+fn resident_by_mapping(pid: u32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut by: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            current = words.nth(4).map(|n| n.rsplit('/').next().unwrap_or(n).to_string()).unwrap_or("[anon]".into());
+            continue;
+        }
+        let slot = match first {
+            "Rss:" => 0,
+            "Pss:" => 1,
+            "Anonymous:" => 2,
+            _ => continue,
+        };
+        by.entry(current.clone()).or_default()[slot] += words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    }
+    let mut rows: Vec<_> = by.into_iter().filter(|(_, v)| v[0] > 0).collect();
+    rows.sort_by_key(|(_, v)| std::cmp::Reverse(v[0]));
+    rows.iter().map(|(n, v)| format!("{n} {}/{}/{}", v[0], v[1], v[2])).collect::<Vec<_>>().join(", ")
+}
+
 /// `/proc/PID/status` fields in KiB (VmRSS, VmHWM), or counts (Threads).
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -688,6 +714,10 @@ fn idle(rig: &FlashRig, d: &mut Daemon, sub: &mut Subscription) {
     eprintln!(
         "idle 60 s with 3 boards connected, Klippy and Moonraker running: daemon CPU (utime + stime) {cpu:.2} s, \
          (schedstat) {sched:.3} s, {wake} context switches (wake-ups), {notices} notices; {mem}"
+    );
+    eprintln!(
+        "idle daemon's resident memory by mapping (KiB; Rss / Pss / Anonymous): {}",
+        resident_by_mapping(d.pid())
     );
     assert_eq!(notices, 0, "notices while nothing happened: {:?}", &sub.got[n0..]);
     assert!(cpu < IDLE_CPU_LIMIT_SECS, "the idle daemon used {cpu:.2} s of CPU in 60 s");

@@ -203,7 +203,7 @@ struct Daemon {
     /// The run under way: what it is, and the end of its thread.
     run: Option<(String, tokio::sync::oneshot::Receiver<runs::LastWord>)>,
     /// Every run's events, for subscribers.
-    run_events: broadcast::Sender<crate::event::Event>,
+    run_events: broadcast::Sender<std::sync::Arc<crate::event::Event>>,
     /// What each board of the run under way read back after its write.
     read_back: BTreeMap<String, String>,
     /// Boards auto-recovery took on while they stay in Katapult.
@@ -211,7 +211,8 @@ struct Daemon {
     /// Tells a run the daemon is stopping.
     stopping: tokio::sync::watch::Sender<bool>,
     tracker: Tracker,
-    notices: broadcast::Sender<Notice>,
+    /// Shared, as the run events are: a broadcast buffer's slots are all allocated.
+    notices: broadcast::Sender<std::sync::Arc<Notice>>,
     identified_tx: mpsc::Sender<(String, u64, std::result::Result<String, String>)>,
     /// Identifies take turns (each holds the flash lock while it reads).
     identify_turn: std::sync::Arc<tokio::sync::Mutex<()>>,
@@ -237,7 +238,7 @@ impl Daemon {
                 self.outbox.push(event);
             }
             // No subscriber is fine.
-            let _ = self.notices.send(n);
+            let _ = self.notices.send(std::sync::Arc::new(n));
         }
     }
 
@@ -586,7 +587,7 @@ pub async fn serve(
     let mut own_view = d.run_events.subscribe();
     let result = loop {
         tokio::select! {
-            Ok(event) = own_view.recv() => d.run_event(event),
+            Ok(event) = own_view.recv() => d.run_event(std::sync::Arc::unwrap_or_clone(event)),
             ev = events.recv() => match ev {
                 Ok(ev) => {
                     let n = d.tracker.board_event(&ev);

@@ -33,8 +33,9 @@ pub struct RunContext {
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
     pub hp: Arc<Hotplug>,
-    /// Subscribers see every run's events.
-    pub events: broadcast::Sender<Event>,
+    /// Subscribers see every run's events (shared: a broadcast buffer keeps every slot
+    /// allocated, and a slot is as large as what it holds).
+    pub events: broadcast::Sender<Arc<Event>>,
     /// Becomes true when the daemon stops: the run is cancelled (Klipper started again).
     pub stop: watch::Receiver<bool>,
 }
@@ -63,13 +64,13 @@ enum Front {
 
 struct DaemonReporter {
     front: Front,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<Arc<Event>>,
 }
 
 impl Reporter for DaemonReporter {
     fn event(&mut self, event: &Event) {
         // No subscriber is fine.
-        let _ = self.events.send(event.clone());
+        let _ = self.events.send(Arc::new(event.clone()));
         if let Front::Client { replies, .. } = &self.front {
             let _ = replies.send(Reply::Event { event: event.clone() });
         }

@@ -178,7 +178,13 @@ impl RunRequest {
 pub enum Ask {
     Status(oneshot::Sender<Status>),
     /// The status and every notice after it, taken together so none falls in between.
-    Subscribe(oneshot::Sender<(Status, broadcast::Receiver<Notice>, broadcast::Receiver<Event>)>),
+    Subscribe(
+        oneshot::Sender<(
+            Status,
+            broadcast::Receiver<std::sync::Arc<Notice>>,
+            broadcast::Receiver<std::sync::Arc<Event>>,
+        )>,
+    ),
     /// Carry out a flash or flash-all (or answer `busy`).
     Run(RunRequest, RunClient),
 }
@@ -306,12 +312,12 @@ async fn connection(stream: UnixStream, asks: mpsc::Sender<Ask>) -> std::io::Res
             loop {
                 tokio::select! {
                     n = notices.recv() => match n {
-                        Ok(notice) => send(&mut w, &Reply::Notice { notice }).await?,
+                        Ok(notice) => send(&mut w, &Reply::Notice { notice: std::sync::Arc::unwrap_or_clone(notice) }).await?,
                         Err(broadcast::error::RecvError::Lagged(missed)) => send(&mut w, &Reply::Lagged { missed }).await?,
                         Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     },
                     e = events.recv() => match e {
-                        Ok(event) => send(&mut w, &Reply::Event { event }).await?,
+                        Ok(event) => send(&mut w, &Reply::Event { event: std::sync::Arc::unwrap_or_clone(event) }).await?,
                         Err(broadcast::error::RecvError::Lagged(missed)) => send(&mut w, &Reply::Lagged { missed }).await?,
                         Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     },

@@ -264,7 +264,7 @@ impl Tracker {
     /// A device came, went or changed.
     pub fn board_event(&mut self, ev: &BoardEvent) -> Vec<Notice> {
         self.observe(|t| {
-            let b = &ev.board;
+            let b: &Board = &ev.board;
             let syspath = b.identity.syspath.clone();
             let mut notices = Vec::new();
             match ev.action {
@@ -458,7 +458,7 @@ mod tests {
     }
 
     fn ev(action: Action, b: &Board) -> BoardEvent {
-        BoardEvent { action, board: b.clone(), previous_mode: None }
+        BoardEvent { action, board: Box::new(b.clone()), previous_mode: None }
     }
 
     fn mcu(serial_by_id: &str, version: &str) -> McuStatus {

@@ -181,7 +181,7 @@ impl<M: Fn(&Board) -> bool> Waiter<'_, M> {
         };
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Ok(ev)) if ev.action != Action::Removed && matcher(&ev.board) => return Ok(ev.board),
+                Ok(Ok(ev)) if ev.action != Action::Removed && matcher(&ev.board) => return Ok(*ev.board),
                 Ok(Ok(_)) => {}
                 // Missed events: the snapshot has the truth, unless only new events count.
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) if !events_only => {

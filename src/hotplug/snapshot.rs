@@ -43,7 +43,9 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BoardEvent {
     pub action: Action,
-    pub board: Board,
+    /// Boxed: a broadcast channel keeps every slot of its buffer allocated (the hotplug's
+    /// holds 1024 events), and a slot is as large as the event.
+    pub board: Box<Board>,
     /// For `mode-changed`: the mode the board was last seen in.
     pub previous_mode: Option<Mode>,
 }
@@ -89,7 +91,11 @@ impl Snapshot {
                 let previous = old.identity.mode;
                 self.present.insert(rec.syspath.clone(), board.clone());
                 let action = if previous == board.identity.mode { Action::Changed } else { Action::ModeChanged };
-                Some(BoardEvent { action, previous_mode: (action == Action::ModeChanged).then_some(previous), board })
+                Some(BoardEvent {
+                    action,
+                    previous_mode: (action == Action::ModeChanged).then_some(previous),
+                    board: Box::new(board),
+                })
             }
             None => {
                 let returned = self.departed.iter().rposition(|d| d.same_board(&board.identity));
@@ -97,9 +103,9 @@ impl Snapshot {
                 self.present.insert(rec.syspath.clone(), board.clone());
                 match previous_mode {
                     Some(m) if m != board.identity.mode => {
-                        Some(BoardEvent { action: Action::ModeChanged, board, previous_mode: Some(m) })
+                        Some(BoardEvent { action: Action::ModeChanged, board: Box::new(board), previous_mode: Some(m) })
                     }
-                    _ => Some(BoardEvent { action: Action::Added, board, previous_mode: None }),
+                    _ => Some(BoardEvent { action: Action::Added, board: Box::new(board), previous_mode: None }),
                 }
             }
         }
@@ -126,7 +132,11 @@ impl Snapshot {
             let board = self.present.get_mut(&syspath).expect("listed above");
             if board.key != key {
                 board.key = key;
-                events.push(BoardEvent { action: Action::Changed, board: board.clone(), previous_mode: None });
+                events.push(BoardEvent {
+                    action: Action::Changed,
+                    board: Box::new(board.clone()),
+                    previous_mode: None,
+                });
             }
         }
         events
@@ -139,7 +149,7 @@ impl Snapshot {
         if self.departed.len() > DEPARTED_MEMORY {
             self.departed.remove(0);
         }
-        Some(BoardEvent { action: Action::Removed, board, previous_mode: None })
+        Some(BoardEvent { action: Action::Removed, board: Box::new(board), previous_mode: None })
     }
 
     /// Make the snapshot equal to a fresh enumeration: whatever vanished is removed, whatever
