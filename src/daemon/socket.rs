@@ -174,17 +174,15 @@ impl RunRequest {
     }
 }
 
+/// A subscriber's start: the status, then the notices and run events that follow it.
+pub type Subscription =
+    (Status, broadcast::Receiver<std::sync::Arc<Notice>>, broadcast::Receiver<std::sync::Arc<Event>>);
+
 /// What a connection asks the daemon's loop, which owns the state.
 pub enum Ask {
     Status(oneshot::Sender<Status>),
     /// The status and every notice after it, taken together so none falls in between.
-    Subscribe(
-        oneshot::Sender<(
-            Status,
-            broadcast::Receiver<std::sync::Arc<Notice>>,
-            broadcast::Receiver<std::sync::Arc<Event>>,
-        )>,
-    ),
+    Subscribe(oneshot::Sender<Subscription>),
     /// Carry out a flash or flash-all (or answer `busy`).
     Run(RunRequest, RunClient),
 }
