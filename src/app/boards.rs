@@ -273,3 +273,45 @@ pub fn add_can_board(
     reg.add(entry.clone())?;
     Ok(entry)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{BoardIdentity, DeviceRecord};
+
+    fn bridge(serial: &str) -> Board {
+        let props = [
+            ("PRODUCT", "1d50/606f/100"),
+            ("ID_VENDOR_ID", "1d50"),
+            ("ID_MODEL_ID", "606f"),
+            ("ID_MODEL", "stm32g0b1xx"),
+            ("ID_SERIAL_SHORT", serial),
+        ];
+        let rec = DeviceRecord {
+            syspath: "/sys/devices/platform/dummy_hcd.9/usb10/10-1".into(),
+            subsystem: "usb".into(),
+            devnode: None,
+            properties: props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        Board { identity: BoardIdentity::from_record(&rec).unwrap(), key: None }
+    }
+
+    #[test]
+    fn a_bridge_is_listed_and_registered_with_its_uuid_and_interface() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reg = Registry::open(dir.path()).unwrap();
+        let b = bridge("2D0028000B51333234383230");
+        let view = devices_view(&reg, std::slice::from_ref(&b));
+        assert_eq!(view.unregistered.len(), 1, "a bridge runs Klipper: it can be added");
+        assert_eq!(view.bridges[0].canbus_uuid.as_deref(), Some("f3f4159b80a6"));
+        assert_eq!(view.bridges[0].interface, None, "no such device in this sysfs");
+        let entry = add_board(&mut reg, &b, &AddRequest { name: "U2C".into(), ..Default::default() }).unwrap();
+        assert_eq!(entry.canbus_uuid.map(|u| u.to_string()).as_deref(), Some("f3f4159b80a6"));
+        assert!(entry.is_can_bridge() && entry.can_interface() == "can0", "{entry:?}");
+        assert_eq!(entry.mcu, "stm32g0b1xx");
+        // A custom serial has no UUID to compute: said, with the way out.
+        let err = add_board(&mut reg, &bridge("my-bridge"), &AddRequest { name: "Other".into(), ..Default::default() })
+            .unwrap_err();
+        assert!(err.to_string().contains("--canbus-uuid"), "{err}");
+    }
+}

@@ -258,3 +258,48 @@ fn enter_rom_dfu(usb: &BridgeUsb, mcu: &str, p: &McuProfile, flash: FlashMemory,
     log(json!({"event": "bridge-connect", "mode": "rom-dfu", "usb": id.vid_pid()}));
     Ok(gadget)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kflash::can::admin::{AdminCommand, AdminReply, CanApp};
+
+    fn own() -> (OwnNode, mpsc::UnboundedReceiver<Msg>, CanUuid) {
+        let mcu = "stm32g0b1xx";
+        let p = profile_for(mcu).unwrap();
+        let uuid = kflash::can::bridge::uuid_from_usb_serial("2D0028000B51333234383230").unwrap();
+        let mut flash = FlashMemory::new(p.flash_base, p.flash_size, p.pages);
+        let dict = can_dictionary_json("Klipper", "v1", mcu, p.clock_freq);
+        flash.load(p.app_start, &standin_image(p.app_start, p.initial_sp, &dict));
+        let node = CanNode::new("bridge", uuid, flash, katapult_info(mcu, &p), p.rules, p.timing);
+        let (tx, rx) = mpsc::unbounded_channel();
+        (OwnNode { node: Some(node), t0: Instant::now(), tx, log: Arc::new(|_| {}) }, rx, uuid)
+    }
+
+    fn host(cmd: AdminCommand) -> HostFrame {
+        let f = cmd.to_frame();
+        HostFrame::rx(u32::from(f.id()), f.data())
+    }
+
+    #[test]
+    fn the_bridge_answers_as_its_own_node_and_reboots_on_a_bootloader_request() {
+        let (mut own, mut rx, uuid) = own();
+        assert_eq!(uuid.to_string(), "f3f4159b80a6");
+        let answers = own.host_frame(&host(AdminCommand::QueryUnassigned));
+        assert_eq!(answers.len(), 1);
+        let reply = AdminReply::from_frame(&CanFrame::new(answers[0].can_id as u16, answers[0].payload()).unwrap());
+        assert_eq!(reply.unwrap(), AdminReply { uuid, app: CanApp::Klipper });
+        // Another node's request is not ours.
+        let other = CanUuid([1, 2, 3, 4, 5, 6]);
+        assert!(own.host_frame(&host(AdminCommand::RequestBootloader { uuid: other })).is_empty());
+        assert!(rx.try_recv().is_err());
+        own.host_frame(&host(AdminCommand::RequestBootloader { uuid }));
+        let Ok(Msg::Bootloader(flash)) = rx.try_recv() else { panic!("no reboot") };
+        assert!(matches!(
+            AppCheck::inspect(&flash.image_from(profile_for("stm32g0b1xx").unwrap().app_start)),
+            AppCheck::Klipper { .. }
+        ));
+        // Rebooting: the node is gone from the bus.
+        assert!(own.host_frame(&host(AdminCommand::QueryUnassigned)).is_empty());
+    }
+}
