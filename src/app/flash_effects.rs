@@ -598,14 +598,17 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let up = t.elapsed();
         match crate::flash::bridge::await_interface_up(&target.interface, bitrate, deadline).await {
             Ok(by) => {
-                let by_kflash = matches!(by, crate::flash::bridge::BroughtUp::Kflash { .. });
+                let by_kflash = match by {
+                    crate::flash::bridge::BroughtUp::Kflash { bitrate } => Some(bitrate),
+                    crate::flash::bridge::BroughtUp::Others => None,
+                };
                 let secs = (t.elapsed() - up).as_secs_f64();
                 self.rep.board(
                     key,
                     EventKind::CanInterfaceBack {
                         interface: target.interface.clone(),
-                        by_kflash,
-                        bitrate: by_kflash.then_some(bitrate).flatten(),
+                        by_kflash: by_kflash.is_some(),
+                        bitrate: by_kflash,
                         secs,
                     },
                 );
@@ -857,19 +860,26 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             };
         }
         let boot = self.with(key, |b| b.boot.clone()).expect("in Katapult");
+        let (bridge, bitrate) = self.with(key, |b| (b.bridge.clone(), b.bridge_bitrate));
         let started = async {
             KatapultSession::open(boot.identity.devnode.as_deref())?.start_application().await?;
             let deadline = Instant::now() + self.secs(|t| t.reconnect_secs);
-            usb::await_application(self.hp, &boot.identity, deadline).await
+            usb::await_application(self.hp, &boot.identity, deadline).await?;
+            // A bridge's boards are reachable again only once its interface is UP.
+            if let Some(t) = bridge {
+                crate::flash::bridge::await_interface_up(&t.interface, bitrate, deadline).await?;
+                self.with(key, |b| b.can_lock = None);
+            }
+            Ok::<(), Error>(())
         };
         match started.await {
-            Ok(_) => {
+            Ok(()) => {
                 self.rep.board(key, EventKind::SentBack);
                 Input::DeviceAppeared { key: key.into(), mode: Mode::Klipper }
             }
             Err(e) => {
                 self.rep.board(key, EventKind::LeftInBootloader { error: e.to_string() });
-                Input::BoardFailed { key: key.into(), cause: cause_of(&e.into()) }
+                Input::BoardFailed { key: key.into(), cause: cause_of(&e) }
             }
         }
     }

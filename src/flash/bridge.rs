@@ -59,11 +59,12 @@ pub async fn await_interface_up(
         Some(false) => Some(Instant::now()),
         None => None,
     };
-    let mut tried = false;
+    // The bitrate kflash brought it up at, once it has tried.
+    let mut tried: Option<u32> = None;
     loop {
         // Present and down: the grace for others, then kflash's own attempt.
         let wake = match present {
-            Some(at) if !tried => (at + UP_GRACE).min(deadline),
+            Some(at) if tried.is_none() => (at + UP_GRACE).min(deadline),
             _ => deadline,
         };
         match watch.next(wake).await.map_err(io)? {
@@ -71,10 +72,9 @@ pub async fn await_interface_up(
                 if ev.removed {
                     present = None;
                 } else if ev.up {
-                    return Ok(if tried {
-                        BroughtUp::Kflash { bitrate: bitrate.unwrap_or(0) }
-                    } else {
-                        BroughtUp::Others
+                    return Ok(match tried {
+                        Some(bitrate) => BroughtUp::Kflash { bitrate },
+                        None => BroughtUp::Others,
                     });
                 } else if present.is_none() {
                     present = Some(Instant::now());
@@ -92,17 +92,14 @@ pub async fn await_interface_up(
                     },
                 });
             }
-            None => {
-                tried = true;
-                bring_up(interface, bitrate)?;
-            }
+            None => tried = Some(bring_up(interface, bitrate)?),
         }
     }
 }
 
 /// `ip link set IFACE type can bitrate B; ip link set IFACE txqueuelen 128 up`, through
-/// rtnetlink and sysfs.
-fn bring_up(interface: &str, bitrate: Option<u32>) -> Result<(), CanError> {
+/// rtnetlink and sysfs; returns the bitrate.
+fn bring_up(interface: &str, bitrate: Option<u32>) -> Result<u32, CanError> {
     let fail = |message: String| CanError::BridgeBringUp { interface: interface.to_string(), bitrate, message };
     let Some(rate) = bitrate else {
         return Err(fail("no board behind it has CONFIG_CANBUS_FREQUENCY in its config".into()));
@@ -111,5 +108,6 @@ fn bring_up(interface: &str, bitrate: Option<u32>) -> Result<(), CanError> {
     iface.set_bitrate(rate, None).map_err(|e| fail(format!("setting the bitrate {rate}: {e}")))?;
     std::fs::write(Path::new("/sys/class/net").join(interface).join("tx_queue_len"), MIN_TXQUEUELEN.to_string())
         .map_err(|e| fail(format!("setting txqueuelen {MIN_TXQUEUELEN}: {e}")))?;
-    iface.bring_up().map_err(|e| fail(format!("bringing it up: {e}")))
+    iface.bring_up().map_err(|e| fail(format!("bringing it up: {e}")))?;
+    Ok(rate)
 }
