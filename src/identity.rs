@@ -17,6 +17,8 @@ pub const VID_OPENMOKO: &str = "1d50";
 pub const PID_KLIPPER: &str = "614e";
 /// Katapult (formerly CanBoot) bootloader.
 pub const PID_KATAPULT: &str = "6177";
+/// Klipper's USB-to-CAN bridge (gs_usb).
+pub const PID_CAN_BRIDGE: &str = "606f";
 
 /// Mask ROM bootloaders a board can fall into instead of Katapult.
 const ROM_BOOTLOADERS: &[(&str, &str, &str)] =
@@ -122,6 +124,31 @@ impl BoardIdentity {
                     prop("PRODUCT").and_then(|p| vid_pid_from_product(&p).map(|x| x.1))?,
                 ),
             };
+            if vid == VID_OPENMOKO && pid == PID_CAN_BRIDGE {
+                // Klipper's USB-to-CAN bridge: no tty, but Klipper runs on it (the USB product
+                // string is its CONFIG_MCU, the serial its chip id, as for a USB board).
+                let attr = |f: &str| {
+                    std::fs::read_to_string(std::path::Path::new(&rec.syspath).join(f))
+                        .ok()
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                };
+                return Some(BoardIdentity {
+                    mode: Mode::Klipper,
+                    mcu: pick("ID_USB_MODEL", "ID_MODEL").or_else(|| attr("product")),
+                    serial: pick("ID_USB_SERIAL_SHORT", "ID_SERIAL_SHORT").or_else(|| attr("serial")),
+                    vendor_id: Some(vid),
+                    product_id: Some(pid),
+                    manufacturer: pick("ID_USB_VENDOR", "ID_VENDOR"),
+                    port_path: prop("ID_PATH"),
+                    usb_device: Some(rec.syspath.clone()),
+                    devnode: None,
+                    by_id: None,
+                    by_path: None,
+                    syspath: rec.syspath.clone(),
+                    rom_bootloader: None,
+                });
+            }
             let rom = rom_bootloader_name(&vid, &pid)?;
             return Some(BoardIdentity {
                 mode: Mode::RomBootloader,
@@ -169,6 +196,31 @@ impl BoardIdentity {
             syspath: rec.syspath.clone(),
             rom_bootloader: None,
         })
+    }
+
+    /// Klipper's USB-to-CAN bridge (1d50:606f).
+    pub fn is_can_bridge(&self) -> bool {
+        self.vendor_id.as_deref() == Some(VID_OPENMOKO) && self.product_id.as_deref() == Some(PID_CAN_BRIDGE)
+    }
+
+    /// A bridge's own CAN UUID, from its USB serial (`None` for a custom serial).
+    pub fn bridge_uuid(&self) -> Option<crate::can::CanUuid> {
+        self.is_can_bridge().then(|| self.serial.as_deref().and_then(crate::can::bridge::uuid_from_usb_serial))?
+    }
+
+    /// The CAN interface a bridge provides: the net device under its USB interface in sysfs.
+    pub fn bridge_interface(&self) -> Option<String> {
+        if !self.is_can_bridge() {
+            return None;
+        }
+        let dev = self.usb_device.as_deref()?;
+        let dev = if dev.starts_with("/sys/") { dev.to_string() } else { format!("/sys{dev}") };
+        let name = dev.rsplit('/').next()?.to_string();
+        let rd = std::fs::read_dir(&dev).ok()?;
+        rd.flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}:")))
+            .find_map(|e| std::fs::read_dir(e.path().join("net")).ok()?.flatten().next())
+            .map(|n| n.file_name().to_string_lossy().into_owned())
     }
 
     /// The by-id file name without its directory, if there is one.
@@ -388,6 +440,34 @@ mod tests {
         assert_eq!(id.mode, Mode::RomBootloader);
         assert_eq!(id.rom_bootloader, Some("STM32 ROM DFU"));
         assert_eq!(id.vendor_id.as_deref(), Some("0483"));
+    }
+
+    #[test]
+    fn a_usb_to_can_bridge_runs_klipper_and_has_a_uuid() {
+        let props = [
+            ("PRODUCT", "1d50/606f/100"),
+            ("DEVTYPE", "usb_device"),
+            ("ID_VENDOR_ID", "1d50"),
+            ("ID_MODEL_ID", "606f"),
+            ("ID_MODEL", "stm32g0b1xx"),
+            ("ID_VENDOR", "Klipper"),
+            ("ID_SERIAL_SHORT", "2D0028000B51333234383230"),
+        ];
+        let rec = DeviceRecord {
+            syspath: "/sys/devices/platform/dummy_hcd.3/usb4/4-1".into(),
+            subsystem: "usb".into(),
+            devnode: Some("/dev/bus/usb/004/002".into()),
+            properties: props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let id = BoardIdentity::from_record(&rec).unwrap();
+        assert!(id.is_can_bridge());
+        assert_eq!((id.mode, id.mcu.as_deref(), id.devnode.as_deref()), (Mode::Klipper, Some("stm32g0b1xx"), None));
+        assert_eq!(id.bridge_uuid().map(|u| u.to_string()).as_deref(), Some("f3f4159b80a6"));
+        // Its Katapult on USB is the same board.
+        let boot =
+            BoardIdentity::from_record(&tty("katapult", "1d50", "6177", "stm32g0b1xx", "2D0028000B51333234383230", 1))
+                .unwrap();
+        assert!(id.same_board(&boot) && boot.same_board(&id) && !boot.is_can_bridge());
     }
 
     #[test]

@@ -1153,6 +1153,18 @@ async fn devices(dir: &std::path::Path, json: bool) -> Result<()> {
             );
         }
     }
+    if !view.bridges.is_empty() {
+        println!("\nUSB-to-CAN bridges (gs_usb):");
+        for b in &view.bridges {
+            println!(
+                "  {:<20} {:<12} uuid {:<14} provides {}",
+                b.key.as_deref().unwrap_or("(unregistered)"),
+                b.mcu.as_deref().unwrap_or("-"),
+                b.canbus_uuid.as_deref().unwrap_or("? (custom serial)"),
+                b.interface.as_deref().unwrap_or("no interface yet")
+            );
+        }
+    }
     if !view.other.is_empty() {
         println!("\nOther serial devices (not eligible):");
         for o in &view.other {

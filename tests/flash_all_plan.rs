@@ -115,6 +115,8 @@ fn board(key: &str, running: &str, host: &str) -> PlanBoard {
         relation: None,
         outdated: Some(running != host),
         build: None,
+        behind: None,
+        provides: None,
     }
 }
 

@@ -34,6 +34,10 @@ pub struct RegisteredRow {
     /// (`kflash config KEY`); flash and flash-all refuse the board until then.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_unreviewed: Option<String>,
+    /// A USB-to-CAN bridge: its own UUID and the interface it provides (`uuid f3f4159b80a6,
+    /// provides can0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub can_bridge: Option<String>,
     /// A CAN node: where it is (`can0 uuid 0a1b2c3d4e5f`). Whether it answers is only known
     /// by a query with Klipper stopped (`kflash devices --can`), so `connected` stays false.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -48,8 +52,22 @@ pub struct OtherRow {
     pub reason: String,
 }
 
+/// A connected USB-to-CAN bridge (1d50:606f): its own CAN node and the interface it provides.
+#[derive(Debug, Clone, Serialize)]
+pub struct BridgeRow {
+    pub key: Option<String>,
+    pub mcu: Option<String>,
+    pub serial: Option<String>,
+    /// Computed from the USB serial (a chip id); `None` for a custom serial.
+    pub canbus_uuid: Option<String>,
+    /// The net device under its USB interface (`None` while the driver has not made one).
+    pub interface: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DevicesView {
+    /// USB-to-CAN bridges among the connected devices (registered or not).
+    pub bridges: Vec<BridgeRow>,
     pub registered: Vec<RegisteredRow>,
     /// Klipper/Katapult boards that are connected but not registered.
     pub unregistered: Vec<Board>,
@@ -76,6 +94,10 @@ pub fn devices_view(reg: &Registry, connected: &[Board]) -> DevicesView {
                 by_id: first.and_then(|b| b.identity.by_id.clone()),
                 serial: e.serial.clone().or_else(|| first.and_then(|b| b.identity.serial.clone())),
                 config_unreviewed: reg.unreviewed_profile(&e.key).map(str::to_string),
+                can_bridge: match (e.is_can_bridge(), e.canbus_uuid) {
+                    (true, Some(uuid)) => Some(format!("uuid {uuid}, provides {}", e.can_interface())),
+                    _ => None,
+                },
                 can: match e.locator() {
                     crate::locator::Locator::Can { interface, uuid } => Some(format!("{interface} uuid {uuid}")),
                     crate::locator::Locator::Usb { .. } => None,
@@ -91,7 +113,18 @@ pub fn devices_view(reg: &Registry, connected: &[Board]) -> DevicesView {
             Some(reason) => other.push(OtherRow { board: b.clone(), reason }),
         }
     }
-    DevicesView { registered, unregistered, other }
+    let bridges = connected
+        .iter()
+        .filter(|b| b.identity.is_can_bridge())
+        .map(|b| BridgeRow {
+            key: b.key.clone(),
+            mcu: b.identity.mcu.clone(),
+            serial: b.identity.serial.clone(),
+            canbus_uuid: b.identity.bridge_uuid().map(|u| u.to_string()),
+            interface: b.identity.bridge_interface(),
+        })
+        .collect();
+    DevicesView { bridges, registered, unregistered, other }
 }
 
 /// Why a connected device cannot be registered, or `None` if it can.
@@ -177,6 +210,15 @@ pub fn add_board(reg: &mut Registry, board: &Board, req: &AddRequest) -> Result<
     if !reported.is_empty() && !crate::registry::mcu_compatible(&mcu, &reported) {
         return Err(Error::InvalidInput(format!("the device reports MCU {reported}, not {mcu}")));
     }
+    // A USB-to-CAN bridge is also a CAN node, and provides the interface its boards are on.
+    let bridge = board.identity.is_can_bridge();
+    if bridge && board.identity.bridge_uuid().is_none() {
+        return Err(Error::InvalidInput(
+            "this USB-to-CAN bridge has a custom USB serial, so its CAN UUID cannot be computed: register it with \
+             `kflash add --canbus-uuid UUID` from `kflash devices --can`"
+                .into(),
+        ));
+    }
     let entry = BoardEntry {
         key,
         name: name.to_string(),
@@ -185,8 +227,8 @@ pub fn add_board(reg: &mut Registry, board: &Board, req: &AddRequest) -> Result<
         serial_pattern: board.identity.by_id_name().map(serial_pattern_for),
         flash_method: req.flash_method,
         flashable: !req.exclude,
-        canbus_uuid: None,
-        can_interface: None,
+        canbus_uuid: board.identity.bridge_uuid(),
+        can_interface: bridge.then(|| board.identity.bridge_interface()).flatten(),
     };
     reg.add(entry.clone())?;
     Ok(entry)
@@ -230,4 +272,46 @@ pub fn add_can_board(
     };
     reg.add(entry.clone())?;
     Ok(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{BoardIdentity, DeviceRecord};
+
+    fn bridge(serial: &str) -> Board {
+        let props = [
+            ("PRODUCT", "1d50/606f/100"),
+            ("ID_VENDOR_ID", "1d50"),
+            ("ID_MODEL_ID", "606f"),
+            ("ID_MODEL", "stm32g0b1xx"),
+            ("ID_SERIAL_SHORT", serial),
+        ];
+        let rec = DeviceRecord {
+            syspath: "/sys/devices/platform/dummy_hcd.9/usb10/10-1".into(),
+            subsystem: "usb".into(),
+            devnode: None,
+            properties: props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        Board { identity: BoardIdentity::from_record(&rec).unwrap(), key: None }
+    }
+
+    #[test]
+    fn a_bridge_is_listed_and_registered_with_its_uuid_and_interface() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reg = Registry::open(dir.path()).unwrap();
+        let b = bridge("2D0028000B51333234383230");
+        let view = devices_view(&reg, std::slice::from_ref(&b));
+        assert_eq!(view.unregistered.len(), 1, "a bridge runs Klipper: it can be added");
+        assert_eq!(view.bridges[0].canbus_uuid.as_deref(), Some("f3f4159b80a6"));
+        assert_eq!(view.bridges[0].interface, None, "no such device in this sysfs");
+        let entry = add_board(&mut reg, &b, &AddRequest { name: "U2C".into(), ..Default::default() }).unwrap();
+        assert_eq!(entry.canbus_uuid.map(|u| u.to_string()).as_deref(), Some("f3f4159b80a6"));
+        assert!(entry.is_can_bridge() && entry.can_interface() == "can0", "{entry:?}");
+        assert_eq!(entry.mcu, "stm32g0b1xx");
+        // A custom serial has no UUID to compute: said, with the way out.
+        let err = add_board(&mut reg, &bridge("my-bridge"), &AddRequest { name: "Other".into(), ..Default::default() })
+            .unwrap_err();
+        assert!(err.to_string().contains("--canbus-uuid"), "{err}");
+    }
 }

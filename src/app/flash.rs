@@ -145,6 +145,7 @@ pub async fn flash_one(
         key: key.to_string(),
         in_bootloader: false,
         methods: methods_for(&entry, method, reg.settings.allow_flash_fallback),
+        after: vec![],
     }];
     let policy = Policy { flash_current: opts.force, ..Policy::new(&reg.settings.timeouts) };
     let (machine, first) = Machine::new(plan, policy, Instant::now().into_std());

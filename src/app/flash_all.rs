@@ -96,6 +96,12 @@ pub struct PlanBoard {
     /// What its build would do (`--dry-run` only: [`probe_builds`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub build: Option<PlannedBuild>,
+    /// A CAN node: the interface it is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub behind: Option<String>,
+    /// A USB-to-CAN bridge: the interface it provides (flashed after every board on it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provides: Option<String>,
 }
 
 /// What a board's build would do, found without building.
@@ -266,9 +272,14 @@ pub async fn plan(reg: &Registry, hp: &Hotplug, skip_unconfigured: bool) -> Resu
     let mut planned = Vec::new();
     for (entry, board) in boards {
         let mode = board.as_ref().map(|b| b.identity.mode).unwrap_or(Mode::Klipper);
+        let bridge_uuid = entry.canbus_uuid.filter(|_| entry.is_can_bridge());
         let running = match (&versions, &board, entry.locator()) {
             (Versions::Klippy, _, crate::locator::Locator::Can { uuid, .. }) => {
                 Whereabouts::Can(uuid).running_version(&mr).await.ok().flatten()
+            }
+            // A bridge is in printer.cfg by its CAN UUID.
+            (Versions::Klippy, _, _) if bridge_uuid.is_some() && mode == Mode::Klipper => {
+                Whereabouts::Can(bridge_uuid.expect("a bridge")).running_version(&mr).await.ok().flatten()
             }
             (Versions::Klippy, Some(board), _) if mode == Mode::Klipper => {
                 running_version(&mr, board).await.ok().flatten()
@@ -293,6 +304,11 @@ pub async fn plan(reg: &Registry, hp: &Hotplug, skip_unconfigured: bool) -> Resu
             relation,
             outdated,
             build: None,
+            behind: match entry.locator() {
+                crate::locator::Locator::Can { interface, .. } => Some(interface),
+                crate::locator::Locator::Usb { .. } => None,
+            },
+            provides: entry.is_can_bridge().then(|| entry.can_interface().to_string()),
         });
     }
     Ok(FlashAllPlan { host_version, versions, boards: order(planned), left_out, tree: Some(tree) })
@@ -315,9 +331,11 @@ pub async fn probe_builds(reg: &Registry, plan: &mut FlashAllPlan, no_build: boo
 
 /// The flash order: the registry's order, with boards found in their bootloader first (they
 /// need no bootloader request, and an interrupted flash is finished soonest). A USB-to-CAN
-/// bridge will go last, after the boards behind it (CAN comes in a later step).
+/// bridge goes after every board behind it: its reboot takes their bus away.
 fn order(mut boards: Vec<PlanBoard>) -> Vec<PlanBoard> {
-    boards.sort_by_key(|b| b.mode != Mode::Katapult);
+    let buses: Vec<String> = boards.iter().filter_map(|b| b.behind.clone()).collect();
+    let last = |b: &PlanBoard| b.provides.as_ref().is_some_and(|i| buses.contains(i));
+    boards.sort_by_key(|b| (last(b), b.mode != Mode::Katapult));
     boards
 }
 
@@ -414,7 +432,12 @@ pub async fn run(
         let entry = reg.get(&b.key)?.clone();
         let methods = methods_for(&entry, b.method, reg.settings.allow_flash_fallback);
         work.push(BoardWork::new(entry, b.method));
-        machine_plan.push(PlannedBoard { key: b.key.clone(), in_bootloader: b.mode == Mode::Katapult, methods });
+        // A bridge waits for every planned board behind it.
+        let after = match &b.provides {
+            Some(i) => plan.boards.iter().filter(|o| o.behind.as_ref() == Some(i)).map(|o| o.key.clone()).collect(),
+            None => vec![],
+        };
+        machine_plan.push(PlannedBoard { key: b.key.clone(), in_bootloader: b.mode == Mode::Katapult, methods, after });
     }
     let effects = FlashEffects::new(reg, hp, &flash_opts, state_dir, reason, &rep, work);
     let policy = Policy {
@@ -531,5 +554,37 @@ mod tests {
         assert_eq!(build_budget(1, 3, 4), (1, 4), "never more builds than boards");
         assert_eq!(build_budget(3, 3, 2), (3, 1), "at least one job each");
         assert_eq!(build_budget(3, 0, 4).0, 2, "by default half the jobs, in builds");
+    }
+
+    fn planned(key: &str, mode: Mode, behind: Option<&str>, provides: Option<&str>) -> PlanBoard {
+        PlanBoard {
+            key: key.into(),
+            name: key.into(),
+            mcu: "stm32g0b1xx".into(),
+            mode,
+            method: FlashMethod::Katapult,
+            running: None,
+            relation: None,
+            outdated: None,
+            build: None,
+            behind: behind.map(Into::into),
+            provides: provides.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_bridge_goes_after_the_boards_behind_it() {
+        let keys = |b: Vec<PlanBoard>| b.into_iter().map(|b| b.key).collect::<Vec<_>>();
+        let plan = vec![
+            planned("u2c", Mode::Klipper, None, Some("can0")),
+            planned("ebb", Mode::Klipper, Some("can0"), None),
+            planned("octopus", Mode::Katapult, None, None),
+            planned("sb", Mode::Klipper, Some("can0"), None),
+        ];
+        assert_eq!(keys(order(plan)), ["octopus", "ebb", "sb", "u2c"]);
+        // Nobody behind it on this run: a bridge is just a USB board.
+        let plan =
+            vec![planned("u2c", Mode::Klipper, None, Some("can0")), planned("ebb", Mode::Klipper, Some("can1"), None)];
+        assert_eq!(keys(order(plan)), ["u2c", "ebb"]);
     }
 }

@@ -121,6 +121,11 @@ pub(crate) struct BoardWork {
     can_lock: Option<InterfaceLock>,
     /// The other nodes that answered while this one was awaited in Katapult.
     can_known: Vec<AdminReply>,
+    /// A USB-to-CAN bridge: its own node, on the interface it provides (found and written
+    /// as a USB board; asked for its bootloader and identified over CAN).
+    pub bridge: Option<CanTarget>,
+    /// The bitrate to bring the bridge's interface up at, if nothing else does.
+    bridge_bitrate: Option<u32>,
     /// The step's own error, and whether it came from a write (the first write error is kept
     /// when another method is tried).
     error: Option<(bool, Error)>,
@@ -134,10 +139,16 @@ impl BoardWork {
             Locator::Can { interface, uuid } => Some(CanTarget { interface, uuid }),
             Locator::Usb { .. } => None,
         };
+        let bridge = match (entry.is_can_bridge(), entry.canbus_uuid) {
+            (true, Some(uuid)) => Some(CanTarget { interface: entry.can_interface().to_string(), uuid }),
+            _ => None,
+        };
         BoardWork {
             can,
             can_lock: None,
             can_known: Vec::new(),
+            bridge,
+            bridge_bitrate: None,
             entry,
             method,
             built: None,
@@ -326,6 +337,10 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
                 result: result.map_err(|e| self.board_error(key, e, false)),
             };
         }
+        if let Some(target) = self.with(key, |b| b.bridge.clone()) {
+            let bitrate = self.bus_bitrate(&target.interface, &built);
+            self.with(key, |b| b.bridge_bitrate = bitrate);
+        }
         match find_connected(self.hp, &entry) {
             Ok(board) => {
                 // Found waiting in Katapult: that is where the write starts.
@@ -411,6 +426,9 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         if let Some(target) = self.with(key, |b| b.can.clone()) {
             return self.enter_bootloader_can(key, &target).await;
         }
+        if let Some(target) = self.with(key, |b| b.bridge.clone()) {
+            return self.enter_bootloader_bridge(key, &target).await;
+        }
         // Resolved again now that Klipper is stopped: it may have been replugged meanwhile.
         let entry = self.with(key, |b| b.entry.clone());
         let board = match find_connected(self.hp, &entry) {
@@ -458,6 +476,150 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             },
         );
         Ok(())
+    }
+
+    /// The bus bitrate behind a bridge: the cached configs of the CAN boards on its interface,
+    /// else the bridge's own `CONFIG_CANBUS_FREQUENCY`.
+    fn bus_bitrate(&self, interface: &str, own: &BuildOutcome) -> Option<u32> {
+        let freq = |text: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix("CONFIG_CANBUS_FREQUENCY="))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        };
+        self.reg
+            .boards()
+            .filter(|e| matches!(e.locator(), Locator::Can { interface: i, .. } if i == interface))
+            .find_map(|e| freq(&std::fs::read_to_string(self.reg.config_path(&e.key)).ok()?))
+            .or_else(|| own.config.get("CONFIG_CANBUS_FREQUENCY").and_then(|f| f.trim().parse().ok()))
+    }
+
+    /// A bridge: the interface's turn, the bootloader request to its own node by UUID, then
+    /// the same board on USB in Katapult (or named in its ROM bootloader), by udev event.
+    async fn enter_bootloader_bridge(&self, key: &str, target: &CanTarget) -> Input {
+        let t = StdInstant::now();
+        let entry = self.with(key, |b| b.entry.clone());
+        let board = match find_connected(self.hp, &entry) {
+            Ok(board) => board,
+            Err(e) => return Input::BoardFailed { key: key.into(), cause: self.board_error(key, e, false) },
+        };
+        self.with(key, |b| b.board = Some(board.clone()));
+        let lock = InterfaceLock::acquire(&self.state_dir, &target.interface, || {
+            self.rep.board(key, EventKind::CanInterfaceBusy { interface: target.interface.clone() })
+        })
+        .await;
+        match lock {
+            Ok(lock) => self.with(key, |b| b.can_lock = Some(lock)),
+            Err(e) => return Input::BoardFailed { key: key.into(), cause: self.board_error(key, e, false) },
+        }
+        let fail = |e: Error| {
+            self.with(key, |b| b.can_lock = None);
+            Input::BoardFailed { key: key.into(), cause: self.board_error(key, e, false) }
+        };
+        let original = board.identity.clone();
+        // Armed before the request: the bridge can be back before this task runs again.
+        let waiter = self.hp.arm("the bridge in its bootloader", move |b| {
+            b.identity.same_board(&original) && matches!(b.identity.mode, Mode::Katapult | Mode::RomBootloader)
+        });
+        self.rep.board(
+            key,
+            EventKind::CanBootloaderRequested { interface: target.interface.clone(), uuid: target.uuid.to_string() },
+        );
+        let sent = match target.open() {
+            Ok(socket) => crate::flash::bridge::request_bootloader(socket, &target.interface, target.uuid)
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            return fail(e);
+        }
+        let found = match waiter.until(Instant::now() + self.secs(|t| t.bootloader_secs)).await {
+            Ok(b) => b,
+            Err(Error::Timeout { secs, .. }) => {
+                return fail(
+                    FlashError::NoBootloader(format!(
+                        "the bridge did not show up in Katapult on USB within {secs:.1} s after the bootloader request \
+                         on {}",
+                        target.interface
+                    ))
+                    .into(),
+                )
+            }
+            Err(e) => return fail(e),
+        };
+        if found.identity.mode != Mode::Katapult {
+            let id = &found.identity;
+            return fail(
+                crate::can::CanError::BridgeInRom {
+                    name: id.rom_bootloader.unwrap_or("a ROM bootloader").to_string(),
+                    vid_pid: format!(
+                        "{}:{}",
+                        id.vendor_id.as_deref().unwrap_or("?"),
+                        id.product_id.as_deref().unwrap_or("?")
+                    ),
+                    interface: target.interface.clone(),
+                }
+                .into(),
+            );
+        }
+        let devnode = found.identity.devnode.clone();
+        let secs = t.elapsed().as_secs_f64();
+        self.rep.board(key, EventKind::InBootloader { devnode, secs });
+        self.with(key, |b| {
+            b.timings.bootloader = Some(secs);
+            b.boot = Some(found);
+        });
+        Input::DeviceAppeared { key: key.into(), mode: Mode::Katapult }
+    }
+
+    /// A bridge after its write: the same board back on USB running Klipper, then its
+    /// interface back and UP (others get a grace to bring it up, then kflash does).
+    async fn await_application_bridge(&self, key: &str, target: &CanTarget) -> Input {
+        let board = self.with(key, |b| b.board.clone()).expect("a flashed bridge was found connected");
+        let t = StdInstant::now();
+        self.rep.board(key, EventKind::AwaitingApplication);
+        let deadline = Instant::now() + self.secs(|t| t.reconnect_secs);
+        let fail = |e: Error| {
+            self.with(key, |b| b.can_lock = None);
+            Input::BoardFailed { key: key.into(), cause: self.board_error(key, e, false) }
+        };
+        let back = match usb::await_application(self.hp, &board.identity, deadline).await {
+            Ok(back) => back,
+            Err(e) => return fail(e.into()),
+        };
+        self.rep.board(
+            key,
+            EventKind::BackInApplication {
+                devnode: Some(format!("USB {}", back.identity.syspath)),
+                secs: t.elapsed().as_secs_f64(),
+            },
+        );
+        let bitrate = self.with(key, |b| b.bridge_bitrate);
+        let up = t.elapsed();
+        match crate::flash::bridge::await_interface_up(&target.interface, bitrate, deadline).await {
+            Ok(by) => {
+                let by_kflash = match by {
+                    crate::flash::bridge::BroughtUp::Kflash { bitrate } => Some(bitrate),
+                    crate::flash::bridge::BroughtUp::Others => None,
+                };
+                let secs = (t.elapsed() - up).as_secs_f64();
+                self.rep.board(
+                    key,
+                    EventKind::CanInterfaceBack {
+                        interface: target.interface.clone(),
+                        by_kflash: by_kflash.is_some(),
+                        bitrate: by_kflash,
+                        secs,
+                    },
+                );
+                self.with(key, |b| {
+                    b.timings.reconnect = Some(t.elapsed().as_secs_f64());
+                    b.back = Some(back);
+                });
+                Input::DeviceAppeared { key: key.into(), mode: Mode::Klipper }
+            }
+            Err(e) => fail(e.into()),
+        }
     }
 
     /// The interface's turn, then the bootloader request by UUID and Katapult's answer.
@@ -654,6 +816,9 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         if let Some(target) = self.with(key, |b| b.can.clone()) {
             return self.await_application_can(key, &target).await;
         }
+        if let Some(target) = self.with(key, |b| b.bridge.clone()) {
+            return self.await_application_bridge(key, &target).await;
+        }
         let board = self.with(key, |b| b.board.clone()).expect("a flashed board was found connected");
         let t = StdInstant::now();
         self.rep.board(key, EventKind::AwaitingApplication);
@@ -695,19 +860,26 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
             };
         }
         let boot = self.with(key, |b| b.boot.clone()).expect("in Katapult");
+        let (bridge, bitrate) = self.with(key, |b| (b.bridge.clone(), b.bridge_bitrate));
         let started = async {
             KatapultSession::open(boot.identity.devnode.as_deref())?.start_application().await?;
             let deadline = Instant::now() + self.secs(|t| t.reconnect_secs);
-            usb::await_application(self.hp, &boot.identity, deadline).await
+            usb::await_application(self.hp, &boot.identity, deadline).await?;
+            // A bridge's boards are reachable again only once its interface is UP.
+            if let Some(t) = bridge {
+                crate::flash::bridge::await_interface_up(&t.interface, bitrate, deadline).await?;
+                self.with(key, |b| b.can_lock = None);
+            }
+            Ok::<(), Error>(())
         };
         match started.await {
-            Ok(_) => {
+            Ok(()) => {
                 self.rep.board(key, EventKind::SentBack);
                 Input::DeviceAppeared { key: key.into(), mode: Mode::Klipper }
             }
             Err(e) => {
                 self.rep.board(key, EventKind::LeftInBootloader { error: e.to_string() });
-                Input::BoardFailed { key: key.into(), cause: cause_of(&e.into()) }
+                Input::BoardFailed { key: key.into(), cause: cause_of(&e) }
             }
         }
     }
@@ -719,7 +891,7 @@ impl<'a, 'r> FlashEffects<'a, 'r> {
         let t = StdInstant::now();
         self.rep.board(key, EventKind::Identifying);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let read = match self.with(key, |b| b.can.clone()) {
+        let read = match self.with(key, |b| b.can.clone().or_else(|| b.bridge.clone())) {
             Some(target) => {
                 let read = match target.open() {
                     Ok(socket) => can::identify(socket, &target, deadline).await,
@@ -962,7 +1134,8 @@ pub enum Whereabouts {
 
 impl Whereabouts {
     fn of(b: &BoardWork) -> Option<Whereabouts> {
-        match (&b.can, &b.board) {
+        // A bridge is in printer.cfg by its CAN UUID, like the boards behind it.
+        match (b.can.as_ref().or(b.bridge.as_ref()), &b.board) {
             (Some(t), _) => Some(Whereabouts::Can(t.uuid)),
             (None, Some(board)) => Some(Whereabouts::Usb(Box::new(board.clone()))),
             (None, None) => None,

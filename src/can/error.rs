@@ -52,6 +52,21 @@ pub enum CanError {
 
     #[error("method {method} cannot flash a CAN node; kflash writes over CAN itself (method katapult)")]
     MethodUnsupported { method: &'static str },
+
+    /// The USB-to-CAN bridge is back on USB, but its CAN interface did not appear.
+    #[error("the USB-to-CAN bridge is back, but CAN interface {interface} did not appear within {secs:.1} s")]
+    BridgeInterfaceMissing { interface: String, secs: f64 },
+
+    /// Nobody brought the bridge's interface up, and kflash could not either.
+    #[error("CAN interface {interface} of the USB-to-CAN bridge could not be brought up: {message}")]
+    BridgeBringUp { interface: String, bitrate: Option<u32>, message: String },
+
+    /// The bridge answered the bootloader request by landing in its chip's ROM bootloader.
+    #[error(
+        "the USB-to-CAN bridge landed in {name} ({vid_pid}) instead of Katapult: {interface} and every board behind \
+         it are gone until it runs Klipper again"
+    )]
+    BridgeInRom { name: String, vid_pid: String, interface: String },
 }
 
 fn seen_note(seen: &Option<CanApp>, others: &[String]) -> String {
@@ -85,6 +100,8 @@ impl CanError {
         matches!(
             self,
             CanError::InterfaceMissing { .. }
+                | CanError::BridgeInterfaceMissing { .. }
+                | CanError::BridgeBringUp { .. }
                 | CanError::InterfaceDown { .. }
                 | CanError::TxQueueShort { .. }
                 | CanError::BitrateMismatch { .. }
@@ -141,6 +158,18 @@ impl CanError {
             }
             CanError::Io { interface, .. } => format!("check `ip -details link show {interface}`"),
             CanError::MethodUnsupported { .. } => "run `kflash set KEY --method katapult`".into(),
+            CanError::BridgeInterfaceMissing { interface, .. } => format!(
+                "check `dmesg` for the gs_usb driver and `ip link` for the interface's name (a second adapter may have \
+                 taken {interface}: set `kflash set KEY --can-interface NAME`); power-cycle the bridge if it stays away"
+            ),
+            CanError::BridgeBringUp { interface, bitrate, .. } => {
+                format!("bring it up yourself: `{}` and `sudo ip link set {interface} txqueuelen 128`", up_command(interface, *bitrate))
+            }
+            CanError::BridgeInRom { .. } => "the bridge has no working Katapult: write Klipper with the ROM's DFU \
+                 (`make flash FLASH_DEVICE=0483:df11` in the Klipper tree, or `dfu-util -a 0 -d 0483:df11 -s \
+                 0x08000000:leave -D out/klipper.bin` with Katapult's offset if you keep it), or press its reset / \
+                 power-cycle it to leave the ROM and boot the firmware it had; then run `kflash flash-all` again"
+                .into(),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod frame;
 pub mod link;
 pub mod lock;
+pub mod netlink;
 pub mod preflight;
 pub mod socket;
 pub mod stream;

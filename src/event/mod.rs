@@ -210,6 +210,14 @@ pub enum EventKind {
         interface: String,
         uuid: String,
     },
+    /// A USB-to-CAN bridge's CAN interface is back and UP after its reflash: brought up by
+    /// kflash (at `bitrate`, txqueuelen 128) or by the system (networkd, ifupdown).
+    CanInterfaceBack {
+        interface: String,
+        by_kflash: bool,
+        bitrate: Option<u32>,
+        secs: f64,
+    },
     BootloaderRequested,
     InBootloader {
         devnode: Option<String>,

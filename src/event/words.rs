@@ -214,6 +214,14 @@ pub fn describe(kind: &EventKind) -> Vec<Line> {
         K::CanBootloaderRequested { interface, uuid } => {
             one(Line::new(Bootloader, Begin, format!("requesting the bootloader of CAN node {uuid} on {interface}")))
         }
+        K::CanInterfaceBack { interface, by_kflash, bitrate, secs } => {
+            let how = match (by_kflash, bitrate) {
+                (true, Some(b)) => format!("brought up by kflash at {b} bit/s, txqueuelen 128"),
+                (true, None) => "brought up by kflash".to_string(),
+                (false, _) => "up".to_string(),
+            };
+            one(Line::new(Verify, Done, format!("CAN interface {interface} is back and {how}")).took(*secs))
+        }
         K::BootloaderRequested => one(Line::new(Bootloader, Begin, "requesting the bootloader (1200 baud)")),
         K::InBootloader { devnode, secs } => {
             one(Line::new(Bootloader, Done, format!("in Katapult at {}", devnode.as_deref().unwrap_or("?")))

@@ -136,7 +136,12 @@ impl Effects for Script {
 
 fn plan(n: usize) -> Vec<PlannedBoard> {
     (0..n)
-        .map(|i| PlannedBoard { key: format!("b{i}"), in_bootloader: false, methods: vec![FlashMethod::Katapult] })
+        .map(|i| PlannedBoard {
+            key: format!("b{i}"),
+            in_bootloader: false,
+            methods: vec![FlashMethod::Katapult],
+            after: vec![],
+        })
         .collect()
 }
 

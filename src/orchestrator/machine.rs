@@ -92,6 +92,9 @@ pub struct PlannedBoard {
     pub in_bootloader: bool,
     /// The methods to try, in order: the board's own, then the allowed fallbacks.
     pub methods: Vec<FlashMethod>,
+    /// Boards whose flash must be over before this one starts: those behind a USB-to-CAN
+    /// bridge, whose reboot takes their bus away.
+    pub after: Vec<String>,
 }
 
 /// Where the run is.
@@ -959,7 +962,7 @@ impl Machine {
                 if busy >= self.policy.parallel {
                     break;
                 }
-                if self.boards[i].state != BoardState::Built {
+                if self.boards[i].state != BoardState::Built || self.waits_for_others(i) {
                     continue;
                 }
                 busy += 1;
@@ -977,6 +980,17 @@ impl Machine {
         if finished {
             self.start_klipper(stopped);
         }
+    }
+
+    /// Whether a board its plan puts after is still to be flashed or being flashed.
+    fn waits_for_others(&self, i: usize) -> bool {
+        self.boards[i].plan.after.iter().any(|key| {
+            self.boards.iter().any(|b| {
+                &b.plan.key == key
+                    && (b.state.is_flashing()
+                        || matches!(b.state, BoardState::Queued | BoardState::Building | BoardState::Built))
+            })
+        })
     }
 
     /// The one place that starts Klipper: only from `Stopped`, which it leaves for good.

@@ -15,7 +15,7 @@ const NEW: &str = "v0.13.0-1-gnew";
 const OLD: &str = "v0.12.0-1-gold";
 
 fn board(key: &str) -> PlannedBoard {
-    PlannedBoard { key: key.into(), in_bootloader: false, methods: vec![FlashMethod::Katapult] }
+    PlannedBoard { key: key.into(), in_bootloader: false, methods: vec![FlashMethod::Katapult], after: vec![] }
 }
 
 fn policy() -> Policy {
@@ -793,6 +793,7 @@ fn random_run(n: usize, parallel: usize, builds: usize, flags: u8, cancel_at: Op
             } else {
                 vec![FlashMethod::Katapult]
             },
+            after: vec![],
         })
         .collect();
     let keys: Vec<String> = plan.iter().map(|p| p.key.clone()).collect();
@@ -930,4 +931,32 @@ proptest! {
     ) {
         random_run(n, parallel, builds, flags, cancel_at, choices);
     }
+}
+
+#[test]
+fn a_bridge_waits_for_every_board_behind_it_even_with_boards_in_parallel() {
+    // Planned first on purpose: the machine holds the bridge back, not only the plan's order.
+    let bridge = PlannedBoard { after: vec!["ebb".into(), "sb".into()], ..board("bridge") };
+    let mut r = Run::new(vec![bridge, board("ebb"), board("sb")], Policy { parallel: 3, ..policy() });
+    r.stopped(&[]);
+    assert_eq!(r.state("bridge"), BoardState::Built);
+    assert_eq!((r.state("ebb"), r.state("sb")), (BoardState::AwaitingBootloader, BoardState::AwaitingBootloader));
+    r.flash("ebb");
+    assert_eq!(r.state("bridge"), BoardState::Built, "sb is still being flashed");
+    // A board behind it that fails is over too: the bridge goes on.
+    r.after(Duration::from_secs(1), Input::BoardFailed { key: "sb".into(), cause: err("no Katapult") });
+    assert_eq!(r.state("bridge"), BoardState::AwaitingBootloader);
+    assert!(!r.said.contains(&Command::StartKlipper), "Klipper waits for the bridge: its bus is down meanwhile");
+    // Back in Klipper means its interface is back and UP (the effect awaits both).
+    r.flash("bridge");
+    r.started();
+    let order: Vec<&str> = r
+        .said
+        .iter()
+        .filter_map(|c| match c {
+            Command::EnterBootloader { key } => Some(key.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, ["ebb", "sb", "bridge"]);
 }

@@ -320,7 +320,11 @@ pub fn print_plan(plan: &FlashAllPlan) {
             };
             t.add_row([
                 (i + 1).to_string(),
-                format!("{} ({})", b.key, b.name),
+                match (&b.provides, &b.behind) {
+                    (Some(i), _) => format!("{} ({}), USB-to-CAN bridge for {i}", b.key, b.name),
+                    (_, Some(i)) => format!("{} ({}) on {i}", b.key, b.name),
+                    _ => format!("{} ({})", b.key, b.name),
+                },
                 b.mcu.clone(),
                 b.mode.as_str().to_string(),
                 b.method.as_str().to_string(),

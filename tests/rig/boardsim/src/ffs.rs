@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context, Result};
 use socketcan::{CanSocket, EmbeddedFrame, Frame, Id, Socket, StandardId};
 
+use crate::bridgesim::OwnNode;
 use crate::dfu::{Reply, Setup};
 use crate::gadget::CONFIGFS_GADGETS;
 use crate::gsusb::{interface_descriptors, GsEvent, GsUsbDevice, HostFrame, HOST_FRAME_LEN};
@@ -47,6 +48,7 @@ pub type Log = Arc<dyn Fn(serde_json::Value) + Send + Sync>;
 pub struct Bridge {
     dir: PathBuf,
     mount: PathBuf,
+    udc: String,
 }
 
 /// The FunctionFS descriptor blob: full- and high-speed, one interface, two bulk endpoints.
@@ -93,13 +95,13 @@ fn mount_functionfs(name: &str, dir: &Path) -> Result<()> {
 
 impl Bridge {
     /// Create the gadget, serve it, bind it to its UDC: the host enumerates it now.
-    pub fn plug(usb: &BridgeUsb, wire: &str, log: Log) -> Result<Bridge> {
+    pub fn plug(usb: &BridgeUsb, wire: &str, log: Log, own: Arc<Mutex<OwnNode>>) -> Result<Bridge> {
         let dir = Path::new(CONFIGFS_GADGETS).join("kflash-bridge");
         if dir.exists() {
             bail!("{} exists: another bridge runs (or a stale one: remove it)", dir.display());
         }
         let mount = PathBuf::from("/run/kflash-boardsim/ffs-bridge");
-        let mut bridge = Bridge { dir: dir.clone(), mount: PathBuf::new() };
+        let mut bridge = Bridge { dir: dir.clone(), mount: PathBuf::new(), udc: usb.udc.clone() };
         fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         write_attr(&dir.join("idVendor"), "0x1d50")?;
         write_attr(&dir.join("idProduct"), "0x606f")?;
@@ -132,11 +134,24 @@ impl Bridge {
         spawn("bridge-out", {
             let (device, ep_in, log) = (device.clone(), ep_in.clone(), log.clone());
             let socket = CanSocket::open(wire)?;
-            move || host_to_wire(ep_out, ep_in, socket, device, log)
+            move || host_to_wire(ep_out, ep_in, socket, device, own, log)
         })?;
         spawn("bridge-in", move || wire_to_host(socket, ep_in, device, log))?;
         write_attr(&dir.join("UDC"), &usb.udc)?;
         Ok(bridge)
+    }
+}
+
+impl Bridge {
+    /// The firmware reboots: the device leaves the bus (FunctionFS keeps its endpoints, whose
+    /// reads wait for the next enable).
+    pub fn unplug(&self) -> Result<()> {
+        write_attr(&self.dir.join("UDC"), "\n")
+    }
+
+    /// The firmware is back: the host enumerates the gs_usb device again.
+    pub fn replug(&self) -> Result<()> {
+        write_attr(&self.dir.join("UDC"), &self.udc)
     }
 }
 
@@ -228,7 +243,14 @@ fn answer(ep0: &mut File, s: Setup, device: &Mutex<GsUsbDevice>, log: &Log) -> s
     }
 }
 
-fn host_to_wire(mut ep_out: File, ep_in: Arc<Mutex<File>>, wire: CanSocket, device: Arc<Mutex<GsUsbDevice>>, log: Log) {
+fn host_to_wire(
+    mut ep_out: File,
+    ep_in: Arc<Mutex<File>>,
+    wire: CanSocket,
+    device: Arc<Mutex<GsUsbDevice>>,
+    own: Arc<Mutex<OwnNode>>,
+    log: Log,
+) {
     let mut buf = [0u8; 512];
     loop {
         let n = match ep_out.read(&mut buf) {
@@ -253,6 +275,12 @@ fn host_to_wire(mut ep_out: File, ep_in: Arc<Mutex<File>>, wire: CanSocket, devi
         // The echo completes the driver's transmission (its 10 slots would run out without).
         if let Err(e) = ep_in.lock().expect("ep1").write_all(&frame.encode()) {
             log(serde_json::json!({"event": "bridge-error", "what": format!("echo: {e}")}));
+        }
+        // The bridge's own node hears the host too; its answers go to the host only.
+        for answer in own.lock().expect("own node").host_frame(&frame) {
+            if let Err(e) = ep_in.lock().expect("ep1").write_all(&answer.encode()) {
+                log(serde_json::json!({"event": "bridge-error", "what": format!("own node: {e}")}));
+            }
         }
     }
 }

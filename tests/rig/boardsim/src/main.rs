@@ -1,6 +1,7 @@
 //! kflash-boardsim: simulated Klipper / Katapult boards as real USB gadgets for the kflash
 //! test rig. See ../README.md.
 
+mod bridgesim;
 mod cannode;
 mod canserve;
 mod config;
@@ -119,6 +120,12 @@ enum Cmd {
         serial: String,
         #[arg(long, default_value = "stm32h723xx")]
         product: String,
+        /// The version of Klipper the bridge runs at start (its own CAN node reports it).
+        #[arg(long, default_value = "v0.12.0-old")]
+        version: String,
+        /// `rom-dfu`: a bootloader request lands in the ROM's DFU instead of Katapult.
+        #[arg(long = "fault")]
+        faults: Vec<String>,
     },
     /// Host side, with kflash's CAN code: flash IMAGE into the node UUID on INTERFACE through
     /// Katapult over CAN, then identify it; prints timings and the new version as JSON.
@@ -449,27 +456,16 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::GsUsbBridge { udc, wire, serial, product } => {
+        Cmd::GsUsbBridge { udc, wire, serial, product, version, faults } => {
+            let rom_dfu = match faults.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                [] => false,
+                ["rom-dfu"] => true,
+                _ => return usage(&format!("unknown bridge faults {faults:?} (known: rom-dfu)")),
+            };
             let usb = ffs::BridgeUsb { udc, manufacturer: "Klipper".into(), product, serial };
             let log: ffs::Log = std::sync::Arc::new(|v| outln!("{v}"));
-            let bridge = match ffs::Bridge::plug(&usb, &wire, log) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("kflash-boardsim gs-usb-bridge: {e:#}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            outln!("{}", json!({"event": "ready", "udc": usb.udc, "wire": wire}));
-            runtime().block_on(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            });
-            drop(bridge);
-            ExitCode::SUCCESS
+            let spec = bridgesim::BridgeSpec { usb, wire, version, rom_dfu };
+            exit_code("gs-usb-bridge", runtime().block_on(bridgesim::run(spec, log)))
         }
         Cmd::CanProbe { interface, uuid, image, mcu } => {
             let run = async {
