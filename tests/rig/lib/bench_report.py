@@ -158,9 +158,8 @@ def daemon_section(d):
     return [
         "## 4. The daemon at rest",
         "",
-        f"`kflash daemon` with the {d['boards']} boards registered, connected and identified, Klippy ready",
-        f"(Moonraker pushes its process stats to every websocket client once a second), {d['idle_secs']} s",
-        "with nothing happening:",
+        f"`kflash daemon` with the {d['boards']} boards registered, connected and identified, Klippy ready,",
+        f"{d['idle_secs']} s with nothing happening:",
         "",
         f"- CPU time (utime + stime): {fmt(d['cpu_secs'], ' s', 2)}",
         f"- Resident memory: VmRSS {d['rss_kib']} KiB (anonymous {d['anon_kib']}, file-backed {d['file_kib']}); "
