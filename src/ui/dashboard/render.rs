@@ -141,7 +141,7 @@ fn board_line(b: &BoardRow, selected: bool, p: &Paint, width: usize) -> Line<'st
         Span::raw(format!(
             " {:<12} {:<24} {:<22} ",
             b.mcu,
-            b.serial.as_deref().unwrap_or("-"),
+            b.can.as_ref().map(|c| format!("CAN {c}")).or_else(|| b.serial.clone()).unwrap_or_else(|| "-".into()),
             b.version.as_deref().unwrap_or("-")
         )),
         Span::styled(flags, p.fg(Color::Magenta)),
@@ -204,7 +204,7 @@ fn details_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
     };
     let field = |k: &'static str, v: String| Line::from(vec![Span::styled(format!("{k:<12}"), p.bold()), Span::raw(v)]);
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    let lines = vec![
+    let mut lines = vec![
         field("name", b.name.clone()),
         field("key", b.key.clone()),
         field("MCU", b.mcu.clone()),
@@ -224,6 +224,12 @@ fn details_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
             },
         ),
     ];
+    if let Some(can) = &b.can {
+        lines.insert(6, field("CAN node", can.clone()));
+    }
+    if let Some(why) = &b.reason {
+        lines.push(field("why", why.clone()));
+    }
     f.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }), area);
 }
 
