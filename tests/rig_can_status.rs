@@ -152,7 +152,11 @@ fn can_toolheads_show_current_outdated_and_missing_in_status_daemon_and_watch() 
     }
     let out = c.kflash(&["add", "--from-moonraker", "toolhead"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("[mcu ebb36] (0a1b2c3d4e5f)"), "names what printer.cfg has: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("[mcu ebb36] (0a1b2c3d4e5f)"),
+        "names what printer.cfg has: {}",
+        text(&out.stderr)
+    );
     assert!(services.verbs("klipper").is_empty(), "Klipper untouched: {:?}", services.entries());
 
     // One-shot status.
@@ -168,7 +172,13 @@ fn can_toolheads_show_current_outdated_and_missing_in_status_daemon_and_watch() 
     let mut present: Vec<(String, String, String)> = watch
         .take(2, 20)
         .iter()
-        .map(|r| (r["action"].as_str().unwrap().into(), r["device"].as_str().unwrap().into(), r["state"].as_str().unwrap().into()))
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().into(),
+                r["device"].as_str().unwrap().into(),
+                r["state"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     present.sort();
     assert_eq!(
@@ -201,7 +211,11 @@ fn can_toolheads_show_current_outdated_and_missing_in_status_daemon_and_watch() 
     let once = c.status(None);
     assert_eq!(board(&once, "ebb36")["state"], "missing", "one-shot too: {once}");
     for removed in watch.take(2, 10) {
-        assert_eq!((removed["action"].as_str(), removed["state"].as_str()), (Some("removed"), Some("missing")), "{removed}");
+        assert_eq!(
+            (removed["action"].as_str(), removed["state"].as_str()),
+            (Some("removed"), Some("missing")),
+            "{removed}"
+        );
         assert!(removed["reason"].as_str().unwrap().contains("is down"), "{removed}");
     }
     watch.stop();

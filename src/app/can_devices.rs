@@ -91,7 +91,8 @@ pub struct FromMoonraker {
 /// picked from `nodes` (pure; the error lists what printer.cfg has).
 pub fn pick_configured<'a>(nodes: &'a [ConfiguredNode], wanted: &str) -> Result<&'a ConfiguredNode> {
     let wanted = wanted.trim();
-    let section = if wanted == "mcu" || wanted.starts_with("mcu ") { wanted.to_string() } else { format!("mcu {wanted}") };
+    let section =
+        if wanted == "mcu" || wanted.starts_with("mcu ") { wanted.to_string() } else { format!("mcu {wanted}") };
     if let Some(n) = nodes.iter().find(|n| n.section.eq_ignore_ascii_case(&section)) {
         return Ok(n);
     }
@@ -203,7 +204,13 @@ mod tests {
     use super::*;
 
     fn node(section: &str, uuid: &str) -> ConfiguredNode {
-        ConfiguredNode { section: section.into(), uuid: uuid.parse().unwrap(), mcu: None, version: None, registered: None }
+        ConfiguredNode {
+            section: section.into(),
+            uuid: uuid.parse().unwrap(),
+            mcu: None,
+            version: None,
+            registered: None,
+        }
     }
 
     #[test]

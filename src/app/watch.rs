@@ -294,7 +294,11 @@ mod tests {
         assert_eq!((json["state"].as_str(), json["version"].as_str()), (Some("outdated"), Some("v0.13.0-7-gold")));
         let r = WatchRecord::can(&down, Some(&up), now);
         assert_eq!((r.action.as_str(), r.mode, r.previous_mode), ("removed", None, Some(Mode::Klipper)));
-        assert!(r.text_line().contains("CAN can0 0a1b2c3d4e5f  missing - (the CAN interface can0 is down)"), "{}", r.text_line());
+        assert!(
+            r.text_line().contains("CAN can0 0a1b2c3d4e5f  missing - (the CAN interface can0 is down)"),
+            "{}",
+            r.text_line()
+        );
         assert_eq!(WatchRecord::can(&up, Some(&down), now).action, "added");
     }
 }

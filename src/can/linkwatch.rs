@@ -77,7 +77,11 @@ impl LinkWatch {
     pub fn open() -> io::Result<LinkWatch> {
         // SAFETY: plain socket(2); the fd is owned at once.
         let raw = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, libc::NETLINK_ROUTE)
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
         };
         if raw < 0 {
             return Err(io::Error::last_os_error());
@@ -99,7 +103,9 @@ impl LinkWatch {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(LinkWatch { fd: AsyncFd::new(fd)?, buf: vec![0; 32 * 1024] })
+        // SAFETY: the AsyncFd owns the descriptor; it is deregistered before it is closed on drop.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(LinkWatch { fd, buf: vec![0; 32 * 1024] })
     }
 
     /// The next batch of link changes (never empty). ENOBUFS (the kernel dropped changes

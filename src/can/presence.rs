@@ -42,20 +42,16 @@ pub enum Presence {
 /// looked at.
 pub fn assess(interface: &str, uuid: &CanUuid, link: Option<Link>, klippy: KlippyView<'_>) -> Presence {
     match link {
-        Some(Link::Absent) => {
-            return Presence::Missing {
-                reason: format!(
-                    "the CAN interface {interface} does not exist: plug in the USB-to-CAN adapter or configure {interface}"
-                ),
-            }
-        }
-        Some(Link::Down) => {
-            return Presence::Missing {
-                reason: format!(
-                    "the CAN interface {interface} is down: bring it up (`ip link set {interface} up type can bitrate …`)"
-                ),
-            }
-        }
+        Some(Link::Absent) => return Presence::Missing {
+            reason: format!(
+                "the CAN interface {interface} does not exist: plug in the USB-to-CAN adapter or configure {interface}"
+            ),
+        },
+        Some(Link::Down) => return Presence::Missing {
+            reason: format!(
+                "the CAN interface {interface} is down: bring it up (`ip link set {interface} up type can bitrate …`)"
+            ),
+        },
         Some(Link::Up) | None => {}
     }
     let mcu = crate::moonraker::mcu_for_canbus_uuid(klippy.mcus, uuid);
@@ -156,7 +152,10 @@ mod tests {
         let p = assess("can0", &uuid(), Some(Link::Up), view(KlippyState::Ready, None, &mcus));
         assert_eq!(p, Presence::Running { version: "v0.13.0-7-gold".into(), section: "mcu ebb36".into() });
         // Not looked at the interface: Klippy's word still counts.
-        assert!(matches!(assess("can0", &uuid(), None, view(KlippyState::Ready, None, &mcus)), Presence::Running { .. }));
+        assert!(matches!(
+            assess("can0", &uuid(), None, view(KlippyState::Ready, None, &mcus)),
+            Presence::Running { .. }
+        ));
     }
 
     #[test]

@@ -97,7 +97,9 @@ pub fn read_links(interfaces: &[String]) -> Vec<(String, crate::can::presence::L
 }
 
 /// The kernel's link changes, or nothing ever if they cannot be watched (said once).
-pub async fn next_links(watch: &mut Option<crate::can::linkwatch::LinkWatch>) -> std::io::Result<Vec<(String, crate::can::presence::Link)>> {
+pub async fn next_links(
+    watch: &mut Option<crate::can::linkwatch::LinkWatch>,
+) -> std::io::Result<Vec<(String, crate::can::presence::Link)>> {
     match watch {
         Some(w) => w.next().await,
         None => std::future::pending().await,

@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::hotplug::{Action, Board, BoardEvent};
 use crate::can::presence::{self, Link, Presence};
+use crate::hotplug::{Action, Board, BoardEvent};
 use crate::identity::Mode;
 use crate::locator::Locator;
 use crate::moonraker::McuStatus;
@@ -260,11 +260,8 @@ impl Tracker {
     /// A CAN node: its interface and Klippy's view, never the bus.
     fn can_status(&self, e: &BoardEntry, interface: &str, uuid: &crate::can::CanUuid) -> BoardStatus {
         let link = self.links.get(interface).copied();
-        let view = presence::KlippyView {
-            state: self.klippy,
-            message: self.klippy_message.as_deref(),
-            mcus: &self.mcus,
-        };
+        let view =
+            presence::KlippyView { state: self.klippy, message: self.klippy_message.as_deref(), mcus: &self.mcus };
         let mut presence = presence::assess(interface, uuid, link.map(|(l, _)| l), view);
         // Klippy read the version when it connected: an interface that went away since (and
         // came back) may carry a node flashed meanwhile.

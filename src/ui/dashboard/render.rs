@@ -141,7 +141,7 @@ fn board_line(b: &BoardRow, selected: bool, p: &Paint, width: usize) -> Line<'st
         Span::raw(format!(
             " {:<12} {:<24} {:<22} ",
             b.mcu,
-            b.can.as_ref().map(|c| format!("CAN {c}")).or_else(|| b.serial.clone()).unwrap_or_else(|| "-".into()),
+            b.can.clone().or_else(|| b.serial.clone()).unwrap_or_else(|| "-".into()),
             b.version.as_deref().unwrap_or("-")
         )),
         Span::styled(flags, p.fg(Color::Magenta)),
@@ -163,7 +163,7 @@ fn boards_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
         ));
     }
     lines.push(Line::styled(
-        format!("    {:<14} {:<9} {:<12} {:<24} {:<22} {}", "board", "mode", "MCU", "USB serial", "version", "state"),
+        format!("    {:<14} {:<9} {:<12} {:<24} {:<22} {}", "board", "mode", "MCU", "USB serial / CAN", "version", "state"),
         p.bold(),
     ));
     if view.boards.is_empty() {

@@ -532,7 +532,10 @@ fn can_nodes_are_drawn_from_klippys_view_and_their_interface() {
     let mut s = State::new(false);
     s.input(Input::Boards(BoardsView::new(&tracker.status(), &devices_view(&reg, &connected))));
     let ebb = s.boards.as_ref().unwrap().boards.iter().find(|b| b.key == "ebb36").unwrap().clone();
-    assert_eq!((ebb.state, ebb.connected, ebb.can.as_deref()), (FirmwareState::Current, true, Some("can-tool 0a1b2c3d4e5f")));
+    assert_eq!(
+        (ebb.state, ebb.connected, ebb.can.as_deref()),
+        (FirmwareState::Current, true, Some("can-tool 0a1b2c3d4e5f"))
+    );
     // The missing toolhead is selected: F says why instead of flashing it.
     let row = s.boards.as_ref().unwrap().boards.iter().position(|b| b.key == "sb2209").unwrap();
     for _ in 0..row {
