@@ -42,16 +42,20 @@ pub enum Presence {
 /// looked at.
 pub fn assess(interface: &str, uuid: &CanUuid, link: Option<Link>, klippy: KlippyView<'_>) -> Presence {
     match link {
-        Some(Link::Absent) => return Presence::Missing {
-            reason: format!(
+        Some(Link::Absent) => {
+            return Presence::Missing {
+                reason: format!(
                 "the CAN interface {interface} does not exist: plug in the USB-to-CAN adapter or configure {interface}"
             ),
-        },
-        Some(Link::Down) => return Presence::Missing {
-            reason: format!(
+            }
+        }
+        Some(Link::Down) => {
+            return Presence::Missing {
+                reason: format!(
                 "the CAN interface {interface} is down: bring it up (`ip link set {interface} up type can bitrate …`)"
             ),
-        },
+            }
+        }
         Some(Link::Up) | None => {}
     }
     let mcu = crate::moonraker::mcu_for_canbus_uuid(klippy.mcus, uuid);

@@ -163,7 +163,10 @@ fn boards_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
         ));
     }
     lines.push(Line::styled(
-        format!("    {:<14} {:<9} {:<12} {:<24} {:<22} {}", "board", "mode", "MCU", "USB serial / CAN", "version", "state"),
+        format!(
+            "    {:<14} {:<9} {:<12} {:<24} {:<22} {}",
+            "board", "mode", "MCU", "USB serial / CAN", "version", "state"
+        ),
         p.bold(),
     ));
     if view.boards.is_empty() {
