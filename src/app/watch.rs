@@ -212,7 +212,11 @@ impl CanWatch {
                 }
                 Some(event) = self.inbox.events.recv() => match event {
                     crate::moonraker_link::LinkEvent::Klippy(state) => {
-                        self.tracker.klippy_state(state, Vec::new());
+                        // Ready: what Klippy read from its MCUs comes with the answer (taken now
+                        // with none, it would forget them).
+                        if state != crate::moonraker_link::KlippyState::Ready {
+                            self.tracker.klippy_state(state, Vec::new());
+                        }
                         // What it read from its MCUs, or why it stopped: asked off this loop.
                         let (mr, tx) = (self.mr.clone(), self.answers_tx.clone());
                         tokio::spawn(async move {

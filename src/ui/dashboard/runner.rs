@@ -419,7 +419,11 @@ impl Dashboard {
                 Some(ev) = inbox.events.recv() => match ev {
                     LinkEvent::Klippy(state) => {
                         self.ask_klippy();
-                        self.tracker.klippy_state(state, Vec::new());
+                        // Ready: its MCUs come with the answer (taken now with none, a CAN
+                        // node's version would be forgotten).
+                        if state != KlippyState::Ready {
+                            self.tracker.klippy_state(state, Vec::new());
+                        }
                         Input::Boards(self.boards_view())
                     }
                     LinkEvent::Disconnected { .. } => {
