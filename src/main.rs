@@ -238,6 +238,11 @@ struct AddArgs {
     /// The CAN node's interface (default can0).
     #[arg(long, value_name = "IFACE", requires = "canbus_uuid")]
     can_interface: Option<String>,
+    /// Register the CAN node printer.cfg names `[mcu NAME]`: its canbus_uuid and
+    /// canbus_interface are read through Moonraker, with Klipper running (name defaults to
+    /// NAME, MCU to what Klippy reports).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["device", "profile", "canbus_uuid"])]
+    from_moonraker: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -1105,7 +1110,10 @@ async fn can_devices(dir: &std::path::Path, a: DevicesArgs) -> Result<()> {
             println!("  {} {} ({})", n.uuid, n.application, reg_note(&n.registered));
         }
     }
-    println!("Register a node with `kflash add --canbus-uuid UUID --can-interface IFACE --name NAME --mcu MCU`.");
+    println!(
+        "Register a node with `kflash add --from-moonraker NAME` (a node printer.cfg names [mcu NAME]) or \
+         `kflash add --canbus-uuid UUID --can-interface IFACE --name NAME --mcu MCU`."
+    );
     Ok(())
 }
 
@@ -1212,10 +1220,31 @@ async fn add(dir: &std::path::Path, a: AddArgs) -> Result<()> {
     // An unknown profile is refused before anything else.
     let profile = a.profile.as_deref().map(kflash::profiles::find).transpose()?;
     let mut reg = Registry::open(dir)?;
-    if let Some(uuid) = &a.canbus_uuid {
-        let uuid: kflash::can::CanUuid =
-            uuid.parse().map_err(|e: kflash::can::uuid::ParseUuidError| Error::InvalidInput(e.to_string()))?;
-        let entry = boards::add_can_board(&mut reg, uuid, a.can_interface.as_deref(), &add_request(&a))?;
+    let can = match (&a.canbus_uuid, &a.from_moonraker) {
+        (Some(uuid), _) => {
+            let uuid: kflash::can::CanUuid =
+                uuid.parse().map_err(|e: kflash::can::uuid::ParseUuidError| Error::InvalidInput(e.to_string()))?;
+            Some((uuid, a.can_interface.clone(), add_request(&a)))
+        }
+        (None, Some(section)) => {
+            let node = kflash::app::can_devices::from_moonraker(&reg, section).await?;
+            let mut req = add_request(&a);
+            if req.name.trim().is_empty() {
+                req.name = node.section.strip_prefix("mcu ").unwrap_or(&node.section).to_string();
+            }
+            req.mcu = req.mcu.or(node.mcu);
+            if req.mcu.is_none() {
+                return Err(Error::InvalidInput(format!(
+                    "Klippy has not reported the chip of [{}] (it is not connected to it): give --mcu",
+                    node.section
+                )));
+            }
+            Some((node.uuid, Some(node.interface), req))
+        }
+        (None, None) => None,
+    };
+    if let Some((uuid, interface, req)) = can {
+        let entry = boards::add_can_board(&mut reg, uuid, interface.as_deref(), &req)?;
         reg.save_boards()?;
         if a.json {
             let mut doc = serde_json::to_value(&entry).expect("a board entry serializes");
@@ -1595,9 +1624,20 @@ async fn watch(dir: &std::path::Path, json: bool) -> Result<()> {
     for b in &present {
         emit(WatchRecord::present(b, &names, chrono::Local::now()));
     }
+    // Registered CAN nodes: their interfaces and Klippy's view (the bus is not queried).
+    let mut can = match kflash::app::watch::CanWatch::start(&reg).await {
+        Some((can, present)) => {
+            present.into_iter().for_each(&emit);
+            Some(can)
+        }
+        None => None,
+    };
     let mut shutdown = std::pin::pin!(kflash::service::shutdown_signal());
     loop {
         tokio::select! {
+            records = async { can.as_mut().expect("guarded").next().await }, if can.is_some() => {
+                records.into_iter().for_each(&emit);
+            }
             ev = events.recv() => match ev {
                 Ok(ev) => emit(WatchRecord::from_event(&ev, &names, chrono::Local::now())),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -1607,7 +1647,12 @@ async fn watch(dir: &std::path::Path, json: bool) -> Result<()> {
                     return Err(Error::Udev(hp.failure().unwrap_or_else(|| "the event stream ended".into())));
                 }
             },
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => {
+                if let Some(can) = can {
+                    can.stop().await;
+                }
+                return Ok(());
+            }
         }
     }
 }

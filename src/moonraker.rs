@@ -331,6 +331,15 @@ impl Moonraker {
         Ok(names.iter().map(|n| mcu_status(n, status)).collect())
     }
 
+    /// One option of a printer.cfg section as Klippy read it (`settings` carries defaults, e.g.
+    /// `canbus_interface: can0`); `None` when the section or option is not there.
+    pub async fn config_option(&self, section: &str, key: &str) -> Result<Option<String>, MoonrakerError> {
+        let path = "/printer/objects/query?configfile=config,settings";
+        let result = self.get(path).await?;
+        let status = field(&result, "status", path)?;
+        Ok(config_option(status, section, key).map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string())))
+    }
+
     /// Wait until Klippy is `ready`, or return its last state at `deadline`
     /// ("Klippy is in state error: mcu 'mcu': Unable to connect").
     ///

@@ -75,6 +75,68 @@ pub fn up_can_interfaces() -> Vec<String> {
     found
 }
 
+/// A CAN node printer.cfg names, taken to register it without stopping Klipper.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FromMoonraker {
+    /// `mcu NAME` (or `mcu`).
+    pub section: String,
+    pub uuid: CanUuid,
+    /// The section's `canbus_interface` (Klippy's default can0).
+    pub interface: String,
+    /// The chip, when Klippy has connected to the node.
+    pub mcu: Option<String>,
+}
+
+/// The `[mcu NAME]` of printer.cfg with a `canbus_uuid`, by `NAME` or `mcu NAME`: which is
+/// picked from `nodes` (pure; the error lists what printer.cfg has).
+pub fn pick_configured<'a>(nodes: &'a [ConfiguredNode], wanted: &str) -> Result<&'a ConfiguredNode> {
+    let wanted = wanted.trim();
+    let section =
+        if wanted == "mcu" || wanted.starts_with("mcu ") { wanted.to_string() } else { format!("mcu {wanted}") };
+    if let Some(n) = nodes.iter().find(|n| n.section.eq_ignore_ascii_case(&section)) {
+        return Ok(n);
+    }
+    let have: Vec<String> = nodes.iter().map(|n| format!("[{}] ({})", n.section, n.uuid)).collect();
+    Err(crate::error::Error::InvalidInput(if have.is_empty() {
+        format!(
+            "printer.cfg has no [{section}] with a canbus_uuid (it has no CAN node at all): register the node with \
+             `kflash add --canbus-uuid UUID` (find it with `kflash devices --can`)"
+        )
+    } else {
+        format!("printer.cfg has no [{section}] with a canbus_uuid; its CAN nodes are {}", have.join(", "))
+    }))
+}
+
+/// printer.cfg's CAN node `wanted` (`ebb36` or `mcu ebb36`), through Moonraker: nothing is
+/// stopped and the bus is not queried.
+pub async fn from_moonraker(reg: &Registry, wanted: &str) -> Result<FromMoonraker> {
+    let mr = Moonraker::from_settings(&reg.settings);
+    let nodes = configured(reg, &mr.mcus().await?);
+    let node = pick_configured(&nodes, wanted)?;
+    let interface = mr
+        .config_option(&node.section, "canbus_interface")
+        .await?
+        .filter(|i| !i.trim().is_empty())
+        .unwrap_or_else(|| crate::registry::DEFAULT_CAN_INTERFACE.to_string());
+    Ok(FromMoonraker { section: node.section.clone(), uuid: node.uuid, interface, mcu: node.mcu.clone() })
+}
+
+/// The MCUs that are CAN nodes (a `canbus_uuid`), with their registry keys.
+fn configured(reg: &Registry, mcus: &[crate::moonraker::McuStatus]) -> Vec<ConfiguredNode> {
+    mcus.iter()
+        .filter_map(|m| {
+            let uuid: CanUuid = m.canbus_uuid.as_deref()?.trim().parse().ok()?;
+            Some(ConfiguredNode {
+                section: m.object.clone(),
+                uuid,
+                mcu: m.mcu.clone(),
+                version: m.mcu_version.clone(),
+                registered: registered(reg, &uuid),
+            })
+        })
+        .collect()
+}
+
 fn registered(reg: &Registry, uuid: &CanUuid) -> Option<String> {
     reg.boards().find(|b| b.canbus_uuid.as_ref() == Some(uuid)).map(|b| b.key.clone())
 }
@@ -84,22 +146,7 @@ fn registered(reg: &Registry, uuid: &CanUuid) -> Option<String> {
 pub async fn can_devices(reg: &Registry, query: bool, gate: GateOptions, rep: &mut dyn Reporter) -> Result<CanDevices> {
     let mr = Moonraker::from_settings(&reg.settings);
     let (configured, moonraker_error) = match mr.mcus().await {
-        Ok(mcus) => {
-            let nodes = mcus
-                .iter()
-                .filter_map(|m| {
-                    let uuid: CanUuid = m.canbus_uuid.as_deref()?.trim().parse().ok()?;
-                    Some(ConfiguredNode {
-                        section: m.object.clone(),
-                        uuid,
-                        mcu: m.mcu.clone(),
-                        version: m.mcu_version.clone(),
-                        registered: registered(reg, &uuid),
-                    })
-                })
-                .collect();
-            (Some(nodes), None)
-        }
+        Ok(mcus) => (Some(configured(reg, &mcus)), None),
         Err(e) => (None, Some(e.to_string())),
     };
     let interfaces = up_can_interfaces();
@@ -150,4 +197,30 @@ async fn query_all(
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(section: &str, uuid: &str) -> ConfiguredNode {
+        ConfiguredNode {
+            section: section.into(),
+            uuid: uuid.parse().unwrap(),
+            mcu: None,
+            version: None,
+            registered: None,
+        }
+    }
+
+    #[test]
+    fn a_configured_node_is_picked_by_its_name_or_section_and_a_wrong_name_lists_the_others() {
+        let nodes = [node("mcu ebb36", "0a1b2c3d4e5f"), node("mcu sb2209", "00000000beef")];
+        assert_eq!(pick_configured(&nodes, "ebb36").unwrap().section, "mcu ebb36");
+        assert_eq!(pick_configured(&nodes, "mcu sb2209").unwrap().uuid.to_string(), "00000000beef");
+        let e = pick_configured(&nodes, "toolhead").unwrap_err().to_string();
+        assert!(e.contains("no [mcu toolhead]") && e.contains("[mcu ebb36] (0a1b2c3d4e5f)"), "{e}");
+        let e = pick_configured(&[], "ebb36").unwrap_err().to_string();
+        assert!(e.contains("kflash add --canbus-uuid"), "{e}");
+    }
 }

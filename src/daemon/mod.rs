@@ -63,6 +63,8 @@ pub struct KlippyUpdate {
     pub state: KlippyState,
     /// What Klippy reports about its MCUs, when it is ready.
     pub mcus: Vec<McuStatus>,
+    /// Klippy's `state_message` in shutdown or error (it may name an MCU it lost).
+    pub message: Option<String>,
 }
 
 /// Ask Moonraker once: Klippy's state and, when ready, its MCUs. Unreachable is `Unknown`.
@@ -82,7 +84,26 @@ pub async fn ask_klippy(mr: &Moonraker) -> KlippyUpdate {
         }),
         _ => Vec::new(),
     };
-    KlippyUpdate { state, mcus }
+    let message = match state {
+        KlippyState::Shutdown | KlippyState::Error => mr.printer_info().await.ok().map(|i| i.state_message),
+        _ => None,
+    };
+    KlippyUpdate { state, mcus, message }
+}
+
+/// The CAN interfaces' state now, read from sysfs.
+pub fn read_links(interfaces: &[String]) -> Vec<(String, crate::can::presence::Link)> {
+    interfaces.iter().map(|i| (i.clone(), crate::can::presence::read_link(i))).collect()
+}
+
+/// The kernel's link changes, or nothing ever if they cannot be watched (said once).
+pub async fn next_links(
+    watch: &mut Option<crate::can::linkwatch::LinkWatch>,
+) -> std::io::Result<Vec<(String, crate::can::presence::Link)>> {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The host tree's version (`git describe`), `None` when it is not a git checkout.
@@ -97,6 +118,9 @@ pub async fn status_once(reg: &Registry, hp: &Hotplug, state_dir: &Path) -> stat
     let mut tracker = Tracker::new(entries, host_version(reg).await, hp.snapshot());
     let k = ask_klippy(&Moonraker::from_settings(&reg.settings)).await;
     tracker.klippy_state(k.state, k.mcus);
+    tracker.klippy_message(k.message);
+    let links = read_links(&tracker.can_interfaces());
+    tracker.links(links);
     for board in tracker.unknown_versions() {
         let Some(appearance) = tracker.appearance(&board.identity.syspath) else { continue };
         if let Some(Ok(version)) = identify_if_free(&board, state_dir).await {
@@ -250,7 +274,8 @@ impl Daemon {
             tracing::debug!(?update.state, ?pushed, "a stale answer about Klippy: ignored");
             return;
         }
-        let n = self.tracker.klippy_state(update.state, update.mcus);
+        let mut n = self.tracker.klippy_state(update.state, update.mcus);
+        n.extend(self.tracker.klippy_message(update.message));
         self.tell(n);
         self.identify_unknown();
     }
@@ -270,6 +295,10 @@ impl Daemon {
                 let n = self.tracker.klippy_state(state, Vec::new());
                 self.tell(n);
                 self.identify_unknown();
+                if matches!(state, KlippyState::Shutdown | KlippyState::Error) {
+                    // Its message may name a CAN node it lost.
+                    self.ask_klippy();
+                }
             }
         }
     }
@@ -452,7 +481,8 @@ impl Daemon {
                 let entries = reg.boards().cloned().collect();
                 self.mr = Moonraker::from_settings(&reg.settings);
                 self.reg = reg;
-                let n = self.tracker.registry(entries, self.hp.snapshot());
+                let mut n = self.tracker.registry(entries, self.hp.snapshot());
+                n.extend(self.tracker.links(read_links(&self.tracker.can_interfaces())));
                 self.tell(n);
                 let v = host_version(&self.reg).await;
                 let n = self.tracker.host_version(v);
@@ -538,7 +568,16 @@ pub async fn serve(
 ) -> Result<()> {
     let (boards, mut events) = hp.subscribe_with_snapshot();
     let entries = reg.boards().cloned().collect();
-    let tracker = Tracker::new(entries, host_version(&reg).await, boards);
+    let mut tracker = Tracker::new(entries, host_version(&reg).await, boards);
+    // Subscribed before the first read, so no change falls in between.
+    let mut link_watch = match crate::can::linkwatch::LinkWatch::open() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("CAN interfaces cannot be watched ({e}); CAN nodes show Klippy's view only");
+            None
+        }
+    };
+    tracker.links(read_links(&tracker.can_interfaces()));
 
     let path = opts.socket.clone().unwrap_or_else(|| socket::bind_path(&opts.state_dir));
     let listener = socket::bind(&path).await.map_err(|e| Error::io("listen on", &path, e))?;
@@ -578,7 +617,8 @@ pub async fn serve(
     };
     // The first contact with Moonraker, then ready.
     let first = ask_klippy(&d.mr).await;
-    let n = d.tracker.klippy_state(first.state, first.mcus);
+    let mut n = d.tracker.klippy_state(first.state, first.mcus);
+    n.extend(d.tracker.klippy_message(first.message));
     d.tell(n);
     d.identify_unknown();
     ready();
@@ -624,6 +664,20 @@ pub async fn serve(
                 }
             }
             Some(update) = klippy.recv() => d.klippy_update(update),
+            changes = next_links(&mut link_watch) => {
+                let changes = match changes {
+                    Ok(changes) => changes,
+                    // Changes were dropped while nobody read: the state now says it all.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => read_links(&d.tracker.can_interfaces()),
+                    Err(e) => {
+                        tracing::warn!("CAN interfaces can no longer be watched ({e}); CAN nodes show Klippy's view only");
+                        link_watch = None;
+                        read_links(&d.tracker.can_interfaces())
+                    }
+                };
+                let n = d.tracker.links(changes);
+                d.tell(n);
+            }
             Some(event) = inbox.events.recv() => d.link_event(event),
             Some(call) = inbox.calls.recv() => d.method_call(call),
             Some(ask) = asks.recv() => match ask {

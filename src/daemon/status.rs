@@ -9,6 +9,10 @@
 //!   the host tree's (with how far apart: [`crate::version::relation`]);
 //! - `unknown`: running Klipper, its version not known (yet).
 //!
+//! A CAN node (a registry entry located on a CAN interface) is not a hotplug device: its
+//! state comes from its interface (from the kernel) and Klippy's view, as
+//! [`crate::can::presence`] weighs them; the bus itself is never queried here.
+//!
 //! A version is forgotten when its board goes away: it may come back with other firmware.
 //! Klippy's view of a board counts only if Klippy became ready after the board appeared
 //! (Klippy reads an MCU's version when it connects, and a replugged board is not reconnected
@@ -18,8 +22,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::can::presence::{self, Link, Presence};
 use crate::hotplug::{Action, Board, BoardEvent};
 use crate::identity::Mode;
+use crate::locator::Locator;
 use crate::moonraker::McuStatus;
 pub use crate::moonraker_link::KlippyState;
 use crate::registry::BoardEntry;
@@ -63,6 +69,14 @@ pub struct BoardStatus {
     pub ambiguous: bool,
     /// printer.cfg has an `[mcu]` on this board's serial (Klippy needs it).
     pub in_printer_cfg: bool,
+    /// A CAN node's interface and UUID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Why a CAN node is missing or its state unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The whole picture, as `kflash status --json` prints it.
@@ -96,11 +110,17 @@ impl Status {
                     b.version.as_deref().unwrap_or("?"),
                     b.relation.as_deref().unwrap_or("another version")
                 ),
-                FirmwareState::Unknown => "connected, version not known yet".into(),
+                FirmwareState::Unknown => match &b.reason {
+                    Some(why) => format!("state not known: {why}"),
+                    None => "connected, version not known yet".into(),
+                },
                 FirmwareState::Bootloader => {
                     format!("in its bootloader ({})", b.mode.map(|m| m.as_str()).unwrap_or("?"))
                 }
-                FirmwareState::Missing => "not connected".into(),
+                FirmwareState::Missing => match &b.reason {
+                    Some(why) => format!("missing: {why}"),
+                    None => "not connected".into(),
+                },
             };
             lines.push(format!("kflash: {} ({}): {what}", b.name, b.key));
         }
@@ -145,6 +165,10 @@ pub struct Tracker {
     /// The input count when Klippy last became ready, and the MCUs it reported then.
     klippy_ready_at: Option<u64>,
     mcus: Vec<McuStatus>,
+    /// Klippy's `state_message` while it is in shutdown or error.
+    klippy_message: Option<String>,
+    /// CAN interfaces as the kernel last said, with the input count of their last change.
+    links: BTreeMap<String, (Link, u64)>,
     registry_error: Option<String>,
     seq: u64,
 }
@@ -159,6 +183,8 @@ impl Tracker {
             klippy: KlippyState::Unknown,
             klippy_ready_at: None,
             mcus: Vec::new(),
+            klippy_message: None,
+            links: BTreeMap::new(),
             registry_error: None,
             seq: 0,
         };
@@ -191,6 +217,9 @@ impl Tracker {
     }
 
     fn board_status(&self, e: &BoardEntry, connected: &[&Board]) -> BoardStatus {
+        if let Locator::Can { interface, uuid } = e.locator() {
+            return self.can_status(e, &interface, &uuid);
+        }
         let matches: Vec<&&Board> = connected.iter().filter(|b| b.key.as_deref() == Some(&e.key)).collect();
         let first = matches.first().map(|b| **b);
         let learned = self.versions.get(&e.key).filter(|_| first.is_some_and(|b| b.identity.mode == Mode::Klipper));
@@ -222,6 +251,59 @@ impl Tracker {
             excluded: !e.flashable,
             ambiguous: matches.len() > 1,
             in_printer_cfg: self.in_printer_cfg(e, first),
+            interface: None,
+            uuid: None,
+            reason: None,
+        }
+    }
+
+    /// A CAN node: its interface and Klippy's view, never the bus.
+    fn can_status(&self, e: &BoardEntry, interface: &str, uuid: &crate::can::CanUuid) -> BoardStatus {
+        let link = self.links.get(interface).copied();
+        let view =
+            presence::KlippyView { state: self.klippy, message: self.klippy_message.as_deref(), mcus: &self.mcus };
+        let mut presence = presence::assess(interface, uuid, link.map(|(l, _)| l), view);
+        // Klippy read the version when it connected: an interface that went away since (and
+        // came back) may carry a node flashed meanwhile.
+        if let (Presence::Running { .. }, Some((_, changed)), Some(ready)) = (&presence, link, self.klippy_ready_at) {
+            if changed > ready {
+                presence = Presence::Unknown {
+                    reason: format!("{interface} went down after Klippy connected; Klippy's view is from before"),
+                };
+            }
+        }
+        let missing = matches!(presence, Presence::Missing { .. });
+        let (version, reason) = match presence {
+            Presence::Running { version, .. } => (Some(version), None),
+            Presence::Missing { reason } | Presence::Unknown { reason } => (None, Some(reason)),
+        };
+        let state = match (&version, &self.host_version) {
+            _ if missing => FirmwareState::Missing,
+            (Some(v), Some(h)) if v == h => FirmwareState::Current,
+            (Some(_), Some(_)) => FirmwareState::Outdated,
+            _ => FirmwareState::Unknown,
+        };
+        let relation = match (&version, &self.host_version) {
+            (Some(v), Some(h)) => Some(crate::version::relation(h, v).to_string()),
+            _ => None,
+        };
+        BoardStatus {
+            key: e.key.clone(),
+            name: e.name.clone(),
+            mcu: e.mcu.clone(),
+            connected: version.is_some(),
+            mode: version.as_ref().map(|_| Mode::Klipper),
+            devnode: None,
+            version_source: version.as_ref().map(|_| VersionSource::Klippy),
+            version,
+            state,
+            relation,
+            excluded: !e.flashable,
+            ambiguous: false,
+            in_printer_cfg: crate::moonraker::mcu_for_canbus_uuid(&self.mcus, uuid).is_some(),
+            interface: Some(interface.to_string()),
+            uuid: Some(uuid.to_string()),
+            reason,
         }
     }
 
@@ -244,7 +326,7 @@ impl Tracker {
                     let devnodes = self.devnodes_of(&b.key);
                     notices.push(Notice::SameIdentity { key: b.key.clone(), devnodes });
                 }
-                if !b.connected && old.is_some_and(|o| o.connected) && b.in_printer_cfg {
+                if b.state == FirmwareState::Missing && old.is_some_and(|o| o.connected) && b.in_printer_cfg {
                     notices.push(Notice::MissingButNeeded { key: b.key.clone() });
                 }
                 notices.push(Notice::Board { status: b.clone() });
@@ -306,6 +388,7 @@ impl Tracker {
                 t.klippy_ready_at = Some(t.seq);
             }
             t.klippy = state;
+            t.klippy_message = None;
             if state == KlippyState::Ready {
                 t.mcus = mcus;
                 let boards: Vec<Board> = t.present.values().map(|(b, _)| b.clone()).collect();
@@ -394,6 +477,51 @@ impl Tracker {
             t.registry_error = Some(error);
             Vec::new()
         })
+    }
+
+    /// Klippy's `state_message` (asked after it entered shutdown or error): it may name the
+    /// CAN node it lost.
+    pub fn klippy_message(&mut self, message: Option<String>) -> Vec<Notice> {
+        self.observe(|t| {
+            t.klippy_message = message;
+            Vec::new()
+        })
+    }
+
+    /// The kernel's word on CAN interfaces (their state now, or a change).
+    pub fn links(&mut self, changes: Vec<(String, Link)>) -> Vec<Notice> {
+        self.observe(|t| {
+            let wanted = t.can_interfaces();
+            for (name, link) in changes.into_iter().filter(|(n, _)| wanted.contains(n)) {
+                let seq = t.seq;
+                match t.links.get(&name) {
+                    Some((old, _)) if *old == link => {}
+                    // The first look is not a change: Klippy's view from before still counts.
+                    None => {
+                        t.links.insert(name, (link, 0));
+                    }
+                    Some(_) => {
+                        t.links.insert(name, (link, seq));
+                    }
+                }
+            }
+            Vec::new()
+        })
+    }
+
+    /// The CAN interfaces the registered CAN nodes sit on (to be looked at).
+    pub fn can_interfaces(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .entries
+            .iter()
+            .filter_map(|e| match e.locator() {
+                Locator::Can { interface, .. } => Some(interface),
+                Locator::Usb { .. } => None,
+            })
+            .collect();
+        all.sort();
+        all.dedup();
+        all
     }
 
     pub fn host_version_str(&self) -> Option<&str> {
@@ -574,6 +702,82 @@ mod tests {
             }),
             "{n:?}"
         );
+    }
+
+    fn can_entry(key: &str, uuid: &str) -> BoardEntry {
+        BoardEntry {
+            serial: None,
+            canbus_uuid: Some(uuid.parse().unwrap()),
+            can_interface: Some("vcan0".into()),
+            ..entry(key, "")
+        }
+    }
+
+    fn can_mcu(name: &str, uuid: &str, version: &str) -> McuStatus {
+        McuStatus {
+            object: format!("mcu {name}"),
+            name: name.into(),
+            mcu_version: Some(version.into()),
+            mcu: Some("stm32g0b1xx".into()),
+            app: None,
+            serial: None,
+            canbus_uuid: Some(uuid.into()),
+        }
+    }
+
+    const EBB: &str = "0a1b2c3d4e5f";
+    const SB: &str = "00000000beef";
+
+    #[test]
+    fn can_nodes_take_klippys_view_and_go_missing_with_their_interface() {
+        let mut t = Tracker::new(vec![can_entry("ebb", EBB), can_entry("sb", SB)], Some(HOST.into()), vec![]);
+        assert_eq!(t.can_interfaces(), ["vcan0"]);
+        t.links(vec![("vcan0".into(), Link::Up), ("eth0".into(), Link::Up)]);
+        let s = state_of(&t, "ebb");
+        assert_eq!((s.state, s.connected), (FirmwareState::Unknown, false));
+        assert!(s.reason.as_deref().unwrap().contains("Klippy is not reachable"), "{s:?}");
+        let n = t.klippy_state(KlippyState::Ready, vec![can_mcu("ebb", EBB, HOST), can_mcu("sb", "00000000BEEF", OLD)]);
+        assert_eq!(
+            board_notices(&n),
+            [("ebb".to_string(), FirmwareState::Current), ("sb".to_string(), FirmwareState::Outdated)]
+        );
+        let sb = state_of(&t, "sb");
+        assert_eq!((sb.connected, sb.mode, sb.version.as_deref()), (true, Some(Mode::Klipper), Some(OLD)));
+        assert_eq!((sb.interface.as_deref(), sb.uuid.as_deref()), (Some("vcan0"), Some(SB)));
+        assert!(sb.in_printer_cfg && sb.reason.is_none());
+        let json = serde_json::to_value(&sb).unwrap();
+        assert_eq!((json["interface"].as_str(), json["uuid"].as_str()), (Some("vcan0"), Some(SB)));
+
+        // The interface goes down: both missing, and printer.cfg needs them.
+        let n = t.links(vec![("vcan0".into(), Link::Down)]);
+        assert_eq!(
+            board_notices(&n),
+            [("ebb".to_string(), FirmwareState::Missing), ("sb".to_string(), FirmwareState::Missing)]
+        );
+        assert!(n.contains(&Notice::MissingButNeeded { key: "ebb".into() }), "{n:?}");
+        assert!(state_of(&t, "ebb").reason.unwrap().contains("vcan0 is down"));
+        // Back up while Klippy stays ready: its view is from before the outage.
+        t.links(vec![("vcan0".into(), Link::Up)]);
+        let s = state_of(&t, "ebb");
+        assert_eq!(s.state, FirmwareState::Unknown, "{s:?}");
+        assert!(s.reason.unwrap().contains("went down after Klippy connected"));
+        // Klipper restarted: its view counts again.
+        t.klippy_state(KlippyState::Disconnected, vec![]);
+        t.klippy_state(KlippyState::Ready, vec![can_mcu("ebb", EBB, HOST)]);
+        assert_eq!(state_of(&t, "ebb").state, FirmwareState::Current);
+        assert_eq!(state_of(&t, "sb").state, FirmwareState::Unknown, "no longer in printer.cfg");
+    }
+
+    #[test]
+    fn a_can_node_klippy_lost_is_missing_and_console_lines_say_why() {
+        let mut t = Tracker::new(vec![can_entry("ebb", EBB)], Some(HOST.into()), vec![]);
+        t.klippy_state(KlippyState::Ready, vec![can_mcu("ebb", EBB, HOST)]);
+        t.klippy_state(KlippyState::Shutdown, vec![]);
+        assert_eq!(state_of(&t, "ebb").state, FirmwareState::Unknown);
+        let n = t.klippy_message(Some("Lost communication with MCU 'ebb'".into()));
+        assert_eq!(board_notices(&n), [("ebb".to_string(), FirmwareState::Missing)]);
+        let lines = t.status().console_lines();
+        assert!(lines[1].contains("missing: Klippy lost [mcu ebb]"), "{lines:?}");
     }
 
     #[test]

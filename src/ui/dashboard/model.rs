@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
+use kflash::daemon::status::FirmwareState;
 use kflash::event::{words, Event, EventKind};
 use kflash::orchestrator::BoardState;
 
@@ -357,7 +358,14 @@ impl State {
             }
             KeyCode::Char('f' | 'F') => match selected {
                 None => self.say("No registered board: A adds one."),
-                Some(b) if !b.connected => self.say(&format!("{} is not connected: plug it in, then press F.", b.name)),
+                Some(b) if b.state == FirmwareState::Missing && b.can.is_some() => self.say(&format!(
+                    "{} is missing: {}.",
+                    b.name,
+                    b.reason.as_deref().unwrap_or("its CAN interface is not up")
+                )),
+                Some(b) if !b.connected && b.can.is_none() => {
+                    self.say(&format!("{} is not connected: plug it in, then press F.", b.name))
+                }
                 Some(b) if b.ambiguous => self.say(&format!(
                     "Several connected devices match {}: register it by its USB serial (E, or `kflash set`).",
                     b.name

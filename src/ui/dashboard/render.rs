@@ -141,7 +141,7 @@ fn board_line(b: &BoardRow, selected: bool, p: &Paint, width: usize) -> Line<'st
         Span::raw(format!(
             " {:<12} {:<24} {:<22} ",
             b.mcu,
-            b.serial.as_deref().unwrap_or("-"),
+            b.can.clone().or_else(|| b.serial.clone()).unwrap_or_else(|| "-".into()),
             b.version.as_deref().unwrap_or("-")
         )),
         Span::styled(flags, p.fg(Color::Magenta)),
@@ -163,7 +163,10 @@ fn boards_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
         ));
     }
     lines.push(Line::styled(
-        format!("    {:<14} {:<9} {:<12} {:<24} {:<22} {}", "board", "mode", "MCU", "USB serial", "version", "state"),
+        format!(
+            "    {:<14} {:<9} {:<12} {:<24} {:<22} {}",
+            "board", "mode", "MCU", "USB serial / CAN", "version", "state"
+        ),
         p.bold(),
     ));
     if view.boards.is_empty() {
@@ -204,7 +207,7 @@ fn details_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
     };
     let field = |k: &'static str, v: String| Line::from(vec![Span::styled(format!("{k:<12}"), p.bold()), Span::raw(v)]);
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    let lines = vec![
+    let mut lines = vec![
         field("name", b.name.clone()),
         field("key", b.key.clone()),
         field("MCU", b.mcu.clone()),
@@ -224,6 +227,12 @@ fn details_pane(state: &State, p: &Paint, f: &mut Frame, area: Rect) {
             },
         ),
     ];
+    if let Some(can) = &b.can {
+        lines.insert(6, field("CAN node", can.clone()));
+    }
+    if let Some(why) = &b.reason {
+        lines.push(field("why", why.clone()));
+    }
     f.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }), area);
 }
 

@@ -357,6 +357,11 @@ impl Dashboard {
         let daemon_task = tokio::spawn(follow_daemon(socket::candidates(&self.state_dir), self.notes_tx.clone()));
         self.ask_klippy();
         let mut board_events = self.board_events.take().expect("the loop runs once");
+        // CAN nodes: their interfaces from the kernel (subscribed before the first read).
+        let mut link_watch = kflash::can::linkwatch::LinkWatch::open()
+            .map_err(|e| tracing::warn!("CAN interfaces cannot be watched ({e}); CAN nodes show Klippy's view only"))
+            .ok();
+        self.tracker.links(kflash::daemon::read_links(&self.tracker.can_interfaces()));
         self.refresh_boards(terminal)?;
         self.refresh_host(terminal)?;
         let mut keys = Some(EventStream::new());
@@ -400,10 +405,25 @@ impl Dashboard {
                         break Err(Error::Udev(self.hp.failure().unwrap_or_else(|| "the event stream ended".into())))
                     }
                 },
+                changes = kflash::daemon::next_links(&mut link_watch) => {
+                    let changes = changes.unwrap_or_else(|e| {
+                        if e.raw_os_error() != Some(libc::ENOBUFS) {
+                            tracing::warn!("CAN interfaces can no longer be watched ({e})");
+                            link_watch = None;
+                        }
+                        kflash::daemon::read_links(&self.tracker.can_interfaces())
+                    });
+                    self.tracker.links(changes);
+                    Input::Boards(self.boards_view())
+                }
                 Some(ev) = inbox.events.recv() => match ev {
                     LinkEvent::Klippy(state) => {
                         self.ask_klippy();
-                        self.tracker.klippy_state(state, Vec::new());
+                        // Ready: its MCUs come with the answer (taken now with none, a CAN
+                        // node's version would be forgotten).
+                        if state != KlippyState::Ready {
+                            self.tracker.klippy_state(state, Vec::new());
+                        }
                         Input::Boards(self.boards_view())
                     }
                     LinkEvent::Disconnected { .. } => {
@@ -421,6 +441,7 @@ impl Dashboard {
                             continue;
                         }
                         self.tracker.klippy_state(update.state, update.mcus);
+                        self.tracker.klippy_message(update.message);
                         self.identify_unknown();
                         self.print_state = print;
                         self.refresh_host(terminal)?;

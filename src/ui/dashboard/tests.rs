@@ -33,6 +33,8 @@ fn board(key: &str, mcu: &str, serial: &str) -> BoardRow {
         excluded: false,
         ambiguous: false,
         unreviewed: None,
+        can: None,
+        reason: None,
     }
 }
 
@@ -478,4 +480,69 @@ fn a_state_too_long_for_the_screen_gives_way_to_the_short_one() {
     assert!(narrow.contains("OUTDATED ") && !narrow.contains("OUTDATED (") && narrow.ends_with('│'), "{narrow}");
     let wide = row(200);
     assert!(wide.contains("OUTDATED (3 commits ahead (this flash is a downgrade))"), "{wide}");
+}
+
+/// A USB board and two CAN toolheads, drawn from the tracker's real status: one toolhead
+/// current by Klippy's view, the other missing once its interface went down.
+#[test]
+fn can_nodes_are_drawn_from_klippys_view_and_their_interface() {
+    use kflash::app::boards::{add_board, add_can_board, devices_view, AddRequest};
+    use kflash::can::presence::Link;
+    use kflash::daemon::status::Tracker;
+    use kflash::hotplug::Board;
+    use kflash::identity::BoardIdentity;
+    use kflash::moonraker::McuStatus;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = kflash::registry::Registry::open(dir.path()).unwrap();
+    let octopus = Board {
+        identity: BoardIdentity::from_record(&record("Klipper", "614e", "stm32h723xx", "29001A0011", 0)).unwrap(),
+        key: None,
+    };
+    let req = |name: &str, key: &str, mcu: Option<&str>| AddRequest {
+        name: name.into(),
+        key: Some(key.into()),
+        mcu: mcu.map(String::from),
+        flash_method: FlashMethod::Katapult,
+        exclude: false,
+    };
+    add_board(&mut reg, &octopus, &req("Octopus", "octopus", None)).unwrap();
+    let can = Some("can-tool");
+    add_can_board(&mut reg, "0a1b2c3d4e5f".parse().unwrap(), can, &req("EBB36", "ebb36", Some("stm32g0b1xx"))).unwrap();
+    add_can_board(&mut reg, "00000000beef".parse().unwrap(), Some("can-bed"), &req("SB2209", "sb2209", Some("rp2040")))
+        .unwrap();
+    let octopus = Board { key: Some("octopus".into()), ..octopus };
+    let connected = vec![octopus];
+    let mut tracker = Tracker::new(reg.boards().cloned().collect(), Some(HOST.into()), connected.clone());
+    tracker.links(vec![("can-tool".into(), Link::Up), ("can-bed".into(), Link::Up)]);
+    let mcu = |name: &str, uuid: &str, version: &str| McuStatus {
+        object: format!("mcu {name}"),
+        name: name.into(),
+        mcu_version: Some(version.into()),
+        mcu: None,
+        app: None,
+        serial: None,
+        canbus_uuid: Some(uuid.into()),
+    };
+    tracker.klippy_state(
+        KlippyState::Ready,
+        vec![mcu("ebb36", "0a1b2c3d4e5f", HOST), mcu("sb2209", "00000000beef", "v0.12.0-450-gold")],
+    );
+    tracker.links(vec![("can-bed".into(), Link::Down)]);
+    let mut s = State::new(false);
+    s.input(Input::Boards(BoardsView::new(&tracker.status(), &devices_view(&reg, &connected))));
+    let ebb = s.boards.as_ref().unwrap().boards.iter().find(|b| b.key == "ebb36").unwrap().clone();
+    assert_eq!(
+        (ebb.state, ebb.connected, ebb.can.as_deref()),
+        (FirmwareState::Current, true, Some("can-tool 0a1b2c3d4e5f"))
+    );
+    // The missing toolhead is selected: F says why instead of flashing it.
+    let row = s.boards.as_ref().unwrap().boards.iter().position(|b| b.key == "sb2209").unwrap();
+    for _ in 0..row {
+        s.input(code(KeyCode::Down));
+    }
+    assert_eq!(s.input(key('f')).action, None);
+    assert!(s.message.as_deref().unwrap().contains("can-bed is down"), "{:?}", s.message);
+    s.input(code(KeyCode::Enter));
+    insta::assert_snapshot!(draw(&s));
 }

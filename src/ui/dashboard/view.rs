@@ -25,6 +25,10 @@ pub struct BoardRow {
     pub ambiguous: bool,
     /// The profile its config was seeded from, while nobody reviewed it.
     pub unreviewed: Option<String>,
+    /// A CAN node: its interface and UUID (`vcan0 0a1b2c3d4e5f`).
+    pub can: Option<String>,
+    /// Why a CAN node is missing or its state unknown.
+    pub reason: Option<String>,
 }
 
 /// A connected device that is not a registered board.
@@ -77,6 +81,8 @@ impl BoardsView {
                     excluded: b.excluded,
                     ambiguous: b.ambiguous,
                     unreviewed: reg.and_then(|r| r.config_unreviewed.clone()),
+                    can: b.interface.as_ref().zip(b.uuid.as_ref()).map(|(i, u)| format!("{i} {u}")),
+                    reason: b.reason.clone(),
                 }
             })
             .collect();
