@@ -292,13 +292,13 @@ fn watch_can0() -> Arc<Mutex<Vec<(f64, bool, bool)>>> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
-            let mut w = kflash::can::netlink::LinkWatch::open().unwrap();
+            use kflash::can::presence::Link;
+            let mut w = kflash::can::linkwatch::LinkWatch::open().unwrap();
             let _ = ready_tx.send(());
-            let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-            while let Ok(Some(e)) = w.next(far).await {
-                if e.name == "can0" {
+            while let Ok(changes) = w.next().await {
+                for (_, link) in changes.into_iter().filter(|(name, _)| name == "can0") {
                     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-                    kept.lock().unwrap().push((now.as_secs_f64(), e.up, e.removed));
+                    kept.lock().unwrap().push((now.as_secs_f64(), link == Link::Up, link == Link::Absent));
                 }
             }
         });

@@ -9,7 +9,6 @@ pub mod frame;
 pub mod link;
 pub mod linkwatch;
 pub mod lock;
-pub mod netlink;
 pub mod preflight;
 pub mod presence;
 pub mod socket;

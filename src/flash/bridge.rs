@@ -11,8 +11,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::can::link::{request_bootloader as can_request_bootloader, FrameSocket};
-use crate::can::netlink::LinkWatch;
+use crate::can::linkwatch::LinkWatch;
 use crate::can::preflight::MIN_TXQUEUELEN;
+use crate::can::presence::{read_link, Link};
 use crate::can::{CanError, CanUuid};
 
 /// How long something else may take to bring the interface up before kflash does it.
@@ -35,13 +36,6 @@ pub async fn request_bootloader<S: FrameSocket>(mut socket: S, interface: &str, 
         .map_err(|e| CanError::Io { interface: interface.to_string(), message: e.to_string() })
 }
 
-/// `Some(up)` when the interface exists.
-fn link_state(sys_net: &Path, interface: &str) -> Option<bool> {
-    let flags = std::fs::read_to_string(sys_net.join(interface).join("flags")).ok()?;
-    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
-    Some(flags & libc::IFF_UP as u32 != 0)
-}
-
 /// Await `interface` present and UP; bring it up at `bitrate` (with txqueuelen 128) when
 /// nothing else has within [`UP_GRACE`] of its appearance.
 pub async fn await_interface_up(
@@ -53,11 +47,10 @@ pub async fn await_interface_up(
     let started = Instant::now();
     // Subscribed before the state is read: nothing in between is missed.
     let mut watch = LinkWatch::open().map_err(io)?;
-    let sys_net = Path::new("/sys/class/net");
-    let mut present = match link_state(sys_net, interface) {
-        Some(true) => return Ok(BroughtUp::Others),
-        Some(false) => Some(Instant::now()),
-        None => None,
+    let mut present = match read_link(interface) {
+        Link::Up => return Ok(BroughtUp::Others),
+        Link::Down => Some(Instant::now()),
+        Link::Absent => None,
     };
     // The bitrate kflash brought it up at, once it has tried.
     let mut tried: Option<u32> = None;
@@ -67,20 +60,30 @@ pub async fn await_interface_up(
             Some(at) if tried.is_none() => (at + UP_GRACE).min(deadline),
             _ => deadline,
         };
-        match watch.next(wake).await.map_err(io)? {
-            Some(ev) if ev.name == interface => {
-                if ev.removed {
-                    present = None;
-                } else if ev.up {
-                    return Ok(match tried {
-                        Some(bitrate) => BroughtUp::Kflash { bitrate },
-                        None => BroughtUp::Others,
-                    });
-                } else if present.is_none() {
-                    present = Some(Instant::now());
+        let changes = match tokio::time::timeout_at(wake, watch.next()).await {
+            Ok(Ok(changes)) => Some(changes),
+            // The kernel dropped announcements while nobody read: the state as it is now.
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                Some(vec![(interface.to_string(), read_link(interface))])
+            }
+            Ok(Err(e)) => return Err(io(e)),
+            Err(_) => None,
+        };
+        match changes {
+            Some(changes) => {
+                for (_, link) in changes.into_iter().filter(|(name, _)| name == interface) {
+                    match link {
+                        Link::Absent => present = None,
+                        Link::Up => {
+                            return Ok(match tried {
+                                Some(bitrate) => BroughtUp::Kflash { bitrate },
+                                None => BroughtUp::Others,
+                            })
+                        }
+                        Link::Down => present = present.or(Some(Instant::now())),
+                    }
                 }
             }
-            Some(_) => {}
             None if Instant::now() >= deadline => {
                 let secs = started.elapsed().as_secs_f64();
                 return Err(match present {
