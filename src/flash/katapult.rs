@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::error::FlashError;
 use super::serial::Tty;
 use crate::event::{EventKind, Progress};
-use crate::protocol::katapult::{AckData, Command, ConnectInfo, FrameDecoder, Response};
+use crate::protocol::katapult::{AckData, Command, ConnectInfo, FrameDecoder, KatapultError, Response};
 use crate::protocol::klipper::find_embedded_dictionary;
 
 /// Byte transport to the bootloader (the tty in production, a fake device in tests).
@@ -76,6 +76,24 @@ enum ReadProblem {
     Bad(String),
 }
 
+/// How one try of a command ended, when the device is still there.
+enum Attempt {
+    Answered(AckData),
+    Busy,
+    Failed(String),
+}
+
+/// An acknowledgement of a block command for a block before the one asked for: both passes
+/// go up the flash in order, so it can only be a late or repeated answer to an earlier one.
+/// (An address past the one asked for is the device's fault, and is reported as such.)
+fn answers_earlier_block(cmd: &Command, ack: &AckData) -> bool {
+    match (cmd, ack) {
+        (Command::SendBlock { addr: want, .. }, AckData::SendBlock { addr: got }) => got < want,
+        (Command::RequestBlock { addr: want }, AckData::RequestBlock { addr: got, .. }) => got < want,
+        _ => false,
+    }
+}
+
 fn name(cmd: &Command) -> &'static str {
     match cmd {
         Command::Connect => "CONNECT",
@@ -126,27 +144,64 @@ impl<L: Link> KatapultSession<L> {
             if self.link.send(&bytes).await.is_err() {
                 return Err(FlashError::DeviceGone(name(cmd)));
             }
-            match self.read_response().await {
-                Ok(Response::Busy) => {
+            match self.attempt(cmd).await? {
+                Attempt::Answered(d) => return Ok(d),
+                Attempt::Busy => {
                     last = "device busy".into();
                     tokio::time::sleep(self.policy.busy_backoff).await;
                 }
-                Ok(Response::Nack) => last = "device reported a garbled frame (NACK)".into(),
-                Ok(Response::CommandError) => last = "device rejected the command (0xf2)".into(),
-                Ok(r) => match r.expect_ack(cmd.code()) {
-                    Ok(d) => return Ok(d),
-                    Err(e) => last = e.to_string(),
-                },
-                Err(ReadProblem::Timeout) => last = format!("no answer within {:?}", self.policy.reply_timeout),
-                Err(ReadProblem::Bad(why)) => last = why,
-                Err(ReadProblem::Gone) => return Err(FlashError::DeviceGone(name(cmd))),
+                Attempt::Failed(why) => last = why,
             }
         }
         Err(FlashError::NoResponse { command: name(cmd), tries: self.policy.tries, last })
     }
 
-    async fn read_response(&mut self) -> Result<Response, ReadProblem> {
+    /// Read the answer to `cmd`, just sent, until the reply deadline. Garbled bytes and
+    /// stale answers (the late tail of a reply to an earlier try, or a repeated reply to an
+    /// earlier command) are passed over: the decoder finds the next frame start, and only the
+    /// deadline ends the try. Otherwise one stale tail spoils every retry in turn.
+    async fn attempt(&mut self, cmd: &Command) -> Result<Attempt, FlashError> {
         let deadline = Instant::now() + self.policy.reply_timeout;
+        let mut passed_over: Option<String> = None;
+        loop {
+            let response = match self.read_response(deadline).await {
+                Ok(r) => r,
+                Err(ReadProblem::Timeout) => {
+                    let timeout = format!("no answer within {:?}", self.policy.reply_timeout);
+                    return Ok(Attempt::Failed(match passed_over {
+                        Some(why) => format!("{timeout} but {why}"),
+                        None => timeout,
+                    }));
+                }
+                Err(ReadProblem::Bad(why)) => {
+                    tracing::debug!("{}: passing over {why}", name(cmd));
+                    passed_over = Some(why);
+                    continue;
+                }
+                Err(ReadProblem::Gone) => return Err(FlashError::DeviceGone(name(cmd))),
+            };
+            match response {
+                Response::Busy => return Ok(Attempt::Busy),
+                Response::Nack => return Ok(Attempt::Failed("device reported a garbled frame (NACK)".into())),
+                Response::CommandError => return Ok(Attempt::Failed("device rejected the command (0xf2)".into())),
+                r => match r.expect_ack(cmd.code()) {
+                    Ok(d) if answers_earlier_block(cmd, &d) => {
+                        let why = format!("a stale answer for an earlier block ({d:?})");
+                        tracing::debug!("{}: passing over {why}", name(cmd));
+                        passed_over = Some(why);
+                    }
+                    Ok(d) => return Ok(Attempt::Answered(d)),
+                    Err(e @ KatapultError::WrongAck { .. }) => {
+                        tracing::debug!("{}: passing over {e}", name(cmd));
+                        passed_over = Some(e.to_string());
+                    }
+                    Err(e) => return Ok(Attempt::Failed(e.to_string())),
+                },
+            }
+        }
+    }
+
+    async fn read_response(&mut self, deadline: Instant) -> Result<Response, ReadProblem> {
         let mut buf = [0u8; 512];
         loop {
             if let Some(frame) = self.decoder.next_frame() {

@@ -24,6 +24,12 @@ struct FakeBootloader {
     corrupt_readback: bool,
     /// Answer GET_CANBUS_ID with this UUID (a CAN build).
     canbus_uuid: Option<[u8; 6]>,
+    /// The next answers come after the tail of an earlier reply (bytes that are no frame).
+    stale_tail_next: u32,
+    /// The next answers are sent twice (the second is stale by the time it is read).
+    repeat_next: u32,
+    /// SEND_BLOCK acknowledges the block after the one sent.
+    ack_later_block: bool,
 }
 
 impl FakeBootloader {
@@ -53,6 +59,14 @@ impl FakeBootloader {
                 let n = out.len();
                 out[n - 3] ^= 0xff; // break the CRC
             }
+            if self.stale_tail_next > 0 {
+                self.stale_tail_next -= 1;
+                self.outbox.extend([0xd4, 0xf3, 0x5a, 0x03]); // as seen on a loaded CAN bus
+            }
+            if self.repeat_next > 0 {
+                self.repeat_next -= 1;
+                self.outbox.extend(out.iter().copied());
+            }
             self.outbox.extend(out);
         }
     }
@@ -75,6 +89,7 @@ impl FakeBootloader {
                     self.pages += 1;
                 }
                 self.flash.insert(addr, data);
+                let addr = if self.ack_later_block { addr + 64 } else { addr };
                 Response::ack(&AckData::SendBlock { addr })
             }
             Command::SendEof => Response::ack(&AckData::SendEof { page_count: self.pages }),
@@ -190,6 +205,38 @@ async fn corrupt_and_busy_answers_are_retried() {
     let (r, _) = run(&mut dev, &image(640), &expect("stm32h723xx", START)).await;
     assert_eq!(r.unwrap().blocks, 10);
     assert!(Instant::now() - t0 >= Duration::from_millis(1500), "backed off once for busy");
+}
+
+/// A stale tail before an answer, or an answer repeated, is passed over within the try: no
+/// command is sent twice. (Before, each try ended at the first bad byte, and a stale tail
+/// on every answer failed the flash after five tries.)
+#[tokio::test(start_paused = true)]
+async fn stale_tails_and_repeated_answers_are_passed_over_without_a_retry() {
+    let mut dev = FakeBootloader::new("stm32h723xx", START);
+    dev.stale_tail_next = 8;
+    let t0 = Instant::now();
+    let (r, _) = run(&mut dev, &image(640), &expect("stm32h723xx", START)).await;
+    assert_eq!(r.unwrap().blocks, 10);
+    assert_eq!(Instant::now() - t0, Duration::ZERO, "no try waited for its deadline");
+
+    // Repeated answers: CONNECT's is read as SEND_BLOCK's (another command), the blocks'
+    // by the next block (an earlier address), SEND_EOF's by the first REQUEST_BLOCK.
+    let mut dev = FakeBootloader::new("stm32h723xx", START);
+    dev.repeat_next = 30;
+    let (r, _) = run(&mut dev, &image(640), &expect("stm32h723xx", START)).await;
+    assert_eq!(r.unwrap().blocks, 10);
+    let sent = |code: u8| dev.log.iter().filter(|&&c| c == code).count();
+    assert_eq!((sent(0x11), sent(0x12), sent(0x13), sent(0x14), sent(0x15)), (1, 10, 1, 10, 1), "{:x?}", dev.log);
+}
+
+/// An acknowledgement for a block past the one sent is the device's fault, not a stale
+/// answer: it fails the write at once.
+#[tokio::test(start_paused = true)]
+async fn an_answer_for_a_later_block_is_an_address_mismatch() {
+    let mut dev = FakeBootloader::new("stm32h723xx", START);
+    dev.ack_later_block = true;
+    let (r, _) = run(&mut dev, &image(640), &expect("stm32h723xx", START)).await;
+    assert!(matches!(r, Err(FlashError::AddressMismatch { sent: START, got }) if got == START + 64), "{r:?}");
 }
 
 #[tokio::test(start_paused = true)]
