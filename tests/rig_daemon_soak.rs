@@ -13,7 +13,7 @@
 //!   (checked at each memory checkpoint, once the daemon has caught up with udev, and through
 //!   `kflash status --json` at the end).
 //! - Memory: the live heap (the daemon's `status`: glibc's count of bytes in live
-//!   allocations, libudev's included) after 334 cycles is at most 512 KiB above its highest
+//!   allocations, libudev's included) after 334 cycles is at most 256 KiB above its highest
 //!   at 84, 167 and 250 cycles, each read at the idle thread count; VmRSS at most 8 MiB
 //!   above (a gross bound: freed memory the allocator keeps moves it by MiBs).
 //! - Reaction time: from udev's broadcast (the `udevadm monitor` receipt, CLOCK_MONOTONIC) to

@@ -83,15 +83,16 @@ enum Attempt {
     Failed(String),
 }
 
-/// An acknowledgement of a block command for a block before the one asked for: both passes
-/// go up the flash in order, so it can only be a late or repeated answer to an earlier one.
-/// (An address past the one asked for is the device's fault, and is reported as such.)
-fn answers_earlier_block(cmd: &Command, ack: &AckData) -> bool {
-    match (cmd, ack) {
-        (Command::SendBlock { addr: want, .. }, AckData::SendBlock { addr: got }) => got < want,
-        (Command::RequestBlock { addr: want }, AckData::RequestBlock { addr: got, .. }) => got < want,
-        _ => false,
-    }
+/// The address of an acknowledged block before the one asked for: both passes go up the
+/// flash in order, so it can only be a late or repeated answer to an earlier one. (An
+/// address past the one asked for is the device's fault, and is reported as such.)
+fn earlier_block(cmd: &Command, ack: &AckData) -> Option<u32> {
+    let (want, got) = match (cmd, ack) {
+        (Command::SendBlock { addr: want, .. }, AckData::SendBlock { addr: got }) => (*want, *got),
+        (Command::RequestBlock { addr: want }, AckData::RequestBlock { addr: got, .. }) => (*want, *got),
+        _ => return None,
+    };
+    (got < want).then_some(got)
 }
 
 fn name(cmd: &Command) -> &'static str {
@@ -164,8 +165,7 @@ impl<L: Link> KatapultSession<L> {
         let deadline = Instant::now() + self.policy.reply_timeout;
         let mut passed_over: Option<String> = None;
         loop {
-            let response = match self.read_response(deadline).await {
-                Ok(r) => r,
+            let skipped = match self.read_response(deadline).await {
                 Err(ReadProblem::Timeout) => {
                     let timeout = format!("no answer within {:?}", self.policy.reply_timeout);
                     return Ok(Attempt::Failed(match passed_over {
@@ -173,31 +173,22 @@ impl<L: Link> KatapultSession<L> {
                         None => timeout,
                     }));
                 }
-                Err(ReadProblem::Bad(why)) => {
-                    tracing::debug!("{}: passing over {why}", name(cmd));
-                    passed_over = Some(why);
-                    continue;
-                }
                 Err(ReadProblem::Gone) => return Err(FlashError::DeviceGone(name(cmd))),
-            };
-            match response {
-                Response::Busy => return Ok(Attempt::Busy),
-                Response::Nack => return Ok(Attempt::Failed("device reported a garbled frame (NACK)".into())),
-                Response::CommandError => return Ok(Attempt::Failed("device rejected the command (0xf2)".into())),
-                r => match r.expect_ack(cmd.code()) {
-                    Ok(d) if answers_earlier_block(cmd, &d) => {
-                        let why = format!("a stale answer for an earlier block ({d:?})");
-                        tracing::debug!("{}: passing over {why}", name(cmd));
-                        passed_over = Some(why);
-                    }
-                    Ok(d) => return Ok(Attempt::Answered(d)),
-                    Err(e @ KatapultError::WrongAck { .. }) => {
-                        tracing::debug!("{}: passing over {e}", name(cmd));
-                        passed_over = Some(e.to_string());
-                    }
+                Err(ReadProblem::Bad(why)) => why,
+                Ok(Response::Busy) => return Ok(Attempt::Busy),
+                Ok(Response::Nack) => return Ok(Attempt::Failed("device reported a garbled frame (NACK)".into())),
+                Ok(Response::CommandError) => return Ok(Attempt::Failed("device rejected the command (0xf2)".into())),
+                Ok(r) => match r.expect_ack(cmd.code()) {
+                    Ok(d) => match earlier_block(cmd, &d) {
+                        Some(addr) => format!("a stale answer for the earlier block at {addr:#x}"),
+                        None => return Ok(Attempt::Answered(d)),
+                    },
+                    Err(e @ KatapultError::WrongAck { .. }) => e.to_string(),
                     Err(e) => return Ok(Attempt::Failed(e.to_string())),
                 },
-            }
+            };
+            tracing::debug!("{}: passing over {skipped}", name(cmd));
+            passed_over = Some(skipped);
         }
     }
 
