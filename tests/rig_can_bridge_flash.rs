@@ -8,9 +8,8 @@
 
 mod rig_support;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,54 +22,6 @@ const MCU: &str = "stm32g0b1xx";
 const BRIDGE_SERIAL: &str = "2D0028000B51333234383230";
 const BRIDGE_UUID: &str = "f3f4159b80a6";
 const WIRE: &str = "vcan-bwire";
-
-/// A free UDC: one no configfs gadget is bound to (the unplugged board's).
-fn free_udc() -> String {
-    let used: Vec<String> = std::fs::read_dir("/sys/kernel/config/usb_gadget")
-        .map(|rd| rd.flatten().filter_map(|g| std::fs::read_to_string(g.path().join("UDC")).ok()).collect())
-        .unwrap_or_default();
-    let mut udcs: Vec<String> = std::fs::read_dir("/sys/class/udc")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    udcs.sort_by_key(|u| u.rsplit('.').next().and_then(|n| n.parse::<u32>().ok()));
-    udcs.into_iter()
-        .rev()
-        .find(|u| !used.iter().any(|x| x.trim() == u))
-        .unwrap_or_else(|| panic!("no free UDC (bound: {used:?})"))
-}
-
-/// The CAN interfaces the gs_usb driver has created.
-fn gs_usb_interfaces() -> Vec<String> {
-    std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read_link(e.path().join("device/driver"))
-                .is_ok_and(|d| d.file_name().is_some_and(|n| n == "gs_usb"))
-        })
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
-fn dmesg_tail(n: usize) -> String {
-    let all = text(&run("dmesg", &[]).stdout);
-    let lines: Vec<&str> = all.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn json_lines(out: ChildStdout) -> mpsc::Receiver<serde_json::Value> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    rx
-}
 
 /// The toolheads' wire and the bridge in front of it; removed on drop (bridge first), then the
 /// boards reset and printer.cfg back to the octopus alone.

@@ -224,18 +224,11 @@ impl Tracker {
         let first = matches.first().map(|b| **b);
         let learned = self.versions.get(&e.key).filter(|_| first.is_some_and(|b| b.identity.mode == Mode::Klipper));
         let version = learned.map(|l| l.version.clone());
+        let (running, relation) = self.against_host(version.as_deref());
         let state = match first.map(|b| b.identity.mode) {
             None => FirmwareState::Missing,
             Some(Mode::Katapult | Mode::RomBootloader) => FirmwareState::Bootloader,
-            Some(_) => match (&version, &self.host_version) {
-                (Some(v), Some(h)) if v == h => FirmwareState::Current,
-                (Some(_), Some(_)) => FirmwareState::Outdated,
-                _ => FirmwareState::Unknown,
-            },
-        };
-        let relation = match (&version, &self.host_version) {
-            (Some(v), Some(h)) => Some(crate::version::relation(h, v).to_string()),
-            _ => None,
+            Some(_) => running,
         };
         BoardStatus {
             key: e.key.clone(),
@@ -277,16 +270,8 @@ impl Tracker {
             Presence::Running { version, .. } => (Some(version), None),
             Presence::Missing { reason } | Presence::Unknown { reason } => (None, Some(reason)),
         };
-        let state = match (&version, &self.host_version) {
-            _ if missing => FirmwareState::Missing,
-            (Some(v), Some(h)) if v == h => FirmwareState::Current,
-            (Some(_), Some(_)) => FirmwareState::Outdated,
-            _ => FirmwareState::Unknown,
-        };
-        let relation = match (&version, &self.host_version) {
-            (Some(v), Some(h)) => Some(crate::version::relation(h, v).to_string()),
-            _ => None,
-        };
+        let (running, relation) = self.against_host(version.as_deref());
+        let state = if missing { FirmwareState::Missing } else { running };
         BoardStatus {
             key: e.key.clone(),
             name: e.name.clone(),
@@ -304,6 +289,18 @@ impl Tracker {
             interface: Some(interface.to_string()),
             uuid: Some(uuid.to_string()),
             reason,
+        }
+    }
+
+    /// A board running `version`, against the host's Klipper: its state (unknown while
+    /// either version is) and how far apart the two are. USB and CAN boards alike.
+    fn against_host(&self, version: Option<&str>) -> (FirmwareState, Option<String>) {
+        match (version, self.host_version.as_deref()) {
+            (Some(v), Some(h)) => {
+                let state = if v == h { FirmwareState::Current } else { FirmwareState::Outdated };
+                (state, Some(crate::version::relation(h, v).to_string()))
+            }
+            _ => (FirmwareState::Unknown, None),
         }
     }
 
@@ -745,6 +742,9 @@ mod tests {
         assert_eq!((sb.connected, sb.mode, sb.version.as_deref()), (true, Some(Mode::Klipper), Some(OLD)));
         assert_eq!((sb.interface.as_deref(), sb.uuid.as_deref()), (Some("vcan0"), Some(SB)));
         assert!(sb.in_printer_cfg && sb.reason.is_none());
+        // The same comparison with the host as a USB board's: how far apart, not just "differs".
+        assert_eq!(sb.relation, Some(crate::version::relation(HOST, OLD).to_string()));
+        assert!(state_of(&t, "ebb").relation.is_some());
         let json = serde_json::to_value(&sb).unwrap();
         assert_eq!((json["interface"].as_str(), json["uuid"].as_str()), (Some("vcan0"), Some(SB)));
 

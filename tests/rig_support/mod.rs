@@ -3,8 +3,11 @@
 #![allow(dead_code)]
 
 mod can_bus;
+mod gs_usb;
 #[allow(unused_imports)]
 pub use can_bus::{standin_image_32k, VcanBus};
+#[allow(unused_imports)]
+pub use gs_usb::{dmesg_tail, free_udc, gs_usb_interfaces, json_lines};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
