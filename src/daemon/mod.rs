@@ -186,15 +186,11 @@ fn log_notice(n: &Notice) {
                 board = %s.key,
                 version = s.version.as_deref().unwrap_or("?"),
                 relation = s.relation.as_deref().unwrap_or(""),
-                "{} runs {}, not the host's version ({})",
-                s.name,
-                s.version.as_deref().unwrap_or("?"),
-                s.relation.as_deref().unwrap_or("")
+                "{}",
+                s.summary()
             ),
-            F::Bootloader => tracing::warn!(board = %s.key, "{} is in its bootloader", s.name),
-            F::Current => tracing::info!(board = %s.key, "{} runs the host's version", s.name),
-            F::Unknown => tracing::info!(board = %s.key, "{} is connected; its version is not known yet", s.name),
-            F::Missing => tracing::info!(board = %s.key, "{} is not connected", s.name),
+            F::Bootloader => tracing::warn!(board = %s.key, "{}", s.summary()),
+            F::Current | F::Unknown | F::Missing => tracing::info!(board = %s.key, "{}", s.summary()),
         },
         Notice::Unregistered { board } => tracing::warn!(
             devnode = board.identity.devnode.as_deref().unwrap_or("?"),

@@ -79,6 +79,27 @@ pub struct BoardStatus {
     pub reason: Option<String>,
 }
 
+impl BoardStatus {
+    /// One line for the journal: the state, and for a CAN node what it rests on (its
+    /// interface, Klippy's view), since no tty says whether it is there.
+    pub fn summary(&self) -> String {
+        let n = &self.name;
+        match (self.state, self.reason.as_deref()) {
+            (FirmwareState::Outdated, _) => format!(
+                "{n} runs {}, not the host's version ({})",
+                self.version.as_deref().unwrap_or("?"),
+                self.relation.as_deref().unwrap_or("")
+            ),
+            (FirmwareState::Current, _) => format!("{n} runs the host's version"),
+            (FirmwareState::Bootloader, _) => format!("{n} is in its bootloader"),
+            (FirmwareState::Missing, Some(r)) => format!("{n} is not reachable: {r}"),
+            (FirmwareState::Missing, None) => format!("{n} is not connected"),
+            (FirmwareState::Unknown, Some(r)) => format!("{n}: its version is not known: {r}"),
+            (FirmwareState::Unknown, None) => format!("{n} is connected; its version is not known yet"),
+        }
+    }
+}
+
 /// The whole picture, as `kflash status --json` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Status {
@@ -745,6 +766,7 @@ mod tests {
         // The same comparison with the host as a USB board's: how far apart, not just "differs".
         assert_eq!(sb.relation, Some(crate::version::relation(HOST, OLD).to_string()));
         assert!(state_of(&t, "ebb").relation.is_some());
+        assert_eq!(sb.summary(), format!("{} runs {OLD}, not the host's version (3 commits behind)", sb.name));
         let json = serde_json::to_value(&sb).unwrap();
         assert_eq!((json["interface"].as_str(), json["uuid"].as_str()), (Some("vcan0"), Some(SB)));
 
@@ -756,10 +778,17 @@ mod tests {
         );
         assert!(n.contains(&Notice::MissingButNeeded { key: "ebb".into() }), "{n:?}");
         assert!(state_of(&t, "ebb").reason.unwrap().contains("vcan0 is down"));
+        let ebb = state_of(&t, "ebb");
+        let line = ebb.summary();
+        assert!(
+            line.starts_with(&format!("{} is not reachable: ", ebb.name)) && line.contains("vcan0 is down"),
+            "{line}"
+        );
         // Back up while Klippy stays ready: its view is from before the outage.
         t.links(vec![("vcan0".into(), Link::Up)]);
         let s = state_of(&t, "ebb");
         assert_eq!(s.state, FirmwareState::Unknown, "{s:?}");
+        assert!(s.summary().starts_with(&format!("{}: its version is not known: ", s.name)), "{}", s.summary());
         assert!(s.reason.unwrap().contains("went down after Klippy connected"));
         // Klipper restarted: its view counts again.
         t.klippy_state(KlippyState::Disconnected, vec![]);
