@@ -339,6 +339,23 @@ fn order(mut boards: Vec<PlanBoard>) -> Vec<PlanBoard> {
     boards
 }
 
+/// The planned boards whose flash must be over before `key`'s starts.
+/// - A USB-to-CAN bridge: every board behind it (its reboot takes their bus away).
+/// - A CAN node: the nodes planned before it on the same interface. One CAN operation runs
+///   per interface at a time (the interface lock); with `--parallel` a node queued behind
+///   another's flash would otherwise spend its bootloader deadline waiting for the lock.
+fn waits_for(boards: &[PlanBoard], key: &str) -> Vec<String> {
+    let Some(pos) = boards.iter().position(|b| b.key == key) else { return vec![] };
+    let b = &boards[pos];
+    if let Some(i) = &b.provides {
+        return boards.iter().filter(|o| o.behind.as_ref() == Some(i)).map(|o| o.key.clone()).collect();
+    }
+    match &b.behind {
+        Some(i) => boards[..pos].iter().filter(|o| o.behind.as_ref() == Some(i)).map(|o| o.key.clone()).collect(),
+        None => vec![],
+    }
+}
+
 /// How many builds run at once, and how many make jobs each gets: the cores shared out,
 /// at least one job each.
 pub fn build_budget(boards: usize, requested: usize, jobs_setting: u32) -> (usize, u32) {
@@ -432,12 +449,12 @@ pub async fn run(
         let entry = reg.get(&b.key)?.clone();
         let methods = methods_for(&entry, b.method, reg.settings.allow_flash_fallback);
         work.push(BoardWork::new(entry, b.method));
-        // A bridge waits for every planned board behind it.
-        let after = match &b.provides {
-            Some(i) => plan.boards.iter().filter(|o| o.behind.as_ref() == Some(i)).map(|o| o.key.clone()).collect(),
-            None => vec![],
-        };
-        machine_plan.push(PlannedBoard { key: b.key.clone(), in_bootloader: b.mode == Mode::Katapult, methods, after });
+        machine_plan.push(PlannedBoard {
+            key: b.key.clone(),
+            in_bootloader: b.mode == Mode::Katapult,
+            methods,
+            after: waits_for(&plan.boards, &b.key),
+        });
     }
     let effects = FlashEffects::new(reg, hp, &flash_opts, state_dir, reason, &rep, work);
     let policy = Policy {
@@ -586,5 +603,24 @@ mod tests {
         let plan =
             vec![planned("u2c", Mode::Klipper, None, Some("can0")), planned("ebb", Mode::Klipper, Some("can1"), None)];
         assert_eq!(keys(order(plan)), ["u2c", "ebb"]);
+    }
+
+    #[test]
+    fn nodes_on_one_interface_take_turns_and_the_bridge_waits_for_them_all() {
+        let plan = order(vec![
+            planned("u2c", Mode::Klipper, None, Some("can0")),
+            planned("ebb", Mode::Klipper, Some("can0"), None),
+            planned("octopus", Mode::Klipper, None, None),
+            planned("sb", Mode::Klipper, Some("can0"), None),
+            planned("probe", Mode::Klipper, Some("can1"), None),
+            planned("sht", Mode::Klipper, Some("can0"), None),
+        ]);
+        let after = |key: &str| waits_for(&plan, key);
+        assert_eq!(after("ebb"), Vec::<String>::new(), "the first node on can0 goes at once");
+        assert_eq!(after("sb"), ["ebb"]);
+        assert_eq!(after("sht"), ["ebb", "sb"]);
+        assert_eq!(after("probe"), Vec::<String>::new(), "another interface: in parallel");
+        assert_eq!(after("octopus"), Vec::<String>::new(), "a USB board: in parallel");
+        assert_eq!(after("u2c"), ["ebb", "sb", "sht"]);
     }
 }
