@@ -139,6 +139,17 @@ enum Cmd {
         #[arg(long)]
         mcu: String,
     },
+    /// Host side, with kflash's Katapult code: write IMAGE through the Katapult already running
+    /// on DEVICE (a board put there with `ctl`), read it back and complete; prints the timing
+    /// as JSON. `can-probe`'s write over USB, for the same image's time on both.
+    UsbProbe {
+        #[arg(long)]
+        device: PathBuf,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        mcu: String,
+    },
     /// Serve one Klipper-mode board on a host pty (no USB): LINK becomes a symlink to the pty
     /// slave for Klippy's `serial:`. The image is re-read at every boot (after `reset`).
     Pty {
@@ -481,6 +492,34 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("kflash-boardsim can-probe: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::UsbProbe { device, image, mcu } => {
+            let run = async {
+                use kflash::flash::katapult::{Expectation, KatapultSession};
+                let bytes = std::fs::read(&image).with_context(|| format!("cannot read {}", image.display()))?;
+                let t = Instant::now();
+                let mut session = KatapultSession::open(device.to_str())?;
+                let app_start = firmware::profile_for(&mcu).map(|p| p.app_start);
+                let mut events = Vec::new();
+                let report = session.flash(&bytes, &Expectation { mcu: mcu.clone(), app_start }, &mut events).await?;
+                anyhow::Ok(json!({
+                    "device": device.display().to_string(),
+                    "image_bytes": bytes.len(),
+                    "blocks": report.blocks,
+                    "pages": report.pages,
+                    "ms": {"write_and_verify": t.elapsed().as_millis()},
+                }))
+            };
+            match runtime().block_on(run) {
+                Ok(v) => {
+                    outln!("{v}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kflash-boardsim usb-probe: {e:#}");
                     ExitCode::FAILURE
                 }
             }
