@@ -339,20 +339,19 @@ fn order(mut boards: Vec<PlanBoard>) -> Vec<PlanBoard> {
     boards
 }
 
-/// The planned boards whose flash must be over before `key`'s starts.
+/// The planned boards whose flash must be over before `boards[i]`'s starts.
 /// - A USB-to-CAN bridge: every board behind it (its reboot takes their bus away).
 /// - A CAN node: the nodes planned before it on the same interface. One CAN operation runs
 ///   per interface at a time (the interface lock); with `--parallel` a node queued behind
 ///   another's flash would otherwise spend its bootloader deadline waiting for the lock.
-fn waits_for(boards: &[PlanBoard], key: &str) -> Vec<String> {
-    let Some(pos) = boards.iter().position(|b| b.key == key) else { return vec![] };
-    let b = &boards[pos];
-    if let Some(i) = &b.provides {
-        return boards.iter().filter(|o| o.behind.as_ref() == Some(i)).map(|o| o.key.clone()).collect();
-    }
-    match &b.behind {
-        Some(i) => boards[..pos].iter().filter(|o| o.behind.as_ref() == Some(i)).map(|o| o.key.clone()).collect(),
-        None => vec![],
+fn waits_for(boards: &[PlanBoard], i: usize) -> Vec<String> {
+    let on = |bus: &String, among: &[PlanBoard]| {
+        among.iter().filter(|o| o.behind.as_ref() == Some(bus)).map(|o| o.key.clone()).collect()
+    };
+    match (&boards[i].provides, &boards[i].behind) {
+        (Some(bus), _) => on(bus, boards),
+        (None, Some(bus)) => on(bus, &boards[..i]),
+        (None, None) => vec![],
     }
 }
 
@@ -445,7 +444,7 @@ pub async fn run(
     let rep = SharedReporter::new(rep);
     let mut work = Vec::new();
     let mut machine_plan = Vec::new();
-    for b in &plan.boards {
+    for (i, b) in plan.boards.iter().enumerate() {
         let entry = reg.get(&b.key)?.clone();
         let methods = methods_for(&entry, b.method, reg.settings.allow_flash_fallback);
         work.push(BoardWork::new(entry, b.method));
@@ -453,7 +452,7 @@ pub async fn run(
             key: b.key.clone(),
             in_bootloader: b.mode == Mode::Katapult,
             methods,
-            after: waits_for(&plan.boards, &b.key),
+            after: waits_for(&plan.boards, i),
         });
     }
     let effects = FlashEffects::new(reg, hp, &flash_opts, state_dir, reason, &rep, work);
@@ -615,7 +614,7 @@ mod tests {
             planned("probe", Mode::Klipper, Some("can1"), None),
             planned("sht", Mode::Klipper, Some("can0"), None),
         ]);
-        let after = |key: &str| waits_for(&plan, key);
+        let after = |key: &str| waits_for(&plan, plan.iter().position(|b| b.key == key).unwrap());
         assert_eq!(after("ebb"), Vec::<String>::new(), "the first node on can0 goes at once");
         assert_eq!(after("sb"), ["ebb"]);
         assert_eq!(after("sht"), ["ebb", "sb"]);

@@ -777,8 +777,8 @@ mod tests {
             [("ebb".to_string(), FirmwareState::Missing), ("sb".to_string(), FirmwareState::Missing)]
         );
         assert!(n.contains(&Notice::MissingButNeeded { key: "ebb".into() }), "{n:?}");
-        assert!(state_of(&t, "ebb").reason.unwrap().contains("vcan0 is down"));
         let ebb = state_of(&t, "ebb");
+        assert!(ebb.reason.as_deref().unwrap().contains("vcan0 is down"));
         let line = ebb.summary();
         assert!(
             line.starts_with(&format!("{} is not reachable: ", ebb.name)) && line.contains("vcan0 is down"),

@@ -504,7 +504,7 @@ fn main() -> ExitCode {
                 let mut session = KatapultSession::open(device.to_str())?;
                 let app_start = firmware::profile_for(&mcu).map(|p| p.app_start);
                 let mut events = Vec::new();
-                let report = session.flash(&bytes, &Expectation { mcu: mcu.clone(), app_start }, &mut events).await?;
+                let report = session.flash(&bytes, &Expectation { mcu, app_start }, &mut events).await?;
                 anyhow::Ok(json!({
                     "device": device.display().to_string(),
                     "image_bytes": bytes.len(),
