@@ -7,7 +7,6 @@
 # Like systemd with Type=simple, a start returns once the process is forked (Klippy and
 # Moonraker come up on their own afterwards) and a stop returns once it has exited.
 import os
-import subprocess
 import sys
 
 import rigcommon
@@ -98,6 +97,8 @@ def spawn(state, unit, argv, logname):
     # and read their version files, as installed. (Otherwise git walks the whole repo,
     # target/ included, over 9p under emulation: 10-20 s per start.)
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=REPO)
+    import subprocess  # here, not at the top: the systemctl stand-in's quick verbs skip it
+
     with open(os.path.join(printer_data(), "logs", logname), "ab") as out:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                              start_new_session=True, cwd=home(), env=env)
