@@ -238,12 +238,13 @@ impl Link {
                 tracing::warn!("skipping a message from Moonraker with a non-string method: {msg}");
                 return;
             };
-            let params = obj.get("params").cloned().unwrap_or(Value::Null);
             if let Some(state) = super::KlippyState::from_notification(method) {
                 self.klippy_state(state);
             } else if method.starts_with("notify_") {
-                // Other broadcasts (proc stats, gcode responses, agent events): not for us.
+                // Other broadcasts (proc stats once a second, gcode responses, agent events):
+                // not for us, and not copied.
             } else {
+                let params = obj.get("params").cloned().unwrap_or(Value::Null);
                 self.call_for_owner(method, params, obj.get("id").cloned(), session, answers, out);
             }
             return;
